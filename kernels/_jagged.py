@@ -1,0 +1,86 @@
+"""Ragged ("jagged") layout shared by every op: values packed as (T, ...) with
+offsets (B+1,) int64, cumulative, offsets[0] = 0, offsets[-1] = T. Length 0 is legal."""
+from __future__ import annotations
+
+import torch
+
+
+def check_offsets(offsets: torch.Tensor, total: int, name: str = "offsets") -> None:
+    """Raise ValueError unless `offsets` is a 1-D int64 cumulative array from 0 to `total`."""
+    if not isinstance(offsets, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(offsets).__name__}")
+    if offsets.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64, got {offsets.dtype}")
+    if offsets.dim() != 1 or offsets.numel() < 1:
+        raise ValueError(f"{name} must have shape (B+1,) with B >= 0, got {tuple(offsets.shape)}")
+    first, last = int(offsets[0]), int(offsets[-1])
+    if first != 0:
+        raise ValueError(f"{name}[0] must be 0, got {first}")
+    if last != total:
+        raise ValueError(f"{name}[-1] must equal the number of packed elements {total}, got {last}")
+    if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError(f"{name} must be non-decreasing (lengths >= 0)")
+
+
+def check_rows(rows: torch.Tensor, num_rows: int, name: str = "rows") -> None:
+    """Raise unless `rows` is a 1-D int64 tensor of ids in [0, num_rows): checked on the host
+    before any kernel launch so a bad id can never read out of bounds."""
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(rows).__name__}")
+    if rows.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64, got {rows.dtype}")
+    if rows.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (T,), got shape {tuple(rows.shape)}")
+    if rows.numel() == 0:
+        return
+    low, high = int(rows.min()), int(rows.max())
+    if low < 0 or high >= num_rows:
+        bad = low if low < 0 else high
+        raise IndexError(f"{name} holds id {bad}, outside the table's {num_rows} rows [0, {num_rows})")
+
+
+def lengths_from_offsets(offsets: torch.Tensor) -> torch.Tensor:
+    """(B+1,) cumulative offsets -> (B,) lengths."""
+    return offsets[1:] - offsets[:-1]
+
+
+def offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
+    """(B,) lengths -> (B+1,) int64 cumulative offsets starting at 0."""
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
+    torch.cumsum(lengths.to(torch.int64), dim=0, out=offsets[1:])
+    return offsets
+
+
+def segment_ids(offsets: torch.Tensor, total: int) -> torch.Tensor:
+    """(T,) int64: index of the sequence each packed element belongs to."""
+    lengths = lengths_from_offsets(offsets)
+    return torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=total
+    )
+
+
+def positions_in_sequence(offsets: torch.Tensor, total: int) -> torch.Tensor:
+    """(T,) int64: position of each packed element inside its own sequence (0-based)."""
+    seg = segment_ids(offsets, total)
+    return torch.arange(total, device=offsets.device) - offsets[seg]
+
+
+def pad(values: torch.Tensor, offsets: torch.Tensor, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, ...) packed -> (B, L, ...) right-padded with zeros, and a (B, L) bool mask of real elements."""
+    lengths = lengths_from_offsets(offsets)
+    batch = lengths.numel()
+    if max_len is None:
+        max_len = int(lengths.max()) if batch else 0
+    total = values.shape[0]
+    padded = values.new_zeros((batch, max_len) + tuple(values.shape[1:]))
+    mask = torch.arange(max_len, device=values.device)[None, :] < lengths[:, None]
+    if total:
+        seg = segment_ids(offsets, total)
+        pos = torch.arange(total, device=values.device) - offsets[seg]
+        padded[seg, pos] = values
+    return padded, mask
+
+
+def unpad(padded: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, ...) padded and its (B, L) mask -> (T, ...) packed, in sequence order."""
+    return padded[mask]

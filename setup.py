@@ -1,0 +1,26 @@
+"""BAHE Engine: LLM-enhanced CTR prediction over long textual user behaviors (BAHE, SIGIR'24)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="bahe-engine",
+    version="0.1.0",
+    description="Triton-kernel optimized inference engine for BAHE LLM-based CTR prediction",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "weights", "weights.*", "bench", "bench.*"]),
+    install_requires=[
+        "torch==2.13.0",
+        "triton==3.7.1; platform_system == 'Linux'",
+        "transformers==5.24.0",
+        "tokenizers==0.23.3",
+        "safetensors==0.8.0",
+        "numpy==2.4.6",
+        "tqdm",
+        "pandas",
+        "pyarrow",
+    ],
+    extras_require={
+        "test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "hypothesis", "scikit-learn", "matplotlib"],
+        "smollm2": ["gguf==0.19.0", "accelerate"],
+    },
+    entry_points={"console_scripts": ["bahe=engine.cli:main"]},
+)
