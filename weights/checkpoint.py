@@ -1,0 +1,119 @@
+"""A Hugging Face checkpoint in a local folder: config, tokenizer and safetensors weights, read
+lazily tensor by tensor. Pickled weights (*.bin, *.pt) are refused: loading them runs code."""
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+SUPPORTED_FAMILIES = ("bert", "llama", "qwen2")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Prefixes under which task heads nest the base model's tensors (BertForMaskedLM, LlamaForCausalLM, ...).
+BASE_PREFIXES = ("", "model.", "bert.")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model")
+# Config fields that change what the layers compute; they enter the fingerprint.
+FINGERPRINT_CONFIG = ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                      "hidden_act", "layer_norm_eps", "rms_norm_eps", "rope_parameters", "max_position_embeddings",
+                      "type_vocab_size", "intermediate_size")
+
+
+class CheckpointError(ValueError):
+    """The folder is not a usable checkpoint: missing files, pickled weights, unsupported family."""
+
+
+class Checkpoint:
+    """Config, tokenizer and lazily read tensors of a local Hugging Face model folder."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"checkpoint folder {self.folder} does not exist")
+        if not (self.folder / "config.json").is_file():
+            raise CheckpointError(f"{self.folder}: missing config.json")
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            pickled = [p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            if pickled:
+                raise CheckpointError(f"{self.folder}: only pickled weights {pickled} found; pickled checkpoints are "
+                                      "refused (they can run code on load). Convert them to safetensors.")
+            raise CheckpointError(f"{self.folder}: no *.safetensors weight files")
+        try:
+            self.config: PretrainedConfig = AutoConfig.from_pretrained(self.folder, local_files_only=True)
+        except (ValueError, OSError, KeyError) as err:
+            raise CheckpointError(f"{self.folder}: cannot read config.json ({err})") from None
+        self.family = self.config.model_type
+        if self.family not in SUPPORTED_FAMILIES:
+            raise CheckpointError(f"{self.folder}: model_type {self.family!r} is not supported; supported families: "
+                                  f"{', '.join(SUPPORTED_FAMILIES)}")
+        self._handles = {}
+        self._file_of: dict[str, Path] = {}
+        for path in files:
+            handle = safe_open(str(path), framework="pt")
+            self._handles[path] = handle
+            for name in handle.keys():
+                self._file_of[name] = path
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    def resolve(self, name: str) -> str | None:
+        """The stored name of base-model tensor `name` (task-head prefixes and old LayerNorm
+        gamma/beta names allowed), or None when absent."""
+        candidates = [name]
+        if name.endswith("LayerNorm.weight"):
+            candidates.append(name[:-len("weight")] + "gamma")
+        if name.endswith("LayerNorm.bias"):
+            candidates.append(name[:-len("bias")] + "beta")
+        for prefix in BASE_PREFIXES:
+            for candidate in candidates:
+                if prefix + candidate in self._file_of:
+                    return prefix + candidate
+        return None
+
+    def has(self, name: str) -> bool:
+        return self.resolve(name) is not None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Base-model tensor `name`, read from disk as stored."""
+        stored = self.resolve(name)
+        if stored is None:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
+        return self._handles[self._file_of[stored]].get_tensor(stored)
+
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        try:
+            return AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+        except (ValueError, OSError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{self.folder}: cannot load the tokenizer ({err})") from None
+
+    def tokenizer_files(self) -> list[Path]:
+        """Files that define the tokenizer (copied with the lower layers, hashed in the fingerprint)."""
+        names = (*TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json")
+        return [self.folder / n for n in names if (self.folder / n).is_file()]
+
+    def fingerprint(self, tensor_names: list[str]) -> str:
+        """BLAKE2b of the computing config fields, the tokenizer files and the given tensors' bytes:
+        equal exactly when two checkpoints compute the same thing with those tensors."""
+        digest = hashlib.blake2b(digest_size=16)
+        fields = {k: getattr(self.config, k, None) for k in FINGERPRINT_CONFIG}
+        digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
+        for path in self.tokenizer_files():
+            if path.name in TOKENIZER_FILES:
+                digest.update(path.name.encode() + path.read_bytes())
+        for name in sorted(tensor_names):
+            tensor = self.tensor(name).contiguous()
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+            raw = tensor.view(torch.uint8) if tensor.dim() else tensor.reshape(1).view(torch.uint8)
+            digest.update(raw.numpy().tobytes())
+        return digest.hexdigest()

@@ -1,0 +1,176 @@
+"""Split a checkpoint into a frozen `LowerEncoder` (token embeddings + first L layers: tokens ->
+token states, used offline by ABE) and a trainable `UpperEncoder` (remaining layers + final norm:
+behavior embeddings -> contextual behavior states, used online by BA)."""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+from kernels._jagged import lengths_from_offsets, offsets_from_lengths, pad, positions_in_sequence
+from weights.atomic import atomic_write
+from weights.checkpoint import Checkpoint, CheckpointError
+from weights.layers import BertEmbeddings, BertLayer, DecoderEmbeddings, DecoderLayer, RMSNorm, RotaryTable
+from weights.safetensors_io import source_of, write_safetensors
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one model family maps onto our packed layers."""
+    layer: type[nn.Module]
+    embeddings: type[nn.Module]
+    layer_prefix: str
+    final_norm: str | None
+    rotary: type[nn.Module] | None
+
+
+FAMILIES = {
+    "bert": Family(BertLayer, BertEmbeddings, "encoder.layer.{}.", None, None),
+    "llama": Family(DecoderLayer, DecoderEmbeddings, "layers.{}.", "norm", LlamaRotaryEmbedding),
+    "qwen2": Family(DecoderLayer, DecoderEmbeddings, "layers.{}.", "norm", Qwen2RotaryEmbedding),
+}
+
+
+def _checkpoint_name(names: dict[str, str], state_name: str) -> str:
+    module, leaf = state_name.rsplit(".", 1)
+    return f"{names[module]}.{leaf}"
+
+
+def _load(module: nn.Module, ckpt: Checkpoint, prefix: str, dtype: torch.dtype) -> list[str]:
+    """Fill `module` from the checkpoint tensors under `prefix`; returns the checkpoint names read."""
+    names = module.checkpoint_names
+    read = [prefix + _checkpoint_name(names, n) for n in module.state_dict()]
+    module.load_state_dict({n: ckpt.tensor(c).to(dtype) for n, c in zip(module.state_dict(), read)})
+    return read
+
+
+def _make_layer(ckpt: Checkpoint, family: Family, index: int, dtype: torch.dtype) -> tuple[nn.Module, list[str]]:
+    prefix = family.layer_prefix.format(index)
+    if not ckpt.has(prefix + next(iter(family.layer.checkpoint_names.values())) + ".weight"):
+        raise CheckpointError(f"{ckpt.folder}: layer {index} is missing from the checkpoint")
+    has_bias = {mine for mine, theirs in family.layer.checkpoint_names.items() if ckpt.has(f"{prefix}{theirs}.bias")}
+    layer = family.layer(ckpt.config, has_bias)
+    return layer, _load(layer, ckpt, prefix, dtype)
+
+
+def _final_norm(ckpt: Checkpoint, family: Family, dtype: torch.dtype) -> RMSNorm | None:
+    if family.final_norm is None:
+        return None
+    norm = RMSNorm(ckpt.hidden_size, ckpt.config.rms_norm_eps)
+    norm.weight.data.copy_(ckpt.tensor(f"{family.final_norm}.weight").to(dtype))
+    return norm
+
+
+def _family(ckpt: Checkpoint, num_lower_layers: int) -> Family:
+    if getattr(ckpt.config, "use_sliding_window", False):
+        raise CheckpointError(f"{ckpt.folder}: sliding-window attention layers are not supported")
+    if not 0 <= num_lower_layers <= ckpt.num_layers:
+        raise ValueError(f"num_lower_layers must be in [0, {ckpt.num_layers}] for this {ckpt.num_layers}-layer "
+                         f"model, got {num_lower_layers}")
+    return FAMILIES[ckpt.family]
+
+
+class LowerEncoder(nn.Module):
+    """Token embeddings + the first L layers, frozen, eval mode: tokens -> (.., d) token states.
+    Positions are token positions inside each text (BERT: absolute embeddings; Llama/Qwen2: RoPE)."""
+
+    def __init__(self, ckpt: Checkpoint, num_lower_layers: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        family = _family(ckpt, num_lower_layers)
+        self.family, self.num_layers, self.hidden_size = ckpt.family, num_lower_layers, ckpt.hidden_size
+        self.embeddings = family.embeddings(ckpt.config)
+        read = _load(self.embeddings, ckpt, "", dtype)
+        layers = [_make_layer(ckpt, family, i, dtype) for i in range(num_lower_layers)]
+        self.layers = nn.ModuleList(layer for layer, _ in layers)
+        self.tensor_names = read + [name for _, names in layers for name in names]
+        # With every layer in the lower part the final norm comes too, as in hidden_states[-1].
+        self.norm = _final_norm(ckpt, family, dtype) if num_lower_layers == ckpt.num_layers else None
+        if self.norm is not None:
+            self.tensor_names.append(f"{family.final_norm}.weight")
+        self.rotary = RotaryTable(family.rotary(ckpt.config)) if family.rotary else None
+        self.fingerprint = ckpt.fingerprint(self.tensor_names)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> LowerEncoder:
+        return super().train(False)  # frozen: dropout never active
+
+    def forward_packed(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """ids (T,) int64 packed token ids, offsets (B+1,) int64 -> (T, d) token states."""
+        x = self.embeddings(ids, positions_in_sequence(offsets, ids.numel()))
+        longest = int(lengths_from_offsets(offsets).max()) if offsets.numel() > 1 else 0
+        for layer in self.layers:
+            x = layer(x, offsets, self.rotary, longest)
+        return self.norm(x) if self.norm is not None else x
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask (B, K), right-padded -> (B, K, d); padded positions are zero."""
+        mask = _right_padded_mask(attention_mask)
+        offsets = offsets_from_lengths(mask.sum(1))
+        return pad(self.forward_packed(input_ids[mask], offsets), offsets, input_ids.shape[1])[0]
+
+
+class UpperEncoder(nn.Module):
+    """The layers after the first L (+ the final norm for Llama/Qwen2), trainable: behavior
+    embeddings -> contextual behavior states. Positions are behavior positions 0..M-1 inside each
+    sequence. Llama/Qwen2 get them by RoPE (causal attention, oldest behavior first, no length cap).
+    BERT layers carry no positions of their own (BERT adds absolute positions once, in its input
+    embeddings, capped at 512): the engine adds a learned behavior-position embedding at the gather,
+    so sequences of thousands of behaviors need no position table of BERT's."""
+
+    def __init__(self, ckpt: Checkpoint, num_lower_layers: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        family = _family(ckpt, num_lower_layers)
+        self.family, self.hidden_size = ckpt.family, ckpt.hidden_size
+        self.layers = nn.ModuleList(_make_layer(ckpt, family, i, dtype)[0]
+                                    for i in range(num_lower_layers, ckpt.num_layers))
+        self.norm = _final_norm(ckpt, family, dtype) if num_lower_layers < ckpt.num_layers else None
+        self.rotary = RotaryTable(family.rotary(ckpt.config)) if family.rotary else None
+        self.eval()  # dropout only once a trainer calls .train()
+
+    def forward_packed(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """x (T, d) packed behavior embeddings, offsets (B+1,) int64 -> (T, d)."""
+        longest = int(lengths_from_offsets(offsets).max()) if offsets.numel() > 1 else 0
+        for layer in self.layers:
+            x = layer(x, offsets, self.rotary, longest)
+        return self.norm(x) if self.norm is not None else x
+
+    def forward(self, behavior_embeddings: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """behavior_embeddings (B, M, d), lengths (B,) -> (B, M, d); positions past a length are zero."""
+        batch, width = behavior_embeddings.shape[:2]
+        mask = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+        offsets = offsets_from_lengths(lengths)
+        return pad(self.forward_packed(behavior_embeddings[mask], offsets), offsets, width)[0]
+
+
+def _right_padded_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.bool()
+    lengths = mask.sum(1)
+    if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths[:, None]):
+        raise ValueError("attention_mask must be right-padded (ones first, then zeros)")
+    return mask
+
+
+def split_checkpoint(folder: str | Path | Checkpoint, num_lower_layers: int,
+                     dtype: torch.dtype = torch.float32) -> tuple[LowerEncoder, UpperEncoder]:
+    """(frozen lower, trainable upper) of a local checkpoint, split after `num_lower_layers` layers."""
+    ckpt = folder if isinstance(folder, Checkpoint) else Checkpoint(folder)
+    return LowerEncoder(ckpt, num_lower_layers, dtype), UpperEncoder(ckpt, num_lower_layers, dtype)
+
+
+def save_lower_checkpoint(ckpt: Checkpoint, lower: LowerEncoder, folder: str | Path) -> None:
+    """Write a checkpoint folder holding only what `lower` needs (config, tokenizer, its tensors,
+    stored bytes unchanged so the fingerprint is the same), each file written atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for src in [ckpt.folder / "config.json", *ckpt.tokenizer_files()]:
+        with atomic_write(folder / src.name) as handle, open(src, "rb") as source:
+            shutil.copyfileobj(source, handle)
+    sources = [source_of(name, ckpt.tensor(name)) for name in lower.tensor_names]
+    with atomic_write(folder / "model.safetensors") as handle:
+        write_safetensors(handle, sources, {"format": "pt", "bahe_lower_layers": str(lower.num_layers)})
