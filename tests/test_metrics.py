@@ -1,0 +1,82 @@
+"""engine.metrics against scikit-learn on random data (with ties) and against hand-computed values."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import log_loss as sk_log_loss
+from sklearn.metrics import roc_auc_score
+
+from engine.metrics import log_loss, roc_auc
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 300), levels=st.integers(1, 400), seed=st.integers(0, 2**32 - 1))
+def test_roc_auc_matches_sklearn_with_ties(n, levels, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    labels[rng.choice(n, 2, replace=False)] = [0, 1]  # both classes present
+    scores = rng.integers(0, levels, n) / levels  # few levels -> many ties
+    assert roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300), seed=st.integers(0, 2**32 - 1))
+def test_log_loss_matches_sklearn(n, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    probs = rng.uniform(0.01, 0.99, n)
+    probs[: n // 4] = 0.5  # repeated values
+    expected = sk_log_loss(labels, probs, labels=[0, 1])
+    assert log_loss(labels, probs) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "labels, scores, expected",
+    [
+        ([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], 0.75),  # 3 of 4 (pos, neg) pairs ordered
+        ([0, 1], [0.5, 0.5], 0.5),  # a tie counts 1/2
+        ([1, 0, 1, 0], [0.9, 0.9, 0.2, 0.1], 0.625),  # (1 tie * 1/2 + 1 + 0 + 1) / 4
+        ([0, 0, 1], [3.0, 1.0, 2.0], 0.5),
+        ([1, 1, 0], [1.0, 2.0, -5.0], 1.0),
+        ([1, 1, 0], [-1.0, -2.0, 5.0], 0.0),
+    ],
+)
+def test_roc_auc_known_values(labels, scores, expected):
+    assert roc_auc(np.array(labels), np.array(scores)) == pytest.approx(expected)
+
+
+def test_log_loss_known_values():
+    assert log_loss([1, 0], [0.8, 0.4]) == pytest.approx(-(math.log(0.8) + math.log(0.6)) / 2)
+    assert log_loss([1, 1, 0, 0], [0.5] * 4) == pytest.approx(math.log(2))
+    # a confident miss costs -log(eps), not infinity
+    assert log_loss([1], [0.0], eps=1e-3) == pytest.approx(-math.log(1e-3))
+    assert log_loss([0], [1.0], eps=1e-3) == pytest.approx(-math.log(1e-3))
+    assert log_loss([1, 0], [1.0, 0.0]) == pytest.approx(-math.log(1 - 1e-7))
+    assert math.isinf(log_loss([1], [0.0], eps=0.0))
+
+
+def test_bool_and_float_labels_accepted():
+    scores = np.array([0.2, 0.7, 0.4])
+    assert roc_auc(np.array([False, True, True]), scores) == roc_auc(np.array([0.0, 1.0, 1.0]), scores) == 1.0
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: roc_auc([1, 1, 1], [0.1, 0.2, 0.3]), "only one class"),
+        (lambda: roc_auc([0, 0], [0.1, 0.2]), "only one class"),
+        (lambda: roc_auc([0, 1], [0.1]), "same length"),
+        (lambda: roc_auc([0, 2], [0.1, 0.2]), "labels must be 0 or 1, got 2 at position 1"),
+        (lambda: roc_auc([0, 1], [0.1, float("nan")]), "scores must be finite"),
+        (lambda: roc_auc([], []), "empty"),
+        (lambda: roc_auc([[0, 1]], [[0.1, 0.2]]), "1-D"),
+        (lambda: log_loss([0, 1], [0.1, 1.5]), r"probs must lie in \[0, 1\], got 1.5 at position 1"),
+        (lambda: log_loss([0, 1], [0.1, 0.2], eps=0.7), "eps"),
+        (lambda: log_loss([0, -1], [0.1, 0.2]), "labels must be 0 or 1"),
+    ],
+)
+def test_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
