@@ -121,17 +121,43 @@ class UpperEncoder(nn.Module):
     sequence. Llama/Qwen2 get them by RoPE (causal attention, oldest behavior first, no length cap).
     BERT layers carry no positions of their own (BERT adds absolute positions once, in its input
     embeddings, capped at 512): the engine adds a learned behavior-position embedding at the gather,
-    so sequences of thousands of behaviors need no position table of BERT's."""
+    so sequences of thousands of behaviors need no position table of BERT's.
 
-    def __init__(self, ckpt: Checkpoint, num_lower_layers: int, dtype: torch.dtype = torch.float32) -> None:
+    Built empty from a config (`has_bias[j]`: which of layer j's linears have a bias), then filled by
+    `from_checkpoint` or by `load_state_dict` of a saved scorer."""
+
+    def __init__(self, config, num_lower_layers: int, has_bias: list[set[str]], dtype: torch.dtype = torch.float32):
         super().__init__()
-        family = _family(ckpt, num_lower_layers)
-        self.family, self.hidden_size = ckpt.family, ckpt.hidden_size
-        self.layers = nn.ModuleList(_make_layer(ckpt, family, i, dtype)[0]
-                                    for i in range(num_lower_layers, ckpt.num_layers))
-        self.norm = _final_norm(ckpt, family, dtype) if num_lower_layers < ckpt.num_layers else None
-        self.rotary = RotaryTable(family.rotary(ckpt.config)) if family.rotary else None
+        family = FAMILIES[config.model_type]
+        self.family, self.hidden_size = config.model_type, config.hidden_size
+        self.layers = nn.ModuleList(family.layer(config, bias) for bias in has_bias)
+        self.norm = None
+        if family.final_norm and num_lower_layers < config.num_hidden_layers:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryTable(family.rotary(config)) if family.rotary else None
+        self.to(dtype)
         self.eval()  # dropout only once a trainer calls .train()
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, num_lower_layers: int, dtype: torch.dtype = torch.float32) -> UpperEncoder:
+        family = _family(ckpt, num_lower_layers)
+        layers = [_make_layer(ckpt, family, i, dtype) for i in range(num_lower_layers, ckpt.num_layers)]
+        upper = cls(ckpt.config, num_lower_layers, [_has_bias(layer) for layer, _ in layers], dtype)
+        for mine, (loaded, _) in zip(upper.layers, layers):
+            mine.load_state_dict(loaded.state_dict())
+        if upper.norm is not None:
+            upper.norm.load_state_dict(_final_norm(ckpt, family, dtype).state_dict())
+        return upper
+
+    @staticmethod
+    def has_bias_from_state(state_keys: list[str], prefix: str, num_layers: int) -> list[set[str]]:
+        """Which linears of each saved layer `{prefix}{j}.<name>.bias` carry a bias."""
+        found: list[set[str]] = [set() for _ in range(num_layers)]
+        for key in state_keys:
+            if key.startswith(prefix) and key.endswith(".bias"):
+                index, name = key[len(prefix):-len(".bias")].split(".", 1)
+                found[int(index)].add(name)
+        return found
 
     def forward_packed(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """x (T, d) packed behavior embeddings, offsets (B+1,) int64 -> (T, d)."""
@@ -142,10 +168,14 @@ class UpperEncoder(nn.Module):
 
     def forward(self, behavior_embeddings: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """behavior_embeddings (B, M, d), lengths (B,) -> (B, M, d); positions past a length are zero."""
-        batch, width = behavior_embeddings.shape[:2]
+        width = behavior_embeddings.shape[1]
         mask = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
         offsets = offsets_from_lengths(lengths)
         return pad(self.forward_packed(behavior_embeddings[mask], offsets), offsets, width)[0]
+
+
+def _has_bias(layer: nn.Module) -> set[str]:
+    return {name.rsplit(".", 1)[0] for name, _ in layer.named_parameters() if name.endswith(".bias")}
 
 
 def _right_padded_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -160,7 +190,7 @@ def split_checkpoint(folder: str | Path | Checkpoint, num_lower_layers: int,
                      dtype: torch.dtype = torch.float32) -> tuple[LowerEncoder, UpperEncoder]:
     """(frozen lower, trainable upper) of a local checkpoint, split after `num_lower_layers` layers."""
     ckpt = folder if isinstance(folder, Checkpoint) else Checkpoint(folder)
-    return LowerEncoder(ckpt, num_lower_layers, dtype), UpperEncoder(ckpt, num_lower_layers, dtype)
+    return LowerEncoder(ckpt, num_lower_layers, dtype), UpperEncoder.from_checkpoint(ckpt, num_lower_layers, dtype)
 
 
 def save_lower_checkpoint(ckpt: Checkpoint, lower: LowerEncoder, folder: str | Path) -> None:

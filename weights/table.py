@@ -149,7 +149,7 @@ def _text_arrays(texts: list[str], start: int = 0) -> tuple[np.ndarray, np.ndarr
     """UTF-8 of texts concatenated, and their cumulative end offsets shifted by `start`."""
     encoded = [t.encode("utf-8") for t in texts]
     ends = np.cumsum(np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))) + start
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8), ends
+    return np.frombuffer(bytearray(b"".join(encoded)), dtype=np.uint8), ends
 
 
 def _metadata(signature: ModelSignature, kind: str, dtype: str) -> dict[str, str]:

@@ -1,0 +1,78 @@
+"""Atomic Behavior Encoding (offline): each unique behavior text -> tokens -> frozen lower layers ->
+masked mean over its real tokens -> one d-vector (a behavior-table row)."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kernels import ops
+from weights.checkpoint import Checkpoint
+from weights.split import LowerEncoder
+from weights.table import ModelSignature
+
+PROGRESS_MIN_BATCHES = 4  # show a progress bar only for work of at least this many batches
+
+
+class AtomicEncoder:
+    """Texts -> (n, d) float32 rows with the frozen lower layers. Texts are tokenized (truncated to
+    `max_tokens`), sorted by length and packed without padding into batches of `token_budget`
+    tokens, so a row never depends on the other texts it is encoded with. Thread-safe."""
+
+    def __init__(self, lower: LowerEncoder, tokenizer, *, max_tokens: int = 32, token_budget: int = 8192,
+                 device: torch.device | str = "cpu", progress: bool = True) -> None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        self.lower = lower.to(device)
+        self.tokenizer = tokenizer
+        self.max_tokens, self.token_budget, self.device, self.progress = max_tokens, token_budget, torch.device(device), progress
+        self.signature = ModelSignature(fingerprint=lower.fingerprint, family=lower.family,
+                                        hidden_size=lower.hidden_size, num_lower_layers=lower.num_layers,
+                                        pooling="mean", max_tokens=max_tokens)
+        self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to share across threads
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, num_lower_layers: int, **kwargs) -> AtomicEncoder:
+        return cls(LowerEncoder(ckpt, num_lower_layers), ckpt.tokenizer, **kwargs)
+
+    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Packed token ids (sum K,) int64 and per-text lengths (n,) int64."""
+        with self._tokenizer_lock:
+            ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens,
+                                 add_special_tokens=True)["input_ids"]
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        if lengths.size and lengths.min() == 0:
+            raise ValueError(f"text {texts[int(np.argmin(lengths))]!r} tokenizes to no tokens")
+        flat = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=int(lengths.sum()))
+        return flat, lengths
+
+    def _batches(self, lengths: np.ndarray) -> list[np.ndarray]:
+        """Indices of texts sorted by length, cut into runs of at most `token_budget` tokens."""
+        order = np.argsort(lengths, kind="stable")
+        cumulative = np.cumsum(lengths[order])
+        cuts = np.searchsorted(cumulative, np.arange(self.token_budget, cumulative[-1], self.token_budget), "right")
+        return [chunk for chunk in np.split(order, np.unique(cuts)) if chunk.size]
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """(n, d) float32 CPU rows: masked mean of the lower layers' token states of each text."""
+        out = torch.empty(len(texts), self.lower.hidden_size, dtype=torch.float32)
+        if not texts:
+            return out
+        flat, lengths = self.tokenize(texts)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        batches = self._batches(lengths)
+        bar = tqdm(total=len(texts), desc="ABE encode", unit="text", disable=not self.progress or
+                   len(batches) < PROGRESS_MIN_BATCHES)
+        for chunk in batches:
+            offsets = np.concatenate([[0], np.cumsum(lengths[chunk])])
+            ids = flat[np.repeat(starts[chunk] - offsets[:-1], lengths[chunk]) + np.arange(offsets[-1])]
+            ids_t = torch.from_numpy(ids).to(self.device)
+            offsets_t = torch.from_numpy(offsets).to(self.device)
+            states = self.lower.forward_packed(ids_t, offsets_t)
+            out[torch.from_numpy(chunk)] = ops.jagged_mean(states, offsets_t).float().cpu()
+            bar.update(chunk.size)
+        bar.close()
+        return out

@@ -1,0 +1,76 @@
+"""Configuration, one dataclass per concern, with defaults that work out of the box."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass
+class EncoderConfig:
+    """Atomic Behavior Encoding (offline): how a behavior text becomes one table row."""
+    num_lower_layers: int = 3
+    max_tokens: int = 32            # a behavior text is truncated to this many tokens
+    pooling: str = "mean"           # masked mean over the text's real tokens
+    table_dtype: str = "float32"    # storage dtype of the behavior/item tables
+    token_budget: int = 8192        # tokens per encoding batch (texts are sorted by length first)
+
+
+@dataclass
+class ModelConfig:
+    """Behavior Aggregation + CTR head (online, trainable)."""
+    sequence_names: tuple[str, ...] = ("click", "buy", "search")
+    max_behaviors: int = 256        # M: the most recent M behaviors of each sequence are kept
+    behavior_positions: str = "learned"  # "learned": a (M, d) embedding added at the gather; or "none"
+    head_hidden: tuple[int, ...] = (256, 64)
+    head_activation: str = "relu"
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.sequence_names = tuple(self.sequence_names)
+        self.head_hidden = tuple(self.head_hidden)
+        if not self.sequence_names or len(set(self.sequence_names)) != len(self.sequence_names):
+            raise ValueError(f"sequence_names must be non-empty and unique, got {self.sequence_names}")
+        if self.max_behaviors < 1:
+            raise ValueError(f"max_behaviors must be >= 1, got {self.max_behaviors}")
+        if self.behavior_positions not in ("learned", "none"):
+            raise ValueError(f"behavior_positions must be 'learned' or 'none', got {self.behavior_positions!r}")
+
+
+@dataclass
+class ScoringConfig:
+    """What `BAHEScorer.score` does with inputs it has not seen."""
+    unknown_sequence: str = "error"     # a sequence name not in sequence_names: "error" or "ignore"
+    unknown_behavior: str = "encode"    # a behavior text not in the table: "encode" (on the fly) or "error"
+    append_unknown: bool = False        # also append on-the-fly encoded texts to the table files
+    unknown_item: str = "encode"        # an item text not in the item table: "encode" or "error"
+    batch_size: int = 512               # users per forward pass
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("unknown_sequence", ("error", "ignore")), ("unknown_behavior", ("encode", "error")),
+                              ("unknown_item", ("encode", "error"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class ScorerConfig:
+    """Everything `save_pretrained` writes to scorer.json."""
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ScorerConfig:
+        parts = {}
+        for part in fields(cls):
+            kind = {"encoder": EncoderConfig, "model": ModelConfig, "scoring": ScoringConfig}[part.name]
+            given = raw.get(part.name, {})
+            unknown = set(given) - {f.name for f in fields(kind)}
+            if unknown:
+                raise ValueError(f"scorer config section {part.name!r} has unknown keys {sorted(unknown)}")
+            parts[part.name] = kind(**given)
+        return cls(**parts)

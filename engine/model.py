@@ -1,0 +1,111 @@
+"""The online BAHE model: Behavior Aggregation over gathered table rows, feature-parallel over
+named sequences, item tower, CTR head."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.head import CTRHead, head_features
+from kernels import ops
+from kernels._jagged import check_offsets, check_rows
+from weights.split import UpperEncoder
+
+
+@dataclass
+class PackedBatch:
+    """Row ids of a batch of U users, n sequences each, user-major, packed:
+    behavior_rows (T,) int64 into the behavior table (ids >= N index `behavior_extra`);
+    offsets (U*n+1,) int64, cumulative: sequence s of user u is [offsets[u*n+s], offsets[u*n+s+1]);
+    item_rows (U,) int64 into the item table (ids >= N index `item_extra`).
+    *_extra: (X, d) rows encoded on the fly for texts not (yet) in the tables."""
+    behavior_rows: torch.Tensor
+    offsets: torch.Tensor
+    item_rows: torch.Tensor
+    behavior_extra: torch.Tensor | None = None
+    item_extra: torch.Tensor | None = None
+
+    @property
+    def num_users(self) -> int:
+        return self.item_rows.numel()
+
+    def to(self, device: torch.device) -> PackedBatch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return PackedBatch(move(self.behavior_rows), move(self.offsets), move(self.item_rows),
+                           move(self.behavior_extra), move(self.item_extra))
+
+    def validate(self, num_sequences: int, behavior_table_rows: int, item_table_rows: int) -> None:
+        """Raise a clear error for ids out of range, bad dtypes or bad offsets (the id-level API)."""
+        users = self.item_rows.numel() if isinstance(self.item_rows, torch.Tensor) else -1
+        extra_b = 0 if self.behavior_extra is None else self.behavior_extra.shape[0]
+        extra_i = 0 if self.item_extra is None else self.item_extra.shape[0]
+        check_rows(self.behavior_rows, behavior_table_rows + extra_b, "behavior_rows")
+        check_rows(self.item_rows, item_table_rows + extra_i, "item_rows")
+        check_offsets(self.offsets, self.behavior_rows.numel())
+        if self.offsets.numel() != users * num_sequences + 1:
+            raise ValueError(f"offsets must have U*n+1 = {users}*{num_sequences}+1 = {users * num_sequences + 1} "
+                             f"entries, got {self.offsets.numel()}")
+
+
+def _gather(table: torch.Tensor, extra: torch.Tensor | None, rows: torch.Tensor, offsets: torch.Tensor | None,
+            pos: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of `table` (N, d) and, for ids >= N, of `extra`, + position embedding, as dtype."""
+    if extra is None or extra.shape[0] == 0:
+        return ops.jagged_gather(table, rows, offsets=offsets, pos=pos, out_dtype=dtype)
+    known = rows < table.shape[0]
+    extended_rows = torch.where(known, rows, torch.zeros_like(rows))
+    out = ops.jagged_gather(table, extended_rows, offsets=offsets, pos=pos, out_dtype=dtype)
+    fresh = ops.jagged_gather(extra, torch.where(known, torch.zeros_like(rows), rows - table.shape[0]),
+                              offsets=offsets, pos=pos, out_dtype=dtype)
+    return torch.where(known[:, None], out, fresh)
+
+
+class BAHEModel(nn.Module):
+    """Upper layers over behavior positions + learned empty-sequence vectors + item tower + head.
+
+    Feature parallel: all n sequences of all U users, and the U items, run through the upper layers
+    as ONE packed variable-length batch. Each sequence is then mean-pooled over its behaviors (order-
+    free, equally right for causal and bidirectional layers, and it keeps every behavior's gradient);
+    an empty sequence gets its name's learned vector. Item tower: the item's ABE row runs through the
+    same upper layers as a one-behavior sequence, so items and behaviors (here: the same texts) live
+    in the same space; the head sees [user sequences, item, sequence * item]."""
+
+    def __init__(self, upper: UpperEncoder, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.upper = upper
+        d, n = upper.hidden_size, len(config.sequence_names)
+        self.behavior_pos = (nn.Parameter(torch.zeros(config.max_behaviors, d))
+                             if config.behavior_positions == "learned" else None)
+        self.empty_sequence = nn.Parameter(torch.randn(n, d) * 0.02)
+        self.head = CTRHead((2 * n + 1) * d, config.head_hidden, config.head_activation, config.dropout)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.config.sequence_names)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.empty_sequence.dtype
+
+    def towers(self, behavior_table: torch.Tensor, item_table: torch.Tensor,
+               batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> user (U, n, d) pooled sequence states, item (U, d)."""
+        users, n, dtype = batch.num_users, self.num_sequences, self.compute_dtype
+        total = batch.behavior_rows.numel()
+        behaviors = _gather(behavior_table, batch.behavior_extra, batch.behavior_rows, batch.offsets,
+                            self.behavior_pos, dtype)
+        items = _gather(item_table, batch.item_extra, batch.item_rows, None, None, dtype)
+        item_offsets = total + torch.arange(1, users + 1, device=batch.offsets.device)
+        offsets = torch.cat([batch.offsets, item_offsets])
+        states = self.upper.forward_packed(torch.cat([behaviors, items]), offsets)
+        empty = torch.cat([self.empty_sequence.repeat(users, 1), self.empty_sequence.new_zeros(users, states.shape[1])])
+        pooled = ops.jagged_mean(states, offsets, empty=empty)
+        return pooled[:users * n].view(users, n, -1), pooled[users * n:]
+
+    def forward(self, behavior_table: torch.Tensor, item_table: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """-> (U,) fp32 click logits."""
+        user, item = self.towers(behavior_table, item_table, batch)
+        return self.head(head_features(user, item))
