@@ -1,10 +1,16 @@
-"""Fused gather + mean pool (EmbeddingBag-mean): rows (T,) + offsets (B+1,) + table (N, d) -> (B, d)."""
+"""Fused gather + mean pool (EmbeddingBag-mean): rows (T,) + offsets (B+1,) + table (N, d) -> (B, d).
+
+The kernel is jagged_mean.py's `_pool_mean_kernel` with ROWS set: each (bag, column block)
+program reads its bag's table rows through the index and accumulates them in fp32 on chip, so
+the (T, d) gathered tensor is never materialized; memory traffic is T*d table reads + B*d writes.
+"""
 from __future__ import annotations
 
 import torch
 
 from kernels._jagged import check_offsets, check_rows
-from kernels.jagged_mean import _check_empty, jagged_mean_reference
+from kernels._triton import require_triton
+from kernels.jagged_mean import _check_empty, jagged_mean_reference, launch_pool_mean
 
 
 def _check_gather_mean_args(table: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor,
@@ -24,3 +30,11 @@ def gather_mean_reference(table: torch.Tensor, rows: torch.Tensor, offsets: torc
     pooled = jagged_mean_reference(table.index_select(0, rows).float(), offsets,
                                    empty=None if empty is None else empty.float())
     return pooled.to(out_dtype or table.dtype)
+
+
+def gather_mean_triton(table: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, *,
+                       empty: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Triton twin of `gather_mean_reference` (same arguments, same result); output on rows' device."""
+    _check_gather_mean_args(table, rows, offsets, empty)
+    require_triton("gather_mean")
+    return launch_pool_mean(table, rows, offsets, empty, out_dtype or table.dtype, rows.device)

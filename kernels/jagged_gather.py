@@ -1,10 +1,20 @@
 """Jagged embedding gather: rows (T,) of a table (N, d) -> (T, d) in the compute dtype,
-optionally adding a position embedding by each element's position inside its sequence."""
+optionally adding a position embedding by each element's position inside its sequence.
+
+Kernel layout: one program per (block of GATHER_BLOCK_T packed elements, block of GATHER_BLOCK_D
+columns). With `pos`, each element finds its own sequence in-kernel by a branchless binary
+search over offsets (`segment_of`, floor(log2 B) + 1 probes of an array that stays in cache), so
+the grid is independent of the ragged layout and no (T,) position array is built on the host.
+"""
 from __future__ import annotations
 
 import torch
 
 from kernels._jagged import check_offsets, check_rows, positions_in_sequence
+from kernels._triton import new_output, next_pow2, require_triton, search_steps, segment_of, tl, tl_dtype, triton
+
+GATHER_BLOCK_T = 16  # packed elements per program
+GATHER_MAX_BLOCK_D = 512  # columns per program (d is covered by cdiv(d, block) programs)
 
 
 def _check_gather_args(table: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor | None,
@@ -35,3 +45,69 @@ def jagged_gather_reference(table: torch.Tensor, rows: torch.Tensor, *, offsets:
         return gathered.to(out_dtype)
     where = positions_in_sequence(offsets, rows.numel())
     return (gathered.float() + pos.index_select(0, where).float()).to(out_dtype)
+
+
+@triton.jit
+def _jagged_gather_kernel(
+    table_ptr, rows_ptr, offsets_ptr, pos_ptr, out_ptr,
+    T, D,
+    stride_table_n, stride_table_d, stride_pos_p, stride_pos_d, stride_out_t, stride_out_d,
+    num_segments, first_step, num_steps,
+    HAS_POS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[t, c] = table[rows[t], c] (+ pos[t - offsets[s(t)], c]), summed in fp32, stored in
+    out's dtype, where s(t) is the sequence holding t.
+
+    table_ptr:   (N, D) fp32/fp16/bf16, strides (stride_table_n, stride_table_d); may be pinned
+                 host memory read through UVA.
+    rows_ptr:    (T,) int64, contiguous, every id in [0, N) (checked on the host).
+    offsets_ptr: (B+1,) int64, contiguous, cumulative (read only when HAS_POS).
+    pos_ptr:     (P, D) fp32/fp16/bf16, strides (stride_pos_p, stride_pos_d) (only when HAS_POS).
+    out_ptr:     (T, D) out dtype, strides (stride_out_t, stride_out_d).
+    Grid: (cdiv(T, BLOCK_T), cdiv(D, BLOCK_D)).
+    """
+    t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t_mask = t < T
+    mask = t_mask[:, None] & (cols < D)[None, :]
+    rows = tl.load(rows_ptr + t, mask=t_mask, other=0)
+    vals = tl.load(table_ptr + rows[:, None] * stride_table_n + cols[None, :] * stride_table_d,
+                   mask=mask, other=0.0).to(tl.float32)
+    if HAS_POS:
+        seg = segment_of(offsets_ptr, t, num_segments, first_step, num_steps)
+        where = t - tl.load(offsets_ptr + seg, mask=t_mask, other=0)
+        vals += tl.load(pos_ptr + where[:, None] * stride_pos_p + cols[None, :] * stride_pos_d,
+                        mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t[:, None] * stride_out_t + cols[None, :] * stride_out_d,
+             vals.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def jagged_gather_triton(table: torch.Tensor, rows: torch.Tensor, *, offsets: torch.Tensor | None = None,
+                         pos: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Triton twin of `jagged_gather_reference` (same arguments, same result). The output lives
+    on rows' device, so a table in pinned host memory is read zero-copy by a GPU kernel."""
+    _check_gather_args(table, rows, offsets, pos)
+    require_triton("jagged_gather")
+    out_dtype = out_dtype or table.dtype
+    tl_dtype(table.dtype), tl_dtype(out_dtype)  # float tables and outputs only
+    total, dim = rows.numel(), table.shape[1]
+    out = new_output((total, dim), out_dtype, rows.device)
+    if total == 0 or dim == 0:
+        return out
+    rows = rows.contiguous()
+    has_pos = pos is not None
+    if has_pos:
+        offsets = offsets.contiguous()
+        num_segments = offsets.numel() - 1
+    else:  # placeholders, never read
+        offsets, pos, num_segments = rows, table, 0
+    first_step, num_steps = search_steps(num_segments)
+    block_d = min(next_pow2(dim), GATHER_MAX_BLOCK_D)
+    grid = (triton.cdiv(total, GATHER_BLOCK_T), triton.cdiv(dim, block_d))
+    _jagged_gather_kernel[grid](
+        table, rows, offsets, pos, out, total, dim,
+        table.stride(0), table.stride(1), pos.stride(0), pos.stride(1), out.stride(0), out.stride(1),
+        num_segments, first_step, num_steps,
+        HAS_POS=has_pos, BLOCK_T=GATHER_BLOCK_T, BLOCK_D=block_d,
+    )
+    return out

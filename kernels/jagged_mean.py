@@ -1,9 +1,19 @@
-"""Masked mean pooling over ragged sequences: values (T, d) + offsets -> (B, d)."""
+"""Masked mean pooling over ragged sequences: values (T, d) + offsets -> (B, d).
+
+Kernel layout: one program per (sequence, block of POOL_BLOCK_D columns) walks its sequence in
+POOL_BLOCK_T-row tiles, accumulating a (POOL_BLOCK_T, BLOCK_D) fp32 tile that is reduced once at
+the end. The same kernel, with ROWS set, is the fused gather + mean of gather_mean.py (rows are
+read through an index instead of contiguously, and (T, d) is never written).
+"""
 from __future__ import annotations
 
 import torch
 
 from kernels._jagged import check_offsets, lengths_from_offsets, segment_ids
+from kernels._triton import new_output, next_pow2, require_triton, tl, tl_dtype, triton
+
+POOL_BLOCK_T = 32  # rows of a sequence per loop iteration
+POOL_MAX_BLOCK_D = 512  # columns per program
 
 
 def _check_mean_args(values: torch.Tensor, offsets: torch.Tensor, empty: torch.Tensor | None) -> None:
@@ -37,3 +47,78 @@ def jagged_mean_reference(values: torch.Tensor, offsets: torch.Tensor, *,
     sums.index_add_(0, segment_ids(offsets, total), values.float())
     pooled = sums / lengths.clamp(min=1).to(torch.float32)[:, None]
     return fill_empty(pooled, lengths, empty).to(values.dtype)
+
+
+@triton.jit
+def _pool_mean_kernel(
+    values_ptr, rows_ptr, offsets_ptr, empty_ptr, out_ptr,
+    D,
+    stride_values_n, stride_values_d, stride_empty_b, stride_empty_d, stride_out_b, stride_out_d,
+    ROWS: tl.constexpr, HAS_EMPTY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[b, c] = (1 / L_b) * sum_{t in [offsets[b], offsets[b+1])} values[r(t), c], accumulated
+    in fp32, r(t) = rows[t] if ROWS else t; L_b = 0 gives empty[b, c] (HAS_EMPTY) or 0.
+
+    values_ptr:  (N, D) fp32/fp16/bf16, strides (stride_values_n, stride_values_d); N = T when
+                 not ROWS.
+    rows_ptr:    (T,) int64, contiguous, ids in [0, N) (checked on the host; only when ROWS).
+    offsets_ptr: (B+1,) int64, contiguous, cumulative.
+    empty_ptr:   (d,) or (B, d) any float dtype, strides (stride_empty_b, stride_empty_d) with
+                 stride_empty_b = 0 for (d,) (only when HAS_EMPTY).
+    out_ptr:     (B, D) out dtype, strides (stride_out_b, stride_out_d).
+    Grid: (B, cdiv(D, BLOCK_D)).
+    """
+    b = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    c_mask = cols < D
+    start = tl.load(offsets_ptr + b)
+    end = tl.load(offsets_ptr + b + 1)
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_mask = t < end
+        if ROWS:
+            src = tl.load(rows_ptr + t, mask=t_mask, other=0)
+        else:
+            src = t
+        acc += tl.load(values_ptr + src[:, None] * stride_values_n + cols[None, :] * stride_values_d,
+                       mask=t_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+    length = end - start
+    mean = tl.sum(acc, axis=0) / tl.maximum(length, 1).to(tl.float32)
+    if HAS_EMPTY:
+        fallback = tl.load(empty_ptr + b * stride_empty_b + cols * stride_empty_d,
+                           mask=c_mask & (length == 0), other=0.0).to(tl.float32)
+        mean = tl.where(length == 0, fallback, mean)
+    tl.store(out_ptr + b * stride_out_b + cols * stride_out_d, mean.to(out_ptr.dtype.element_ty), mask=c_mask)
+
+
+def launch_pool_mean(values: torch.Tensor, rows: torch.Tensor | None, offsets: torch.Tensor,
+                     empty: torch.Tensor | None, out_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Shared launcher of `_pool_mean_kernel` (arguments already validated): (B, d) in out_dtype."""
+    tl_dtype(values.dtype), tl_dtype(out_dtype)  # float inputs and outputs only
+    batch, dim = offsets.numel() - 1, values.shape[1]
+    out = new_output((batch, dim), out_dtype, device)
+    if batch == 0 or dim == 0:
+        return out
+    offsets = offsets.contiguous()
+    has_rows, has_empty = rows is not None, empty is not None
+    rows = rows.contiguous() if has_rows else offsets  # placeholder, never read
+    if has_empty:
+        empty_strides = (0, empty.stride(0)) if empty.dim() == 1 else (empty.stride(0), empty.stride(1))
+    else:
+        empty, empty_strides = values, (0, 0)  # placeholder, never read
+    block_d = min(next_pow2(dim), POOL_MAX_BLOCK_D)
+    _pool_mean_kernel[(batch, triton.cdiv(dim, block_d))](
+        values, rows, offsets, empty, out, dim,
+        values.stride(0), values.stride(1), *empty_strides, out.stride(0), out.stride(1),
+        ROWS=has_rows, HAS_EMPTY=has_empty, BLOCK_T=POOL_BLOCK_T, BLOCK_D=block_d,
+    )
+    return out
+
+
+def jagged_mean_triton(values: torch.Tensor, offsets: torch.Tensor, *,
+                       empty: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton twin of `jagged_mean_reference` (same arguments, same result)."""
+    _check_mean_args(values, offsets, empty)
+    require_triton("jagged_mean")
+    return launch_pool_mean(values, None, offsets, empty, values.dtype, values.device)

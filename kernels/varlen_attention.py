@@ -1,5 +1,22 @@
 """Batched multi-sequence (variable-length) attention: every sequence of every user of a batch
-in one call, packed q (T, H, Dh), k, v (T, Hkv, Dh) with one offsets array."""
+in one call, packed q (T, H, Dh), k, v (T, Hkv, Dh) with one offsets array.
+
+Kernel layout: FlashAttention-2 style forward. One program per (query block of one sequence,
+query head); the host builds a small table of (sequence, first query row) pairs, one per
+ATTN_BLOCK_M rows of each non-empty sequence, ordered longest work first so the last wave of
+programs is short. A program keeps its (BLOCK_M, Dh) query tile and an fp32 accumulator on chip
+and streams its sequence's keys and values in ATTN_BLOCK_N tiles with an online softmax (running
+max and sum, base-2 exponentials), so memory is O(T * Dh), never O(M^2). Causal programs stop at
+their last query row. GQA: query head h reads key/value head h // (H / Hkv). Dh need not be a
+power of two: the head dim is padded to a power of two and masked.
+
+Why RoPE is not inside this kernel: it runs as the separate pre-pass `rope_triton` (rope.py). In
+here, a program would have to rotate every K tile it streams, and each K tile is read by every
+query block at or after it (all query blocks when bidirectional), so K would be rotated
+O(M / BLOCK_M) times per sequence, with cos/sin reloaded each time; the pre-pass rotates each K
+(and Q) element exactly once, in one memory-bound launch for q and k together, which costs a
+single extra read + write of q and k, small next to attention's O(M^2) work.
+"""
 from __future__ import annotations
 
 import math
@@ -8,6 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from kernels._jagged import check_offsets, lengths_from_offsets, pad, unpad
+from kernels._triton import (dot_dtype, dot_precision, new_output, next_pow2, require_triton, tl, tl_dtype,
+                             triton)
+
+ATTN_BLOCK_M = 64  # query rows per program
+ATTN_BLOCK_N = 64  # key/value rows per inner step
+ATTN_MIN_BLOCK_D = 16  # tl.dot needs K >= 16
+LOG2E = 1.4426950408889634
 
 
 def _check_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor) -> None:
@@ -54,4 +78,115 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), attn_mask=attn_mask,
             is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
         out[idx] = unpad(res.transpose(1, 2), mask)
+    return out
+
+
+@triton.jit
+def _varlen_attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, offsets_ptr, block_seq_ptr, block_row_ptr,
+    stride_q_t, stride_q_h, stride_q_d, stride_k_t, stride_k_h, stride_k_d,
+    stride_v_t, stride_v_h, stride_v_d, stride_o_t, stride_o_h, stride_o_d,
+    qk_scale, group, head_dim,
+    CAUSAL: tl.constexpr, DOT_T: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[i, h] = sum_j softmax_j(q[i, h] . k[j, g] * scale) v[j, g] over the keys j of i's
+    sequence (j <= i when CAUSAL), g = h // group; fp32 scores, softmax and accumulator.
+
+    q_ptr:   (T, H, Dh) fp32/fp16/bf16, strides (stride_q_t, stride_q_h, stride_q_d).
+    k_ptr, v_ptr: (T, Hkv, Dh), same dtype as q, strides (stride_k_*), (stride_v_*).
+    out_ptr: (T, H, Dh), q's dtype, strides (stride_o_*).
+    offsets_ptr: (B+1,) int64, contiguous, cumulative.
+    block_seq_ptr, block_row_ptr: (NB,) int32, contiguous: program p handles query rows
+        [block_row[p], block_row[p] + BLOCK_M) (relative to the sequence start) of sequence
+        block_seq[p]. qk_scale = scale * log2(e) (the softmax runs in base 2).
+    Grid: (NB, H).
+    """
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.load(block_seq_ptr + pid)
+    row0 = tl.load(block_row_ptr + pid)
+    start = tl.load(offsets_ptr + seq)
+    length = tl.load(offsets_ptr + seq + 1) - start
+    kv_head = head // group
+
+    m = row0 + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    m_mask = m < length
+    d_mask = d < head_dim
+    q_rows = (start + m).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_q_t + head * stride_q_h + d[None, :] * stride_q_d,
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    q = q.to(DOT_T)
+
+    # A finite floor instead of -inf keeps alpha = exp2(m_i - m_new) NaN-free for rows whose
+    # keys of one tile are all masked.
+    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if CAUSAL:
+        hi = tl.minimum(length, row0 + BLOCK_M)
+    else:
+        hi = length
+    for n0 in range(0, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n < length
+        kv_rows = (start + n).to(tl.int64)
+        k_t = tl.load(k_ptr + kv_rows[None, :] * stride_k_t + kv_head * stride_k_h + d[:, None] * stride_k_d,
+                      mask=d_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_N)
+        s = tl.dot(q, k_t.to(DOT_T), input_precision=PRECISION) * qk_scale
+        valid = n_mask[None, :]
+        if CAUSAL:
+            valid = valid & (n[None, :] <= m[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + kv_rows[:, None] * stride_v_t + kv_head * stride_v_h + d[None, :] * stride_v_d,
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_T), v.to(DOT_T), input_precision=PRECISION)
+        m_i = m_new
+    # Rows past the sequence end are never stored; every stored row saw key 0, so l_i > 0.
+    out = acc / tl.maximum(l_i, 1.0e-30)[:, None]
+    tl.store(out_ptr + q_rows[:, None] * stride_o_t + head * stride_o_h + d[None, :] * stride_o_d,
+             out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def query_blocks(offsets: torch.Tensor, block_m: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (sequence, first row) table of the attention grid: (NB,) int32 each, one entry per
+    block_m query rows of every non-empty sequence, sorted by decreasing work (keys streamed)."""
+    lengths = lengths_from_offsets(offsets)
+    blocks = (lengths + block_m - 1) // block_m
+    total = int(blocks.sum())
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), blocks, output_size=total)
+    first = torch.cumsum(blocks, 0) - blocks
+    row = (torch.arange(total, device=offsets.device) - first[seq]) * block_m
+    work = torch.minimum(row + block_m, lengths[seq]) if causal else lengths[seq]
+    order = torch.argsort(work, descending=True, stable=True)
+    return seq[order].to(torch.int32).contiguous(), row[order].to(torch.int32).contiguous()
+
+
+def varlen_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, *,
+                            causal: bool, scale: float | None = None) -> torch.Tensor:
+    """Triton twin of `varlen_attention_reference` (same arguments, same result)."""
+    _check_attention_args(q, k, v, offsets)
+    require_triton("varlen_attention")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    tl_dtype(q.dtype)  # floats only
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[2])
+    out = new_output(tuple(q.shape), q.dtype, q.device)
+    total, heads, head_dim = q.shape
+    if total == 0 or heads == 0 or head_dim == 0:
+        return out
+    offsets = offsets.contiguous()
+    block_seq, block_row = query_blocks(offsets, ATTN_BLOCK_M, causal)
+    _varlen_attention_kernel[(block_seq.numel(), heads)](
+        q, k, v, out, offsets, block_seq, block_row,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        scale * LOG2E, heads // k.shape[1], head_dim,
+        CAUSAL=bool(causal), DOT_T=dot_dtype(q.dtype), PRECISION=dot_precision(q.dtype),
+        BLOCK_M=ATTN_BLOCK_M, BLOCK_N=ATTN_BLOCK_N, BLOCK_D=next_pow2(head_dim, ATTN_MIN_BLOCK_D),
+    )
     return out

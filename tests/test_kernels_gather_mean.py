@@ -1,0 +1,103 @@
+"""gather_mean_triton (fused EmbeddingBag-mean) against gather_mean_reference under the interpreter."""
+import pytest
+import torch
+
+import kernels.gather_mean as mod
+import kernels.jagged_mean as pool
+from kernels import ops
+from kernels._jagged import offsets_from_lengths
+from kernels._triton import poison_outputs
+from kernels.gather_mean import gather_mean_reference, gather_mean_triton
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+LENGTHS = [[0], [1], [0, 1, 33, 0, 5], [70, 3, 0, 1], [2] * 9]
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs():
+    with poison_outputs():
+        yield
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+def inputs(lengths, num_rows, dim, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    offsets = offsets_from_lengths(torch.tensor(lengths))
+    rows = torch.randint(0, num_rows, (int(offsets[-1]),), generator=gen)
+    table = torch.randn(num_rows, dim, generator=gen).to(dtype)
+    return table, rows, offsets, gen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [72, 384])
+@pytest.mark.parametrize("lengths", LENGTHS)
+def test_matches_reference(dtype, dim, lengths):
+    table, rows, offsets, gen = inputs(lengths, 60, dim, dtype, seed=len(lengths) + dim)
+    batch = len(lengths)
+    cases = [{}, {"empty": torch.randn(dim, generator=gen)},
+             {"empty": torch.randn(batch, dim, generator=gen).to(dtype), "out_dtype": torch.float32}]
+    for kwargs in cases:
+        out = gather_mean_triton(table, rows, offsets, **kwargs)
+        ref = gather_mean_reference(table, rows, offsets, **kwargs)
+        assert out.shape == ref.shape == (batch, dim) and out.dtype == ref.dtype
+        assert not out.isnan().any()
+        if ref.abs().sum():
+            assert rel_err(out, ref) < TOL[ref.dtype]
+        else:
+            assert not out.any()
+
+
+def test_does_not_materialize_the_gather(monkeypatch):
+    # The fused path never builds the (T, d) gather (the reference does, with index_select).
+    monkeypatch.setattr(torch.Tensor, "index_select", lambda *a, **k: pytest.fail("materialized (T, d)"))
+    table, rows, offsets, _ = inputs([5, 0, 9], 30, 96, torch.bfloat16, seed=2)
+    out = gather_mean_triton(table, rows, offsets, out_dtype=torch.float32)
+    monkeypatch.undo()
+    assert rel_err(out, gather_mean_reference(table, rows, offsets, out_dtype=torch.float32)) < 1e-6
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        raise AssertionError("kernel launched although the arguments are invalid")
+
+
+def test_host_side_errors_before_launch(monkeypatch):
+    monkeypatch.setattr(pool, "_pool_mean_kernel", _NoLaunch())
+    table, rows, offsets, _ = inputs([3, 2], 10, 16, torch.float32, seed=0)
+    with pytest.raises(IndexError):
+        gather_mean_triton(table, torch.tensor([0, 1, 2, 3, 10]), offsets)
+    with pytest.raises(IndexError):
+        gather_mean_triton(table, torch.tensor([0, 1, -2, 3, 4]), offsets)
+    with pytest.raises(ValueError):
+        gather_mean_triton(table, rows, torch.tensor([0, 3, 4]))
+    with pytest.raises(ValueError):
+        gather_mean_triton(table, rows, torch.tensor([0, 4, 3, 5]))
+    with pytest.raises(ValueError):
+        gather_mean_triton(table, rows, offsets, empty=torch.zeros(17))
+
+
+def _spy(monkeypatch, name):
+    calls = []
+    real = getattr(mod, name)
+    monkeypatch.setattr(mod, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+    return calls
+
+
+def test_dispatch(monkeypatch):
+    table, rows, offsets, _ = inputs([3, 0, 4], 10, 16, torch.float32, seed=0)
+    kernel, reference = _spy(monkeypatch, "gather_mean_triton"), _spy(monkeypatch, "gather_mean_reference")
+    with ops.use_backend("triton"):
+        out = ops.gather_mean(table, rows, offsets)
+    assert kernel and not reference
+    with ops.use_backend("torch"):
+        ref = ops.gather_mean(table, rows, offsets)
+    assert len(reference) == 1 and len(kernel) == 1
+    with ops.use_backend("auto"):
+        ops.gather_mean(table, rows, offsets)
+    assert len(reference) == 2 and len(kernel) == 1
+    assert rel_err(out, ref) < 1e-6
+    with ops.use_backend("triton"), pytest.raises(RuntimeError, match="forward-only"):
+        ops.gather_mean(table.requires_grad_(), rows, offsets)

@@ -1,0 +1,123 @@
+"""jagged_gather_triton against jagged_gather_reference under the Triton interpreter."""
+import pytest
+import torch
+
+import kernels.jagged_gather as mod
+from kernels import ops
+from kernels._jagged import offsets_from_lengths
+from kernels._triton import poison_outputs
+from kernels.jagged_gather import jagged_gather_reference, jagged_gather_triton
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+LENGTHS = [[0], [1], [0, 1, 17, 0, 5], [40, 3, 0, 1], [2] * 9]
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs():
+    with poison_outputs():
+        yield
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+def inputs(lengths, num_rows, dim, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    offsets = offsets_from_lengths(torch.tensor(lengths))
+    rows = torch.randint(0, num_rows, (int(offsets[-1]),), generator=gen)
+    table = torch.randn(num_rows, dim, generator=gen).to(dtype)
+    pos = torch.randn(max(max(lengths), 1) + 3, dim, generator=gen).to(dtype)
+    return table, rows, offsets, pos
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [72, 384])
+@pytest.mark.parametrize("lengths", LENGTHS)
+def test_matches_reference(dtype, dim, lengths):
+    table, rows, offsets, pos = inputs(lengths, 50, dim, dtype, seed=len(lengths) + dim)
+    for kwargs in ({}, {"offsets": offsets, "pos": pos}, {"offsets": offsets, "pos": pos, "out_dtype": torch.float32}):
+        out = jagged_gather_triton(table, rows, **kwargs)
+        ref = jagged_gather_reference(table, rows, **kwargs)
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+        assert not out.isnan().any()
+        if ref.numel():
+            assert rel_err(out, ref) < TOL[ref.dtype]
+
+
+def test_converts_storage_dtype_on_the_fly():
+    table, rows, offsets, pos = inputs([5, 0, 12], 30, 96, torch.bfloat16, seed=1)
+    out = jagged_gather_triton(table, rows, offsets=offsets, pos=pos.float(), out_dtype=torch.float32)
+    ref = jagged_gather_reference(table, rows, offsets=offsets, pos=pos.float(), out_dtype=torch.float32)
+    assert out.dtype == torch.float32 and rel_err(out, ref) < 1e-6
+    out16 = jagged_gather_triton(table.float(), rows, out_dtype=torch.float16)
+    assert torch.equal(out16, table.float()[rows].half())
+
+
+def test_many_sequences_positions():
+    # 70 sequences: the in-kernel binary search over offsets takes 7 steps.
+    lengths = torch.randint(0, 4, (70,), generator=torch.Generator().manual_seed(3)).tolist()
+    table, rows, offsets, pos = inputs(lengths, 20, 40, torch.float32, seed=4)
+    out = jagged_gather_triton(table, rows, offsets=offsets, pos=pos)
+    assert rel_err(out, jagged_gather_reference(table, rows, offsets=offsets, pos=pos)) < 1e-6
+
+
+def test_noncontiguous_table():
+    table = torch.randn(80, 30).t()  # (30, 80), strides (1, 30)
+    rows = torch.tensor([0, 29, 3, 3])
+    assert torch.equal(jagged_gather_triton(table, rows), table[rows])
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        raise AssertionError("kernel launched although the arguments are invalid")
+
+
+def test_host_side_errors_before_launch(monkeypatch):
+    monkeypatch.setattr(mod, "_jagged_gather_kernel", _NoLaunch())
+    table, rows, offsets, pos = inputs([3, 2], 10, 16, torch.float32, seed=0)
+    with pytest.raises(IndexError):
+        jagged_gather_triton(table, torch.tensor([0, 10]))
+    with pytest.raises(IndexError):
+        jagged_gather_triton(table, torch.tensor([-1]))
+    with pytest.raises(ValueError):
+        jagged_gather_triton(table, rows, pos=pos)  # pos without offsets
+    with pytest.raises(ValueError):
+        jagged_gather_triton(table, rows, offsets=torch.tensor([0, 2, 4]), pos=pos)  # does not end at T
+    with pytest.raises(ValueError):
+        jagged_gather_triton(table, rows, offsets=torch.tensor([0, 4, 2, 5]), pos=pos)  # decreasing
+    with pytest.raises(ValueError):
+        jagged_gather_triton(table, rows, offsets=offsets, pos=pos[:2])  # too few positions
+    with pytest.raises(TypeError):
+        jagged_gather_triton(table, rows.int())
+
+
+def test_empty_and_zero_rows():
+    table = torch.randn(4, 24)
+    out = jagged_gather_triton(table, torch.zeros(0, dtype=torch.int64), offsets=torch.zeros(3, dtype=torch.int64),
+                               pos=torch.randn(1, 24))
+    assert out.shape == (0, 24)
+
+
+def _spy(monkeypatch, name):
+    calls = []
+    real = getattr(mod, name)
+    monkeypatch.setattr(mod, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+    return calls
+
+
+def test_dispatch(monkeypatch):
+    table, rows, offsets, pos = inputs([3, 0, 4], 10, 16, torch.float32, seed=0)
+    kernel, reference = _spy(monkeypatch, "jagged_gather_triton"), _spy(monkeypatch, "jagged_gather_reference")
+    with ops.use_backend("triton"):
+        out = ops.jagged_gather(table, rows, offsets=offsets, pos=pos)
+    assert kernel and not reference
+    with ops.use_backend("torch"):
+        ref = ops.jagged_gather(table, rows, offsets=offsets, pos=pos)
+    assert len(reference) == 1 and len(kernel) == 1
+    with ops.use_backend("auto"):
+        ops.jagged_gather(table, rows, offsets=offsets, pos=pos)
+    assert len(reference) == 2 and len(kernel) == 1
+    assert rel_err(out, ref) < 1e-6
+    with ops.use_backend("triton"), pytest.raises(RuntimeError, match="forward-only"):
+        ops.jagged_gather(table.requires_grad_(), rows)

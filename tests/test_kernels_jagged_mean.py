@@ -1,0 +1,108 @@
+"""jagged_mean_triton against jagged_mean_reference under the Triton interpreter."""
+import pytest
+import torch
+
+import kernels.jagged_mean as mod
+from kernels import ops
+from kernels._jagged import offsets_from_lengths
+from kernels._triton import poison_outputs
+from kernels.jagged_mean import jagged_mean_reference, jagged_mean_triton
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+LENGTHS = [[0], [1], [0, 1, 33, 0, 5], [70, 3, 0, 1], [2] * 9]
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs():
+    with poison_outputs():
+        yield
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+def inputs(lengths, dim, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    offsets = offsets_from_lengths(torch.tensor(lengths))
+    values = torch.randn(int(offsets[-1]), dim, generator=gen).to(dtype)
+    return values, offsets, gen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [72, 384])
+@pytest.mark.parametrize("lengths", LENGTHS)
+def test_matches_reference(dtype, dim, lengths):
+    values, offsets, gen = inputs(lengths, dim, dtype, seed=len(lengths) + dim)
+    batch = len(lengths)
+    for empty in (None, torch.randn(dim, generator=gen), torch.randn(batch, dim, generator=gen).to(dtype)):
+        out = jagged_mean_triton(values, offsets, empty=empty)
+        ref = jagged_mean_reference(values, offsets, empty=empty)
+        assert out.shape == ref.shape == (batch, dim) and out.dtype == ref.dtype == dtype
+        assert not out.isnan().any()
+        if ref.abs().sum():
+            assert rel_err(out, ref) < TOL[dtype]
+        else:  # all sequences empty, no `empty`: zeros
+            assert not out.any()
+
+
+def test_empty_rows_take_empty_exactly():
+    values, offsets, _ = inputs([0, 4, 0], 96, torch.float32, seed=0)
+    empty = torch.randn(3, 96)
+    out = jagged_mean_triton(values, offsets, empty=empty)
+    assert torch.equal(out[0], empty[0]) and torch.equal(out[2], empty[2])
+    assert torch.allclose(out[1], values.mean(0), rtol=1e-6, atol=1e-6)
+
+
+def test_no_sequences_and_noncontiguous_values():
+    out = jagged_mean_triton(torch.zeros(0, 8), torch.zeros(1, dtype=torch.int64))
+    assert out.shape == (0, 8)
+    values = torch.randn(40, 9).t()  # (9, 40), column stride 9
+    offsets = torch.tensor([0, 4, 9])
+    assert rel_err(jagged_mean_triton(values, offsets), jagged_mean_reference(values, offsets)) < 1e-6
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        raise AssertionError("kernel launched although the arguments are invalid")
+
+
+def test_host_side_errors_before_launch(monkeypatch):
+    monkeypatch.setattr(mod, "_pool_mean_kernel", _NoLaunch())
+    values, offsets, _ = inputs([3, 2], 16, torch.float32, seed=0)
+    with pytest.raises(ValueError):
+        jagged_mean_triton(values, torch.tensor([0, 3, 4]))  # does not end at T
+    with pytest.raises(ValueError):
+        jagged_mean_triton(values, torch.tensor([1, 3, 5]))  # does not start at 0
+    with pytest.raises(ValueError):
+        jagged_mean_triton(values, torch.tensor([0, 4, 3, 5]))  # decreasing
+    with pytest.raises(TypeError):
+        jagged_mean_triton(values, offsets.int())
+    with pytest.raises(ValueError):
+        jagged_mean_triton(values, offsets, empty=torch.zeros(3, 16))  # (B, d) with the wrong B
+    with pytest.raises(ValueError):
+        jagged_mean_triton(values[0], offsets)
+
+
+def _spy(monkeypatch, name):
+    calls = []
+    real = getattr(mod, name)
+    monkeypatch.setattr(mod, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+    return calls
+
+
+def test_dispatch(monkeypatch):
+    values, offsets, _ = inputs([3, 0, 4], 16, torch.float32, seed=0)
+    kernel, reference = _spy(monkeypatch, "jagged_mean_triton"), _spy(monkeypatch, "jagged_mean_reference")
+    with ops.use_backend("triton"):
+        out = ops.jagged_mean(values, offsets)
+    assert kernel and not reference
+    with ops.use_backend("torch"):
+        ref = ops.jagged_mean(values, offsets)
+    assert len(reference) == 1 and len(kernel) == 1
+    with ops.use_backend("auto"):
+        ops.jagged_mean(values, offsets)
+    assert len(reference) == 2 and len(kernel) == 1
+    assert rel_err(out, ref) < 1e-6
+    with ops.use_backend("triton"), pytest.raises(RuntimeError, match="forward-only"):
+        ops.jagged_mean(values.requires_grad_(), offsets)

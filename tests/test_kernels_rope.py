@@ -1,0 +1,129 @@
+"""rope_triton against rope_reference (and transformers' Llama RoPE) under the Triton interpreter."""
+import pytest
+import torch
+
+import kernels.rope as mod
+from kernels import ops
+from kernels._jagged import offsets_from_lengths, positions_in_sequence
+from kernels._triton import poison_outputs
+from kernels.rope import rope_reference, rope_triton
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+LENGTHS = [[1], [0, 1, 21, 0, 5], [40, 3]]
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs():
+    with poison_outputs():
+        yield
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+def rope_tables(positions: int, head_dim: int, theta: float = 100000.0):
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    freqs = torch.arange(positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def inputs(lengths, heads, kv_heads, head_dim, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    offsets = offsets_from_lengths(torch.tensor(lengths))
+    total = int(offsets[-1])
+    q = torch.randn(total, heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
+    return q, k, offsets
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (2, 2, 72)])
+@pytest.mark.parametrize("lengths", LENGTHS)
+def test_matches_reference(dtype, heads, kv_heads, head_dim, lengths):
+    q, k, offsets = inputs(lengths, heads, kv_heads, head_dim, dtype, seed=head_dim + len(lengths))
+    cos, sin = rope_tables(max(lengths) + 2, head_dim)
+    q_out, k_out = rope_triton(q, k, offsets, cos, sin)
+    q_ref, k_ref = rope_reference(q, k, offsets, cos, sin)
+    for out, ref in ((q_out, q_ref), (k_out, k_ref)):
+        assert out.shape == ref.shape and out.dtype == ref.dtype == dtype
+        assert not out.isnan().any()
+        assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_general_tables_and_strided_inputs():
+    # cos/sin with distinct halves (not the Llama duplicate layout) and q as a view of a fused qkv.
+    gen = torch.Generator().manual_seed(5)
+    offsets = torch.tensor([0, 3, 3, 10])
+    qkv = torch.randn(10, 4 + 2 + 2, 24, generator=gen)
+    q, k = qkv[:, :4], qkv[:, 4:6]
+    cos, sin = torch.randn(12, 24, generator=gen), torch.randn(12, 24, generator=gen)
+    for out, ref in zip(rope_triton(q, k, offsets, cos, sin), rope_reference(q, k, offsets, cos, sin)):
+        assert rel_err(out, ref) < 1e-6
+
+
+def test_matches_transformers_llama_rope():
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    lengths = [6, 0, 11]
+    q, k, offsets = inputs(lengths, 9, 3, 64, torch.float32, seed=7)
+    cos, sin = rope_tables(16, 64)
+    pos = positions_in_sequence(offsets, q.shape[0])
+    # transformers: (batch, heads, seq, Dh) with cos/sin (batch, seq, Dh); one "batch" of T tokens.
+    q_hf, k_hf = llama.apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[pos][None],
+                                            sin[pos][None])
+    q_out, k_out = rope_triton(q, k, offsets, cos, sin)
+    assert rel_err(q_out, q_hf[0].transpose(0, 1)) < 1e-6
+    assert rel_err(k_out, k_hf[0].transpose(0, 1)) < 1e-6
+
+
+def test_empty_batch():
+    q, k, offsets = inputs([0, 0], 2, 1, 16, torch.float32, seed=0)
+    cos, sin = rope_tables(1, 16)
+    q_out, k_out = rope_triton(q, k, offsets, cos, sin)
+    assert q_out.shape == (0, 2, 16) and k_out.shape == (0, 1, 16)
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        raise AssertionError("kernel launched although the arguments are invalid")
+
+
+def test_host_side_errors_before_launch(monkeypatch):
+    monkeypatch.setattr(mod, "_rope_kernel", _NoLaunch())
+    q, k, offsets = inputs([4, 2], 2, 1, 16, torch.float32, seed=0)
+    cos, sin = rope_tables(8, 16)
+    with pytest.raises(ValueError):
+        rope_triton(q, k, torch.tensor([0, 4, 5]), cos, sin)
+    with pytest.raises(ValueError):
+        rope_triton(q, k, offsets, cos[:3], sin[:3])  # a sequence of 4 needs 4 positions
+    with pytest.raises(ValueError):
+        rope_triton(q, k[:, :, :8], offsets, cos, sin)
+    q3, k3, _ = inputs([4, 2], 2, 1, 15, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="even head dim"):
+        rope_triton(q3, k3, offsets, cos[:, :15], sin[:, :15])
+
+
+def _spy(monkeypatch, name):
+    calls = []
+    real = getattr(mod, name)
+    monkeypatch.setattr(mod, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+    return calls
+
+
+def test_dispatch(monkeypatch):
+    q, k, offsets = inputs([3, 0, 4], 2, 1, 16, torch.float32, seed=0)
+    cos, sin = rope_tables(8, 16)
+    kernel, reference = _spy(monkeypatch, "rope_triton"), _spy(monkeypatch, "rope_reference")
+    with ops.use_backend("triton"):
+        out = ops.rope(q, k, offsets, cos, sin)
+    assert kernel and not reference
+    with ops.use_backend("torch"):
+        ref = ops.rope(q, k, offsets, cos, sin)
+    assert len(reference) == 1 and len(kernel) == 1
+    with ops.use_backend("auto"):
+        ops.rope(q, k, offsets, cos, sin)
+    assert len(reference) == 2 and len(kernel) == 1
+    assert rel_err(out[0], ref[0]) < 1e-6 and rel_err(out[1], ref[1]) < 1e-6
+    with ops.use_backend("triton"), pytest.raises(RuntimeError, match="forward-only"):
+        ops.rope(q.requires_grad_(), k, offsets, cos, sin)

@@ -1,0 +1,144 @@
+"""varlen_attention_triton against varlen_attention_reference under the Triton interpreter."""
+import math
+
+import pytest
+import torch
+
+import kernels.varlen_attention as mod
+from kernels import ops
+from kernels._jagged import offsets_from_lengths
+from kernels._triton import poison_outputs
+from kernels.rope import rope_reference, rope_triton
+from kernels.varlen_attention import ATTN_BLOCK_M, query_blocks, varlen_attention_reference, varlen_attention_triton
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# Lengths 0 and 1, and lengths that are not multiples of the 64-row blocks (70 spans two).
+LENGTHS = [[1], [0, 1, 70, 0, 7]]
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs():
+    with poison_outputs():
+        yield
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+def inputs(lengths, heads, kv_heads, head_dim, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    offsets = offsets_from_lengths(torch.tensor(lengths))
+    total = int(offsets[-1])
+    q = torch.randn(total, heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
+    return q, k, v, offsets
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 72), (2, 2, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lengths", LENGTHS)
+def test_matches_reference(lengths, dtype, heads, kv_heads, head_dim, causal):
+    q, k, v, offsets = inputs(lengths, heads, kv_heads, head_dim, dtype, seed=len(lengths) + head_dim)
+    out = varlen_attention_triton(q, k, v, offsets, causal=causal)
+    ref = varlen_attention_reference(q, k, v, offsets, causal=causal)
+    assert out.shape == ref.shape and out.dtype == ref.dtype == dtype
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_custom_scale_and_strided_qkv():
+    gen = torch.Generator().manual_seed(11)
+    offsets = torch.tensor([0, 5, 5, 25])
+    qkv = torch.randn(25, 3 + 1 + 1, 40, generator=gen)  # fused projection output: views with head stride 40
+    q, k, v = qkv[:, :3], qkv[:, 3:4], qkv[:, 4:5]
+    for causal in (True, False):
+        out = varlen_attention_triton(q, k, v, offsets, causal=causal, scale=0.3)
+        assert rel_err(out, varlen_attention_reference(q, k, v, offsets, causal=causal, scale=0.3)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_smollm2_shapes_with_rope(dtype):
+    """SmolLM2-135M attention: 9 query heads, 3 KV heads, head dim 64, causal, RoPE (theta 1e5) as the pre-pass."""
+    lengths = [13, 0, 1, 66]
+    q, k, v, offsets = inputs(lengths, 9, 3, 64, dtype, seed=135)
+    inv_freq = 1.0 / 100000.0 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64)
+    emb = torch.arange(max(lengths), dtype=torch.float32)[:, None] * inv_freq
+    emb = torch.cat((emb, emb), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    q_rot, k_rot = rope_triton(q, k, offsets, cos, sin)
+    out = varlen_attention_triton(q_rot, k_rot, v, offsets, causal=True)
+    q_ref, k_ref = rope_reference(q, k, offsets, cos, sin)
+    ref = varlen_attention_reference(q_ref, k_ref, v, offsets, causal=True)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_matches_dense_softmax_single_sequence():
+    # Independent of the reference: plain softmax(q k^T / sqrt(Dh)) v with a causal mask.
+    q, k, v, offsets = inputs([9], 2, 1, 16, torch.float32, seed=3)
+    out = varlen_attention_triton(q, k, v, offsets, causal=True)
+    scores = torch.einsum("ihd,jd->hij", q, k[:, 0]) / math.sqrt(16)
+    scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    dense = torch.einsum("hij,jd->ihd", scores.softmax(-1), v[:, 0])
+    assert rel_err(out, dense) < 1e-5
+
+
+def test_query_block_table():
+    offsets = offsets_from_lengths(torch.tensor([ATTN_BLOCK_M + 1, 0, 1]))
+    seq, row = query_blocks(offsets, ATTN_BLOCK_M, causal=True)
+    assert sorted(zip(seq.tolist(), row.tolist())) == [(0, 0), (0, ATTN_BLOCK_M), (2, 0)]
+    assert seq.dtype == row.dtype == torch.int32
+    # The block streaming the most keys goes first: under a causal mask, the last one.
+    assert (int(seq[0]), int(row[0])) == (0, ATTN_BLOCK_M) and (int(seq[-1]), int(row[-1])) == (2, 0)
+
+
+def test_empty_batch():
+    q, k, v, offsets = inputs([0, 0, 0], 2, 2, 16, torch.float32, seed=0)
+    assert varlen_attention_triton(q, k, v, offsets, causal=False).shape == (0, 2, 16)
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        raise AssertionError("kernel launched although the arguments are invalid")
+
+
+def test_host_side_errors_before_launch(monkeypatch):
+    monkeypatch.setattr(mod, "_varlen_attention_kernel", _NoLaunch())
+    q, k, v, offsets = inputs([4, 2], 4, 2, 16, torch.float32, seed=0)
+    with pytest.raises(ValueError):
+        varlen_attention_triton(q, k, v, torch.tensor([0, 4, 5]), causal=True)
+    with pytest.raises(ValueError):
+        varlen_attention_triton(q, k, v, torch.tensor([0, 5, 4, 6]), causal=True)
+    with pytest.raises(ValueError, match="multiple"):
+        varlen_attention_triton(q[:, :3], k, v, offsets, causal=True)
+    with pytest.raises(ValueError):
+        varlen_attention_triton(q, k, v[:, :1], offsets, causal=True)
+    with pytest.raises(TypeError, match="dtype"):
+        varlen_attention_triton(q, k.half(), v.half(), offsets, causal=True)
+
+
+def _spy(monkeypatch, name):
+    calls = []
+    real = getattr(mod, name)
+    monkeypatch.setattr(mod, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+    return calls
+
+
+def test_dispatch(monkeypatch):
+    q, k, v, offsets = inputs([3, 0, 4], 2, 1, 16, torch.float32, seed=0)
+    kernel, reference = _spy(monkeypatch, "varlen_attention_triton"), _spy(monkeypatch, "varlen_attention_reference")
+    with ops.use_backend("triton"):
+        out = ops.varlen_attention(q, k, v, offsets, causal=True)
+    assert kernel and not reference
+    with ops.use_backend("torch"):
+        ref = ops.varlen_attention(q, k, v, offsets, causal=True)
+    assert len(reference) == 1 and len(kernel) == 1
+    with ops.use_backend("auto"):
+        ops.varlen_attention(q, k, v, offsets, causal=True)
+    assert len(reference) == 2 and len(kernel) == 1
+    assert rel_err(out, ref) < 1e-5
+    with ops.use_backend("triton"), pytest.raises(RuntimeError, match="forward-only"):
+        ops.varlen_attention(q, k, v.requires_grad_(), offsets, causal=True)
