@@ -49,11 +49,17 @@ class AtomicEncoder:
         return flat, lengths
 
     def _batches(self, lengths: np.ndarray) -> list[np.ndarray]:
-        """Indices of texts sorted by length, cut into runs of at most `token_budget` tokens."""
+        """Indices of texts sorted by length, cut greedily into runs of at most `token_budget` tokens
+        (a single text longer than the budget gets a batch of its own)."""
         order = np.argsort(lengths, kind="stable")
-        cumulative = np.cumsum(lengths[order])
-        cuts = np.searchsorted(cumulative, np.arange(self.token_budget, cumulative[-1], self.token_budget), "right")
-        return [chunk for chunk in np.split(order, np.unique(cuts)) if chunk.size]
+        batches, start, used = [], 0, 0
+        for i, length in enumerate(lengths[order].tolist()):
+            if used + length > self.token_budget and i > start:
+                batches.append(order[start:i])
+                start, used = i, 0
+            used += length
+        batches.append(order[start:])
+        return batches
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> torch.Tensor:
