@@ -1,0 +1,243 @@
+"""Kernel benchmark: every fused op's Triton kernel against its PyTorch reference.
+
+    python -m bench.kernels [--device cuda|cpu] [--csv results.csv] [--reps N]
+
+For each op it prints the kernel time, the reference time, their ratio (reference / kernel, so
+> 1 means the kernel is faster) and the achieved bandwidth (GB/s: gather, pooling, gather-mean,
+RoPE) or throughput (TFLOP/s: attention, MLP), each as a fraction of the device's peak measured in
+the same run (a device-to-device copy and a large matmul). Attention is also timed through
+torch's scaled_dot_product_attention on the padded (B, H, L_max, Dh) equivalent of the ragged
+batch (padding done outside the timed region). On a machine without CUDA the Triton kernels
+cannot run (the interpreter measures nothing useful): only the references are timed, on small
+shapes, and the output says so. Every line is labeled with the machine; `--csv` appends one row
+per (op, provider) so figures from different machines sit side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kernels import ctr_mlp, gather_mean, jagged_gather, jagged_mean, rope, varlen_attention
+from kernels._jagged import offsets_from_lengths, pad
+
+
+@dataclass
+class Shapes:
+    """One benchmark configuration (realistic on CUDA, small enough for a minute on a CPU)."""
+
+    dtype: torch.dtype
+    sequences: int  # ragged sequences per batch
+    mean_length: int  # lengths drawn uniformly from [0, 2 * mean_length]
+    table_rows: int
+    dim: int  # table / hidden width
+    heads: int = 9  # SmolLM2-135M attention
+    kv_heads: int = 3
+    head_dim: int = 64
+    attn_sequences: int = 64
+    attn_mean_length: int = 256
+    mlp_batch: int = 4096
+    mlp_widths: list[int] = field(default_factory=lambda: [2688, 1024, 512, 256, 1])
+
+
+CUDA_SHAPES = Shapes(torch.bfloat16, sequences=1024, mean_length=64, table_rows=500_000, dim=896)
+CPU_SHAPES = Shapes(torch.float32, sequences=256, mean_length=32, table_rows=50_000, dim=384,
+                    attn_sequences=16, attn_mean_length=128, mlp_batch=512)
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    providers: dict[str, Callable[[], object]]  # 'triton' / 'torch' / 'sdpa' -> thunk
+    bytes: float | None = None  # memory traffic of one call (GB/s ops)
+    flops: float | None = None  # useful FLOPs of one call (TFLOP/s ops)
+
+
+def machine_label(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
+    return f"{os.cpu_count()} CPUs ({cpu}), {gpu}"
+
+
+def timings(fn: Callable[[], object], device: torch.device, reps: int) -> tuple[float, float, float]:
+    """(p20, p50, p80) seconds of fn() after a warm-up call (which also compiles kernels)."""
+    fn()
+    samples = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            samples.append(start.elapsed_time(stop) / 1e3)
+    else:
+        for _ in range(reps):
+            began = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - began)
+    if len(samples) == 1:
+        return samples[0], samples[0], samples[0]
+    q = statistics.quantiles(samples, n=10, method="inclusive")
+    return q[1], statistics.median(samples), q[7]
+
+
+def measure_peaks(device: torch.device, reps: int) -> tuple[float, float]:
+    """(copy bandwidth in bytes/s, matmul FLOP/s) measured on this device now: a 512 MiB
+    device-to-device copy (read + write counted) and an 8192^3 bf16 matmul on CUDA; 256 MiB and
+    a 2048^3 fp32 matmul on the CPU."""
+    if device.type == "cuda":
+        nbytes, n, dtype = 512 * 2 ** 20, 8192, torch.bfloat16
+    else:
+        nbytes, n, dtype = 256 * 2 ** 20, 2048, torch.float32
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_s = timings(lambda: dst.copy_(src), device, reps)[1]
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    mm_s = timings(lambda: a @ b, device, max(3, reps // 4))[1]
+    return 2 * nbytes / copy_s, 2 * n ** 3 / mm_s
+
+
+def ragged(sequences: int, mean_length: int, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    lengths = torch.randint(0, 2 * mean_length + 1, (sequences,), generator=gen)
+    return offsets_from_lengths(lengths).to(device)
+
+
+def build_cases(shapes: Shapes, device: torch.device) -> list[Case]:
+    gen = torch.Generator().manual_seed(0)
+    dt, es = shapes.dtype, torch.empty(0, dtype=shapes.dtype).element_size()
+    d = shapes.dim
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen).to(device=device, dtype=dt)
+
+    offsets = ragged(shapes.sequences, shapes.mean_length, device, gen)
+    total, batch = int(offsets[-1]), shapes.sequences
+    longest = int((offsets[1:] - offsets[:-1]).max())
+    table, pos = randn(shapes.table_rows, d), randn(longest, d)
+    rows = torch.randint(0, shapes.table_rows, (total,), generator=gen).to(device)
+    values = randn(total, d)
+    tag = f"T={total} B={batch} d={d} {str(dt).removeprefix('torch.')}"
+    cases = [
+        Case("jagged_gather+pos", f"N={shapes.table_rows} {tag}", {
+            "triton": lambda: jagged_gather.jagged_gather_triton(table, rows, offsets=offsets, pos=pos),
+            "torch": lambda: jagged_gather.jagged_gather_reference(table, rows, offsets=offsets, pos=pos)},
+            bytes=3 * total * d * es + total * 8),
+        Case("jagged_mean", tag, {
+            "triton": lambda: jagged_mean.jagged_mean_triton(values, offsets),
+            "torch": lambda: jagged_mean.jagged_mean_reference(values, offsets)},
+            bytes=(total + batch) * d * es),
+        Case("gather_mean", f"N={shapes.table_rows} {tag}", {
+            "triton": lambda: gather_mean.gather_mean_triton(table, rows, offsets),
+            "torch": lambda: gather_mean.gather_mean_reference(table, rows, offsets)},
+            bytes=(total + batch) * d * es + total * 8),
+    ]
+
+    # Attention and RoPE: SmolLM2-135M heads on a ragged batch of sequences.
+    h, hkv, dh = shapes.heads, shapes.kv_heads, shapes.head_dim
+    a_off = ragged(shapes.attn_sequences, shapes.attn_mean_length, device, gen)
+    a_total = int(a_off[-1])
+    lengths = (a_off[1:] - a_off[:-1]).cpu()
+    q, k, v = randn(a_total, h, dh), randn(a_total, hkv, dh), randn(a_total, hkv, dh)
+    a_longest = int(lengths.max())
+    inv_freq = 1.0 / 100000.0 ** (torch.arange(0, dh, 2, dtype=torch.float32) / dh)
+    emb = torch.arange(a_longest, dtype=torch.float32)[:, None] * inv_freq
+    emb = torch.cat((emb, emb), dim=-1).to(device)
+    cos, sin = emb.cos(), emb.sin()
+    a_tag = f"T={a_total} B={shapes.attn_sequences} L_max={a_longest} H={h}/{hkv} Dh={dh} {str(dt).removeprefix('torch.')}"
+    cases.append(Case("rope(q,k)", a_tag, {
+        "triton": lambda: rope.rope_triton(q, k, a_off, cos, sin),
+        "torch": lambda: rope.rope_reference(q, k, a_off, cos, sin)},
+        bytes=2 * a_total * (h + hkv) * dh * es + 2 * a_total * dh * 4))
+    qp, mask = pad(q, a_off)
+    kp, _ = pad(k, a_off)
+    vp, _ = pad(v, a_off)
+    qp, kp, vp = qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2)
+    key_mask = mask[:, None, None, :]
+    for causal in (True, False):
+        pairs = float((lengths * (lengths + 1) // 2).sum()) if causal else float((lengths ** 2).sum())
+        cases.append(Case(f"varlen_attention {'causal' if causal else 'bidir'}", a_tag, {
+            "triton": lambda c=causal: varlen_attention.varlen_attention_triton(q, k, v, a_off, causal=c),
+            "torch": lambda c=causal: varlen_attention.varlen_attention_reference(q, k, v, a_off, causal=c),
+            "sdpa": lambda c=causal: F.scaled_dot_product_attention(
+                qp, kp, vp, attn_mask=None if c else key_mask, is_causal=c, enable_gqa=True)},
+            flops=4 * h * dh * pairs))
+
+    widths, mb = shapes.mlp_widths, shapes.mlp_batch
+    x = randn(mb, widths[0])
+    weights = [randn(o, i) / math.sqrt(i) for i, o in zip(widths[:-1], widths[1:])]
+    biases = [randn(o) for o in widths[1:]]
+    cases.append(Case("ctr_mlp gelu", f"B={mb} {'-'.join(map(str, widths))} {str(dt).removeprefix('torch.')}", {
+        "triton": lambda: ctr_mlp.ctr_mlp_triton(x, weights, biases, activation="gelu"),
+        "torch": lambda: ctr_mlp.ctr_mlp_reference(x, weights, biases, activation="gelu")},
+        flops=2 * mb * sum(i * o for i, o in zip(widths[:-1], widths[1:]))))
+    return cases
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=None, help="timed calls per case (default 20 on CUDA, 3 on CPU)")
+    parser.add_argument("--csv", type=Path, default=None, help="append one row per (op, provider) to this file")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    on_cuda = device.type == "cuda"
+    reps = args.reps or (20 if on_cuda else 3)
+    label = machine_label(device)
+    print(f"machine: {label}")
+    peak_bw, peak_flops = measure_peaks(device, reps)
+    print(f"measured peak on {device.type}: copy {peak_bw / 1e9:.0f} GB/s, "
+          f"matmul {peak_flops / 1e12:.2f} TFLOP/s ({'bf16' if on_cuda else 'fp32'})")
+    if not on_cuda:
+        print("Triton kernels need CUDA: timing only the PyTorch references, on small CPU shapes")
+    providers = ("triton", "torch", "sdpa") if on_cuda else ("torch",)
+    rows = []
+    header = f"{'op':<27} {'provider':<8} {'ms':>9} {'vs kernel':>9} {'achieved':>17} {'of peak':>7}  shape"
+    print(header)
+    print("-" * len(header))
+    for case in build_cases(CUDA_SHAPES if on_cuda else CPU_SHAPES, device):
+        results = {p: timings(fn, device, reps) for p, fn in case.providers.items() if p in providers}
+        kernel_s = results.get("triton", (None, None, None))[1]
+        for provider, (p20, p50, p80) in results.items():
+            if case.bytes is not None:
+                rate, unit, frac = case.bytes / p50 / 1e9, "GB/s", case.bytes / p50 / peak_bw
+            else:
+                rate, unit, frac = case.flops / p50 / 1e12, "TFLOP/s", case.flops / p50 / peak_flops
+            ratio = f"{p50 / kernel_s:.2f}x" if kernel_s else "-"
+            print(f"{case.op:<27} {provider:<8} {p50 * 1e3:>9.3f} {ratio:>9} {rate:>9.3g} {unit:<7}"
+                  f"{frac:>7.1%}  {case.shape}")
+            rows.append({"kernel": case.op, "provider": provider, "shape": case.shape, "p20_ms": p20 * 1e3,
+                         "p50_ms": p50 * 1e3, "p80_ms": p80 * 1e3, "achieved": rate, "unit": unit,
+                         "fraction_of_peak": frac, "machine": label,
+                         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    if args.csv:
+        new = not args.csv.exists()
+        with args.csv.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+        print(f"appended {len(rows)} rows to {args.csv}")
+
+
+if __name__ == "__main__":
+    main()
