@@ -62,6 +62,16 @@ def _gather(table: torch.Tensor, extra: torch.Tensor | None, rows: torch.Tensor,
     return torch.where(known[:, None], out, fresh)
 
 
+def pool_user_item(states: torch.Tensor, offsets: torch.Tensor, empty_sequence: torch.Tensor,
+                   users: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean-pool packed states laid out as U*n user sequences (user-major) then U item sequences
+    -> user (U, n, d), item (U, d); an empty user sequence takes its name's row of empty_sequence (n, d)."""
+    n = empty_sequence.shape[0]
+    empty = torch.cat([empty_sequence.repeat(users, 1), empty_sequence.new_zeros(users, states.shape[1])])
+    pooled = ops.jagged_mean(states, offsets, empty=empty.to(states.dtype))
+    return pooled[:users * n].view(users, n, -1), pooled[users * n:]
+
+
 class BAHEModel(nn.Module):
     """Upper layers over behavior positions + learned empty-sequence vectors + item tower + head.
 
@@ -101,9 +111,7 @@ class BAHEModel(nn.Module):
         item_offsets = total + torch.arange(1, users + 1, device=batch.offsets.device)
         offsets = torch.cat([batch.offsets, item_offsets])
         states = self.upper.forward_packed(torch.cat([behaviors, items]), offsets)
-        empty = torch.cat([self.empty_sequence.repeat(users, 1), self.empty_sequence.new_zeros(users, states.shape[1])])
-        pooled = ops.jagged_mean(states, offsets, empty=empty)
-        return pooled[:users * n].view(users, n, -1), pooled[users * n:]
+        return pool_user_item(states, offsets, self.empty_sequence, users)
 
     def forward(self, behavior_table: torch.Tensor, item_table: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """-> (U,) fp32 click logits."""

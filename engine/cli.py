@@ -1,0 +1,189 @@
+"""`bahe` command line: encode, train, score, demo, bench, profile, models, info."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("bahe")
+
+
+def _read_texts(path: str, column: str | None) -> list[str]:
+    if column is None:
+        return [line.rstrip("\n") for line in open(path, encoding="utf-8") if line.strip()]
+    import pandas as pd
+    frame = pd.read_parquet(path) if path.endswith((".parquet", ".pq")) else pd.read_csv(path)
+    if column not in frame.columns:
+        raise SystemExit(f"column {column!r} not in {path} (columns: {list(frame.columns)})")
+    return frame[column].astype(str).tolist()
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    from engine.abe import AtomicEncoder
+    from weights.checkpoint import Checkpoint
+    from weights.registry import resolve_model
+    from weights.table import BehaviorTable
+    texts = _read_texts(args.texts, args.column)
+    encoder = AtomicEncoder.from_checkpoint(Checkpoint(resolve_model(args.model)), args.lower_layers,
+                                            max_tokens=args.max_tokens)
+    out = Path(args.out)
+    if out.exists():
+        table = BehaviorTable.open(out, encoder)
+        added = table.append(texts)
+        print(f"appended {added} new rows to {out} (now {len(table)} rows; {len(texts)} texts given)")
+    else:
+        table = BehaviorTable.build(out, texts, encoder, dtype=args.dtype, kind=args.kind)
+        print(f"built {out}: {len(texts)} texts -> {len(table)} unique rows, dim {table.dim}, {args.dtype}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from engine.config import EncoderConfig, ModelConfig, ScorerConfig
+    from engine.ctr_models import BAHECTR
+    from engine.experiment import SampleConfig, build_scorer, load_data, sample_split, train_and_test
+    from engine.train import TrainConfig
+    data = load_data(args.data)
+    split = data.split()
+    rows = sample_split(split, SampleConfig(args.train_examples, args.val_examples, args.test_examples, args.seed))
+    print(json.dumps({k: {"examples": int(v.size), "positive_rate": round(float(data.label[v].mean()), 4)}
+                      for k, v in rows.items()}))
+    config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=args.lower_layers, max_tokens=args.max_tokens),
+                          model=ModelConfig(sequence_names=data.sequence_names, max_behaviors=args.max_behaviors))
+    out = Path(args.out)
+    scorer, report = build_scorer(args.model, data, config, out / "tables", device=args.device)
+    print(f"tables: {report.behavior_events} behavior events -> {report.unique_behaviors} unique rows "
+          f"({report.dedup_ratio:.0f}x dedup) in {report.seconds:.1f} s")
+    result = train_and_test(BAHECTR(scorer, data), data, rows, TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr, seed=args.seed),
+        device=str(scorer.device))
+    scorer.save_pretrained(out / "scorer")
+    print(f"test AUC {result.test['auc']:.4f}, log loss {result.test['logloss']:.4f}, best epoch "
+          f"{result.fit.best_epoch}, {sum(result.fit.epoch_seconds) / len(result.fit.epoch_seconds):.1f} s/epoch; "
+          f"scorer saved to {out / 'scorer'}")
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from engine.scorer import BAHEScorer
+    scorer = BAHEScorer.from_pretrained(args.scorer, device=args.device, kernels=args.kernels)
+    source = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
+    records = [json.loads(line) for line in source if line.strip()]
+    probs = scorer.score([r["user"] for r in records], [r["item"] for r in records])
+    for record, p in zip(records, probs):
+        print(json.dumps({"item": record["item"], "p_click": round(float(p), 6)}))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from weights.table import BehaviorTable
+    table = BehaviorTable.open(args.table, verify=args.verify)
+    print(json.dumps({"path": str(table.path), "rows": len(table), "dim": table.dim, "dtype": table.dtype,
+                      "kind": table.kind, **table.signature.to_metadata()}, indent=2))
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from weights.registry import EMBEDDED, resolve_model
+    if args.action == "list":
+        for name, what in EMBEDDED.items():
+            print(f"{name:8s} {what}")
+        return
+    print(resolve_model(args.name))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from engine.demo import DemoConfig, run_demo
+    run_demo(DemoConfig(model=args.model, full=args.full, out=Path(args.out), results=Path(args.results)))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from bench.compare import main as compare_main
+    compare_main(args.bench_args)
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    from bench.profile import main as profile_main
+    profile_main(args.profile_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bahe", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("encode", help="ABE: build or append to a behavior table from a text file")
+    p.add_argument("texts", help="one text per line, or a CSV/parquet file with --column")
+    p.add_argument("--column")
+    p.add_argument("--model", default="minilm", help="'minilm', 'smollm2' or a local checkpoint folder")
+    p.add_argument("--lower-layers", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--kind", default="behavior", choices=["behavior", "item"])
+    p.add_argument("--out", required=True, help="table file (.safetensors); appended to if it exists")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("train", help="fine-tune BAHE (upper layers + head) on a click log, save a scorer")
+    p.add_argument("--data", default="movielens", help="'movielens' or a CSV/parquet log "
+                   "(user_id, item_id, timestamp, label, item_text[, sequence])")
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--out", required=True)
+    p.add_argument("--lower-layers", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-behaviors", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--backbone-lr", type=float, default=5e-5)
+    p.add_argument("--train-examples", type=int)
+    p.add_argument("--val-examples", type=int)
+    p.add_argument("--test-examples", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("score", help="score JSON lines {\"user\": {...}, \"item\": \"...\"} with a saved scorer")
+    p.add_argument("--scorer", required=True)
+    p.add_argument("--input", default="-")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("demo", help="MovieLens-100K: BAHE vs raw-token LLM vs id-only, one table")
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--full", action="store_true", help="all examples and more epochs (slow on CPU)")
+    p.add_argument("--out", default="artifacts/demo")
+    p.add_argument("--results", default="bench/RESULTS.md")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="BAHE vs raw-token: time and memory as M grows (bench.compare)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("profile", help="a scoring batch under torch.profiler, stage by stage")
+    p.add_argument("profile_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("models", help="embedded models: list, or prepare (convert and cache) one")
+    p.add_argument("action", choices=["list", "prepare"])
+    p.add_argument("name", nargs="?", default="smollm2")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("info", help="print a behavior table's metadata")
+    p.add_argument("table")
+    p.add_argument("--verify", action="store_true", help="scan every row and key")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

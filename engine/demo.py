@@ -1,0 +1,191 @@
+"""`bahe demo` / `make demo`: MovieLens-100K, a real pretrained LM, BAHE vs the raw-token LLM vs
+id-only, trained the same way on the same examples; one table, also written to bench/RESULTS.md."""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.config import EncoderConfig, ModelConfig, ScorerConfig
+from engine.ctr_models import BAHECTR, IdOnlyCTR, RawTokenCTR
+from engine.data.movielens import load_movielens
+from engine.experiment import ModelReport, SampleConfig, build_scorer, sample_split, train_and_test
+from engine.scorer import BAHEScorer
+from engine.train import TrainConfig
+from weights.checkpoint import Checkpoint
+from weights.registry import EMBEDDED, resolve_model
+
+log = logging.getLogger(__name__)
+
+# Per embedded model: (default lower layers, max tokens per behavior, raw-token tokens per sequence).
+MODEL_DEFAULTS = {"minilm": (3, 32, 256), "smollm2": (15, 32, 256)}
+
+
+@dataclass
+class DemoConfig:
+    model: str = "minilm"
+    full: bool = False                  # every example, more epochs and behaviors (slow on 2 CPU cores)
+    out: Path = Path("artifacts/demo")
+    results: Path = Path("bench/RESULTS.md")
+    num_lower_layers: int | None = None  # default per model (MODEL_DEFAULTS)
+    users_to_show: int = 3
+    candidates_per_user: int = 200
+
+    def sample(self) -> SampleConfig:
+        return SampleConfig() if self.full else SampleConfig(train=3000, val=500, test=2000)
+
+    def raw_train_examples(self) -> int | None:
+        """The raw-token baseline costs ~10x BAHE per example: in the full run it trains on a subset."""
+        return 8000 if self.full else None
+
+    def max_behaviors(self) -> int:
+        return 50 if self.full else 10
+
+    def train(self) -> TrainConfig:
+        return TrainConfig(epochs=4 if self.full else 2, patience=1, batch_size=64)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__} with {torch.get_num_threads()} threads, {gpu}"
+
+
+@dataclass
+class DemoRow:
+    report: ModelReport
+    train_examples: int
+    score_ms_per_1k: float
+    note: str = ""
+
+
+@dataclass
+class DemoResult:
+    rows: list[DemoRow] = field(default_factory=list)
+    header: list[str] = field(default_factory=list)
+
+
+def _fmt_table(rows: list[DemoRow]) -> list[str]:
+    lines = ["| model | train examples | test AUC | test log loss | train s/epoch | epochs (best) | "
+             "peak train memory (MB) | scoring s / 1k users | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        fit = row.report.fit
+        lines.append(
+            f"| {row.report.name} | {row.train_examples:,} | {row.report.test['auc']:.4f} | "
+            f"{row.report.test['logloss']:.4f} | {np.mean(fit.epoch_seconds):.1f} | {len(fit.epoch_seconds)} "
+            f"({fit.best_epoch}) | {fit.peak_memory_bytes / 2**20:,.0f} (+{fit.added_memory_bytes / 2**20:,.0f}) | "
+            f"{row.score_ms_per_1k / 1000:.2f} | {row.note} |")
+    return lines
+
+
+def _bahe_scoring_time(scorer: BAHEScorer, data, rows: np.ndarray) -> float:
+    """Milliseconds per 1,000 users through the public text API (lookup + BA + head)."""
+    rows = rows[:1000]
+    users = data.sequence_texts(rows, scorer.config.model.max_behaviors)
+    items = [data.item_texts[int(i)] for i in data.item[rows]]
+    scorer.score(users[:8], items[:8])  # warm-up
+    start = time.perf_counter()
+    scorer.score(users, items)
+    return 1e6 * (time.perf_counter() - start) / rows.size
+
+
+def _show_users(scorer: BAHEScorer, data, test_rows: np.ndarray, config: DemoConfig) -> list[str]:
+    """Top movies for a few real test users, scored with the saved-and-reloaded scorer."""
+    rng = np.random.default_rng(1)
+    lines = []
+    for row in rng.choice(test_rows, config.users_to_show, replace=False):
+        user = data.sequence_texts([row], scorer.config.model.max_behaviors)[0]
+        seen = set(data.item[(data.user == data.user[row])].tolist())
+        unseen = np.array([i for i in data.item_ids if i not in seen])
+        candidates = rng.choice(unseen, min(config.candidates_per_user, unseen.size), replace=False)
+        texts = [data.item_texts[int(i)] for i in candidates]
+        probs = scorer.score([user] * len(texts), texts)
+        top = np.argsort(-probs)[:5]
+        liked = user.get("liked", [])[-3:]
+        lines.append(f"user {data.user[row]} (recently liked: {'; '.join(liked) or '-'})")
+        lines += [f"    {probs[i]:.3f}  {texts[i]}" for i in top]
+    return lines
+
+
+def run_demo(config: DemoConfig) -> DemoResult:
+    started = time.perf_counter()
+    lower, max_tokens, raw_tokens = MODEL_DEFAULTS.get(config.model, (3, 32, 256))
+    lower = config.num_lower_layers or lower
+    model_desc = EMBEDDED.get(config.model, f"local checkpoint {config.model}")
+    print(f"BAHE demo on MovieLens-100K with {model_desc}\nmachine: {machine()}")
+    data = load_movielens()
+    split = data.split()
+    rows = sample_split(split, config.sample())
+    summary = data.summary(split)
+    print(f"data: {summary['events']:,} ratings, {summary['users']} users, {summary['items']} movies; "
+          f"sequences {list(data.sequence_names)}; label = rating >= 4")
+    for name, part in summary["splits"].items():
+        print(f"  {name:5s}: {part['examples']:,} examples (positive rate {part['positive_rate']:.3f}); "
+              f"used: {rows[name].size:,} (positive rate {data.label[rows[name]].mean():.3f})")
+    scorer_config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=lower, max_tokens=max_tokens),
+                                 model=ModelConfig(sequence_names=data.sequence_names,
+                                                   max_behaviors=config.max_behaviors()))
+    scorer, tables = build_scorer(config.model, data, scorer_config, config.out / "tables", device="cpu")
+    print(f"ABE: {tables.behavior_events:,} behaviors in the log -> {tables.unique_behaviors:,} unique rows "
+          f"({tables.dedup_ratio:.0f}x dedup), {tables.items:,} items; tables built in {tables.seconds:.1f} s "
+          f"({lower} of {scorer.checkpoint.num_layers} layers frozen for ABE)")
+    train_config = config.train()
+    result = DemoResult()
+    bahe = train_and_test(BAHECTR(scorer, data), data, rows, train_config)
+    result.rows.append(DemoRow(bahe, rows["train"].size, _bahe_scoring_time(scorer, data, rows["test"])))
+    raw_rows = dict(rows)
+    note = f"same {config.max_behaviors()} behaviors/sequence, concatenated, <= {raw_tokens} tokens"
+    if config.raw_train_examples() and config.raw_train_examples() < rows["train"].size:
+        raw_rows["train"] = rows["train"][np.sort(np.random.default_rng(0).choice(
+            rows["train"].size, config.raw_train_examples(), replace=False))]
+        note += f"; trained on a {raw_rows['train'].size:,}-example subset (cost)"
+    ckpt = Checkpoint(resolve_model(config.model))
+    raw = RawTokenCTR(ckpt, lower, scorer_config.model, data, max_tokens_per_sequence=raw_tokens,
+                      item_max_tokens=max_tokens)
+    raw_report = train_and_test(raw, data, raw_rows, train_config)
+    result.rows.append(DemoRow(raw_report, raw_rows["train"].size, raw_report.test["seconds_per_1k"] * 1000, note))
+    ids = train_and_test(IdOnlyCTR(scorer_config.model, data), data, rows, train_config)
+    result.rows.append(DemoRow(ids, rows["train"].size, ids.test["seconds_per_1k"] * 1000, "learned item-id embeddings"))
+    table = _fmt_table(result.rows)
+    print("\n" + "\n".join(table))
+    scorer.save_pretrained(config.out / "scorer")
+    reloaded = BAHEScorer.from_pretrained(config.out / "scorer", device="cpu")
+    print(f"\nscorer saved to {config.out / 'scorer'}; reloaded with BAHEScorer.from_pretrained. Top movies:")
+    shown = _show_users(reloaded, data, rows["test"], config)
+    print("\n".join(shown))
+    elapsed = time.perf_counter() - started
+    print(f"\ndemo finished in {elapsed / 60:.1f} min")
+    _write_results(config, table, model_desc, tables, rows, elapsed, lower)
+    return result
+
+
+def _write_results(config: DemoConfig, table: list[str], model_desc: str, tables, rows, elapsed: float,
+                   lower: int) -> None:
+    """Replace this model's demo section of RESULTS.md (between its markers), keeping the rest."""
+    begin, end = f"<!-- demo:{config.model}:{'full' if config.full else 'default'} -->", "<!-- /demo -->"
+    section = [begin, f"### Demo: {model_desc}{' (full run)' if config.full else ''}", "",
+               f"`bahe demo --model {config.model}{' --full' if config.full else ''}` on "
+               f"{datetime.date.today().isoformat()}, {machine()}; {elapsed / 60:.1f} min in all.",
+               f"MovieLens-100K, time split; examples used: train {rows['train'].size:,}, validation "
+               f"{rows['val'].size:,}, test {rows['test'].size:,}. ABE: {tables.behavior_events:,} behaviors -> "
+               f"{tables.unique_behaviors:,} unique rows ({tables.dedup_ratio:.0f}x dedup); {lower} lower layers "
+               f"frozen. Scoring time: BAHE through `BAHEScorer.score` (texts in), baselines through their forward.",
+               "", *table, end]
+    path = config.results
+    text = path.read_text() if path.exists() else "# Results\n"
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        text = head + "\n".join(section) + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(section) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

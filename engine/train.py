@@ -1,0 +1,133 @@
+"""Training loop shared by BAHE and the baselines: BCE on click labels, AdamW (backbone layers at a
+lower learning rate than new parameters), early stopping on validation AUC, best weights restored."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from engine.data.log import BehaviorLog
+from engine.memory import PeakMemory
+from engine.metrics import log_loss, roc_auc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Optimization settings; the same for every model compared."""
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 1e-3            # new parameters: head, empty-sequence vectors, positions, id embeddings
+    backbone_lr: float = 5e-5   # pretrained upper layers
+    weight_decay: float = 0.01
+    patience: int = 1           # epochs without a better validation AUC before stopping
+    max_grad_norm: float = 1.0
+    eval_batch_size: int = 256
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class FitResult:
+    best_val_auc: float
+    best_epoch: int
+    epoch_seconds: list[float] = field(default_factory=list)
+    peak_memory_bytes: int = 0      # peak during training (RSS on CPU, allocator peak on CUDA)
+    added_memory_bytes: int = 0     # that peak minus the level when training started
+    history: list[dict] = field(default_factory=list)
+
+
+def _batches(rows: np.ndarray, size: int):
+    for start in range(0, rows.size, size):
+        yield rows[start:start + size]
+
+
+def _to(batch, device: torch.device):
+    return batch.to(device) if hasattr(batch, "to") else batch
+
+
+def predict(model: nn.Module, data: BehaviorLog, rows: np.ndarray, *, batch_size: int = 256,
+            device: torch.device | str = "cpu", progress: bool = False) -> np.ndarray:
+    """(len(rows),) float64 click probabilities."""
+    model.eval()
+    out = np.empty(rows.size, dtype=np.float64)
+    with torch.inference_mode():
+        done = 0
+        for chunk in tqdm(list(_batches(rows, batch_size)), desc=f"{model.name} predict", disable=not progress,
+                          leave=False):
+            logits = model(_to(model.prepare(data, chunk), torch.device(device)))
+            out[done:done + chunk.size] = torch.sigmoid(logits.float()).cpu().numpy()
+            done += chunk.size
+    return out
+
+
+def evaluate(model: nn.Module, data: BehaviorLog, rows: np.ndarray, *, batch_size: int = 256,
+             device: torch.device | str = "cpu") -> dict[str, float]:
+    """AUC and log loss on `rows`, with the prediction time per 1,000 examples."""
+    start = time.perf_counter()
+    probs = predict(model, data, rows, batch_size=batch_size, device=device)
+    seconds = time.perf_counter() - start
+    labels = data.label[rows]
+    return {"auc": roc_auc(labels, probs), "logloss": log_loss(labels, probs),
+            "seconds_per_1k": 1000 * seconds / max(rows.size, 1)}
+
+
+def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: np.ndarray, config: TrainConfig,
+        *, device: torch.device | str = "cpu") -> FitResult:
+    """Train `model` (BAHECTR, RawTokenCTR or IdOnlyCTR) in place; returns timing, memory and AUCs."""
+    device = torch.device(device)
+    model.to(device)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    pretrained = {id(p) for p in model.pretrained_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) in pretrained], "lr": config.backbone_lr},
+              {"params": [p for p in trainable if id(p) not in pretrained], "lr": config.lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
+    loss_fn = nn.BCEWithLogitsLoss()
+    result = FitResult(best_val_auc=-1.0, best_epoch=-1)
+    best_state, stale = None, 0
+    with PeakMemory(device) as peak:
+        for epoch in range(config.epochs):
+            model.train()
+            order = rng.permutation(train_rows)
+            start, total_loss = time.perf_counter(), 0.0
+            bar = tqdm(list(_batches(order, config.batch_size)), desc=f"{model.name} epoch {epoch + 1}",
+                       disable=not config.progress, leave=False)
+            for chunk in bar:
+                batch = _to(model.prepare(data, chunk), device)
+                labels = torch.from_numpy(data.label[chunk].astype(np.float32)).to(device)
+                loss = loss_fn(model(batch), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+                optimizer.step()
+                total_loss += float(loss) * chunk.size
+                bar.set_postfix(loss=f"{float(loss):.4f}")
+            result.epoch_seconds.append(time.perf_counter() - start)
+            val = evaluate(model, data, val_rows, batch_size=config.eval_batch_size, device=device)
+            result.history.append({"epoch": epoch + 1, "train_loss": total_loss / max(train_rows.size, 1),
+                                   "val_auc": val["auc"], "val_logloss": val["logloss"]})
+            log.info("%s epoch %d: train loss %.4f, val AUC %.4f, %.1f s", model.name, epoch + 1,
+                     result.history[-1]["train_loss"], val["auc"], result.epoch_seconds[-1])
+            if val["auc"] > result.best_val_auc:
+                result.best_val_auc, result.best_epoch, stale = val["auc"], epoch + 1, 0
+                best_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    break
+    result.peak_memory_bytes, result.added_memory_bytes = peak.bytes, peak.added
+    if best_state is not None:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in best_state:
+                    param.copy_(best_state[name])
+    model.eval()
+    return result
