@@ -15,6 +15,7 @@ from kernels._triton import new_output, next_pow2, require_triton, search_steps,
 
 GATHER_BLOCK_T = 16  # packed elements per program
 GATHER_MAX_BLOCK_D = 512  # columns per program (d is covered by cdiv(d, block) programs)
+GATHER_NUM_WARPS = 8
 
 
 def _check_gather_args(table: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor | None,
@@ -52,8 +53,8 @@ def _jagged_gather_kernel(
     table_ptr, rows_ptr, offsets_ptr, pos_ptr, out_ptr,
     T, D,
     stride_table_n, stride_table_d, stride_pos_p, stride_pos_d, stride_out_t, stride_out_d,
-    num_segments, first_step, num_steps,
-    HAS_POS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    num_segments,
+    NUM_STEPS: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out[t, c] = table[rows[t], c] (+ pos[t - offsets[s(t)], c]), summed in fp32, stored in
     out's dtype, where s(t) is the sequence holding t.
@@ -74,7 +75,7 @@ def _jagged_gather_kernel(
     vals = tl.load(table_ptr + rows[:, None] * stride_table_n + cols[None, :] * stride_table_d,
                    mask=mask, other=0.0).to(tl.float32)
     if HAS_POS:
-        seg = segment_of(offsets_ptr, t, num_segments, first_step, num_steps)
+        seg = segment_of(offsets_ptr, t, num_segments, NUM_STEPS)
         where = t - tl.load(offsets_ptr + seg, mask=t_mask, other=0)
         vals += tl.load(pos_ptr + where[:, None] * stride_pos_p + cols[None, :] * stride_pos_d,
                         mask=mask, other=0.0).to(tl.float32)
@@ -101,13 +102,13 @@ def jagged_gather_triton(table: torch.Tensor, rows: torch.Tensor, *, offsets: to
         num_segments = offsets.numel() - 1
     else:  # placeholders, never read
         offsets, pos, num_segments = rows, table, 0
-    first_step, num_steps = search_steps(num_segments)
     block_d = min(next_pow2(dim), GATHER_MAX_BLOCK_D)
     grid = (triton.cdiv(total, GATHER_BLOCK_T), triton.cdiv(dim, block_d))
     _jagged_gather_kernel[grid](
         table, rows, offsets, pos, out, total, dim,
         table.stride(0), table.stride(1), pos.stride(0), pos.stride(1), out.stride(0), out.stride(1),
-        num_segments, first_step, num_steps,
-        HAS_POS=has_pos, BLOCK_T=GATHER_BLOCK_T, BLOCK_D=block_d,
+        num_segments,
+        NUM_STEPS=search_steps(num_segments), HAS_POS=has_pos, BLOCK_T=GATHER_BLOCK_T, BLOCK_D=block_d,
+        num_warps=GATHER_NUM_WARPS,
     )
     return out

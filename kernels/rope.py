@@ -75,8 +75,8 @@ def _rope_kernel(
     stride_q_t, stride_q_h, stride_q_d, stride_k_t, stride_k_h, stride_k_d,
     stride_qo_t, stride_qo_h, stride_qo_d, stride_ko_t, stride_ko_h, stride_ko_d,
     stride_cos_p, stride_cos_d, stride_sin_p, stride_sin_d,
-    num_segments, first_step, num_steps,
-    HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    num_segments,
+    NUM_STEPS: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     """y[t, h] = x[t, h] * cos[p(t)] + rotate_half(x[t, h]) * sin[p(t)] for x in (q, k), where
     p(t) = t - offsets[s(t)] is t's position inside its sequence and rotate_half(x) =
@@ -93,7 +93,7 @@ def _rope_kernel(
     j = tl.arange(0, BLOCK_HALF)
     j_mask = j < HALF
     mask = t_mask[:, None] & j_mask[None, :]
-    seg = segment_of(offsets_ptr, t, num_segments, first_step, num_steps)
+    seg = segment_of(offsets_ptr, t, num_segments, NUM_STEPS)
     where = t - tl.load(offsets_ptr + seg, mask=t_mask, other=0)
     cos_row = cos_ptr + where[:, None] * stride_cos_p
     sin_row = sin_ptr + where[:, None] * stride_sin_p
@@ -124,11 +124,10 @@ def rope_triton(q: torch.Tensor, k: torch.Tensor, offsets: torch.Tensor, cos: to
         return q_out, k_out
     offsets = offsets.contiguous()
     num_segments = offsets.numel() - 1
-    first_step, num_steps = search_steps(num_segments)
     _rope_kernel[(triton.cdiv(total, ROPE_BLOCK_T),)](
         q, k, q_out, k_out, offsets, cos, sin, total, q.shape[1], k.shape[1],
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *cos.stride(), *sin.stride(),
-        num_segments, first_step, num_steps,
-        HALF=head_dim // 2, BLOCK_T=ROPE_BLOCK_T, BLOCK_HALF=next_pow2(head_dim // 2),
+        num_segments,
+        NUM_STEPS=search_steps(num_segments), HALF=head_dim // 2, BLOCK_T=ROPE_BLOCK_T, BLOCK_HALF=next_pow2(head_dim // 2),
     )
     return q_out, k_out

@@ -5,7 +5,7 @@ Kernel layout: FlashAttention-2 style forward. One program per (query block of o
 query head); the host builds a small table of (sequence, first query row) pairs, one per
 ATTN_BLOCK_M rows of each non-empty sequence, ordered longest work first so the last wave of
 programs is short. A program keeps its (BLOCK_M, Dh) query tile and an fp32 accumulator on chip
-and streams its sequence's keys and values in ATTN_BLOCK_N tiles with an online softmax (running
+and streams its sequence's keys and values in ATTN_BLOCK_N-row tiles with an online softmax (running
 max and sum, base-2 exponentials), so memory is O(T * Dh), never O(M^2). Causal programs stop at
 their last query row. GQA: query head h reads key/value head h // (H / Hkv). Dh need not be a
 power of two: the head dim is padded to a power of two and masked.
@@ -28,8 +28,13 @@ from kernels._jagged import check_offsets, lengths_from_offsets, pad, unpad
 from kernels._triton import (dot_dtype, dot_precision, new_output, next_pow2, require_triton, tl, tl_dtype,
                              triton)
 
-ATTN_BLOCK_M = 64  # query rows per program
-ATTN_BLOCK_N = 64  # key/value rows per inner step
+# Checked by compiling for sm_90 (no GPU here): 16-bit inputs, Dh 64 -> 128 registers/thread,
+# 56 KiB shared memory, no spills (Dh 128: 232 registers, 112 KiB); fp32 inputs (tf32x3 dots)
+# need narrower key tiles and fewer pipeline stages to fit (Dh 64: 212 registers, 64 KiB).
+ATTN_BLOCK_M = 64  # query rows per program (short sequences: most BAHE behaviors are < 64 tokens)
+ATTN_BLOCK_N = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}  # key/value rows per step
+ATTN_NUM_STAGES = {torch.float16: 3, torch.bfloat16: 3, torch.float32: 2}
+ATTN_NUM_WARPS = 4
 ATTN_MIN_BLOCK_D = 16  # tl.dot needs K >= 16
 LOG2E = 1.4426950408889634
 
@@ -187,6 +192,7 @@ def varlen_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         scale * LOG2E, heads // k.shape[1], head_dim,
         CAUSAL=bool(causal), DOT_T=dot_dtype(q.dtype), PRECISION=dot_precision(q.dtype),
-        BLOCK_M=ATTN_BLOCK_M, BLOCK_N=ATTN_BLOCK_N, BLOCK_D=next_pow2(head_dim, ATTN_MIN_BLOCK_D),
+        BLOCK_M=ATTN_BLOCK_M, BLOCK_N=ATTN_BLOCK_N[q.dtype], BLOCK_D=next_pow2(head_dim, ATTN_MIN_BLOCK_D),
+        num_warps=ATTN_NUM_WARPS, num_stages=ATTN_NUM_STAGES[q.dtype],
     )
     return out

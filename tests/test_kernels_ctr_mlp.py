@@ -4,12 +4,15 @@ import torch
 
 import kernels.ctr_mlp as mod
 from kernels import ops
-from kernels._triton import poison_outputs
+from kernels._triton import compile_for_gpu_in_subprocess, poison_outputs
 from kernels.ctr_mlp import MAX_HIDDEN_WIDTH, ctr_mlp_reference, ctr_mlp_triton
 
 # bf16: the reference rounds every hidden activation to bf16, the kernel keeps them in fp32.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 HIDDEN = [[], [48], [100, 40], [72, 40, 24]]
+
+# Hopper's largest shared-memory allocation per block (227 KiB).
+SM90_SHARED_LIMIT = 227 * 1024
 
 
 @pytest.fixture(autouse=True)
@@ -111,3 +114,24 @@ def test_dispatch(monkeypatch):
     assert rel_err(out, ref) < 1e-5
     with ops.use_backend("triton"), pytest.raises(RuntimeError, match="forward-only"):
         ops.ctr_mlp(x, [w.requires_grad_() for w in weights], biases)
+
+
+def test_compiles_for_sm90():
+    """Compile (no GPU needed, nothing runs) the one-launch MLP for sm_90 at the width limit: bf16
+    must fit shared memory without spills; fp32 (tf32x3 dots) must fit shared memory."""
+    infos = compile_for_gpu_in_subprocess(
+        "import json, torch\n"
+        "from kernels._triton import compile_for_gpu\n"
+        "from kernels.ctr_mlp import ctr_mlp_triton\n"
+        "def layers(widths):\n"
+        "    dims = [2688, *widths, 1]\n"
+        "    return [torch.randn(o, i) for i, o in zip(dims[:-1], dims[1:])], [torch.randn(o) for o in dims[1:]]\n"
+        "def launch():\n"
+        "    for dtype, widths in ((torch.bfloat16, [1024]), (torch.bfloat16, [1024] * 3), (torch.float32, [1024] * 3)):\n"
+        "        ctr_mlp_triton(torch.randn(64, 2688).to(dtype), *layers(widths), activation='gelu')\n"
+        "print(json.dumps(compile_for_gpu(launch)))\n")
+    assert len(infos) == 3
+    for info in infos:
+        assert info["shared"] <= SM90_SHARED_LIMIT, info
+        if info["constants"]["DOT_T"] == "bf16":
+            assert info["stack"] in (0, None), info

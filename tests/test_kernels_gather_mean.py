@@ -6,11 +6,14 @@ import kernels.gather_mean as mod
 import kernels.jagged_mean as pool
 from kernels import ops
 from kernels._jagged import offsets_from_lengths
-from kernels._triton import poison_outputs
+from kernels._triton import compile_for_gpu_in_subprocess, poison_outputs
 from kernels.gather_mean import gather_mean_reference, gather_mean_triton
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 LENGTHS = [[0], [1], [0, 1, 33, 0, 5], [70, 3, 0, 1], [2] * 9]
+
+# Hopper's largest shared-memory allocation per block (227 KiB).
+SM90_SHARED_LIMIT = 227 * 1024
 
 
 @pytest.fixture(autouse=True)
@@ -101,3 +104,16 @@ def test_dispatch(monkeypatch):
     assert rel_err(out, ref) < 1e-6
     with ops.use_backend("triton"), pytest.raises(RuntimeError, match="forward-only"):
         ops.gather_mean(table.requires_grad_(), rows, offsets)
+
+
+def test_compiles_for_sm90_without_spills():
+    """Compile (no GPU needed, nothing runs) the launch of a bf16 gather-mean, for sm_90."""
+    infos = compile_for_gpu_in_subprocess(
+        "import json, torch\n"
+        "from kernels._triton import compile_for_gpu\n"
+        "from kernels.gather_mean import gather_mean_triton\n"
+        "offsets, rows = torch.tensor([0, 3, 3, 40]), torch.randint(0, 100, (40,))\n"
+        "table = torch.randn(100, 896).bfloat16()\n"
+        "print(json.dumps(compile_for_gpu(lambda: gather_mean_triton(table, rows, offsets, out_dtype=torch.float32))))\n")
+    assert len(infos) == 1
+    assert infos[0]["shared"] <= SM90_SHARED_LIMIT and infos[0]["stack"] in (0, None), infos

@@ -5,11 +5,14 @@ import torch
 import kernels.jagged_mean as mod
 from kernels import ops
 from kernels._jagged import offsets_from_lengths
-from kernels._triton import poison_outputs
+from kernels._triton import compile_for_gpu_in_subprocess, poison_outputs
 from kernels.jagged_mean import jagged_mean_reference, jagged_mean_triton
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 LENGTHS = [[0], [1], [0, 1, 33, 0, 5], [70, 3, 0, 1], [2] * 9]
+
+# Hopper's largest shared-memory allocation per block (227 KiB).
+SM90_SHARED_LIMIT = 227 * 1024
 
 
 @pytest.fixture(autouse=True)
@@ -106,3 +109,19 @@ def test_dispatch(monkeypatch):
     assert rel_err(out, ref) < 1e-6
     with ops.use_backend("triton"), pytest.raises(RuntimeError, match="forward-only"):
         ops.jagged_mean(values.requires_grad_(), offsets)
+
+
+def test_compiles_for_sm90_without_spills():
+    """Compile (no GPU needed, nothing runs) the launches of bf16 and fp32 pooling, for sm_90."""
+    infos = compile_for_gpu_in_subprocess(
+        "import json, torch\n"
+        "from kernels._triton import compile_for_gpu\n"
+        "from kernels.jagged_mean import jagged_mean_triton\n"
+        "offsets, values = torch.tensor([0, 3, 3, 40]), torch.randn(40, 896)\n"
+        "def launch():\n"
+        "    jagged_mean_triton(values.bfloat16(), offsets, empty=torch.zeros(896))\n"
+        "    jagged_mean_triton(values, offsets)\n"
+        "print(json.dumps(compile_for_gpu(launch)))\n")
+    assert len(infos) == 2
+    for info in infos:
+        assert info["shared"] <= SM90_SHARED_LIMIT and info["stack"] in (0, None), info

@@ -7,13 +7,16 @@ import torch
 import kernels.varlen_attention as mod
 from kernels import ops
 from kernels._jagged import offsets_from_lengths
-from kernels._triton import poison_outputs
+from kernels._triton import compile_for_gpu_in_subprocess, poison_outputs
 from kernels.rope import rope_reference, rope_triton
 from kernels.varlen_attention import ATTN_BLOCK_M, query_blocks, varlen_attention_reference, varlen_attention_triton
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 # Lengths 0 and 1, and lengths that are not multiples of the 64-row blocks (70 spans two).
 LENGTHS = [[1], [0, 1, 70, 0, 7]]
+
+# Hopper's largest shared-memory allocation per block (227 KiB).
+SM90_SHARED_LIMIT = 227 * 1024
 
 
 @pytest.fixture(autouse=True)
@@ -142,3 +145,22 @@ def test_dispatch(monkeypatch):
     assert rel_err(out, ref) < 1e-5
     with ops.use_backend("triton"), pytest.raises(RuntimeError, match="forward-only"):
         ops.varlen_attention(q, k, v.requires_grad_(), offsets, causal=True)
+
+
+def test_compiles_for_sm90_without_spills():
+    """Compile (no GPU needed, nothing runs) the attention launches for sm_90: bf16 head dims 64
+    and 128, causal and not, and fp32 (tf32x3 dots); none may spill or overflow shared memory."""
+    infos = compile_for_gpu_in_subprocess(
+        "import json, torch\n"
+        "from kernels._triton import compile_for_gpu\n"
+        "from kernels.varlen_attention import varlen_attention_triton\n"
+        "offsets = torch.tensor([0, 3, 3, 73, 74])\n"
+        "def launch():\n"
+        "    for dtype, dh in ((torch.bfloat16, 64), (torch.bfloat16, 128), (torch.float32, 64)):\n"
+        "        q, k = torch.randn(74, 9, dh).to(dtype), torch.randn(74, 3, dh).to(dtype)\n"
+        "        for causal in (True, False):\n"
+        "            varlen_attention_triton(q, k, k, offsets, causal=causal)\n"
+        "print(json.dumps(compile_for_gpu(launch)))\n")
+    assert len(infos) == 6
+    for info in infos:
+        assert info["shared"] <= SM90_SHARED_LIMIT and info["stack"] in (0, None), info
