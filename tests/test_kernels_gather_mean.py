@@ -1,6 +1,8 @@
 """gather_mean_triton (fused EmbeddingBag-mean) against gather_mean_reference under the interpreter."""
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import kernels.gather_mean as mod
 import kernels.jagged_mean as pool
@@ -51,6 +53,18 @@ def test_matches_reference(dtype, dim, lengths):
             assert rel_err(out, ref) < TOL[ref.dtype]
         else:
             assert not out.any()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=8), dim=st.sampled_from([8, 40, 96]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), with_empty=st.booleans(), seed=st.integers(0, 99))
+def test_property_random_bags(lengths, dim, dtype, with_empty, seed):
+    table, rows, offsets, gen = inputs(lengths, 30, dim, dtype, seed)
+    empty = torch.randn(dim, generator=gen) if with_empty else None
+    out = gather_mean_triton(table, rows, offsets, empty=empty)  # poisoned by the autouse fixture
+    ref = gather_mean_reference(table, rows, offsets, empty=empty)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < TOL[dtype] or not ref.abs().sum()
 
 
 def test_does_not_materialize_the_gather(monkeypatch):

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import kernels.jagged_gather as mod
 from kernels import ops
@@ -50,6 +52,17 @@ def test_matches_reference(dtype, dim, lengths):
         assert not out.isnan().any()
         if ref.numel():
             assert rel_err(out, ref) < TOL[ref.dtype]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=8), dim=st.sampled_from([8, 40, 96]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 99))
+def test_property_random_sequences(lengths, dim, dtype, seed):
+    table, rows, offsets, pos = inputs(lengths, 30, dim, dtype, seed)
+    out = jagged_gather_triton(table, rows, offsets=offsets, pos=pos, out_dtype=torch.float32)  # poisoned by the autouse fixture
+    ref = jagged_gather_reference(table, rows, offsets=offsets, pos=pos, out_dtype=torch.float32)
+    assert not out.isnan().any()
+    assert ref.numel() == 0 or rel_err(out, ref) < 1e-6
 
 
 def test_converts_storage_dtype_on_the_fly():
