@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels._jagged import check_offsets, lengths_from_offsets, pad, unpad
+from kernels._jagged import check_offsets, lengths_from_offsets
 from kernels._triton import (dot_dtype, dot_precision, new_output, next_pow2, require_triton, tl, tl_dtype,
                              triton)
 
@@ -68,21 +68,20 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[2])
     lengths = lengths_from_offsets(offsets)
     out = torch.empty_like(q)
+    last = q.shape[0] - 1
     for seqs in _length_buckets(lengths):
         starts, lens = offsets[seqs], lengths[seqs]
-        idx = torch.repeat_interleave(starts - torch.cumsum(lens, 0) + lens, lens) + torch.arange(
-            int(lens.sum()), device=q.device)
-        sub_offsets = torch.zeros(lens.numel() + 1, dtype=torch.int64, device=q.device)
-        torch.cumsum(lens, 0, out=sub_offsets[1:])
-        qp, mask = pad(q[idx], sub_offsets)
-        kp, _ = pad(k[idx], sub_offsets)
-        vp, _ = pad(v[idx], sub_offsets)
-        # Right padding: under a causal mask no real query sees a padded key, so no extra mask.
-        attn_mask = None if causal else mask[:, None, None, :]
+        steps = torch.arange(int(lens.max()), device=q.device)
+        mask = steps[None, :] < lens[:, None]
+        # (B, L) packed row of each padded slot; padding slots read some valid row, which no real
+        # query attends (masked keys, or past the end under a causal mask) and whose output is dropped.
+        where = (starts[:, None] + steps[None, :]).clamp(max=last)
+        full = bool(mask.all())
         res = F.scaled_dot_product_attention(
-            qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), attn_mask=attn_mask,
-            is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-        out[idx] = unpad(res.transpose(1, 2), mask)
+            q[where].transpose(1, 2), k[where].transpose(1, 2), v[where].transpose(1, 2),
+            attn_mask=None if causal or full else mask[:, None, None, :], is_causal=causal, scale=scale,
+            enable_gqa=q.shape[1] != k.shape[1])
+        out[where[mask]] = res.transpose(1, 2)[mask]
     return out
 
 
