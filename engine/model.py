@@ -9,6 +9,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.head import CTRHead, head_features
+from engine.stages import stage
 from kernels import ops
 from kernels._jagged import check_offsets, check_rows
 from weights.split import UpperEncoder
@@ -105,15 +106,20 @@ class BAHEModel(nn.Module):
         """-> user (U, n, d) pooled sequence states, item (U, d)."""
         users, n, dtype = batch.num_users, self.num_sequences, self.compute_dtype
         total = batch.behavior_rows.numel()
-        behaviors = _gather(behavior_table, batch.behavior_extra, batch.behavior_rows, batch.offsets,
-                            self.behavior_pos, dtype)
-        items = _gather(item_table, batch.item_extra, batch.item_rows, None, None, dtype)
-        item_offsets = total + torch.arange(1, users + 1, device=batch.offsets.device)
-        offsets = torch.cat([batch.offsets, item_offsets])
-        states = self.upper.forward_packed(torch.cat([behaviors, items]), offsets)
-        return pool_user_item(states, offsets, self.empty_sequence, users)
+        with stage("gather"):
+            behaviors = _gather(behavior_table, batch.behavior_extra, batch.behavior_rows, batch.offsets,
+                                self.behavior_pos, dtype)
+            items = _gather(item_table, batch.item_extra, batch.item_rows, None, None, dtype)
+            item_offsets = total + torch.arange(1, users + 1, device=batch.offsets.device)
+            offsets = torch.cat([batch.offsets, item_offsets])
+            packed = torch.cat([behaviors, items])
+        with stage("upper_layers"):
+            states = self.upper.forward_packed(packed, offsets)
+        with stage("pooling"):
+            return pool_user_item(states, offsets, self.empty_sequence, users)
 
     def forward(self, behavior_table: torch.Tensor, item_table: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """-> (U,) fp32 click logits."""
         user, item = self.towers(behavior_table, item_table, batch)
-        return self.head(head_features(user, item))
+        with stage("head"):
+            return self.head(head_features(user, item))

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from engine.abe import AtomicEncoder
 from engine.config import ScorerConfig, ScoringConfig
 from engine.model import BAHEModel, PackedBatch
+from engine.stages import stage
 from kernels import ops
 from weights.atomic import atomic_write
 from weights.checkpoint import Checkpoint
@@ -185,7 +186,7 @@ class BAHEScorer:
         flat = [text for user in sequences for seq in user for text in seq]
         lengths = np.fromiter((len(seq) for user in sequences for seq in user), dtype=np.int64,
                               count=len(sequences) * n)
-        with self._tables_lock:
+        with self._tables_lock, stage("lookup"):
             behavior_rows, behavior_extra = self._rows(self.behaviors, flat, self.config.scoring.unknown_behavior,
                                                        "behavior", lengths, n)
             item_rows, item_extra = self._rows(self.items, item_texts, self.config.scoring.unknown_item, "item")
