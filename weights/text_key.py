@@ -8,12 +8,17 @@ import numpy as np
 
 
 def normalize_text(text: object, what: str = "behavior text") -> str:
-    """NFC-normalize, strip and collapse runs of whitespace; reject non-strings and blank texts."""
+    """NFC-normalize, strip and collapse runs of whitespace; reject non-strings, blank texts and
+    texts that are not valid Unicode (lone surrogates: they have no UTF-8 form to store or hash)."""
     if not isinstance(text, str):
         raise TypeError(f"{what} must be a str, got {type(text).__name__}: {text!r}")
     normalized = " ".join(unicodedata.normalize("NFC", text).split())
     if not normalized:
         raise ValueError(f"{what} is empty or whitespace-only: {text!r}")
+    try:
+        normalized.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{what} is not valid Unicode (lone surrogate at position {err.start}): {text!r}") from None
     return normalized
 
 
