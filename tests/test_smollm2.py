@@ -331,3 +331,28 @@ def test_gguf_path_and_missing_package(monkeypatch):
 def test_bad_dtype(tmp_path):
     with pytest.raises(ValueError, match="dtype must be one of .*'float16'"):
         prepare_smollm2(tmp_path, dtype="float16")
+
+
+def test_split_is_exact_on_the_real_decoder(fp32_build):
+    """Lower(L) rows equal the GGUF-loaded model's hidden_states[L] mean, and upper(lower) its last
+    hidden state, for three splits of the real 30-layer SmolLM2 (RoPE, causal, 9/3-head GQA)."""
+    from engine.abe import AtomicEncoder
+    from weights.checkpoint import Checkpoint
+    from weights.split import split_checkpoint
+
+    _, folder, model, tokenizer, _ = fp32_build
+    ckpt = Checkpoint(folder)
+    texts = ["bought a Starbucks latte", "searched running shoes size 42", "watched Toy Story (1995)"]
+    encoded = [tokenizer(text, return_tensors="pt") for text in texts]
+    with torch.no_grad():
+        references = [model.model(**enc, output_hidden_states=True) for enc in encoded]
+    for layers in (1, 15, 29):
+        lower, upper = split_checkpoint(ckpt, layers)
+        rows = AtomicEncoder(lower, ckpt.tokenizer, progress=False).encode(texts)
+        for enc, reference, row in zip(encoded, references, rows):
+            with torch.no_grad():
+                states = lower(enc["input_ids"], enc["attention_mask"])
+                final = upper(states, enc["attention_mask"].sum(1))
+            torch.testing.assert_close(states, reference.hidden_states[layers], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(final, reference.last_hidden_state, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(row, reference.hidden_states[layers][0].mean(0), rtol=1e-4, atol=1e-4)
