@@ -93,7 +93,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from engine.demo import DemoConfig, run_demo
-    run_demo(DemoConfig(model=args.model, full=args.full, out=Path(args.out), results=Path(args.results)))
+    run_demo(DemoConfig.preset(args.model, args.full, out=Path(args.out), results=Path(args.results)))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

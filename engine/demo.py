@@ -15,8 +15,7 @@ import torch
 
 from engine.config import EncoderConfig, ModelConfig, ScorerConfig
 from engine.ctr_models import BAHECTR, IdOnlyCTR, RawTokenCTR
-from engine.data.movielens import load_movielens
-from engine.experiment import ModelReport, SampleConfig, build_scorer, sample_split, train_and_test
+from engine.experiment import ModelReport, SampleConfig, build_scorer, load_data, sample_split, train_and_test
 from engine.scorer import BAHEScorer
 from engine.train import TrainConfig
 from weights.checkpoint import Checkpoint
@@ -24,32 +23,49 @@ from weights.registry import EMBEDDED, resolve_model
 
 log = logging.getLogger(__name__)
 
-# Per embedded model: (default lower layers, max tokens per behavior, raw-token tokens per sequence).
-MODEL_DEFAULTS = {"minilm": (3, 32, 256), "smollm2": (15, 32, 256)}
-
-
 @dataclass
 class DemoConfig:
+    """Sizes of the comparison. The defaults run in minutes on 2 CPU cores; `preset` gives the
+    per-model defaults and the `--full` run (every example, longer sequences, more epochs)."""
     model: str = "minilm"
-    full: bool = False                  # every example, more epochs and behaviors (slow on 2 CPU cores)
+    data: str = "movielens"             # or a CSV/parquet behavior log
     out: Path = Path("artifacts/demo")
-    results: Path = Path("bench/RESULTS.md")
-    num_lower_layers: int | None = None  # default per model (MODEL_DEFAULTS)
+    results: Path | None = Path("bench/RESULTS.md")
+    full: bool = False
+    num_lower_layers: int = 3
+    max_tokens: int = 32                 # tokens per behavior text (ABE) and per item text
+    raw_tokens: int = 256                # raw-token baseline: tokens per concatenated sequence
+    max_behaviors: int = 10              # M, for BAHE and (concatenated) for the raw-token baseline
+    train_examples: int | None = 3000
+    val_examples: int | None = 300
+    test_examples: int | None = 1000
+    # The raw-token baseline costs ~20x BAHE per training example on a CPU: it trains on a subset,
+    # and BAHE is trained on that same subset too, so their AUCs compare like for like.
+    raw_train_examples: int = 600
+    epochs: int = 2
     users_to_show: int = 3
     candidates_per_user: int = 200
 
+    @classmethod
+    def preset(cls, model: str = "minilm", full: bool = False, **overrides) -> DemoConfig:
+        values: dict = {"model": model, "full": full}
+        if model == "smollm2":  # 30 layers: split chosen by validation AUC vs training time (RESULTS.md)
+            values.update(num_lower_layers=SMOLLM2_LOWER_LAYERS, train_examples=2000, val_examples=200,
+                          test_examples=500, raw_train_examples=200, raw_tokens=128)
+        if full:
+            values.update(max_behaviors=50, train_examples=None, val_examples=None, test_examples=None,
+                          raw_train_examples=5000, epochs=4)
+        values.update(overrides)
+        return cls(**values)
+
     def sample(self) -> SampleConfig:
-        return SampleConfig() if self.full else SampleConfig(train=3000, val=500, test=2000)
-
-    def raw_train_examples(self) -> int | None:
-        """The raw-token baseline costs ~10x BAHE per example: in the full run it trains on a subset."""
-        return 8000 if self.full else None
-
-    def max_behaviors(self) -> int:
-        return 50 if self.full else 10
+        return SampleConfig(self.train_examples, self.val_examples, self.test_examples)
 
     def train(self) -> TrainConfig:
-        return TrainConfig(epochs=4 if self.full else 2, patience=1, batch_size=64)
+        return TrainConfig(epochs=self.epochs, patience=1, batch_size=64)
+
+
+SMOLLM2_LOWER_LAYERS = 27
 
 
 def machine() -> str:
@@ -118,11 +134,10 @@ def _show_users(scorer: BAHEScorer, data, test_rows: np.ndarray, config: DemoCon
 
 def run_demo(config: DemoConfig) -> DemoResult:
     started = time.perf_counter()
-    lower, max_tokens, raw_tokens = MODEL_DEFAULTS.get(config.model, (3, 32, 256))
-    lower = config.num_lower_layers or lower
+    lower, max_tokens, raw_tokens = config.num_lower_layers, config.max_tokens, config.raw_tokens
     model_desc = EMBEDDED.get(config.model, f"local checkpoint {config.model}")
-    print(f"BAHE demo on MovieLens-100K with {model_desc}\nmachine: {machine()}")
-    data = load_movielens()
+    print(f"BAHE demo on {config.data} with {model_desc}\nmachine: {machine()}")
+    data = load_data(config.data)
     split = data.split()
     rows = sample_split(split, config.sample())
     summary = data.summary(split)
@@ -133,28 +148,32 @@ def run_demo(config: DemoConfig) -> DemoResult:
               f"used: {rows[name].size:,} (positive rate {data.label[rows[name]].mean():.3f})")
     scorer_config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=lower, max_tokens=max_tokens),
                                  model=ModelConfig(sequence_names=data.sequence_names,
-                                                   max_behaviors=config.max_behaviors()))
+                                                   max_behaviors=config.max_behaviors))
     scorer, tables = build_scorer(config.model, data, scorer_config, config.out / "tables", device="cpu")
     print(f"ABE: {tables.behavior_events:,} behaviors in the log -> {tables.unique_behaviors:,} unique rows "
           f"({tables.dedup_ratio:.0f}x dedup), {tables.items:,} items; tables built in {tables.seconds:.1f} s "
           f"({lower} of {scorer.checkpoint.num_layers} layers frozen for ABE)")
     train_config = config.train()
+    subset = dict(rows, train=rows["train"][np.sort(np.random.default_rng(0).choice(
+        rows["train"].size, min(config.raw_train_examples, rows["train"].size), replace=False))])
     result = DemoResult()
+    initial = {k: v.detach().clone() for k, v in scorer.model.state_dict().items()}
+    bahe_subset = train_and_test(BAHECTR(scorer, data), data, subset, train_config)
+    result.rows.append(DemoRow(bahe_subset, subset["train"].size, bahe_subset.test["seconds_per_1k"] * 1000,
+                               "same examples as the raw-token row"))
+    scorer.model.load_state_dict(initial)
     bahe = train_and_test(BAHECTR(scorer, data), data, rows, train_config)
-    result.rows.append(DemoRow(bahe, rows["train"].size, _bahe_scoring_time(scorer, data, rows["test"])))
-    raw_rows = dict(rows)
-    note = f"same {config.max_behaviors()} behaviors/sequence, concatenated, <= {raw_tokens} tokens"
-    if config.raw_train_examples() and config.raw_train_examples() < rows["train"].size:
-        raw_rows["train"] = rows["train"][np.sort(np.random.default_rng(0).choice(
-            rows["train"].size, config.raw_train_examples(), replace=False))]
-        note += f"; trained on a {raw_rows['train'].size:,}-example subset (cost)"
-    ckpt = Checkpoint(resolve_model(config.model))
-    raw = RawTokenCTR(ckpt, lower, scorer_config.model, data, max_tokens_per_sequence=raw_tokens,
-                      item_max_tokens=max_tokens)
-    raw_report = train_and_test(raw, data, raw_rows, train_config)
-    result.rows.append(DemoRow(raw_report, raw_rows["train"].size, raw_report.test["seconds_per_1k"] * 1000, note))
+    result.rows.append(DemoRow(bahe, rows["train"].size, _bahe_scoring_time(scorer, data, rows["test"]),
+                               "scoring through BAHEScorer.score (texts in)"))
+    raw = RawTokenCTR(Checkpoint(resolve_model(config.model)), lower, scorer_config.model, data,
+                      max_tokens_per_sequence=raw_tokens, item_max_tokens=max_tokens)
+    raw_report = train_and_test(raw, data, subset, train_config)
+    result.rows.append(DemoRow(raw_report, subset["train"].size, raw_report.test["seconds_per_1k"] * 1000,
+                               f"all layers over the same {config.max_behaviors} behaviors/sequence, concatenated "
+                               f"(<= {raw_tokens} tokens)"))
     ids = train_and_test(IdOnlyCTR(scorer_config.model, data), data, rows, train_config)
-    result.rows.append(DemoRow(ids, rows["train"].size, ids.test["seconds_per_1k"] * 1000, "learned item-id embeddings"))
+    result.rows.append(DemoRow(ids, rows["train"].size, ids.test["seconds_per_1k"] * 1000,
+                               "learned item-id embeddings, mean-pooled"))
     table = _fmt_table(result.rows)
     print("\n" + "\n".join(table))
     scorer.save_pretrained(config.out / "scorer")
@@ -164,7 +183,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
     print("\n".join(shown))
     elapsed = time.perf_counter() - started
     print(f"\ndemo finished in {elapsed / 60:.1f} min")
-    _write_results(config, table, model_desc, tables, rows, elapsed, lower)
+    if config.results is not None:
+        _write_results(config, table, model_desc, tables, rows, elapsed, lower)
     return result
 
 

@@ -108,8 +108,9 @@ def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: n
                 loss.backward()
                 nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
-                total_loss += float(loss) * chunk.size
-                bar.set_postfix(loss=f"{float(loss):.4f}")
+                step_loss = loss.item()
+                total_loss += step_loss * chunk.size
+                bar.set_postfix(loss=f"{step_loss:.4f}")
             result.epoch_seconds.append(time.perf_counter() - start)
             val = evaluate(model, data, val_rows, batch_size=config.eval_batch_size, device=device)
             result.history.append({"epoch": epoch + 1, "train_loss": total_loss / max(train_rows.size, 1),
