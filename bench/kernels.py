@@ -18,8 +18,6 @@ import argparse
 import csv
 import datetime
 import math
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -29,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from engine.report import machine
 from kernels import ctr_mlp, gather_mean, jagged_gather, jagged_mean, rope, varlen_attention
 from kernels._jagged import offsets_from_lengths, pad
 
@@ -63,17 +62,6 @@ class Case:
     providers: dict[str, Callable[[], object]]  # 'triton' / 'torch' / 'sdpa' -> thunk
     bytes: float | None = None  # memory traffic of one call (GB/s ops)
     flops: float | None = None  # useful FLOPs of one call (TFLOP/s ops)
-
-
-def machine_label(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
-    return f"{os.cpu_count()} CPUs ({cpu}), {gpu}"
 
 
 def timings(fn: Callable[[], object], device: torch.device, reps: int) -> tuple[float, float, float]:
@@ -203,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
     reps = args.reps or (20 if on_cuda else 3)
-    label = machine_label(device)
+    label = machine()
     print(f"machine: {label}")
     peak_bw, peak_flops = measure_peaks(device, reps)
     print(f"measured peak on {device.type}: copy {peak_bw / 1e9:.0f} GB/s, "

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +14,7 @@ import torch
 from engine.config import EncoderConfig, ModelConfig, ScorerConfig
 from engine.ctr_models import BAHECTR, IdOnlyCTR, RawTokenCTR
 from engine.experiment import ModelReport, SampleConfig, build_scorer, load_data, sample_split, train_and_test
+from engine.report import machine, write_section
 from engine.scorer import BAHEScorer
 from engine.train import TrainConfig
 from weights.checkpoint import Checkpoint
@@ -66,13 +65,6 @@ class DemoConfig:
 
 
 SMOLLM2_LOWER_LAYERS = 27
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__} with {torch.get_num_threads()} threads, {gpu}"
 
 
 @dataclass
@@ -190,22 +182,13 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
 def _write_results(config: DemoConfig, table: list[str], model_desc: str, tables, rows, elapsed: float,
                    lower: int) -> None:
-    """Replace this model's demo section of RESULTS.md (between its markers), keeping the rest."""
-    begin, end = f"<!-- demo:{config.model}:{'full' if config.full else 'default'} -->", "<!-- /demo -->"
-    section = [begin, f"### Demo: {model_desc}{' (full run)' if config.full else ''}", "",
-               f"`bahe demo --model {config.model}{' --full' if config.full else ''}` on "
-               f"{datetime.date.today().isoformat()}, {machine()}; {elapsed / 60:.1f} min in all.",
-               f"MovieLens-100K, time split; examples used: train {rows['train'].size:,}, validation "
-               f"{rows['val'].size:,}, test {rows['test'].size:,}. ABE: {tables.behavior_events:,} behaviors -> "
-               f"{tables.unique_behaviors:,} unique rows ({tables.dedup_ratio:.0f}x dedup); {lower} lower layers "
-               f"frozen. Scoring time: BAHE through `BAHEScorer.score` (texts in), baselines through their forward.",
-               "", *table, end]
-    path = config.results
-    text = path.read_text() if path.exists() else "# Results\n"
-    if begin in text:
-        head, rest = text.split(begin, 1)
-        text = head + "\n".join(section) + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(section) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    """This model's demo section of RESULTS.md."""
+    command = f"bahe demo --model {config.model}{' --full' if config.full else ''}"
+    write_section(config.results, f"demo:{config.model}:{'full' if config.full else 'default'}", [
+        f"### Demo: {model_desc}{' (full run)' if config.full else ''}", "",
+        f"`{command}` on {datetime.date.today().isoformat()}, {machine()}; {elapsed / 60:.1f} min in all.",
+        f"Data: {config.data}, time split; examples used: train {rows['train'].size:,}, validation "
+        f"{rows['val'].size:,}, test {rows['test'].size:,}. ABE: {tables.behavior_events:,} behaviors -> "
+        f"{tables.unique_behaviors:,} unique rows ({tables.dedup_ratio:.0f}x dedup); {lower} lower layers frozen. "
+        f"Scoring time: BAHE through `BAHEScorer.score` (texts in), the others through their forward.",
+        "", *table])
