@@ -50,17 +50,18 @@ def _needs_grad(tensors: tuple[torch.Tensor | None, ...]) -> bool:
 
 
 def resolve(*tensors: torch.Tensor | None) -> str:
-    """'triton' or 'torch' for an op on these tensors, following the requested backend."""
+    """'triton' or 'torch' for an op on these tensors, following the requested backend: under 'auto',
+    the kernel when any of them is on CUDA (a table may sit in pinned host memory) and no gradient is needed."""
     requested = current_backend()
-    first = next(t for t in tensors if t is not None)
+    on_cuda = any(t is not None and t.is_cuda for t in tensors)
     if requested == "torch":
         return "torch"
     if requested == "auto":
-        usable = first.is_cuda and triton_available() and not _needs_grad(tensors)
+        usable = on_cuda and triton_available() and not _needs_grad(tensors)
         return "triton" if usable else "torch"
     if not triton_available():
         raise RuntimeError("kernel backend 'triton' was forced but the triton package is not installed")
-    if not first.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("kernel backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before import")
     if _needs_grad(tensors):
         raise RuntimeError("the Triton kernels are forward-only; use backend 'auto' or 'torch' for training")
@@ -74,7 +75,7 @@ def _kernel(module: str, name: str):
 def jagged_gather(table: torch.Tensor, rows: torch.Tensor, *, offsets: torch.Tensor | None = None,
                   pos: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """(T,) rows of table (N, d) -> (T, d), + pos (P, d) by position inside each sequence if given."""
-    impl = "jagged_gather_" + ("triton" if resolve(table, pos) == "triton" else "reference")
+    impl = "jagged_gather_" + ("triton" if resolve(table, rows, pos) == "triton" else "reference")
     return _kernel("jagged_gather", impl)(table, rows, offsets=offsets, pos=pos, out_dtype=out_dtype)
 
 
@@ -87,7 +88,7 @@ def jagged_mean(values: torch.Tensor, offsets: torch.Tensor, *, empty: torch.Ten
 def gather_mean(table: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, *,
                 empty: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Mean of table rows per ragged bag -> (B, d), without materializing (T, d) on the kernel path."""
-    impl = "gather_mean_" + ("triton" if resolve(table, empty) == "triton" else "reference")
+    impl = "gather_mean_" + ("triton" if resolve(table, rows, empty) == "triton" else "reference")
     return _kernel("gather_mean", impl)(table, rows, offsets, empty=empty, out_dtype=out_dtype)
 
 

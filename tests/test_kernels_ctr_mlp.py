@@ -4,25 +4,14 @@ import torch
 
 import kernels.ctr_mlp as mod
 from kernels import ops
-from kernels._triton import compile_for_gpu_in_subprocess, poison_outputs
+from kernels._triton import compile_for_gpu_in_subprocess
+from tests.kernel_checks import SM90_SHARED_LIMIT, check_dispatch, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
 from kernels.ctr_mlp import MAX_HIDDEN_WIDTH, ctr_mlp_reference, ctr_mlp_triton
 
 # bf16: the reference rounds every hidden activation to bf16, the kernel keeps them in fp32.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 HIDDEN = [[], [48], [100, 40], [72, 40, 24]]
 
-# Hopper's largest shared-memory allocation per block (227 KiB).
-SM90_SHARED_LIMIT = 227 * 1024
-
-
-@pytest.fixture(autouse=True)
-def _poisoned_outputs():
-    with poison_outputs():
-        yield
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
 def head(batch, width, hidden, dtype, seed, weight_dtype=torch.float32):
@@ -92,25 +81,9 @@ def test_host_side_errors_before_launch(monkeypatch):
         ctr_mlp_triton(wide_x, wide_w, wide_b)
 
 
-def _spy(monkeypatch, name):
-    calls = []
-    real = getattr(mod, name)
-    monkeypatch.setattr(mod, name, lambda *a, **k: calls.append(name) or real(*a, **k))
-    return calls
-
-
 def test_dispatch(monkeypatch):
     x, weights, biases = head(6, 32, [16], torch.float32, seed=0)
-    kernel, reference = _spy(monkeypatch, "ctr_mlp_triton"), _spy(monkeypatch, "ctr_mlp_reference")
-    with ops.use_backend("triton"):
-        out = ops.ctr_mlp(x, weights, biases, sigmoid=True)
-    assert kernel and not reference
-    with ops.use_backend("torch"):
-        ref = ops.ctr_mlp(x, weights, biases, sigmoid=True)
-    assert len(reference) == 1 and len(kernel) == 1
-    with ops.use_backend("auto"):
-        ops.ctr_mlp(x, weights, biases, sigmoid=True)
-    assert len(reference) == 2 and len(kernel) == 1
+    out, ref = check_dispatch(monkeypatch, mod, "ctr_mlp", lambda: ops.ctr_mlp(x, weights, biases, sigmoid=True))
     assert rel_err(out, ref) < 1e-5
     with ops.use_backend("triton"), pytest.raises(RuntimeError, match="forward-only"):
         ops.ctr_mlp(x, [w.requires_grad_() for w in weights], biases)

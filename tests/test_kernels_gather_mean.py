@@ -8,24 +8,12 @@ import kernels.gather_mean as mod
 import kernels.jagged_mean as pool
 from kernels import ops
 from kernels._jagged import offsets_from_lengths
-from kernels._triton import compile_for_gpu_in_subprocess, poison_outputs
+from kernels._triton import compile_for_gpu_in_subprocess
+from tests.kernel_checks import SM90_SHARED_LIMIT, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
 from kernels.gather_mean import gather_mean_reference, gather_mean_triton
 
-TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 LENGTHS = [[0], [1], [0, 1, 33, 0, 5], [70, 3, 0, 1], [2] * 9]
 
-# Hopper's largest shared-memory allocation per block (227 KiB).
-SM90_SHARED_LIMIT = 227 * 1024
-
-
-@pytest.fixture(autouse=True)
-def _poisoned_outputs():
-    with poison_outputs():
-        yield
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
 def inputs(lengths, num_rows, dim, dtype, seed):
@@ -96,25 +84,9 @@ def test_host_side_errors_before_launch(monkeypatch):
         gather_mean_triton(table, rows, offsets, empty=torch.zeros(17))
 
 
-def _spy(monkeypatch, name):
-    calls = []
-    real = getattr(mod, name)
-    monkeypatch.setattr(mod, name, lambda *a, **k: calls.append(name) or real(*a, **k))
-    return calls
-
-
 def test_dispatch(monkeypatch):
     table, rows, offsets, _ = inputs([3, 0, 4], 10, 16, torch.float32, seed=0)
-    kernel, reference = _spy(monkeypatch, "gather_mean_triton"), _spy(monkeypatch, "gather_mean_reference")
-    with ops.use_backend("triton"):
-        out = ops.gather_mean(table, rows, offsets)
-    assert kernel and not reference
-    with ops.use_backend("torch"):
-        ref = ops.gather_mean(table, rows, offsets)
-    assert len(reference) == 1 and len(kernel) == 1
-    with ops.use_backend("auto"):
-        ops.gather_mean(table, rows, offsets)
-    assert len(reference) == 2 and len(kernel) == 1
+    out, ref = check_dispatch(monkeypatch, mod, "gather_mean", lambda: ops.gather_mean(table, rows, offsets))
     assert rel_err(out, ref) < 1e-6
     with ops.use_backend("triton"), pytest.raises(RuntimeError, match="forward-only"):
         ops.gather_mean(table.requires_grad_(), rows, offsets)

@@ -5,24 +5,12 @@ import torch
 import kernels.rope as mod
 from kernels import ops
 from kernels._jagged import offsets_from_lengths, positions_in_sequence
-from kernels._triton import compile_for_gpu_in_subprocess, poison_outputs
+from kernels._triton import compile_for_gpu_in_subprocess
+from tests.kernel_checks import SM90_SHARED_LIMIT, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
 from kernels.rope import rope_reference, rope_triton
 
-TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 LENGTHS = [[1], [0, 1, 21, 0, 5], [40, 3]]
 
-# Hopper's largest shared-memory allocation per block (227 KiB).
-SM90_SHARED_LIMIT = 227 * 1024
-
-
-@pytest.fixture(autouse=True)
-def _poisoned_outputs():
-    with poison_outputs():
-        yield
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
 def rope_tables(positions: int, head_dim: int, theta: float = 100000.0):
@@ -107,26 +95,10 @@ def test_host_side_errors_before_launch(monkeypatch):
         rope_triton(q3, k3, offsets, cos[:, :15], sin[:, :15])
 
 
-def _spy(monkeypatch, name):
-    calls = []
-    real = getattr(mod, name)
-    monkeypatch.setattr(mod, name, lambda *a, **k: calls.append(name) or real(*a, **k))
-    return calls
-
-
 def test_dispatch(monkeypatch):
     q, k, offsets = inputs([3, 0, 4], 2, 1, 16, torch.float32, seed=0)
     cos, sin = rope_tables(8, 16)
-    kernel, reference = _spy(monkeypatch, "rope_triton"), _spy(monkeypatch, "rope_reference")
-    with ops.use_backend("triton"):
-        out = ops.rope(q, k, offsets, cos, sin)
-    assert kernel and not reference
-    with ops.use_backend("torch"):
-        ref = ops.rope(q, k, offsets, cos, sin)
-    assert len(reference) == 1 and len(kernel) == 1
-    with ops.use_backend("auto"):
-        ops.rope(q, k, offsets, cos, sin)
-    assert len(reference) == 2 and len(kernel) == 1
+    out, ref = check_dispatch(monkeypatch, mod, "rope", lambda: ops.rope(q, k, offsets, cos, sin))
     assert rel_err(out[0], ref[0]) < 1e-6 and rel_err(out[1], ref[1]) < 1e-6
     with ops.use_backend("triton"), pytest.raises(RuntimeError, match="forward-only"):
         ops.rope(q.requires_grad_(), k, offsets, cos, sin)

@@ -7,26 +7,14 @@ import torch
 import kernels.varlen_attention as mod
 from kernels import ops
 from kernels._jagged import offsets_from_lengths
-from kernels._triton import compile_for_gpu_in_subprocess, poison_outputs
+from kernels._triton import compile_for_gpu_in_subprocess
+from tests.kernel_checks import SM90_SHARED_LIMIT, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
 from kernels.rope import rope_reference, rope_triton
 from kernels.varlen_attention import ATTN_BLOCK_M, query_blocks, varlen_attention_reference, varlen_attention_triton
 
-TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 # Lengths 0 and 1, and lengths that are not multiples of the 64-row blocks (70 spans two).
 LENGTHS = [[1], [0, 1, 70, 0, 7]]
 
-# Hopper's largest shared-memory allocation per block (227 KiB).
-SM90_SHARED_LIMIT = 227 * 1024
-
-
-@pytest.fixture(autouse=True)
-def _poisoned_outputs():
-    with poison_outputs():
-        yield
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
 def inputs(lengths, heads, kv_heads, head_dim, dtype, seed):
@@ -123,25 +111,9 @@ def test_host_side_errors_before_launch(monkeypatch):
         varlen_attention_triton(q, k.half(), v.half(), offsets, causal=True)
 
 
-def _spy(monkeypatch, name):
-    calls = []
-    real = getattr(mod, name)
-    monkeypatch.setattr(mod, name, lambda *a, **k: calls.append(name) or real(*a, **k))
-    return calls
-
-
 def test_dispatch(monkeypatch):
     q, k, v, offsets = inputs([3, 0, 4], 2, 1, 16, torch.float32, seed=0)
-    kernel, reference = _spy(monkeypatch, "varlen_attention_triton"), _spy(monkeypatch, "varlen_attention_reference")
-    with ops.use_backend("triton"):
-        out = ops.varlen_attention(q, k, v, offsets, causal=True)
-    assert kernel and not reference
-    with ops.use_backend("torch"):
-        ref = ops.varlen_attention(q, k, v, offsets, causal=True)
-    assert len(reference) == 1 and len(kernel) == 1
-    with ops.use_backend("auto"):
-        ops.varlen_attention(q, k, v, offsets, causal=True)
-    assert len(reference) == 2 and len(kernel) == 1
+    out, ref = check_dispatch(monkeypatch, mod, "varlen_attention", lambda: ops.varlen_attention(q, k, v, offsets, causal=True))
     assert rel_err(out, ref) < 1e-5
     with ops.use_backend("triton"), pytest.raises(RuntimeError, match="forward-only"):
         ops.varlen_attention(q, k, v.requires_grad_(), offsets, causal=True)

@@ -1,0 +1,39 @@
+"""What every kernel test shares: tolerances, the relative error, poisoned outputs, the GPU limit."""
+import pytest
+import torch
+
+from kernels._triton import poison_outputs
+
+# ||out - ref|| / ||ref|| bounds per dtype (fp32 on the interpreter; bf16/fp16 with fp32 accumulation).
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# Hopper's largest shared-memory allocation per block (227 KiB).
+SM90_SHARED_LIMIT = 227 * 1024
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    """Launchers allocate their outputs filled with NaN, so an element a kernel never writes fails."""
+    with poison_outputs():
+        yield
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+def check_dispatch(monkeypatch, module, op: str, call):
+    """`call()` runs `kernels.ops.<op>`: it must reach `<op>_triton` under the 'triton' backend and
+    `<op>_reference` under 'torch' and under 'auto' (CPU tensors). Returns (kernel out, reference out)."""
+    from kernels import ops
+    calls = []
+    for name in (f"{op}_triton", f"{op}_reference"):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
+    with ops.use_backend("triton"):
+        out = call()
+    with ops.use_backend("torch"):
+        ref = call()
+    with ops.use_backend("auto"):
+        call()
+    assert calls == [f"{op}_triton", f"{op}_reference", f"{op}_reference"]
+    return out, ref
