@@ -15,12 +15,15 @@ def head_features(user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
 
 
 class CTRHead(nn.Module):
-    """MLP: Linear + activation (+ dropout in training) per hidden layer, final Linear to a logit."""
+    """LayerNorm over the features, then the MLP: Linear + activation (+ dropout in training) per
+    hidden layer, final Linear to a logit. The norm puts every backbone's states (BERT's are
+    normalized, a decoder's final RMSNorm can scale some dimensions by tens) on one footing."""
 
     def __init__(self, in_features: int, hidden: tuple[int, ...], activation: str, dropout: float) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"head activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.norm = nn.LayerNorm(in_features)
         widths = [in_features, *hidden, 1]
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.activation = activation
@@ -28,6 +31,7 @@ class CTRHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(U, F) -> (U,) fp32 logits."""
+        features = self.norm(features)
         if self.training:
             act = ACTIVATIONS[self.activation]
             h = features

@@ -17,12 +17,12 @@ def make_scorer(folder, tmp_path, max_behaviors=6, **scoring):
     config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=2),
                           model=ModelConfig(sequence_names=("click", "buy", "search"), max_behaviors=max_behaviors),
                           scoring=ScoringConfig(**scoring))
+    torch.manual_seed(0)
     scorer = BAHEScorer.create(folder, behavior_texts=BEHAVIORS, item_texts=ITEMS, tables_dir=tmp_path / "tables",
                                config=config, device="cpu", progress=False)
-    torch.manual_seed(0)
-    with torch.no_grad():  # an untrained head is near 0.5 everywhere: spread it so differences show
+    with torch.no_grad():  # an untrained head is near 0.5 everywhere: spread it (without saturating) so differences show
         for p in scorer.model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
+            p.add_(torch.randn_like(p) * 0.05)
     return scorer
 
 
