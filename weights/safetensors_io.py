@@ -50,19 +50,24 @@ class Header:
     data_start: int  # absolute file offset of the data section
 
 
-def read_header(path: str | Path) -> Header:
-    """Parse and validate the header of `path` without touching tensor data."""
+def read_header(path: str | Path, handle: BinaryIO | None = None) -> Header:
+    """Parse and validate the header of `path` without touching tensor data. With `handle` (`path`
+    open in binary mode) it is read through that handle, so that `mmap_tensor(..., handle)` maps the
+    same file even if `path` is atomically replaced in between."""
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        raw_len = handle.read(8)
-        if len(raw_len) < 8:
-            raise SafetensorsFormatError(f"{path}: file is {size} bytes, too short for a safetensors header")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-            raise SafetensorsFormatError(f"{path}: header length {header_len} does not fit in a {size}-byte file "
-                                         "(truncated or corrupt)")
-        raw = handle.read(header_len)
+    if handle is None:
+        with open(path, "rb") as own:
+            return read_header(path, own)
+    size = os.fstat(handle.fileno()).st_size
+    handle.seek(0)
+    raw_len = handle.read(8)
+    if len(raw_len) < 8:
+        raise SafetensorsFormatError(f"{path}: file is {size} bytes, too short for a safetensors header")
+    (header_len,) = struct.unpack("<Q", raw_len)
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+        raise SafetensorsFormatError(f"{path}: header length {header_len} does not fit in a {size}-byte file "
+                                     "(truncated or corrupt)")
+    raw = handle.read(header_len)
     try:
         parsed = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -83,7 +88,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_len: int) -> TensorI
     if not isinstance(entry, dict):
         raise SafetensorsFormatError(f"{where}: entry must be an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise SafetensorsFormatError(f"{where}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
     if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
         raise SafetensorsFormatError(f"{where}: shape {shape!r} must be a list of non-negative ints")
@@ -97,13 +102,15 @@ def _tensor_info(path: Path, name: str, entry: object, data_len: int) -> TensorI
     return info
 
 
-def mmap_tensor(path: str | Path, header: Header, name: str) -> torch.Tensor:
-    """Tensor `name` of `path`, memory-mapped copy-on-write: pages are read on first touch only."""
+def mmap_tensor(path: str | Path, header: Header, name: str, handle: BinaryIO | None = None) -> torch.Tensor:
+    """Tensor `name` of `path` (through `handle`, the file the header was read from, when given),
+    memory-mapped copy-on-write: pages are read on first touch only."""
     info = header.tensors[name]
     torch_dtype, np_dtype, _ = DTYPES[info.dtype]
     if info.numel == 0:
         return torch.empty(info.shape, dtype=torch_dtype)
-    array = np.memmap(path, dtype=np_dtype, mode="c", offset=header.data_start + info.begin, shape=info.shape)
+    array = np.memmap(path if handle is None else handle, dtype=np_dtype, mode="c",
+                      offset=header.data_start + info.begin, shape=info.shape)
     tensor = torch.from_numpy(array)
     return tensor.view(torch_dtype) if info.dtype == "BF16" else tensor
 

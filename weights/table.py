@@ -217,10 +217,28 @@ class BehaviorTable:
 
     def _load(self) -> None:
         where = str(self.path)
-        try:
-            header = read_header(self.path)
-        except SafetensorsFormatError as err:
-            raise TableFormatError(str(err)) from None
+        # Header and data through one open file: an append replacing the path meanwhile cannot mix them.
+        with open(self.path, "rb") as handle:
+            try:
+                header = read_header(self.path, handle)
+            except SafetensorsFormatError as err:
+                raise TableFormatError(str(err)) from None
+            self._check_header(header, where)
+            snap = _Snapshot(
+                header=header,
+                embeddings=mmap_tensor(self.path, header, "embeddings", handle),
+                keys=mmap_tensor(self.path, header, "keys", handle).numpy(),
+                key_order=mmap_tensor(self.path, header, "key_order", handle).numpy(),
+                text_offsets=mmap_tensor(self.path, header, "text_offsets", handle).numpy(),
+                text_bytes=mmap_tensor(self.path, header, "text_bytes", handle).numpy(),
+            )
+        if int(snap.text_offsets[-1]) != snap.text_bytes.size:
+            raise TableFormatError(f"{where}: text_offsets ends at {int(snap.text_offsets[-1])}, text_bytes holds "
+                                   f"{snap.text_bytes.size} bytes")
+        self._snap = snap  # one assignment: concurrent readers see the old or the new table, never a mix
+
+    def _check_header(self, header: Header, where: str) -> None:
+        """Metadata (format, version, signature, dtype) and tensor shapes; sets signature, kind, dtype."""
         meta = header.metadata
         if meta.get("format") != "bahe-table":
             raise TableFormatError(f"{where}: not a BAHE table (metadata format={meta.get('format')!r})")
@@ -237,18 +255,6 @@ class BehaviorTable:
         if self.dtype not in EMBEDDING_DTYPES:
             raise TableFormatError(f"{where}: dtype {self.dtype!r} is not one of {sorted(EMBEDDING_DTYPES)}")
         self._check_tensors(header, where)
-        snap = _Snapshot(
-            header=header,
-            embeddings=mmap_tensor(self.path, header, "embeddings"),
-            keys=mmap_tensor(self.path, header, "keys").numpy(),
-            key_order=mmap_tensor(self.path, header, "key_order").numpy(),
-            text_offsets=mmap_tensor(self.path, header, "text_offsets").numpy(),
-            text_bytes=mmap_tensor(self.path, header, "text_bytes").numpy(),
-        )
-        if int(snap.text_offsets[-1]) != snap.text_bytes.size:
-            raise TableFormatError(f"{where}: text_offsets ends at {int(snap.text_offsets[-1])}, text_bytes holds "
-                                   f"{snap.text_bytes.size} bytes")
-        self._snap = snap  # one assignment: concurrent readers see the old or the new table, never a mix
 
     def _check_tensors(self, header: Header, where: str) -> None:
         tensors = header.tensors
@@ -401,6 +407,9 @@ class _Snapshot:
 
     def text(self, row: int, path: Path) -> str:
         start, end = int(self.text_offsets[row]), int(self.text_offsets[row + 1])
+        if not 0 <= start <= end <= self.text_bytes.size:
+            raise TableFormatError(f"{path}: text of row {row} spans bytes [{start}, {end}), outside the "
+                                   f"{self.text_bytes.size}-byte text_bytes: corrupt text_offsets")
         try:
             return self.text_bytes[start:end].tobytes().decode("utf-8")
         except UnicodeDecodeError:
