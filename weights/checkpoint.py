@@ -8,7 +8,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 SUPPORTED_FAMILIES = ("bert", "llama", "qwen2")
@@ -44,8 +44,8 @@ class Checkpoint:
             raise CheckpointError(f"{self.folder}: no *.safetensors weight files")
         try:
             self.config: PretrainedConfig = AutoConfig.from_pretrained(self.folder, local_files_only=True)
-        except (ValueError, OSError, KeyError) as err:
-            raise CheckpointError(f"{self.folder}: cannot read config.json ({err})") from None
+        except Exception as err:  # noqa: BLE001 - bad JSON, field validation, unknown class: all one answer
+            raise CheckpointError(f"{self.folder}: cannot read config.json ({type(err).__name__}: {err})") from None
         self.family = self.config.model_type
         if self.family not in SUPPORTED_FAMILIES:
             raise CheckpointError(f"{self.folder}: model_type {self.family!r} is not supported; supported families: "
@@ -53,7 +53,10 @@ class Checkpoint:
         self._handles = {}
         self._file_of: dict[str, Path] = {}
         for path in files:
-            handle = safe_open(str(path), framework="pt")
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
             self._handles[path] = handle
             for name in handle.keys():
                 self._file_of[name] = path
