@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from weights.atomic import atomic_write
 from weights.checkpoint import Checkpoint
 from weights.registry import resolve_model
 from weights.split import LowerEncoder, UpperEncoder, save_lower_checkpoint
-from weights.table import MISSING, BehaviorTable, UnknownTextError
+from weights.table import MISSING, BehaviorTable, NonFiniteRowError, TableError, UnknownTextError
 from weights.text_key import normalize_text
 from weights.safetensors_io import source_of, write_safetensors
 
@@ -245,11 +245,15 @@ class BAHEScorer:
     def _rows(self, table: BehaviorTable, texts: list[str], policy: str, what: str,
               lengths: np.ndarray | None = None, n: int = 1) -> tuple[np.ndarray, torch.Tensor | None]:
         """Table rows of texts; unknown texts encoded on the fly (ids >= N, returned as extra rows),
-        appended to the table, or refused, per policy. Locates malformed texts for the error."""
+        appended to the table, or refused, per policy. Locates malformed texts for the error; table
+        errors (corrupt file, hash collision) pass through as they are."""
         try:
             rows = table.lookup(texts, on_missing="mark")
+        except TableError:
+            raise
         except (TypeError, ValueError) as err:
-            raise InputError(self._locate_bad_text(texts, what, lengths, n, err)) from None
+            located = self._locate_bad_text(texts, what, lengths, n, normalize_text)
+            raise InputError(located or f"{what} texts: {err}") from None
         missing = np.nonzero(rows == MISSING)[0]
         if not missing.size:
             return rows, None
@@ -257,17 +261,34 @@ class BAHEScorer:
         if policy == "error":
             raise UnknownTextError(f"{len(unknown)} {what} text(s) not in {table.path}, e.g. {unknown[0]!r} "
                                    f"(unknown_{what}='error')")
-        if self.config.scoring.append_unknown:
-            table.append(unknown)
-            return table.lookup(texts, on_missing="raise"), None
+        try:
+            if self.config.scoring.append_unknown:
+                table.append(unknown)
+                return table.lookup(texts, on_missing="raise"), None
+            extra = self.encoder.encode(unknown)
+        except TableError:
+            raise
+        except ValueError as err:  # a text the tokenizer turns into no tokens at all
+            located = self._locate_bad_text(texts, what, lengths, n, self._check_encodable)
+            if located is None:
+                raise
+            raise InputError(located) from None
+        bad = ~torch.isfinite(extra).all(dim=1)
+        if bool(bad.any()):
+            raise NonFiniteRowError(f"encoding {what} text {unknown[int(bad.nonzero()[0])]!r} gave NaN or Inf")
         slot = {t: len(table) + i for i, t in enumerate(unknown)}
         rows[missing] = [slot[normalize_text(texts[i])] for i in missing]
-        return rows, self.encoder.encode(unknown).to(self.device)
+        return rows, extra.to(self.device)
 
-    def _locate_bad_text(self, texts: list[str], what: str, lengths: np.ndarray | None, n: int, err: Exception) -> str:
+    def _check_encodable(self, text: str) -> None:
+        self.encoder.tokenize([normalize_text(text)])
+
+    def _locate_bad_text(self, texts: list[str], what: str, lengths: np.ndarray | None, n: int,
+                         check: Callable[[object], object]) -> str | None:
+        """'users[u][name] behavior j: <why>' (or 'items[i]: <why>') for the first text `check` refuses."""
         for i, text in enumerate(texts):
             try:
-                normalize_text(text)
+                check(text)
             except (TypeError, ValueError) as bad:
                 if lengths is None:
                     return f"items[{i}]: {bad}"
@@ -276,7 +297,7 @@ class BAHEScorer:
                 name = self.config.model.sequence_names[seq]
                 position = i - int(np.sum(lengths[:seq_index]))
                 return f"users[{user}][{name!r}] behavior {position} (after truncation to the most recent): {bad}"
-        return f"{what} texts: {err}"
+        return None
 
     def _parse_users(self, users: object) -> list[list[list[str]]]:
         """users -> per user, per sequence name (config order), the most recent M texts."""
