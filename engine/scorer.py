@@ -1,14 +1,19 @@
 """`BAHEScorer`: the public scoring API over a saved scorer folder.
 
-Folder layout (written by `save_pretrained`, each file atomically; scorer.json last):
-  scorer.json            ScorerConfig + format version + model signature
+Folder layout (written by `save_pretrained`):
+  scorer.json            ScorerConfig + format version + model signature + the names of the parts below
   backbone/              config, tokenizer and the frozen lower layers' tensors (for on-the-fly ABE)
   model.safetensors      trained upper layers, behavior positions, empty-sequence vectors, CTR head
   behaviors.safetensors  behavior table (one row per unique behavior text)
   items.safetensors      item table
+Each part has a second name (`backbone.1`, `model.1.safetensors`, ...). Saving over a scorer writes
+every part under the name the current scorer.json does not use, then replaces scorer.json (temp file,
+fsync, rename): that rename commits the save, so a crash at any moment leaves the old or the new
+scorer, never a mix. The parts the new scorer.json does not name are removed afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from engine.abe import AtomicEncoder
@@ -25,7 +31,7 @@ from engine.config import ScorerConfig, ScoringConfig
 from engine.model import BAHEModel, PackedBatch
 from engine.stages import stage
 from kernels import ops
-from weights.atomic import atomic_write
+from weights.atomic import atomic_write, file_lock, remove_stale_temps
 from weights.checkpoint import Checkpoint
 from weights.registry import resolve_model
 from weights.split import LowerEncoder, UpperEncoder, save_lower_checkpoint
@@ -35,9 +41,12 @@ from weights.safetensors_io import source_of, write_safetensors
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: scorer.json names its parts ("files"); version-1 folders use the first names
 SCORER_FILE, MODEL_FILE, BACKBONE = "scorer.json", "model.safetensors", "backbone"
 BEHAVIORS_FILE, ITEMS_FILE = "behaviors.safetensors", "items.safetensors"
+PARTS = {"backbone": (BACKBONE, "backbone.1"), "model": (MODEL_FILE, "model.1.safetensors"),
+         "behaviors": (BEHAVIORS_FILE, "behaviors.1.safetensors"), "items": (ITEMS_FILE, "items.1.safetensors")}
+FIRST_NAMES = {part: names[0] for part, names in PARTS.items()}
 PROB_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps]: always strictly inside (0, 1)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,6 +64,42 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def _read_scorer_json(path: Path) -> tuple[ScorerConfig, dict[str, str]]:
+    """(config, part -> file name) of the scorer folder `path`; ScorerFormatError for anything unusable."""
+    meta_path = path / SCORER_FILE
+    if not meta_path.is_file():
+        raise ScorerFormatError(f"{path} is not a scorer folder: {SCORER_FILE} is missing")
+    try:
+        meta = json.loads(meta_path.read_bytes())
+        if not isinstance(meta, dict) or meta.get("format") != "bahe-scorer":
+            raise ValueError(f"format is {meta.get('format') if isinstance(meta, dict) else meta!r}, "
+                             "expected 'bahe-scorer'")
+        version = int(meta["format_version"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ScorerFormatError(f"{meta_path}: unreadable ({err})") from None
+    if version > FORMAT_VERSION:
+        raise ScorerFormatError(f"{meta_path}: format version {version} is newer than this engine's "
+                                f"{FORMAT_VERSION}; upgrade bahe-engine")
+    try:
+        config = ScorerConfig.from_dict(meta["config"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ScorerFormatError(f"{meta_path}: bad config ({err})") from None
+    files = meta.get("files", FIRST_NAMES) if version >= 2 else FIRST_NAMES
+    if not isinstance(files, dict) or set(files) != set(PARTS) or any(
+            files[part] not in names for part, names in PARTS.items()):
+        raise ScorerFormatError(f"{meta_path}: files {files!r} must name each of {sorted(PARTS)} by one of "
+                                f"its names {PARTS}")
+    return config, dict(files)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
@@ -104,37 +149,31 @@ class BAHEScorer:
                         dtype: str = "float32", scoring: ScoringConfig | None = None) -> BAHEScorer:
         """Open a folder written by `save_pretrained` (tables memory-mapped, not read)."""
         path = Path(path)
-        meta_path = path / SCORER_FILE
-        if not meta_path.is_file():
-            raise ScorerFormatError(f"{path} is not a scorer folder: {SCORER_FILE} is missing")
-        try:
-            meta = json.loads(meta_path.read_text())
-            version = int(meta["format_version"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise ScorerFormatError(f"{meta_path}: unreadable ({err})") from None
-        if version > FORMAT_VERSION:
-            raise ScorerFormatError(f"{meta_path}: format version {version} is newer than this engine's "
-                                    f"{FORMAT_VERSION}; upgrade bahe-engine")
-        config = ScorerConfig.from_dict(meta["config"])
+        config, files = _read_scorer_json(path)
+        missing = [name for name in files.values() if not (path / name).exists()]
+        if missing:
+            raise ScorerFormatError(f"{path}: scorer files {missing} named in {SCORER_FILE} are missing")
         if scoring is not None:
             config.scoring = scoring
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        ckpt = Checkpoint(path / BACKBONE)
+        ckpt = Checkpoint(path / files["backbone"])
         lower_layers = config.encoder.num_lower_layers
         encoder = AtomicEncoder(LowerEncoder(ckpt, lower_layers), ckpt.tokenizer, max_tokens=config.encoder.max_tokens,
                                 token_budget=config.encoder.token_budget)
-        if not (path / MODEL_FILE).is_file():
-            raise ScorerFormatError(f"{path}: {MODEL_FILE} is missing")
-        state = load_file(str(path / MODEL_FILE))
-        num_upper = ckpt.num_layers - lower_layers
-        upper = UpperEncoder(ckpt.config, lower_layers, UpperEncoder.has_bias_from_state(
-            list(state), "upper.layers.", num_upper))
-        model = BAHEModel(upper, config.model)
-        model.load_state_dict(state)
+        model_path = path / files["model"]
+        try:
+            state = load_file(str(model_path))
+            num_upper = ckpt.num_layers - lower_layers
+            upper = UpperEncoder(ckpt.config, lower_layers, UpperEncoder.has_bias_from_state(
+                list(state), "upper.layers.", num_upper))
+            model = BAHEModel(upper, config.model)
+            model.load_state_dict(state)
+        except (SafetensorError, RuntimeError, ValueError, IndexError) as err:
+            raise ScorerFormatError(f"{model_path}: not the weights of this scorer's model ({err})") from None
         model.to(DTYPES[dtype])
-        behaviors = BehaviorTable.open(path / BEHAVIORS_FILE, encoder)
-        items = BehaviorTable.open(path / ITEMS_FILE, encoder)
+        behaviors = BehaviorTable.open(path / files["behaviors"], encoder)
+        items = BehaviorTable.open(path / files["items"], encoder)
         return cls(config=config, checkpoint=ckpt, encoder=encoder, model=model, behaviors=behaviors, items=items,
                    device=device, kernels=kernels)
 
@@ -159,21 +198,46 @@ class BAHEScorer:
                    device=device, kernels=kernels)
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write the scorer folder; every file goes through a temp file + fsync + rename."""
+        """Write the scorer folder crash-safely (see the module docstring): every part under the name
+        the current scorer.json does not use, each file by temp file + fsync + rename, then scorer.json,
+        which commits the save. Parts already in the folder (a scorer saved over itself) are kept."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        backbone = path / BACKBONE
-        if backbone.resolve() != self.checkpoint.folder.resolve():
-            save_lower_checkpoint(self.checkpoint, self.encoder.lower, backbone)
-        state = {k: v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        with atomic_write(path / MODEL_FILE) as handle:
-            write_safetensors(handle, [source_of(k, v) for k, v in state.items()], {"format": "pt"})
-        _copy_atomic(self.behaviors.path, path / BEHAVIORS_FILE)
-        _copy_atomic(self.items.path, path / ITEMS_FILE)
-        meta = {"format": "bahe-scorer", "format_version": FORMAT_VERSION, "config": self.config.to_dict(),
-                "signature": self.encoder.signature.to_metadata()}
-        with atomic_write(path / SCORER_FILE) as handle:
-            handle.write(json.dumps(meta, indent=2).encode())
+        with file_lock(path / SCORER_FILE):
+            try:
+                live = _read_scorer_json(path)[1]
+            except ScorerFormatError:
+                live = FIRST_NAMES if (path / SCORER_FILE).exists() else {}
+            sources = {"backbone": self.checkpoint.folder, "model": None, "behaviors": self.behaviors.path,
+                       "items": self.items.path}
+            files = {}
+            for part, names in PARTS.items():
+                source = sources[part]
+                if source is not None and source.parent.resolve() == path.resolve() and source.name in names:
+                    files[part] = source.name  # already here, e.g. a scorer saved over the folder it came from
+                    continue
+                files[part] = names[1] if live.get(part) == names[0] else names[0]
+                target = path / files[part]
+                _remove(target)  # named by no scorer.json: a leftover of a killed save
+                remove_stale_temps(target)
+                if part == "backbone":
+                    save_lower_checkpoint(self.checkpoint, self.encoder.lower, target)
+                elif part == "model":
+                    state = {k: v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()}
+                    with atomic_write(target) as handle:
+                        write_safetensors(handle, [source_of(k, v) for k, v in state.items()], {"format": "pt"})
+                else:
+                    _copy_atomic(source, target)
+            meta = {"format": "bahe-scorer", "format_version": FORMAT_VERSION, "config": self.config.to_dict(),
+                    "signature": self.encoder.signature.to_metadata(), "files": files}
+            remove_stale_temps(path / SCORER_FILE)
+            with atomic_write(path / SCORER_FILE) as handle:
+                handle.write(json.dumps(meta, indent=2).encode())
+            for part, names in PARTS.items():  # committed: drop the parts of the previous save
+                for name in names:
+                    if name != files[part]:
+                        _remove(path / name)
+                        remove_stale_temps(path / name)
 
     # ----- scoring ------------------------------------------------------------------------
     def score(self, users: Sequence[dict[str, Sequence[str]]], items: Sequence[str]) -> np.ndarray:
