@@ -156,11 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="bench/RESULTS.md")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="BAHE vs raw-token: time and memory as M grows (bench.compare)")
+    # Everything after `bench` / `profile` goes to the benchmark's own parser ('+' prefix: '--x' stays an argument).
+    p = sub.add_parser("bench", help="BAHE vs raw-token: time and memory as M grows (bench.compare)",
+                       prefix_chars="+", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("profile", help="a scoring batch under torch.profiler, stage by stage")
+    p = sub.add_parser("profile", help="a scoring batch under torch.profiler, stage by stage", prefix_chars="+",
+                       add_help=False)
     p.add_argument("profile_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_profile)
 
