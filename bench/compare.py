@@ -490,23 +490,29 @@ def _x(v: float) -> str:
 
 def report_lines(config: CompareConfig, command: str, machine: str, points: list[Point], cost: OfflineCost,
                  training: list[TrainRow] | None, train_examples: int, elapsed: float, plot_link: str,
-                 n: int) -> list[str]:
+                 n: int, oversubscribed: bool) -> list[str]:
     common = [p for p in points if p.common]
     lines = ["### Benchmark: BAHE vs the raw-token LLM as M grows", "",
              f"`{command}` on {datetime.date.today().isoformat()}; {machine}; {elapsed / 60:.1f} min in all. "
              "Absolute times are from a machine shared with other jobs (noisy); ratios come from one run with "
-             "both sides interleaved repetition by repetition.", "",
-             f"Model `{config.model}`, {config.lower_layers} lower layers frozen for ABE; data `{config.data}`. "
-             f"Users: {n} sequences x M behaviors (texts drawn uniformly from the data set's {cost.unique_behaviors:,} "
-             "unique behavior texts, fixed seed) + one item; the same users for both sides, texts in -> "
-             "probabilities out. BAHE: `BAHEScorer.score`. Raw: `RawTokenCTR`'s forward with the scorer's own "
-             "modules over each sequence's concatenated tokens. Times: median of the repetitions, per 1,000 users. "
-             "Memory: peak RSS (CPU) or allocator peak (CUDA) during the call, and (+) what the call added; "
-             "the memory ratio uses the added part.", "",
-             "| M | users / batch | reps | raw tokens / sequence | BAHE s / 1k users | raw s / 1k users | time "
-             "raw / BAHE | BAHE peak MB (+added) | raw peak MB (+added) | memory raw / BAHE | break-even users | "
-             "raw side |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "both sides interleaved repetition by repetition.", ""]
+    if oversubscribed:
+        lines += [f"**Caution:** other jobs were running and torch used {torch.get_num_threads()} threads on "
+                  f"{os.cpu_count()} cores (oversubscribed). That slows BAHE's many small operations several-fold "
+                  "more than the raw side's large matrix products, so the ratios below understate BAHE's advantage; "
+                  "re-run on a quiet machine, or with `--threads 1` on a shared one.", ""]
+    lines += [
+              f"Model `{config.model}`, {config.lower_layers} lower layers frozen for ABE; data `{config.data}`. "
+              f"Users: {n} sequences x M behaviors (texts drawn uniformly from the data set's {cost.unique_behaviors:,} "
+              "unique behavior texts, fixed seed) + one item; the same users for both sides, texts in -> "
+              "probabilities out. BAHE: `BAHEScorer.score`. Raw: `RawTokenCTR`'s forward with the scorer's own "
+              "modules over each sequence's concatenated tokens. Times: median of the repetitions, per 1,000 users. "
+              "Memory: peak RSS (CPU) or allocator peak (CUDA) during the call, and (+) what the call added; "
+              "the memory ratio uses the added part.", "",
+              "| M | users / batch | reps | raw tokens / sequence | BAHE s / 1k users | raw s / 1k users | time "
+              "raw / BAHE | BAHE peak MB (+added) | raw peak MB (+added) | memory raw / BAHE | break-even users | "
+              "raw side |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         tokens = f"{p.raw_tokens_per_sequence:,.0f} (max {p.raw_longest})" if p.raw_tokens_per_sequence else "-"
         if p.raw.ran:
@@ -611,7 +617,8 @@ def run(config: CompareConfig, command: str = "python -m bench.compare") -> dict
     load = os.getloadavg()[0]
     machine = f"{machine_label()}, load average {load:.1f} at start"
     print(f"machine: {machine}", flush=True)
-    if device.type == "cpu" and not config.threads and torch.get_num_threads() > 1 and load >= 1:
+    oversubscribed = device.type == "cpu" and torch.get_num_threads() > 1 and load >= 1
+    if oversubscribed:
         log.warning("load average %.1f: other jobs share the CPU, and %d torch threads will be oversubscribed "
                     "(several-fold slower, noisier); consider --threads 1", load, torch.get_num_threads())
     data = load_data(config.data)
@@ -664,7 +671,7 @@ def run(config: CompareConfig, command: str = "python -m bench.compare") -> dict
         link = os.path.relpath(png, config.results_md.resolve().parent if config.results_md.is_absolute()
                                else config.results_md.parent)
         write_section(config.results_md, MARKER, report_lines(config, command, machine, points, cost, training,
-                                                      train_examples, elapsed, link, n))
+                                                      train_examples, elapsed, link, n, oversubscribed))
         print(f"wrote {config.results_md} (section <!-- {MARKER} -->)")
     print(f"wrote {png}, {config.out_dir / 'compare.json'}, {config.out_dir / 'compare.csv'}; "
           f"{elapsed / 60:.1f} min in all")
