@@ -14,23 +14,49 @@ from weights.split import LowerEncoder
 from weights.table import ModelSignature
 
 PROGRESS_MIN_BATCHES = 4  # show a progress bar only for work of at least this many batches
+POOLINGS = ("mean", "mean_after_first")
+
+
+def default_pooling(family: str) -> str:
+    """BERT: mean over every token ([CLS] and [SEP] included, as sentence-transformers pools).
+    Llama/Qwen2: mean over the tokens after the first. A causal LM's first token is an attention
+    sink whose state is tens of times larger than the others' (SmolLM2 at layer 27: norm ~22,000
+    vs ~500), so averaging it in would make every row mostly that one vector."""
+    return "mean" if family == "bert" else "mean_after_first"
+
+
+def pooled_offsets(offsets: np.ndarray, pooling: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The tokens a pooling averages: new offsets and the packed positions kept (None: all).
+    'mean_after_first' drops each text's first token unless it is the only one."""
+    if pooling == "mean":
+        return offsets, None
+    lengths = np.diff(offsets)
+    skip = (lengths > 1).astype(np.int64)
+    keep = np.ones(int(offsets[-1]), dtype=bool)
+    keep[offsets[:-1][skip == 1]] = False
+    return np.concatenate([[0], np.cumsum(lengths - skip)]), np.nonzero(keep)[0]
 
 
 class AtomicEncoder:
     """Texts -> (n, d) float32 rows with the frozen lower layers. Texts are tokenized (truncated to
     `max_tokens`), sorted by length and packed without padding into batches of `token_budget`
-    tokens, so a row never depends on the other texts it is encoded with. Thread-safe."""
+    tokens, so a row never depends on the other texts it is encoded with; each row is the mean of
+    the text's token states per `pooling` (see `default_pooling`). Thread-safe."""
 
     def __init__(self, lower: LowerEncoder, tokenizer, *, max_tokens: int = 32, token_budget: int = 8192,
-                 device: torch.device | str = "cpu", progress: bool = True) -> None:
+                 pooling: str = "auto", device: torch.device | str = "cpu", progress: bool = True) -> None:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        pooling = default_pooling(lower.family) if pooling == "auto" else pooling
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be 'auto' or one of {POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
         self.lower = lower.to(device)
         self.tokenizer = tokenizer
         self.max_tokens, self.token_budget, self.device, self.progress = max_tokens, token_budget, torch.device(device), progress
         self.signature = ModelSignature(fingerprint=lower.fingerprint, family=lower.family,
                                         hidden_size=lower.hidden_size, num_lower_layers=lower.num_layers,
-                                        pooling="mean", max_tokens=max_tokens)
+                                        pooling=pooling, max_tokens=max_tokens)
         self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to share across threads
 
     @classmethod
@@ -78,7 +104,11 @@ class AtomicEncoder:
             ids_t = torch.from_numpy(ids).to(self.device)
             offsets_t = torch.from_numpy(offsets).to(self.device)
             states = self.lower.forward_packed(ids_t, offsets_t)
-            out[torch.from_numpy(chunk)] = ops.jagged_mean(states, offsets_t).float().cpu()
+            pool_offsets, kept = pooled_offsets(offsets, self.pooling)
+            if kept is not None:
+                states = states[torch.from_numpy(kept).to(self.device)]
+            pooled = ops.jagged_mean(states, torch.from_numpy(pool_offsets).to(self.device))
+            out[torch.from_numpy(chunk)] = pooled.float().cpu()
             bar.update(chunk.size)
         bar.close()
         return out

@@ -9,7 +9,8 @@ class EncoderConfig:
     """Atomic Behavior Encoding (offline): how a behavior text becomes one table row."""
     num_lower_layers: int = 3
     max_tokens: int = 32            # a behavior text is truncated to this many tokens
-    pooling: str = "mean"           # masked mean over the text's real tokens
+    pooling: str = "auto"           # "mean" over the text's tokens, or "mean_after_first" (skip a decoder's
+                                    # attention-sink first token); "auto": by family (engine.abe.default_pooling)
     table_dtype: str = "float32"    # storage dtype of the behavior/item tables
     token_budget: int = 8192        # tokens per encoding batch (texts are sorted by length first)
 

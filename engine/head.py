@@ -15,28 +15,39 @@ def head_features(user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
 
 
 class CTRHead(nn.Module):
-    """LayerNorm over the features, then the MLP: Linear + activation (+ dropout in training) per
-    hidden layer, final Linear to a logit. The norm puts every backbone's states (BERT's are
-    normalized, a decoder's final RMSNorm can scale some dimensions by tens) on one footing."""
+    """BatchNorm over the features, then the MLP: Linear + activation (+ dropout in training) per
+    hidden layer, final Linear to a logit. Per-feature normalization matters for decoders: their
+    states carry a few "massive activation" dimensions hundreds of times larger than the rest,
+    which would otherwise drown the informative ones. At inference the norm is an affine map
+    folded into the first Linear, so the fused MLP kernel runs the whole head."""
 
     def __init__(self, in_features: int, hidden: tuple[int, ...], activation: str, dropout: float) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"head activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        self.norm = nn.LayerNorm(in_features)
+        self.norm = nn.BatchNorm1d(in_features)
         widths = [in_features, *hidden, 1]
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.activation = activation
         self.dropout = nn.Dropout(dropout)
 
+    def folded_first_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W0, b0 of the first Linear with the eval-mode BatchNorm folded in."""
+        norm, first = self.norm, self.linears[0]
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        shift = norm.bias - norm.running_mean * scale
+        return first.weight * scale[None, :], first.bias + first.weight @ shift
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(U, F) -> (U,) fp32 logits."""
-        features = self.norm(features)
         if self.training:
             act = ACTIVATIONS[self.activation]
-            h = features
+            h = self.norm(features)
             for linear in self.linears[:-1]:
                 h = self.dropout(act(linear(h)))
             return self.linears[-1](h)[:, 0].float()
-        return ops.ctr_mlp(features, [m.weight for m in self.linears], [m.bias for m in self.linears],
+        weight, bias = self.folded_first_layer()
+        weights = [weight, *(m.weight for m in self.linears[1:])]
+        biases = [bias, *(m.bias for m in self.linears[1:])]
+        return ops.ctr_mlp(features, [w.to(features.dtype) for w in weights], [b.to(features.dtype) for b in biases],
                            activation=self.activation)

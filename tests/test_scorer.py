@@ -182,3 +182,19 @@ def test_bert_scorer_takes_2000_behaviors(tiny_checkpoints, tmp_path):
     user = {"click": [BEHAVIORS[i % len(BEHAVIORS)] for i in range(2000)]}
     p = scorer.score([user, {"click": user["click"][:10]}], ["coffee", "coffee"])
     assert np.isfinite(p).all() and p[0] != p[1]
+
+
+def test_head_folds_its_norm_exactly():
+    from engine.head import CTRHead
+    head = CTRHead(12, (8, 4), "gelu", 0.0)
+    head.train()
+    for _ in range(3):
+        head(torch.randn(32, 12) * 5 + 3)
+    head.eval()
+    x = torch.randn(5, 12) * 5 + 3
+    with torch.no_grad():
+        h = head.norm(x)
+        for linear in head.linears[:-1]:
+            h = torch.nn.functional.gelu(linear(h))
+        expected = head.linears[-1](h)[:, 0]
+        torch.testing.assert_close(head(x), expected, rtol=1e-5, atol=1e-5)
