@@ -112,3 +112,24 @@ class AtomicEncoder:
             bar.update(chunk.size)
         bar.close()
         return out
+
+
+class ReusingEncoder:
+    """Encodes through `encoder`, but copies the rows `table` already holds for the same texts
+    (same model signature, so the same rows): an item table built after a behavior table whose
+    texts it shares (MovieLens: behaviors are items) costs no second encoding."""
+
+    def __init__(self, encoder: AtomicEncoder, table) -> None:
+        table.signature.check_matches(encoder.signature, str(table.path))
+        self.encoder, self.table, self.signature = encoder, table, encoder.signature
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        rows = self.table.lookup(texts, on_missing="mark")
+        out = torch.empty(len(texts), self.signature.hidden_size, dtype=torch.float32)
+        known = rows >= 0
+        if known.any():
+            out[torch.from_numpy(known)] = self.table.embeddings[torch.from_numpy(rows[known])].float()
+        if not known.all():
+            fresh = np.nonzero(~known)[0]
+            out[torch.from_numpy(fresh)] = self.encoder.encode([texts[i] for i in fresh])
+        return out

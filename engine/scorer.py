@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from engine.abe import AtomicEncoder
+from engine.abe import AtomicEncoder, ReusingEncoder
 from engine.config import ScorerConfig, ScoringConfig
 from engine.model import BAHEModel, PackedBatch
 from engine.stages import stage
@@ -35,7 +35,7 @@ from weights.atomic import atomic_write, file_lock, remove_stale_temps
 from weights.checkpoint import Checkpoint
 from weights.registry import resolve_model
 from weights.split import LowerEncoder, UpperEncoder, save_lower_checkpoint
-from weights.table import MISSING, BehaviorTable, NonFiniteRowError, TableError, UnknownTextError
+from weights.table import MISSING, BehaviorTable, NonFiniteRowError, TableError, TextEncoder, UnknownTextError
 from weights.text_key import normalize_text
 from weights.safetensors_io import source_of, write_safetensors
 
@@ -109,7 +109,14 @@ def _copy_atomic(src: Path, dst: Path) -> None:
         shutil.copyfileobj(source, handle, 16 << 20)
 
 
-def open_or_build_table(path: Path, texts: Sequence[str], encoder: AtomicEncoder, dtype: str,
+def _encoder(ckpt: Checkpoint, config: ScorerConfig, device: torch.device | str, progress: bool) -> AtomicEncoder:
+    settings = config.encoder
+    return AtomicEncoder(LowerEncoder(ckpt, settings.num_lower_layers), ckpt.tokenizer, max_tokens=settings.max_tokens,
+                         token_budget=settings.token_budget, pooling=settings.pooling, device=device,
+                         progress=progress)
+
+
+def open_or_build_table(path: Path, texts: Sequence[str], encoder: TextEncoder, dtype: str,
                         kind: str) -> BehaviorTable:
     """Open the table at `path` (it must come from the same model split) and append the texts it
     lacks, or build it when absent."""
@@ -159,8 +166,7 @@ class BAHEScorer:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         ckpt = Checkpoint(path / files["backbone"])
         lower_layers = config.encoder.num_lower_layers
-        encoder = AtomicEncoder(LowerEncoder(ckpt, lower_layers), ckpt.tokenizer, max_tokens=config.encoder.max_tokens,
-                                token_budget=config.encoder.token_budget)
+        encoder = _encoder(ckpt, config, "cpu", progress=True)
         model_path = path / files["model"]
         try:
             state = load_file(str(model_path))
@@ -187,14 +193,14 @@ class BAHEScorer:
         config = config or ScorerConfig()
         ckpt = Checkpoint(resolve_model(model))
         lower_layers = config.encoder.num_lower_layers
-        encoder = AtomicEncoder(LowerEncoder(ckpt, lower_layers), ckpt.tokenizer, max_tokens=config.encoder.max_tokens,
-                                token_budget=config.encoder.token_budget, device=resolve_device(device),
-                                progress=progress)
+        encoder = _encoder(ckpt, config, resolve_device(device), progress)
         tables_dir = Path(tables_dir)
-        tables = [open_or_build_table(tables_dir / name, texts, encoder, config.encoder.table_dtype, kind)
-                  for name, texts, kind in ((BEHAVIORS_FILE, behavior_texts, "behavior"), (ITEMS_FILE, item_texts, "item"))]
+        dtype = config.encoder.table_dtype
+        behaviors = open_or_build_table(tables_dir / BEHAVIORS_FILE, behavior_texts, encoder, dtype, "behavior")
+        items = open_or_build_table(tables_dir / ITEMS_FILE, item_texts, ReusingEncoder(encoder, behaviors), dtype,
+                                    "item")
         bahe = BAHEModel(UpperEncoder.from_checkpoint(ckpt, lower_layers), config.model)
-        return cls(config=config, checkpoint=ckpt, encoder=encoder, model=bahe, behaviors=tables[0], items=tables[1],
+        return cls(config=config, checkpoint=ckpt, encoder=encoder, model=bahe, behaviors=behaviors, items=items,
                    device=device, kernels=kernels)
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -250,7 +256,7 @@ class BAHEScorer:
         flat = [text for user in sequences for seq in user for text in seq]
         lengths = np.fromiter((len(seq) for user in sequences for seq in user), dtype=np.int64,
                               count=len(sequences) * n)
-        with self._tables_lock, stage("lookup"):
+        with self._tables_lock, stage("lookup"), ops.use_backend(self.kernels):  # unknown texts: ABE on the fly
             behavior_rows, behavior_extra = self._rows(self.behaviors, flat, self.config.scoring.unknown_behavior,
                                                        "behavior", lengths, n)
             item_rows, item_extra = self._rows(self.items, item_texts, self.config.scoring.unknown_item, "item")
