@@ -39,12 +39,12 @@ class PackedBatch:
 
     def validate(self, num_sequences: int, behavior_table_rows: int, item_table_rows: int) -> None:
         """Raise a clear error for ids out of range, bad dtypes or bad offsets (the id-level API)."""
-        users = self.item_rows.numel() if isinstance(self.item_rows, torch.Tensor) else -1
         extra_b = 0 if self.behavior_extra is None else self.behavior_extra.shape[0]
         extra_i = 0 if self.item_extra is None else self.item_extra.shape[0]
         check_rows(self.behavior_rows, behavior_table_rows + extra_b, "behavior_rows")
         check_rows(self.item_rows, item_table_rows + extra_i, "item_rows")
         check_offsets(self.offsets, self.behavior_rows.numel())
+        users = self.item_rows.numel()
         if self.offsets.numel() != users * num_sequences + 1:
             raise ValueError(f"offsets must have U*n+1 = {users}*{num_sequences}+1 = {users * num_sequences + 1} "
                              f"entries, got {self.offsets.numel()}")

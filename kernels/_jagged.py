@@ -79,8 +79,3 @@ def pad(values: torch.Tensor, offsets: torch.Tensor, max_len: int | None = None)
         pos = torch.arange(total, device=values.device) - offsets[seg]
         padded[seg, pos] = values
     return padded, mask
-
-
-def unpad(padded: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, L, ...) padded and its (B, L) mask -> (T, ...) packed, in sequence order."""
-    return padded[mask]

