@@ -501,14 +501,13 @@ def report_lines(config: CompareConfig, command: str, machine: str, points: list
                   f"{os.cpu_count()} cores (oversubscribed). That slows BAHE's many small operations several-fold "
                   "more than the raw side's large matrix products, so the ratios below understate BAHE's advantage; "
                   "re-run on a quiet machine, or with `--threads 1` on a shared one.", ""]
-    lines += [
-              f"Model `{config.model}`, {config.lower_layers} lower layers frozen for ABE; data `{config.data}`. "
-              f"Users: {n} sequences x M behaviors (texts drawn uniformly from the data set's {cost.unique_behaviors:,} "
-              "unique behavior texts, fixed seed) + one item; the same users for both sides, texts in -> "
-              "probabilities out. BAHE: `BAHEScorer.score`. Raw: `RawTokenCTR`'s forward with the scorer's own "
-              "modules over each sequence's concatenated tokens. Times: median of the repetitions, per 1,000 users. "
-              "Memory: peak RSS (CPU) or allocator peak (CUDA) during the call, and (+) what the call added; "
-              "the memory ratio uses the added part.", "",
+    lines += [f"Model `{config.model}`, {config.lower_layers} lower layers frozen for ABE; data `{config.data}`. "
+              f"Users: {n} sequences x M behaviors (texts drawn uniformly from the data set's "
+              f"{cost.unique_behaviors:,} unique behavior texts, fixed seed) + one item; the same users for both "
+              "sides, texts in -> probabilities out. BAHE: `BAHEScorer.score`. Raw: `RawTokenCTR`'s forward with "
+              "the scorer's own modules over each sequence's concatenated tokens. Times: median of the "
+              "repetitions, per 1,000 users. Memory: peak RSS (CPU) or allocator peak (CUDA) during the call, "
+              "and (+) what the call added; the memory ratio uses the added part.", "",
               "| M | users / batch | reps | raw tokens / sequence | BAHE s / 1k users | raw s / 1k users | time "
               "raw / BAHE | BAHE peak MB (+added) | raw peak MB (+added) | memory raw / BAHE | break-even users | "
               "raw side |",
@@ -712,8 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
     config = CompareConfig(model=args.model, data=args.data, lower_layers=args.lower_layers, max_tokens=args.max_tokens,
                            ms=tuple(sorted(set(args.ms))), train=not args.no_train,
-                           train_behaviors=args.train_behaviors, train_batch_size=args.train_batch_size, device=args.device, threads=args.threads,
-                           seed=args.seed, work_dir=args.work_dir, out_dir=args.out_dir,
+                           train_behaviors=args.train_behaviors, train_batch_size=args.train_batch_size,
+                           device=args.device, threads=args.threads, seed=args.seed, work_dir=args.work_dir,
+                           out_dir=args.out_dir,
                            results_md=Path(args.results_md) if args.results_md else None, large=args.large)
     if args.large:
         config = replace(config, **LARGE)
