@@ -35,8 +35,8 @@ subset of the data set's train examples (the paper's own table compares training
 
 Outputs (under --out-dir, default bench/results): compare.json (every number of the run),
 compare.csv (one row per (side, M), appended, labeled with the machine and time, so runs on
-different machines sit side by side), scaling.png (log-log time and memory vs M); and the section
-of --results-md (bench/RESULTS.md) between `<!-- bench:compare -->` and `<!-- /bench -->`.
+different machines sit side by side), scaling-<model>.png (log-log time and memory vs M); and the section
+of --results-md (bench/RESULTS.md) between `<!-- bench:compare:<model> -->` and `<!-- /bench -->`.
 Kernel-level timings: `python -m bench.kernels`; latency suites: `pytest bench/ --benchmark-only`.
 """
 from __future__ import annotations
@@ -71,11 +71,11 @@ from engine.scorer import BAHEScorer, resolve_device
 from engine.train import TrainConfig, fit
 from kernels import ops
 from weights.checkpoint import Checkpoint
-from weights.registry import resolve_model
+from weights.registry import EMBEDDED, resolve_model
 
 log = logging.getLogger(__name__)
 
-MARKER = "bench:compare"  # the section <!-- bench:compare --> ... <!-- /bench --> of RESULTS.md
+MARKER = "bench:compare:{model}"  # the section <!-- bench:compare:<model> --> ... <!-- /bench --> of RESULTS.md
 MB = 2 ** 20
 DEFAULT_MS = (8, 16, 24, 32, 40, 48, 64, 128, 256, 512, 1024, 2048, 4096, 10000)
 
@@ -644,7 +644,8 @@ def run(config: CompareConfig, command: str = "python -m bench.compare") -> dict
     elapsed = time.perf_counter() - started
     run_id = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    png = config.out_dir / "scaling.png"
+    model_name = Path(config.model).name if config.model not in EMBEDDED else config.model
+    png = config.out_dir / f"scaling-{model_name}.png"
     plot(points, png, f"BAHE vs raw-token LLM ({config.model}) - {machine}")
     write_csv(config.out_dir / "compare.csv", points, machine, run_id, torch.get_num_threads())
     summary = {
@@ -669,9 +670,9 @@ def run(config: CompareConfig, command: str = "python -m bench.compare") -> dict
     if config.results_md is not None:
         link = os.path.relpath(png, config.results_md.resolve().parent if config.results_md.is_absolute()
                                else config.results_md.parent)
-        write_section(config.results_md, MARKER, report_lines(config, command, machine, points, cost, training,
+        write_section(config.results_md, MARKER.format(model=model_name), report_lines(config, command, machine, points, cost, training,
                                                       train_examples, elapsed, link, n, oversubscribed))
-        print(f"wrote {config.results_md} (section <!-- {MARKER} -->)")
+        print(f"wrote {config.results_md} (section <!-- {MARKER.format(model=model_name)} -->)")
     print(f"wrote {png}, {config.out_dir / 'compare.json'}, {config.out_dir / 'compare.csv'}; "
           f"{elapsed / 60:.1f} min in all")
     return summary

@@ -152,7 +152,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     initial = {k: v.detach().clone() for k, v in scorer.model.state_dict().items()}
     bahe_subset = train_and_test(BAHECTR(scorer, data), data, subset, train_config)
     result.rows.append(DemoRow(bahe_subset, subset["train"].size, bahe_subset.test["seconds_per_1k"] * 1000,
-                               "same examples as the raw-token row"))
+                               "same examples as the raw-token row; scored through its forward"))
     scorer.model.load_state_dict(initial)
     bahe = train_and_test(BAHECTR(scorer, data), data, rows, train_config)
     result.rows.append(DemoRow(bahe, rows["train"].size, _bahe_scoring_time(scorer, data, rows["test"]),
@@ -190,5 +190,7 @@ def _write_results(config: DemoConfig, table: list[str], model_desc: str, tables
         f"Data: {config.data}, time split; examples used: train {rows['train'].size:,}, validation "
         f"{rows['val'].size:,}, test {rows['test'].size:,}. ABE: {tables.behavior_events:,} behaviors -> "
         f"{tables.unique_behaviors:,} unique rows ({tables.dedup_ratio:.0f}x dedup); {lower} lower layers frozen. "
-        f"Scoring time: BAHE through `BAHEScorer.score` (texts in), the others through their forward.",
+        f"Scoring time: per 1,000 test users, through each model's forward, except the second BAHE row: the "
+        f"public `BAHEScorer.score` (texts in, lookup included). Peak memory: process RSS during training "
+        f"(+ what training added).",
         "", *table])

@@ -18,7 +18,8 @@ def test_compare_and_profile_end_to_end(tmp_path, tiny_checkpoints):
                             "--val-examples", "16", "--train-behaviors", "2", "--train-batch-size", "4",
                             "--out-dir", str(out), "--results-md", str(results_md)])
 
-    for name in ("scaling.png", "compare.json", "compare.csv"):
+    plot = f"scaling-{Path(model).name}.png"
+    for name in (plot, "compare.json", "compare.csv"):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "compare.json").read_text())["run"] == summary["run"]
     ran = [p for p in summary["points"] if p["time_ratio"] is not None]
@@ -29,8 +30,9 @@ def test_compare_and_profile_end_to_end(tmp_path, tiny_checkpoints):
     assert summary["abe"]["per_second"] > 0 and summary["abe"]["dedup_ratio"] >= 1
     assert summary["training"]["time_ratio"] > 0 and summary["training"]["added_memory_ratio"] > 0
     text = results_md.read_text()
-    assert "demo table" in text and text.count("<!-- bench:compare -->") == 1 and "<!-- /bench -->" in text
-    assert "](results/scaling.png)" in text
+    marker = f"<!-- bench:compare:{Path(model).name} -->"
+    assert "demo table" in text and text.count(marker) == 1 and "<!-- /bench -->" in text
+    assert f"](results/{plot})" in text
 
     trace = tmp_path / "trace.json"
     cli.main(["profile", *common, "--users", "2", "--m", "4", "--out", str(trace)])
