@@ -678,14 +678,19 @@ def run(config: CompareConfig, command: str = "python -m bench.compare") -> dict
     return summary
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = CompareConfig()
-    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_model_arguments(p: argparse.ArgumentParser, d: CompareConfig) -> None:
+    """The model and data options shared with bench.profile."""
     p.add_argument("--model", default=d.model, help="'minilm', 'smollm2' or a local checkpoint folder")
     p.add_argument("--data", default=d.data, help="'movielens' or a behavior log file")
     p.add_argument("--lower-layers", type=int, default=d.lower_layers)
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="tokens per behavior / item text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = CompareConfig()
+    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_arguments(p, d)
     p.add_argument("--ms", type=int, nargs="+", default=list(d.ms), help="behaviors per sequence to sweep")
     p.add_argument("--users", type=int, default=None, help=f"most users per batch (default {d.users}; "
                    f"--large: {LARGE['users']})")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from bench.compare import CompareConfig, build, synthetic_users
+from bench.compare import CompareConfig, add_model_arguments, build, synthetic_users
 from engine.experiment import load_data
 from engine.report import machine
 from engine.stages import PREFIX, STAGES
@@ -53,10 +53,7 @@ def main(argv: list[str] | None = None) -> dict[str, StageTime]:
     d = CompareConfig()
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=d.model, help="'minilm', 'smollm2' or a local checkpoint folder")
-    p.add_argument("--data", default=d.data, help="'movielens' or a behavior log file")
-    p.add_argument("--lower-layers", type=int, default=d.lower_layers)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    add_model_arguments(p, d)
     p.add_argument("--users", type=int, default=64, help="users in the profiled batch")
     p.add_argument("--m", type=int, default=128, help="behaviors per sequence")
     p.add_argument("--device", default=d.device)
