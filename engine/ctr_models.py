@@ -48,8 +48,8 @@ class BAHECTR(nn.Module):
         texts = [log.item_texts[int(i)] for i in ids]
         self.behavior_row = row_map(ids, scorer.behaviors.lookup(texts))
         self.item_row = row_map(ids, scorer.items.lookup(texts))
-        self.behavior_table = scorer.behaviors.embeddings
-        self.item_table = scorer.items.embeddings
+        self.behavior_table = scorer.table_rows("behaviors")
+        self.item_table = scorer.table_rows("items")
 
     def prepare(self, log: BehaviorLog, rows: np.ndarray) -> PackedBatch:
         config = self.scorer.config.model
@@ -70,6 +70,9 @@ class TokenBatch:
     ids: torch.Tensor      # (T,) int64
     offsets: torch.Tensor  # (U*n + U + 1,) int64
     users: int
+
+    def to(self, device: torch.device) -> TokenBatch:
+        return TokenBatch(self.ids.to(device), self.offsets.to(device), self.users)
 
 
 class RawTokenCTR(nn.Module):

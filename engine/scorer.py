@@ -260,7 +260,7 @@ class BAHEScorer:
             behavior_rows, behavior_extra = self._rows(self.behaviors, flat, self.config.scoring.unknown_behavior,
                                                        "behavior", lengths, n)
             item_rows, item_extra = self._rows(self.items, item_texts, self.config.scoring.unknown_item, "item")
-            behavior_table, item_table = self._device_table("behaviors"), self._device_table("items")
+            behavior_table, item_table = self.table_rows("behaviors"), self.table_rows("items")
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         return self._score_packed(behavior_table, item_table, behavior_rows, offsets, item_rows,
                                   behavior_extra, item_extra)
@@ -276,7 +276,7 @@ class BAHEScorer:
         if longest > self.config.model.max_behaviors:
             raise ValueError(f"a sequence holds {longest} behaviors, more than max_behaviors "
                              f"{self.config.model.max_behaviors}; keep the most recent ones")
-        return self._score_packed(self._device_table("behaviors"), self._device_table("items"),
+        return self._score_packed(self.table_rows("behaviors"), self.table_rows("items"),
                                   behavior_rows.cpu().numpy(), offsets.cpu().numpy(), item_rows.cpu().numpy())
 
     def _score_packed(self, behavior_table: torch.Tensor, item_table: torch.Tensor, behavior_rows: np.ndarray,
@@ -298,8 +298,9 @@ class BAHEScorer:
         return np.clip(out, PROB_EPS, 1 - PROB_EPS)
 
     # ----- helpers --------------------------------------------------------------------------
-    def _device_table(self, which: str) -> torch.Tensor:
-        """The table's rows where the model runs; placed once per table size (grows with appends)."""
+    def table_rows(self, which: str) -> torch.Tensor:
+        """(N, d) rows of the 'behaviors' or 'items' table where the model runs: on CUDA placed once
+        per table size (on the device, or pinned host memory when it does not fit); mmapped on CPU."""
         table = self.behaviors if which == "behaviors" else self.items
         cached = self._placed.get(which)
         if cached is not None and cached[0] == len(table):

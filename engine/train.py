@@ -48,10 +48,6 @@ def _batches(rows: np.ndarray, size: int):
         yield rows[start:start + size]
 
 
-def _to(batch, device: torch.device):
-    return batch.to(device) if hasattr(batch, "to") else batch
-
-
 def predict(model: nn.Module, data: BehaviorLog, rows: np.ndarray, *, batch_size: int = 256,
             device: torch.device | str = "cpu", progress: bool = False) -> np.ndarray:
     """(len(rows),) float64 click probabilities."""
@@ -61,7 +57,7 @@ def predict(model: nn.Module, data: BehaviorLog, rows: np.ndarray, *, batch_size
         done = 0
         for chunk in tqdm(list(_batches(rows, batch_size)), desc=f"{model.name} predict", disable=not progress,
                           leave=False):
-            logits = model(_to(model.prepare(data, chunk), torch.device(device)))
+            logits = model(model.prepare(data, chunk).to(torch.device(device)))
             out[done:done + chunk.size] = torch.sigmoid(logits.float()).cpu().numpy()
             done += chunk.size
     return out
@@ -101,7 +97,7 @@ def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: n
             bar = tqdm(list(_batches(order, config.batch_size)), desc=f"{model.name} epoch {epoch + 1}",
                        disable=not config.progress, leave=False)
             for chunk in bar:
-                batch = _to(model.prepare(data, chunk), device)
+                batch = model.prepare(data, chunk).to(device)
                 labels = torch.from_numpy(data.label[chunk].astype(np.float32)).to(device)
                 loss = loss_fn(model(batch), labels)
                 optimizer.zero_grad(set_to_none=True)
