@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     lines = run(args.model, args.layers, SampleConfig(args.train, args.val, args.test), args.max_behaviors,
                 args.epochs, Path(args.out))
-    command = f"python -m bench.splits --model {args.model} --layers {' '.join(map(str, args.layers))}"
+    command = (f"python -m bench.splits --model {args.model} --layers {' '.join(map(str, args.layers))} "
+               f"--train {args.train} --val {args.val} --test {args.test}")
     write_section(args.results, f"splits:{args.model}", [
         f"### Choosing num_lower_layers for {args.model}", "",
         f"`{command}` on {datetime.date.today().isoformat()}, {machine()}; "
