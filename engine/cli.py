@@ -93,7 +93,8 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from engine.demo import DemoConfig, run_demo
-    run_demo(DemoConfig.preset(args.model, args.full, out=Path(args.out), results=Path(args.results)))
+    out = Path(args.out) if args.out else Path("artifacts/demo") / Path(args.model).name
+    run_demo(DemoConfig.preset(args.model, args.full, out=out, results=Path(args.results)))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="MovieLens-100K: BAHE vs raw-token LLM vs id-only, one table")
     p.add_argument("--model", default="minilm")
     p.add_argument("--full", action="store_true", help="all examples and more epochs (slow on CPU)")
-    p.add_argument("--out", default="artifacts/demo")
+    p.add_argument("--out", help="output folder (default: artifacts/demo/<model>)")
     p.add_argument("--results", default="bench/RESULTS.md")
     p.set_defaults(func=cmd_demo)
 

@@ -28,7 +28,7 @@ class DemoConfig:
     per-model defaults and the `--full` run (every example, longer sequences, more epochs)."""
     model: str = "minilm"
     data: str = "movielens"             # or a CSV/parquet behavior log
-    out: Path = Path("artifacts/demo")
+    out: Path = Path("artifacts/demo/minilm")
     results: Path | None = Path("bench/RESULTS.md")
     full: bool = False
     num_lower_layers: int = 3
