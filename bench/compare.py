@@ -494,8 +494,8 @@ def report_lines(config: CompareConfig, command: str, machine: str, points: list
     common = [p for p in points if p.common]
     lines = ["### Benchmark: BAHE vs the raw-token LLM as M grows", "",
              f"`{command}` on {datetime.date.today().isoformat()}; {machine}; {elapsed / 60:.1f} min in all. "
-             "Absolute times are from a machine shared with other jobs (noisy); ratios come from one run with "
-             "both sides interleaved repetition by repetition.", ""]
+             "Absolute times are this machine's; ratios come from one run with both sides interleaved "
+             "repetition by repetition.", ""]
     if oversubscribed:
         lines += [f"**Caution:** other jobs were running and torch used {torch.get_num_threads()} threads on "
                   f"{os.cpu_count()} cores (oversubscribed). That slows BAHE's many small operations several-fold "
