@@ -37,3 +37,10 @@ def check_dispatch(monkeypatch, module, op: str, call):
         call()
     assert calls == [f"{op}_triton", f"{op}_reference", f"{op}_reference"]
     return out, ref
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    """Kernel output vs reference: same shape and dtype, every element written, relative error < tol."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, out.dtype, ref.shape, ref.dtype)
+    assert not out.isnan().any(), "an output element was left unwritten (poisoned NaN) or is NaN"
+    assert rel_err(out, ref) < tol
