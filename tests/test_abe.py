@@ -57,3 +57,18 @@ def test_table_built_by_abe_matches_its_encoder(tiny_checkpoints, tmp_path):
     other = AtomicEncoder.from_checkpoint(ckpt, 1, progress=False)
     with pytest.raises(ValueError, match="num_lower_layers 2 does not match the model's num_lower_layers 1"):
         BehaviorTable.open(tmp_path / "t.safetensors", other)
+
+
+def test_plain_mean_pooling_is_available_for_decoders(tiny_checkpoints):
+    """pooling='mean' averages every token, the attention-sink first one included."""
+    folder = tiny_checkpoints["qwen2"]
+    ckpt = Checkpoint(folder)
+    encoder = AtomicEncoder.from_checkpoint(ckpt, 2, pooling="mean", progress=False)
+    assert encoder.signature.pooling == "mean"
+    hf = AutoModel.from_pretrained(folder).eval()
+    enc = ckpt.tokenizer(TEXTS[1], return_tensors="pt")
+    with torch.no_grad():
+        states = hf(**enc, output_hidden_states=True).hidden_states[2][0]
+    torch.testing.assert_close(encoder.encode([TEXTS[1]])[0], states.mean(0), rtol=1e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="pooling must be"):
+        AtomicEncoder.from_checkpoint(ckpt, 2, pooling="max")
