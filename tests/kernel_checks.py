@@ -1,13 +1,28 @@
-"""What every kernel test shares: tolerances, the relative error, poisoned outputs, the GPU limit."""
+"""What every kernel test shares: tolerances, the relative error, poisoned outputs, the sm_90 compile check."""
 import pytest
 import torch
 
-from kernels._triton import poison_outputs
+from kernels._triton import compile_for_gpu_in_subprocess, poison_outputs
 
 # ||out - ref|| / ||ref|| bounds per dtype (fp32 on the interpreter; bf16/fp16 with fp32 accumulation).
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 # Hopper's largest shared-memory allocation per block (227 KiB).
 SM90_SHARED_LIMIT = 227 * 1024
+
+
+def compile_for_sm90(script: str) -> list[dict]:
+    """Compile for sm_90, with no GPU (nothing runs), every launch that the function `launch()`
+    defined by `script` makes; `torch` is imported for it. One dict per launch (see compile_for_gpu)."""
+    return compile_for_gpu_in_subprocess("import json, torch\nfrom kernels._triton import compile_for_gpu\n"
+                                         + script + "print(json.dumps(compile_for_gpu(launch)))\n")
+
+
+def assert_fits_sm90(infos: list[dict], launches: int, max_stack_bytes: int = 0) -> None:
+    """`launches` compiled kernels, each within sm_90's shared memory and at most `max_stack_bytes`
+    of stack per thread (0: no register spills)."""
+    assert len(infos) == launches, infos
+    for info in infos:
+        assert info["shared"] <= SM90_SHARED_LIMIT and (info["stack"] or 0) <= max_stack_bytes, info
 
 
 @pytest.fixture(autouse=True)

@@ -4,8 +4,7 @@ import torch
 
 import kernels.ctr_mlp as mod
 from kernels import ops
-from kernels._triton import compile_for_gpu_in_subprocess
-from tests.kernel_checks import SM90_SHARED_LIMIT, check_dispatch, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
+from tests.kernel_checks import SM90_SHARED_LIMIT, check_dispatch, compile_for_sm90, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
 from kernels.ctr_mlp import MAX_HIDDEN_WIDTH, ctr_mlp_reference, ctr_mlp_triton
 
 # bf16: the reference rounds every hidden activation to bf16, the kernel keeps them in fp32.
@@ -92,17 +91,14 @@ def test_dispatch(monkeypatch):
 def test_compiles_for_sm90():
     """Compile (no GPU needed, nothing runs) the one-launch MLP for sm_90 at the width limit: bf16
     must fit shared memory without spills; fp32 (tf32x3 dots) must fit shared memory."""
-    infos = compile_for_gpu_in_subprocess(
-        "import json, torch\n"
-        "from kernels._triton import compile_for_gpu\n"
+    infos = compile_for_sm90(
         "from kernels.ctr_mlp import ctr_mlp_triton\n"
         "def layers(widths):\n"
         "    dims = [2688, *widths, 1]\n"
         "    return [torch.randn(o, i) for i, o in zip(dims[:-1], dims[1:])], [torch.randn(o) for o in dims[1:]]\n"
         "def launch():\n"
         "    for dtype, widths in ((torch.bfloat16, [1024]), (torch.bfloat16, [1024] * 3), (torch.float32, [1024] * 3)):\n"
-        "        ctr_mlp_triton(torch.randn(64, 2688).to(dtype), *layers(widths), activation='gelu')\n"
-        "print(json.dumps(compile_for_gpu(launch)))\n")
+        "        ctr_mlp_triton(torch.randn(64, 2688).to(dtype), *layers(widths), activation='gelu')\n")
     assert len(infos) == 3
     for info in infos:
         assert info["shared"] <= SM90_SHARED_LIMIT, info

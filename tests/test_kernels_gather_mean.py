@@ -8,8 +8,7 @@ import kernels.gather_mean as mod
 import kernels.jagged_mean as pool
 from kernels import ops
 from kernels._jagged import offsets_from_lengths
-from kernels._triton import compile_for_gpu_in_subprocess
-from tests.kernel_checks import SM90_SHARED_LIMIT, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
+from tests.kernel_checks import assert_fits_sm90, compile_for_sm90, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
 from kernels.gather_mean import gather_mean_reference, gather_mean_triton
 
 LENGTHS = [[0], [1], [0, 1, 33, 0, 5], [70, 3, 0, 1], [2] * 9]
@@ -94,12 +93,10 @@ def test_dispatch(monkeypatch):
 
 def test_compiles_for_sm90_without_spills():
     """Compile (no GPU needed, nothing runs) the launch of a bf16 gather-mean, for sm_90."""
-    infos = compile_for_gpu_in_subprocess(
-        "import json, torch\n"
-        "from kernels._triton import compile_for_gpu\n"
+    infos = compile_for_sm90(
         "from kernels.gather_mean import gather_mean_triton\n"
         "offsets, rows = torch.tensor([0, 3, 3, 40]), torch.randint(0, 100, (40,))\n"
         "table = torch.randn(100, 896).bfloat16()\n"
-        "print(json.dumps(compile_for_gpu(lambda: gather_mean_triton(table, rows, offsets, out_dtype=torch.float32))))\n")
-    assert len(infos) == 1
-    assert infos[0]["shared"] <= SM90_SHARED_LIMIT and infos[0]["stack"] in (0, None), infos
+        "def launch():\n"
+        "    gather_mean_triton(table, rows, offsets, out_dtype=torch.float32)\n")
+    assert_fits_sm90(infos, launches=1)

@@ -5,8 +5,7 @@ import torch
 import kernels.jagged_mean as mod
 from kernels import ops
 from kernels._jagged import offsets_from_lengths
-from kernels._triton import compile_for_gpu_in_subprocess
-from tests.kernel_checks import SM90_SHARED_LIMIT, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
+from tests.kernel_checks import assert_fits_sm90, compile_for_sm90, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
 from kernels.jagged_mean import jagged_mean_reference, jagged_mean_triton
 
 LENGTHS = [[0], [1], [0, 1, 33, 0, 5], [70, 3, 0, 1], [2] * 9]
@@ -85,15 +84,10 @@ def test_dispatch(monkeypatch):
 
 def test_compiles_for_sm90_without_spills():
     """Compile (no GPU needed, nothing runs) the launches of bf16 and fp32 pooling, for sm_90."""
-    infos = compile_for_gpu_in_subprocess(
-        "import json, torch\n"
-        "from kernels._triton import compile_for_gpu\n"
+    infos = compile_for_sm90(
         "from kernels.jagged_mean import jagged_mean_triton\n"
         "offsets, values = torch.tensor([0, 3, 3, 40]), torch.randn(40, 896)\n"
         "def launch():\n"
         "    jagged_mean_triton(values.bfloat16(), offsets, empty=torch.zeros(896))\n"
-        "    jagged_mean_triton(values, offsets)\n"
-        "print(json.dumps(compile_for_gpu(launch)))\n")
-    assert len(infos) == 2
-    for info in infos:
-        assert info["shared"] <= SM90_SHARED_LIMIT and info["stack"] in (0, None), info
+        "    jagged_mean_triton(values, offsets)\n")
+    assert_fits_sm90(infos, launches=2)

@@ -5,8 +5,7 @@ import torch
 import kernels.rope as mod
 from kernels import ops
 from kernels._jagged import offsets_from_lengths, positions_in_sequence
-from kernels._triton import compile_for_gpu_in_subprocess
-from tests.kernel_checks import SM90_SHARED_LIMIT, assert_matches, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
+from tests.kernel_checks import assert_fits_sm90, compile_for_sm90, assert_matches, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
 from kernels.rope import rope_reference, rope_triton
 
 LENGTHS = [[1], [0, 1, 21, 0, 5], [40, 3]]
@@ -105,17 +104,11 @@ def test_dispatch(monkeypatch):
 
 def test_compiles_for_sm90_without_spills():
     """Compile (no GPU needed, nothing runs) bf16 and fp32 RoPE launches, for sm_90."""
-    infos = compile_for_gpu_in_subprocess(
-        "import json, torch\n"
-        "from kernels._triton import compile_for_gpu\n"
+    infos = compile_for_sm90(
         "from kernels.rope import rope_triton\n"
         "offsets, cos, sin = torch.tensor([0, 3, 3, 40]), torch.randn(40, 64), torch.randn(40, 64)\n"
         "q, k = torch.randn(40, 9, 64), torch.randn(40, 3, 64)\n"
         "def launch():\n"
         "    rope_triton(q.bfloat16(), k.bfloat16(), offsets, cos, sin)\n"
-        "    rope_triton(q, k, offsets, cos, sin)\n"
-        "print(json.dumps(compile_for_gpu(launch)))\n")
-    assert len(infos) == 2
-    for info in infos:
-        # fp32 keeps 8 bytes of stack (measured), not a spill of the tiles.
-        assert info["shared"] <= SM90_SHARED_LIMIT and (info["stack"] or 0) <= 8, info
+        "    rope_triton(q, k, offsets, cos, sin)\n")
+    assert_fits_sm90(infos, launches=2, max_stack_bytes=8)  # fp32 keeps 8 bytes of stack (measured), not a spill of the tiles

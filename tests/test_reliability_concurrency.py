@@ -43,6 +43,18 @@ def _appender(path, texts, go, lock_timeout=None):
     return child
 
 
+def _start_holding_the_lock(path, texts, tmp_path):
+    """A child process appending `texts` (slowly), returned once it is writing: it holds the lock."""
+    go = FORK.Event()
+    holder = _appender(path, texts, go)
+    go.set()
+    deadline = time.monotonic() + 60
+    while not _temps(tmp_path):
+        assert holder.is_alive() and time.monotonic() < deadline
+        time.sleep(0.005)
+    return holder
+
+
 def test_two_processes_appending_at_once_both_land_exactly_once(tmp_path):
     path = tmp_path / "t.safetensors"
     BehaviorTable.build(path, BASE, StubEncoder())
@@ -68,13 +80,7 @@ def test_two_processes_appending_at_once_both_land_exactly_once(tmp_path):
 def test_second_appender_fails_clearly_with_a_timeout_then_succeeds(tmp_path):
     path = tmp_path / "t.safetensors"
     table = BehaviorTable.build(path, BASE, StubEncoder())
-    go = FORK.Event()
-    holder = _appender(path, [f"slow writer {i}" for i in range(400)], go)
-    go.set()
-    deadline = time.monotonic() + 60
-    while not _temps(tmp_path):  # the holder is writing: it holds the lock
-        assert holder.is_alive() and time.monotonic() < deadline
-        time.sleep(0.005)
+    holder = _start_holding_the_lock(path, [f"slow writer {i}" for i in range(400)], tmp_path)
     with pytest.raises(FileLockTimeout, match="locked by another process"):
         table.append(["impatient writer"], lock_timeout=0.1)
     assert table.append(["patient writer"]) == 1  # waits for the holder, then sees its rows
@@ -91,13 +97,7 @@ def test_a_killed_lock_holder_does_not_block_the_next_writer(tmp_path):
     """flock is released by the kernel when its holder dies: no stale lock to clean up by hand."""
     path = tmp_path / "t.safetensors"
     table = BehaviorTable.build(path, BASE, StubEncoder())
-    go = FORK.Event()
-    holder = _appender(path, [f"doomed writer {i}" for i in range(400)], go)
-    go.set()
-    deadline = time.monotonic() + 60
-    while not _temps(tmp_path):
-        assert holder.is_alive() and time.monotonic() < deadline
-        time.sleep(0.005)
+    holder = _start_holding_the_lock(path, [f"doomed writer {i}" for i in range(400)], tmp_path)
     os.kill(holder.pid, signal.SIGKILL)
     holder.join(60)
     assert table.append(["next writer"], lock_timeout=5) == 1
