@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from engine.config import EncoderConfig, ModelConfig, ScorerConfig, ScoringConfig
-from engine.ctr_models import SEQUENCE_SEPARATOR, BAHECTR, RawTokenCTR, TokenBatch
+from engine.ctr_models import BAHECTR, RawTokenCTR, TokenBatch
 from engine.data.log import BehaviorLog
 from engine.experiment import SampleConfig, load_data, sample_split
 from engine.memory import PeakMemory
@@ -70,8 +70,9 @@ from engine.report import machine as machine_label, write_section
 from engine.scorer import BAHEScorer, resolve_device
 from engine.train import TrainConfig, fit
 from kernels import ops
+from kernels._jagged import max_length
 from weights.checkpoint import Checkpoint
-from weights.registry import EMBEDDED, resolve_model
+from weights.registry import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -202,11 +203,11 @@ def synthetic_users(texts: Sequence[str], names: Sequence[str], m: int, users: i
 class RawTokenScorer:
     """The raw-token baseline scoring texts: RawTokenCTR's forward, with the BAHE scorer's own lower
     layers, upper layers, empty-sequence vectors and head, so only the input differs: each sequence's
-    behavior texts concatenated (most recent first, as RawTokenCTR.prepare does) and tokenized, and
+    behavior texts concatenated (most recent first, by RawTokenCTR.pack) and tokenized, and
     every layer run over every token."""
 
-    def __init__(self, scorer: BAHEScorer, ckpt: Checkpoint, data: BehaviorLog, item_max_tokens: int) -> None:
-        self.model = RawTokenCTR(ckpt, scorer.config.encoder.num_lower_layers, scorer.config.model, data,
+    def __init__(self, scorer: BAHEScorer, item_max_tokens: int) -> None:
+        self.model = RawTokenCTR(scorer.checkpoint, scorer.config.encoder.num_lower_layers, scorer.config.model,
                                  max_tokens_per_sequence=sys.maxsize, item_max_tokens=item_max_tokens)
         self.model.lower, self.model.upper = scorer.encoder.lower, scorer.model.upper
         self.model.head, self.model.empty_sequence = scorer.model.head, scorer.model.empty_sequence
@@ -216,15 +217,10 @@ class RawTokenScorer:
 
     def token_batch(self, users: Sequence[dict[str, list[str]]], items: Sequence[str]) -> tuple[TokenBatch, int]:
         """-> the packed tokens and the longest sequence's token count (> positions: does not fit)."""
-        texts = [SEQUENCE_SEPARATOR.join(reversed(user[name])) for user in users for name in self.names]
-        tokens = self.model._tokens(texts, self.positions + 1) + self.model._tokens(list(items),
-                                                                                   self.model.item_max_tokens)
-        lengths = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
-        flat = np.fromiter((x for t in tokens for x in t), dtype=np.int64, count=int(lengths.sum()))
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        batch = TokenBatch(torch.from_numpy(flat).to(self.device), torch.from_numpy(offsets).to(self.device),
-                           len(users))
-        return batch, int(lengths[:len(texts)].max()) if texts else 0
+        batch = self.model.pack(users, items, max_tokens=self.positions + 1)
+        sequences = len(users) * len(self.names)
+        longest = max_length(batch.offsets[:sequences + 1])
+        return batch.to(self.device), longest
 
     def score(self, users: Sequence[dict[str, list[str]]], items: Sequence[str]) -> np.ndarray:
         batch, _ = self.token_batch(users, items)
@@ -397,23 +393,19 @@ class TrainRow:
         return statistics.median(self.epoch_seconds)
 
 
-def compare_training(config: CompareConfig, data: BehaviorLog, texts: list[str], ckpt: Checkpoint,
-                     tables_dir: Path, device: torch.device) -> tuple[list[TrainRow], int]:
+def compare_training(config: CompareConfig, data: BehaviorLog, ckpt: Checkpoint,
+                     device: torch.device) -> tuple[list[TrainRow], int]:
     """One epoch of `fit` for BAHE and the raw-token baseline on the same examples, interleaved."""
     rows = sample_split(data.split(), SampleConfig(train=config.train_examples, val=config.val_examples, test=1,
                                                    seed=config.seed))
-    model_config = ModelConfig(sequence_names=data.sequence_names, max_behaviors=config.train_behaviors)
-    scorer_config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=config.lower_layers,
-                                                       max_tokens=config.max_tokens), model=model_config)
     train_config = TrainConfig(epochs=1, batch_size=config.train_batch_size, seed=config.seed, progress=False)
 
     def bahe():
-        scorer = BAHEScorer.create(config.model, behavior_texts=texts, item_texts=texts, tables_dir=tables_dir,
-                                   config=scorer_config, device=device, progress=False)
-        return BAHECTR(scorer, data)
+        return BAHECTR(build(config, data, max_behaviors=config.train_behaviors), data)
 
     def raw():
-        return RawTokenCTR(ckpt, config.lower_layers, model_config, data, max_tokens_per_sequence=sys.maxsize,
+        model_config = ModelConfig(sequence_names=data.sequence_names, max_behaviors=config.train_behaviors)
+        return RawTokenCTR(ckpt, config.lower_layers, model_config, max_tokens_per_sequence=sys.maxsize,
                            item_max_tokens=config.max_tokens)
 
     labels = data.label[rows["val"]]
@@ -596,16 +588,16 @@ def tables_dir_for(config: CompareConfig) -> Path:
     return config.work_dir / f"tables-{folder.name}-{tag}-L{config.lower_layers}-T{config.max_tokens}"
 
 
-def build(config: CompareConfig, data: BehaviorLog, texts: list[str]) -> tuple[BAHEScorer, Checkpoint]:
-    """The BAHE scorer (tables built once, then reused from the work dir) and its checkpoint."""
-    device = resolve_device(config.device)
+def build(config: CompareConfig, data: BehaviorLog, max_behaviors: int | None = None) -> BAHEScorer:
+    """The BAHE scorer over every item text of `data` (tables built once, then reused from the work
+    dir), keeping `max_behaviors` per sequence (default: the largest M)."""
     scorer_config = ScorerConfig(
         encoder=EncoderConfig(num_lower_layers=config.lower_layers, max_tokens=config.max_tokens),
-        model=ModelConfig(sequence_names=data.sequence_names, max_behaviors=max(config.ms)),
+        model=ModelConfig(sequence_names=data.sequence_names, max_behaviors=max_behaviors or max(config.ms)),
         scoring=ScoringConfig(batch_size=max(config.users, 1)))
-    scorer = BAHEScorer.create(config.model, behavior_texts=texts, item_texts=texts, tables_dir=tables_dir_for(config),
-                               config=scorer_config, device=device, progress=False)
-    return scorer, Checkpoint(resolve_model(config.model))
+    texts = data.item_id_texts
+    return BAHEScorer.create(config.model, behavior_texts=texts, item_texts=texts, tables_dir=tables_dir_for(config),
+                             config=scorer_config, device=resolve_device(config.device), progress=False)
 
 
 def run(config: CompareConfig, command: str = "python -m bench.compare") -> dict:
@@ -621,9 +613,10 @@ def run(config: CompareConfig, command: str = "python -m bench.compare") -> dict
         log.warning("load average %.1f: other jobs share the CPU, and %d torch threads will be oversubscribed "
                     "(several-fold slower, noisier); consider --threads 1", load, torch.get_num_threads())
     data = load_data(config.data)
-    texts = [data.item_texts[int(i)] for i in data.item_ids]
-    scorer, ckpt = build(config, data, texts)
-    raw = RawTokenScorer(scorer, ckpt, data, config.max_tokens)
+    texts = data.item_id_texts
+    scorer = build(config, data)
+    ckpt = scorer.checkpoint
+    raw = RawTokenScorer(scorer, config.max_tokens)
     n = len(scorer.config.model.sequence_names)
     print(f"model {config.model}: {ckpt.num_layers} layers ({config.lower_layers} lower), hidden {ckpt.hidden_size}, "
           f"raw side limited to {raw.positions} positions per sequence; {n} sequences per user", flush=True)
@@ -640,11 +633,11 @@ def run(config: CompareConfig, command: str = "python -m bench.compare") -> dict
     training, train_examples = None, 0
     if config.train:
         del raw
-        training, train_examples = compare_training(config, data, texts, ckpt, tables_dir_for(config), device)
+        training, train_examples = compare_training(config, data, ckpt, device)
     elapsed = time.perf_counter() - started
     run_id = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    model_name = Path(config.model).name if config.model not in EMBEDDED else config.model
+    model_name = Path(config.model).name  # an embedded name (no slash) is its own name
     png = config.out_dir / f"scaling-{model_name}.png"
     plot(points, png, f"BAHE vs raw-token LLM ({config.model}) - {machine}")
     write_csv(config.out_dir / "compare.csv", points, machine, run_id, torch.get_num_threads())

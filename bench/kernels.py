@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from engine.report import machine
 from kernels import ctr_mlp, gather_mean, jagged_gather, jagged_mean, rope, varlen_attention
-from kernels._jagged import offsets_from_lengths, pad
+from kernels._jagged import max_length, offsets_from_lengths, pad
 
 
 @dataclass
@@ -121,7 +121,7 @@ def build_cases(shapes: Shapes, device: torch.device) -> list[Case]:
 
     offsets = ragged(shapes.sequences, shapes.mean_length, device, gen)
     total, batch = int(offsets[-1]), shapes.sequences
-    longest = int((offsets[1:] - offsets[:-1]).max())
+    longest = max_length(offsets)
     table, pos = randn(shapes.table_rows, d), randn(longest, d)
     rows = torch.randint(0, shapes.table_rows, (total,), generator=gen).to(device)
     values = randn(total, d)

@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> dict[str, StageTime]:
     config = CompareConfig(model=args.model, data=args.data, lower_layers=args.lower_layers, max_tokens=args.max_tokens,
                            ms=(args.m,), users=args.users, device=args.device, seed=args.seed, work_dir=args.work_dir)
     data = load_data(config.data)
-    texts = [data.item_texts[int(i)] for i in data.item_ids]
-    scorer, _ = build(config, data, texts)
+    texts = data.item_id_texts
+    scorer = build(config, data)
     users, items = synthetic_users(texts, scorer.config.model.sequence_names, args.m, args.users, args.seed)
     scorer.score(users, items)  # warm-up (and, on CUDA, kernel compilation)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if scorer.device.type == "cuda" else [])

@@ -26,8 +26,8 @@ def run(model: str, layers: list[int], sample: SampleConfig, max_behaviors: int,
     data = load_data("movielens")
     rows = sample_split(data.split(), sample)
     total = Checkpoint(resolve_model(model)).num_layers
-    lines = [f"| lower layers (frozen, ABE) | upper layers (trained) | ABE s (both tables) | train s/epoch | "
-             f"best val AUC | test AUC |", "|---|---|---|---|---|---|"]
+    lines = ["| lower layers (frozen, ABE) | upper layers (trained) | ABE s (both tables) | train s/epoch | "
+             "best val AUC | test AUC |", "|---|---|---|---|---|---|"]
     for lower in layers:
         config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=lower),
                               model=ModelConfig(sequence_names=data.sequence_names, max_behaviors=max_behaviors))

@@ -45,8 +45,8 @@ def setup():
     if os.environ.get("BAHE_BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["BAHE_BENCH_THREADS"]))
     data = load_data("movielens")
-    texts = [data.item_texts[int(i)] for i in data.item_ids]
-    scorer, _ = build(CompareConfig(ms=(max(MS),), users=max(BATCHES)), data, texts)
+    texts = data.item_id_texts
+    scorer = build(CompareConfig(ms=(max(MS),), users=max(BATCHES)), data)
     return scorer, texts
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from engine.batching import pack_lists
 from kernels import ops
 from weights.checkpoint import Checkpoint
 from weights.split import LowerEncoder
@@ -68,10 +69,9 @@ class AtomicEncoder:
         with self._tokenizer_lock:
             ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens,
                                  add_special_tokens=True)["input_ids"]
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        flat, lengths = pack_lists(ids)
         if lengths.size and lengths.min() == 0:
             raise ValueError(f"text {texts[int(np.argmin(lengths))]!r} tokenizes to no tokens")
-        flat = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=int(lengths.sum()))
         return flat, lengths
 
     def _batches(self, lengths: np.ndarray) -> list[np.ndarray]:

@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.data.log import Ragged
+from engine.data.log import BehaviorLog, Ragged
+
+
+def pack_lists(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Lists of ints (token ids per text) -> their concatenation (T,) int64 and lengths (n,) int64."""
+    lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
+    return np.fromiter((v for x in lists for v in x), dtype=np.int64, count=int(lengths.sum())), lengths
 
 
 def interleave(sequences: list[Ragged]) -> tuple[np.ndarray, np.ndarray]:
@@ -18,6 +24,22 @@ def interleave(sequences: list[Ragged]) -> tuple[np.ndarray, np.ndarray]:
         inside = np.arange(ragged.values.size) - ragged.offsets[example]
         values[offsets[example * n + s] + inside] = ragged.values
     return values, offsets
+
+
+def require_sequences(log: BehaviorLog, names: tuple[str, ...]) -> None:
+    """A model's sequence names must all be in the log."""
+    missing = [n for n in names if n not in log.sequence_names]
+    if missing:
+        raise ValueError(f"the model's sequences {missing} are not in the log (it has {list(log.sequence_names)})")
+
+
+def packed_histories(log: BehaviorLog, rows: np.ndarray, names: tuple[str, ...],
+                     max_behaviors: int) -> tuple[np.ndarray, np.ndarray]:
+    """Item ids of the examples' histories in the model's sequence order, packed user-major
+    (see `interleave`), each the `max_behaviors` most recent, oldest first."""
+    require_sequences(log, names)
+    seqs = log.sequences(rows, max_behaviors)
+    return interleave([seqs[name] for name in names])
 
 
 def row_map(ids: np.ndarray, rows: np.ndarray) -> np.ndarray:

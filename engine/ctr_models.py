@@ -10,13 +10,14 @@
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from engine.batching import interleave, row_map
+from engine.batching import pack_lists, packed_histories, require_sequences, row_map
 from engine.config import ModelConfig
 from engine.data.log import BehaviorLog
 from engine.head import CTRHead, head_features
@@ -24,17 +25,9 @@ from engine.model import PackedBatch, pool_user_item
 from engine.scorer import BAHEScorer
 from kernels import ops
 from weights.checkpoint import Checkpoint
-from weights.split import LowerEncoder, UpperEncoder
+from weights.split import split_checkpoint
 
 SEQUENCE_SEPARATOR = " ; "
-
-
-def _ordered_sequences(log: BehaviorLog, rows: np.ndarray, names: tuple[str, ...], max_behaviors: int):
-    missing = [n for n in names if n not in log.sequence_names]
-    if missing:
-        raise ValueError(f"the model's sequences {missing} are not in the log (it has {list(log.sequence_names)})")
-    seqs = log.sequences(rows, max_behaviors)
-    return [seqs[name] for name in names]
 
 
 class BAHECTR(nn.Module):
@@ -44,8 +37,7 @@ class BAHECTR(nn.Module):
     def __init__(self, scorer: BAHEScorer, log: BehaviorLog) -> None:
         super().__init__()
         self.scorer, self.model = scorer, scorer.model
-        ids = log.item_ids
-        texts = [log.item_texts[int(i)] for i in ids]
+        ids, texts = log.item_ids, log.item_id_texts
         self.behavior_row = row_map(ids, scorer.behaviors.lookup(texts))
         self.item_row = row_map(ids, scorer.items.lookup(texts))
         self.behavior_table = scorer.table_rows("behaviors")
@@ -53,7 +45,7 @@ class BAHECTR(nn.Module):
 
     def prepare(self, log: BehaviorLog, rows: np.ndarray) -> PackedBatch:
         config = self.scorer.config.model
-        values, offsets = interleave(_ordered_sequences(log, rows, config.sequence_names, config.max_behaviors))
+        values, offsets = packed_histories(log, rows, config.sequence_names, config.max_behaviors)
         return PackedBatch(torch.from_numpy(self.behavior_row[values]), torch.from_numpy(offsets),
                            torch.from_numpy(self.item_row[log.item[rows]]))
 
@@ -80,18 +72,16 @@ class RawTokenCTR(nn.Module):
     Lower layers frozen, upper layers + head trained, exactly BAHE's trainable part."""
     name = "raw-token LLM"
 
-    def __init__(self, ckpt: Checkpoint, num_lower_layers: int, config: ModelConfig, log: BehaviorLog, *,
+    def __init__(self, ckpt: Checkpoint, num_lower_layers: int, config: ModelConfig, *,
                  max_tokens_per_sequence: int = 512, item_max_tokens: int = 32) -> None:
         super().__init__()
         self.config, self.tokenizer = config, ckpt.tokenizer
-        self.lower = LowerEncoder(ckpt, num_lower_layers)
-        self.upper = UpperEncoder.from_checkpoint(ckpt, num_lower_layers)
+        self.lower, self.upper = split_checkpoint(ckpt, num_lower_layers)
         limit = getattr(ckpt.config, "max_position_embeddings", max_tokens_per_sequence)
         self.max_tokens, self.item_max_tokens = min(max_tokens_per_sequence, limit), item_max_tokens
         d, n = ckpt.hidden_size, len(config.sequence_names)
         self.empty_sequence = nn.Parameter(torch.randn(n, d) * 0.02)
         self.head = CTRHead((2 * n + 1) * d, config.head_hidden, config.head_activation, config.dropout)
-        self.text_of = {int(i): t for i, t in log.item_texts.items()}
 
     def _tokens(self, texts: list[str], max_length: int) -> list[list[int]]:
         if not texts:
@@ -99,21 +89,23 @@ class RawTokenCTR(nn.Module):
         return self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
 
     def prepare(self, log: BehaviorLog, rows: np.ndarray) -> TokenBatch:
-        values, offsets = interleave(_ordered_sequences(log, rows, self.config.sequence_names,
-                                                        self.config.max_behaviors))
-        bounds = offsets.tolist()
-        texts = [SEQUENCE_SEPARATOR.join(self.text_of[int(i)] for i in values[a:b][::-1])
-                 for a, b in zip(bounds[:-1], bounds[1:])]
-        nonempty = [i for i, t in enumerate(texts) if t]
-        sequence_tokens: list[list[int]] = [[] for _ in texts]
-        for i, ids in zip(nonempty, self._tokens([texts[i] for i in nonempty], self.max_tokens)):
+        require_sequences(log, self.config.sequence_names)
+        return self.pack(log.sequence_texts(rows, self.config.max_behaviors), log.target_texts(rows))
+
+    def pack(self, users: Sequence[dict[str, list[str]]], item_texts: Sequence[str],
+             max_tokens: int | None = None) -> TokenBatch:
+        """Tokenize each user's sequences, in the model's order, as one text per sequence (its behaviors
+        most recent first, joined; an empty one gets no tokens; cut to `max_tokens`, default the
+        model's), then the item texts, and pack them into a TokenBatch."""
+        sequence_texts = [SEQUENCE_SEPARATOR.join(reversed(user.get(name, [])))
+                          for user in users for name in self.config.sequence_names]
+        nonempty = [i for i, t in enumerate(sequence_texts) if t]
+        sequence_tokens: list[list[int]] = [[] for _ in sequence_texts]
+        for i, ids in zip(nonempty, self._tokens([sequence_texts[i] for i in nonempty], max_tokens or self.max_tokens)):
             sequence_tokens[i] = ids
-        item_tokens = self._tokens([self.text_of[int(i)] for i in log.item[rows]], self.item_max_tokens)
-        every = sequence_tokens + item_tokens
-        lengths = np.fromiter((len(t) for t in every), dtype=np.int64, count=len(every))
-        flat = np.fromiter((x for t in every for x in t), dtype=np.int64, count=int(lengths.sum()))
+        flat, lengths = pack_lists(sequence_tokens + self._tokens(list(item_texts), self.item_max_tokens))
         return TokenBatch(torch.from_numpy(flat), torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)])),
-                          len(rows))
+                          len(users))
 
     def forward(self, batch: TokenBatch) -> torch.Tensor:
         with torch.no_grad():
@@ -142,8 +134,7 @@ class IdOnlyCTR(nn.Module):
         self.head = CTRHead((2 * n + 1) * dim, config.head_hidden, config.head_activation, config.dropout)
 
     def prepare(self, log: BehaviorLog, rows: np.ndarray) -> PackedBatch:
-        values, offsets = interleave(_ordered_sequences(log, rows, self.config.sequence_names,
-                                                        self.config.max_behaviors))
+        values, offsets = packed_histories(log, rows, self.config.sequence_names, self.config.max_behaviors)
         return PackedBatch(torch.from_numpy(self.row[values]), torch.from_numpy(offsets),
                            torch.from_numpy(self.row[log.item[rows]]))
 

@@ -17,8 +17,7 @@ from engine.experiment import ModelReport, SampleConfig, build_scorer, load_data
 from engine.report import machine, write_section
 from engine.scorer import BAHEScorer
 from engine.train import TrainConfig
-from weights.checkpoint import Checkpoint
-from weights.registry import EMBEDDED, resolve_model
+from weights.registry import EMBEDDED
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +98,7 @@ def _bahe_scoring_time(scorer: BAHEScorer, data, rows: np.ndarray) -> float:
     """Milliseconds per 1,000 users through the public text API (lookup + BA + head)."""
     rows = rows[:1000]
     users = data.sequence_texts(rows, scorer.config.model.max_behaviors)
-    items = [data.item_texts[int(i)] for i in data.item[rows]]
+    items = data.target_texts(rows)
     scorer.score(users[:8], items[:8])  # warm-up
     start = time.perf_counter()
     scorer.score(users, items)
@@ -158,8 +157,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     bahe = train_and_test(BAHECTR(scorer, data), data, rows, train_config)
     result.rows.append(DemoRow(bahe, rows["train"].size, _bahe_scoring_time(scorer, data, rows["test"]),
                                "scoring through BAHEScorer.score (texts in)"))
-    raw = RawTokenCTR(Checkpoint(resolve_model(config.model)), lower, scorer_config.model, data,
-                      max_tokens_per_sequence=raw_tokens, item_max_tokens=max_tokens)
+    raw = RawTokenCTR(scorer.checkpoint, lower, scorer_config.model, max_tokens_per_sequence=raw_tokens, item_max_tokens=max_tokens)
     raw_report = train_and_test(raw, data, subset, train_config)
     result.rows.append(DemoRow(raw_report, subset["train"].size, raw_report.test["seconds_per_1k"] * 1000,
                                f"all layers over the same {config.max_behaviors} behaviors/sequence, concatenated "

@@ -59,7 +59,7 @@ class TableReport:
 def build_scorer(model: str, data: BehaviorLog, config: ScorerConfig, tables_dir: str | Path,
                  device: str = "auto") -> tuple[BAHEScorer, TableReport]:
     """A fresh scorer whose tables hold every item text of the log (behaviors are items here)."""
-    texts = [data.item_texts[int(i)] for i in data.item_ids]
+    texts = data.item_id_texts
     start = time.perf_counter()
     scorer = BAHEScorer.create(model, behavior_texts=texts, item_texts=texts, tables_dir=tables_dir, config=config,
                                device=device)

@@ -104,7 +104,7 @@ class BAHEModel(nn.Module):
     def towers(self, behavior_table: torch.Tensor, item_table: torch.Tensor,
                batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """-> user (U, n, d) pooled sequence states, item (U, d)."""
-        users, n, dtype = batch.num_users, self.num_sequences, self.compute_dtype
+        users, dtype = batch.num_users, self.compute_dtype
         total = batch.behavior_rows.numel()
         with stage("gather"):
             behaviors = _gather(behavior_table, batch.behavior_extra, batch.behavior_rows, batch.offsets,

@@ -31,11 +31,13 @@ from engine.config import ScorerConfig, ScoringConfig
 from engine.model import BAHEModel, PackedBatch
 from engine.stages import stage
 from kernels import ops
+from kernels._jagged import max_length
 from weights.atomic import atomic_write, file_lock, remove_stale_temps
 from weights.checkpoint import Checkpoint
 from weights.registry import resolve_model
-from weights.split import LowerEncoder, UpperEncoder, save_lower_checkpoint
-from weights.table import MISSING, BehaviorTable, NonFiniteRowError, TableError, TextEncoder, UnknownTextError
+from weights.split import UpperEncoder, save_lower_checkpoint
+from weights.table import (EMBEDDING_DTYPES, MISSING, BehaviorTable, NonFiniteRowError, TableError, TextEncoder, UnknownTextError,
+                           first_nonfinite_row)
 from weights.text_key import normalize_text
 from weights.safetensors_io import source_of, write_safetensors
 
@@ -48,7 +50,6 @@ PARTS = {"backbone": (BACKBONE, "backbone.1"), "model": (MODEL_FILE, "model.1.sa
          "behaviors": (BEHAVIORS_FILE, "behaviors.1.safetensors"), "items": (ITEMS_FILE, "items.1.safetensors")}
 FIRST_NAMES = {part: names[0] for part, names in PARTS.items()}
 PROB_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps]: always strictly inside (0, 1)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class InputError(ValueError):
@@ -111,9 +112,9 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 
 def _encoder(ckpt: Checkpoint, config: ScorerConfig, device: torch.device | str, progress: bool) -> AtomicEncoder:
     settings = config.encoder
-    return AtomicEncoder(LowerEncoder(ckpt, settings.num_lower_layers), ckpt.tokenizer, max_tokens=settings.max_tokens,
-                         token_budget=settings.token_budget, pooling=settings.pooling, device=device,
-                         progress=progress)
+    return AtomicEncoder.from_checkpoint(ckpt, settings.num_lower_layers, max_tokens=settings.max_tokens,
+                                         token_budget=settings.token_budget, pooling=settings.pooling, device=device,
+                                         progress=progress)
 
 
 def open_or_build_table(path: Path, texts: Sequence[str], encoder: TextEncoder, dtype: str,
@@ -162,8 +163,8 @@ class BAHEScorer:
             raise ScorerFormatError(f"{path}: scorer files {missing} named in {SCORER_FILE} are missing")
         if scoring is not None:
             config.scoring = scoring
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if dtype not in EMBEDDING_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(EMBEDDING_DTYPES)}, got {dtype!r}")
         ckpt = Checkpoint(path / files["backbone"])
         lower_layers = config.encoder.num_lower_layers
         encoder = _encoder(ckpt, config, "cpu", progress=True)
@@ -177,7 +178,7 @@ class BAHEScorer:
             model.load_state_dict(state)
         except (SafetensorError, RuntimeError, ValueError, IndexError) as err:
             raise ScorerFormatError(f"{model_path}: not the weights of this scorer's model ({err})") from None
-        model.to(DTYPES[dtype])
+        model.to(EMBEDDING_DTYPES[dtype])
         behaviors = BehaviorTable.open(path / files["behaviors"], encoder)
         items = BehaviorTable.open(path / files["items"], encoder)
         return cls(config=config, checkpoint=ckpt, encoder=encoder, model=model, behaviors=behaviors, items=items,
@@ -272,7 +273,7 @@ class BAHEScorer:
         n = len(self.config.model.sequence_names)
         batch = PackedBatch(behavior_rows, offsets, item_rows)
         batch.validate(n, len(self.behaviors), len(self.items))
-        longest = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
+        longest = max_length(offsets)
         if longest > self.config.model.max_behaviors:
             raise ValueError(f"a sequence holds {longest} behaviors, more than max_behaviors "
                              f"{self.config.model.max_behaviors}; keep the most recent ones")
@@ -328,27 +329,29 @@ class BAHEScorer:
         missing = np.nonzero(rows == MISSING)[0]
         if not missing.size:
             return rows, None
-        unknown = list(dict.fromkeys(normalize_text(texts[i]) for i in missing))
+        normalized = [normalize_text(texts[i]) for i in missing]
+        unknown = list(dict.fromkeys(normalized))
         if policy == "error":
             raise UnknownTextError(f"{len(unknown)} {what} text(s) not in {table.path}, e.g. {unknown[0]!r} "
                                    f"(unknown_{what}='error')")
         try:
             if self.config.scoring.append_unknown:
-                table.append(unknown)
-                return table.lookup(texts, on_missing="raise"), None
+                table.append(unknown)  # rows only ever get appended: the known texts' rows stand
+                rows[missing] = table.lookup(normalized, on_missing="raise")
+                return rows, None
             extra = self.encoder.encode(unknown)
         except TableError:
             raise
-        except ValueError as err:  # a text the tokenizer turns into no tokens at all
+        except ValueError:  # a text the tokenizer turns into no tokens at all
             located = self._locate_bad_text(texts, what, lengths, n, self._check_encodable)
             if located is None:
                 raise
             raise InputError(located) from None
-        bad = ~torch.isfinite(extra).all(dim=1)
-        if bool(bad.any()):
-            raise NonFiniteRowError(f"encoding {what} text {unknown[int(bad.nonzero()[0])]!r} gave NaN or Inf")
+        bad = first_nonfinite_row(extra)
+        if bad is not None:
+            raise NonFiniteRowError(f"encoding {what} text {unknown[bad]!r} gave NaN or Inf")
         slot = {t: len(table) + i for i, t in enumerate(unknown)}
-        rows[missing] = [slot[normalize_text(texts[i])] for i in missing]
+        rows[missing] = [slot[t] for t in normalized]
         return rows, extra.to(self.device)
 
     def _check_encodable(self, text: str) -> None:

@@ -44,6 +44,11 @@ def lengths_from_offsets(offsets: torch.Tensor) -> torch.Tensor:
     return offsets[1:] - offsets[:-1]
 
 
+def max_length(offsets: torch.Tensor) -> int:
+    """Length of the longest sequence of (B+1,) cumulative offsets; 0 when B = 0."""
+    return int(lengths_from_offsets(offsets).max()) if offsets.numel() > 1 else 0
+
+
 def offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
     """(B,) lengths -> (B+1,) int64 cumulative offsets starting at 0."""
     offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)

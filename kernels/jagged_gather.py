@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._jagged import check_offsets, check_rows, positions_in_sequence
+from kernels._jagged import check_offsets, check_rows, max_length, positions_in_sequence
 from kernels._triton import new_output, next_pow2, require_triton, search_steps, segment_of, tl, tl_dtype, triton
 
 GATHER_BLOCK_T = 16  # packed elements per program
@@ -30,7 +30,7 @@ def _check_gather_args(table: torch.Tensor, rows: torch.Tensor, offsets: torch.T
     check_offsets(offsets, rows.numel())
     if pos.dim() != 2 or pos.shape[1] != table.shape[1]:
         raise ValueError(f"pos must be (P, {table.shape[1]}), got shape {tuple(pos.shape)}")
-    longest = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
+    longest = max_length(offsets)
     if longest > pos.shape[0]:
         raise ValueError(f"a sequence of length {longest} needs {longest} positions, pos has {pos.shape[0]}")
 

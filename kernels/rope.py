@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._jagged import check_offsets, positions_in_sequence
+from kernels._jagged import check_offsets, max_length, positions_in_sequence
 from kernels._triton import new_output, next_pow2, require_triton, search_steps, segment_of, tl, tl_dtype, triton
 
 ROPE_BLOCK_T = 16  # tokens per program
@@ -25,7 +25,7 @@ def _check_rope_args(q: torch.Tensor, k: torch.Tensor, offsets: torch.Tensor, co
     head_dim = q.shape[2]
     if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != head_dim:
         raise ValueError(f"cos and sin must both be (P, {head_dim}), got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    longest = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
+    longest = max_length(offsets)
     if longest > cos.shape[0]:
         raise ValueError(f"a sequence of length {longest} needs {longest} rotary positions, cos has {cos.shape[0]}")
 

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
-from kernels._jagged import lengths_from_offsets, offsets_from_lengths, pad, positions_in_sequence
+from kernels._jagged import max_length, offsets_from_lengths, pad, positions_in_sequence
 from weights.atomic import atomic_write
 from weights.checkpoint import Checkpoint, CheckpointError
 from weights.layers import BertEmbeddings, BertLayer, DecoderEmbeddings, DecoderLayer, RMSNorm, RotaryTable
@@ -103,7 +103,7 @@ class LowerEncoder(nn.Module):
     def forward_packed(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """ids (T,) int64 packed token ids, offsets (B+1,) int64 -> (T, d) token states."""
         x = self.embeddings(ids, positions_in_sequence(offsets, ids.numel()))
-        longest = int(lengths_from_offsets(offsets).max()) if offsets.numel() > 1 else 0
+        longest = max_length(offsets)
         for layer in self.layers:
             x = layer(x, offsets, self.rotary, longest)
         return self.norm(x) if self.norm is not None else x
@@ -161,7 +161,7 @@ class UpperEncoder(nn.Module):
 
     def forward_packed(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """x (T, d) packed behavior embeddings, offsets (B+1,) int64 -> (T, d)."""
-        longest = int(lengths_from_offsets(offsets).max()) if offsets.numel() > 1 else 0
+        longest = max_length(offsets)
         for layer in self.layers:
             x = layer(x, offsets, self.rotary, longest)
         return self.norm(x) if self.norm is not None else x

@@ -113,6 +113,12 @@ class TextEncoder(Protocol):
     def encode(self, texts: list[str]) -> torch.Tensor: ...
 
 
+def first_nonfinite_row(rows: torch.Tensor) -> int | None:
+    """Index of the first row of `rows` (n, d) holding a NaN or an Inf; None when all are finite."""
+    bad = ~torch.isfinite(rows).all(dim=1)
+    return int(bad.nonzero()[0]) if bool(bad.any()) else None
+
+
 def _unique_normalized(texts: Iterable[object]) -> list[str]:
     """Normalized texts, first appearance order, duplicates removed."""
     unique = dict.fromkeys(texts)
@@ -136,9 +142,9 @@ def _encoded_chunks(texts: list[str], encoder: TextEncoder, dtype: torch.dtype) 
         if rows.shape != (len(block), encoder.signature.hidden_size):
             raise TableError(f"encoder returned shape {tuple(rows.shape)} for {len(block)} texts, expected "
                              f"({len(block)}, {encoder.signature.hidden_size})")
-        bad = ~torch.isfinite(rows).all(dim=1)
-        if bool(bad.any()):
-            raise NonFiniteRowError(f"encoding {block[int(bad.nonzero()[0])]!r} gave NaN or Inf")
+        bad = first_nonfinite_row(rows)
+        if bad is not None:
+            raise NonFiniteRowError(f"encoding {block[bad]!r} gave NaN or Inf")
         converted = rows.to(dtype)
         if not bool(torch.isfinite(converted).all()):
             raise NonFiniteRowError(f"a row overflows {dtype} (values up to {float(rows.abs().max()):.3g})")
@@ -333,9 +339,9 @@ class BehaviorTable:
         where, snap, n = str(self.path), self._snap, len(self)
         for start in range(0, n, ENCODE_CHUNK):
             block = snap.embeddings[start:start + ENCODE_CHUNK]
-            bad = ~torch.isfinite(block.float()).all(dim=1)
-            if bool(bad.any()):
-                raise NonFiniteRowError(f"{where}: row {start + int(bad.nonzero()[0])} holds NaN or Inf")
+            bad = first_nonfinite_row(block.float())
+            if bad is not None:
+                raise NonFiniteRowError(f"{where}: row {start + bad} holds NaN or Inf")
         if snap.text_offsets[0] != 0 or np.any(np.diff(snap.text_offsets) < 0):
             raise TableFormatError(f"{where}: text_offsets are not cumulative")
         texts = [snap.text(i, self.path) for i in range(n)]

@@ -287,6 +287,15 @@ class BehaviorLog:
         """(I,) int64 sorted ids of the items with a text."""
         return self._item_ids
 
+    @property
+    def item_id_texts(self) -> list[str]:
+        """(I,) the texts of `item_ids`, in the same order."""
+        return self._text_of.tolist()
+
+    def target_texts(self, rows: Any) -> list[str]:
+        """The texts of the target items of the examples at `rows`."""
+        return self._text_of[self._event_item_row[self._check_rows(rows)]].tolist()
+
     # ------------------------------------------------------------------ histories
 
     def _check_rows(self, rows: Any) -> np.ndarray:
@@ -362,7 +371,7 @@ class BehaviorLog:
             item=self.item[rows],
             label=self.label[rows],
             timestamp=self.timestamp[rows],
-            item_text=self._text_of[self._event_item_row[rows]].tolist(),
+            item_text=self.target_texts(rows),
             sequences={n: Ragged(self.item[r.values], r.offsets) for n, r in zip(self.sequence_names, per_sequence)},
             texts=self._texts(per_sequence, rows.size),
         )
