@@ -77,7 +77,6 @@ class DemoRow:
 @dataclass
 class DemoResult:
     rows: list[DemoRow] = field(default_factory=list)
-    header: list[str] = field(default_factory=list)
 
 
 def _fmt_table(rows: list[DemoRow]) -> list[str]:

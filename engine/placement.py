@@ -33,7 +33,6 @@ import torch
 log = logging.getLogger(__name__)
 
 DEFAULT_HEADROOM = 0.2
-PLACEMENTS = ("device", "pinned", "host")
 
 
 def choose_placement(table_bytes: int, free_bytes: int, headroom: float = DEFAULT_HEADROOM, *,

@@ -49,14 +49,13 @@ def _batches(rows: np.ndarray, size: int):
 
 
 def predict(model: nn.Module, data: BehaviorLog, rows: np.ndarray, *, batch_size: int = 256,
-            device: torch.device | str = "cpu", progress: bool = False) -> np.ndarray:
+            device: torch.device | str = "cpu") -> np.ndarray:
     """(len(rows),) float64 click probabilities."""
     model.eval()
     out = np.empty(rows.size, dtype=np.float64)
     with torch.inference_mode():
         done = 0
-        for chunk in tqdm(list(_batches(rows, batch_size)), desc=f"{model.name} predict", disable=not progress,
-                          leave=False):
+        for chunk in _batches(rows, batch_size):
             logits = model(model.prepare(data, chunk).to(torch.device(device)))
             out[done:done + chunk.size] = torch.sigmoid(logits.float()).cpu().numpy()
             done += chunk.size

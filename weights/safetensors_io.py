@@ -50,14 +50,11 @@ class Header:
     data_start: int  # absolute file offset of the data section
 
 
-def read_header(path: str | Path, handle: BinaryIO | None = None) -> Header:
-    """Parse and validate the header of `path` without touching tensor data. With `handle` (`path`
-    open in binary mode) it is read through that handle, so that `mmap_tensor(..., handle)` maps the
-    same file even if `path` is atomically replaced in between."""
+def read_header(path: str | Path, handle: BinaryIO) -> Header:
+    """Parse and validate the header of `path` without touching tensor data, read through `handle`
+    (`path` open in binary mode), so that `mmap_tensor(..., handle)` maps the same file even if
+    `path` is atomically replaced in between; `path` only names the file in errors."""
     path = Path(path)
-    if handle is None:
-        with open(path, "rb") as own:
-            return read_header(path, own)
     size = os.fstat(handle.fileno()).st_size
     handle.seek(0)
     raw_len = handle.read(8)
@@ -102,14 +99,14 @@ def _tensor_info(path: Path, name: str, entry: object, data_len: int) -> TensorI
     return info
 
 
-def mmap_tensor(path: str | Path, header: Header, name: str, handle: BinaryIO | None = None) -> torch.Tensor:
-    """Tensor `name` of `path` (through `handle`, the file the header was read from, when given),
-    memory-mapped copy-on-write: pages are read on first touch only."""
+def mmap_tensor(header: Header, name: str, handle: BinaryIO) -> torch.Tensor:
+    """Tensor `name` of the file open as `handle` (the one `header` was read from), memory-mapped
+    copy-on-write: pages are read on first touch only."""
     info = header.tensors[name]
     torch_dtype, np_dtype, _ = DTYPES[info.dtype]
     if info.numel == 0:
         return torch.empty(info.shape, dtype=torch_dtype)
-    array = np.memmap(path if handle is None else handle, dtype=np_dtype, mode="c",
+    array = np.memmap(handle, dtype=np_dtype, mode="c",
                       offset=header.data_start + info.begin, shape=info.shape)
     tensor = torch.from_numpy(array)
     return tensor.view(torch_dtype) if info.dtype == "BF16" else tensor

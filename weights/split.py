@@ -41,29 +41,30 @@ def _checkpoint_name(names: dict[str, str], state_name: str) -> str:
     return f"{names[module]}.{leaf}"
 
 
-def _load(module: nn.Module, ckpt: Checkpoint, prefix: str, dtype: torch.dtype) -> list[str]:
+def _load(module: nn.Module, ckpt: Checkpoint, prefix: str) -> list[str]:
     """Fill `module` from the checkpoint tensors under `prefix`; returns the checkpoint names read."""
     names = module.checkpoint_names
     read = [prefix + _checkpoint_name(names, n) for n in module.state_dict()]
-    module.load_state_dict({n: ckpt.tensor(c).to(dtype) for n, c in zip(module.state_dict(), read)})
+    module.load_state_dict({n: ckpt.tensor(c) for n, c in zip(module.state_dict(), read)})
     return read
 
 
-def _make_layer(ckpt: Checkpoint, family: Family, index: int, dtype: torch.dtype) -> tuple[nn.Module, list[str]]:
+def _layer_bias(ckpt: Checkpoint, family: Family, index: int) -> set[str]:
+    """Which linears of checkpoint layer `index` carry a bias (the layer must exist)."""
     prefix = family.layer_prefix.format(index)
     if not ckpt.has(prefix + next(iter(family.layer.checkpoint_names.values())) + ".weight"):
         raise CheckpointError(f"{ckpt.folder}: layer {index} is missing from the checkpoint")
-    has_bias = {mine for mine, theirs in family.layer.checkpoint_names.items() if ckpt.has(f"{prefix}{theirs}.bias")}
-    layer = family.layer(ckpt.config, has_bias)
-    return layer, _load(layer, ckpt, prefix, dtype)
+    return {mine for mine, theirs in family.layer.checkpoint_names.items() if ckpt.has(f"{prefix}{theirs}.bias")}
 
 
-def _final_norm(ckpt: Checkpoint, family: Family, dtype: torch.dtype) -> RMSNorm | None:
-    if family.final_norm is None:
-        return None
-    norm = RMSNorm(ckpt.hidden_size, ckpt.config.rms_norm_eps)
-    norm.weight.data.copy_(ckpt.tensor(f"{family.final_norm}.weight").to(dtype))
-    return norm
+def _load_layer(layer: nn.Module, ckpt: Checkpoint, family: Family, index: int) -> list[str]:
+    return _load(layer, ckpt, family.layer_prefix.format(index))
+
+
+def _load_final_norm(norm: RMSNorm, ckpt: Checkpoint, family: Family) -> str:
+    name = f"{family.final_norm}.weight"
+    norm.weight.data.copy_(ckpt.tensor(name))
+    return name
 
 
 def _family(ckpt: Checkpoint, num_lower_layers: int) -> Family:
@@ -79,19 +80,21 @@ class LowerEncoder(nn.Module):
     """Token embeddings + the first L layers, frozen, eval mode: tokens -> (.., d) token states.
     Positions are token positions inside each text (BERT: absolute embeddings; Llama/Qwen2: RoPE)."""
 
-    def __init__(self, ckpt: Checkpoint, num_lower_layers: int, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, ckpt: Checkpoint, num_lower_layers: int) -> None:
         super().__init__()
         family = _family(ckpt, num_lower_layers)
         self.family, self.num_layers, self.hidden_size = ckpt.family, num_lower_layers, ckpt.hidden_size
         self.embeddings = family.embeddings(ckpt.config)
-        read = _load(self.embeddings, ckpt, "", dtype)
-        layers = [_make_layer(ckpt, family, i, dtype) for i in range(num_lower_layers)]
-        self.layers = nn.ModuleList(layer for layer, _ in layers)
-        self.tensor_names = read + [name for _, names in layers for name in names]
+        self.tensor_names = _load(self.embeddings, ckpt, "")
+        self.layers = nn.ModuleList(family.layer(ckpt.config, _layer_bias(ckpt, family, i))
+                                    for i in range(num_lower_layers))
+        for i, layer in enumerate(self.layers):
+            self.tensor_names += _load_layer(layer, ckpt, family, i)
         # With every layer in the lower part the final norm comes too, as in hidden_states[-1].
-        self.norm = _final_norm(ckpt, family, dtype) if num_lower_layers == ckpt.num_layers else None
-        if self.norm is not None:
-            self.tensor_names.append(f"{family.final_norm}.weight")
+        self.norm = None
+        if family.final_norm is not None and num_lower_layers == ckpt.num_layers:
+            self.norm = RMSNorm(ckpt.hidden_size, ckpt.config.rms_norm_eps)
+            self.tensor_names.append(_load_final_norm(self.norm, ckpt, family))
         self.rotary = RotaryTable(family.rotary(ckpt.config)) if family.rotary else None
         self.fingerprint = ckpt.fingerprint(self.tensor_names)
         self.requires_grad_(False)
@@ -126,7 +129,7 @@ class UpperEncoder(nn.Module):
     Built empty from a config (`has_bias[j]`: which of layer j's linears have a bias), then filled by
     `from_checkpoint` or by `load_state_dict` of a saved scorer."""
 
-    def __init__(self, config, num_lower_layers: int, has_bias: list[set[str]], dtype: torch.dtype = torch.float32):
+    def __init__(self, config, num_lower_layers: int, has_bias: list[set[str]]):
         super().__init__()
         family = FAMILIES[config.model_type]
         self.family, self.hidden_size = config.model_type, config.hidden_size
@@ -135,18 +138,17 @@ class UpperEncoder(nn.Module):
         if family.final_norm and num_lower_layers < config.num_hidden_layers:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryTable(family.rotary(config)) if family.rotary else None
-        self.to(dtype)
         self.eval()  # dropout only once a trainer calls .train()
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, num_lower_layers: int, dtype: torch.dtype = torch.float32) -> UpperEncoder:
+    def from_checkpoint(cls, ckpt: Checkpoint, num_lower_layers: int) -> UpperEncoder:
         family = _family(ckpt, num_lower_layers)
-        layers = [_make_layer(ckpt, family, i, dtype) for i in range(num_lower_layers, ckpt.num_layers)]
-        upper = cls(ckpt.config, num_lower_layers, [_has_bias(layer) for layer, _ in layers], dtype)
-        for mine, (loaded, _) in zip(upper.layers, layers):
-            mine.load_state_dict(loaded.state_dict())
+        indices = range(num_lower_layers, ckpt.num_layers)
+        upper = cls(ckpt.config, num_lower_layers, [_layer_bias(ckpt, family, i) for i in indices])
+        for layer, i in zip(upper.layers, indices):
+            _load_layer(layer, ckpt, family, i)
         if upper.norm is not None:
-            upper.norm.load_state_dict(_final_norm(ckpt, family, dtype).state_dict())
+            _load_final_norm(upper.norm, ckpt, family)
         return upper
 
     @staticmethod
@@ -174,10 +176,6 @@ class UpperEncoder(nn.Module):
         return pad(self.forward_packed(behavior_embeddings[mask], offsets), offsets, width)[0]
 
 
-def _has_bias(layer: nn.Module) -> set[str]:
-    return {name.rsplit(".", 1)[0] for name, _ in layer.named_parameters() if name.endswith(".bias")}
-
-
 def _right_padded_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     mask = attention_mask.bool()
     lengths = mask.sum(1)
@@ -186,11 +184,10 @@ def _right_padded_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def split_checkpoint(folder: str | Path | Checkpoint, num_lower_layers: int,
-                     dtype: torch.dtype = torch.float32) -> tuple[LowerEncoder, UpperEncoder]:
+def split_checkpoint(folder: str | Path | Checkpoint, num_lower_layers: int) -> tuple[LowerEncoder, UpperEncoder]:
     """(frozen lower, trainable upper) of a local checkpoint, split after `num_lower_layers` layers."""
     ckpt = folder if isinstance(folder, Checkpoint) else Checkpoint(folder)
-    return LowerEncoder(ckpt, num_lower_layers, dtype), UpperEncoder.from_checkpoint(ckpt, num_lower_layers, dtype)
+    return LowerEncoder(ckpt, num_lower_layers), UpperEncoder.from_checkpoint(ckpt, num_lower_layers)
 
 
 def save_lower_checkpoint(ckpt: Checkpoint, lower: LowerEncoder, folder: str | Path) -> None:

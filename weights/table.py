@@ -206,17 +206,15 @@ class BehaviorTable:
         return cls(path, encoder)
 
     @classmethod
-    def open(cls, path: str | Path, encoder: TextEncoder | None = None, *, expect: ModelSignature | None = None,
-             verify: bool = False) -> BehaviorTable:
-        """Memory-map an existing table (no tensor data is read). With `encoder` (or `expect`) the
-        table must have been built by the same model split; `verify` scans every row and key."""
+    def open(cls, path: str | Path, encoder: TextEncoder | None = None, *, verify: bool = False) -> BehaviorTable:
+        """Memory-map an existing table (no tensor data is read). With `encoder` the table must have
+        been built by the same model split; `verify` scans every row and key."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"behavior table {path} does not exist")
         table = cls(path, encoder)
-        expected = encoder.signature if encoder is not None else expect
-        if expected is not None:
-            table.signature.check_matches(expected, str(path))
+        if encoder is not None:
+            table.signature.check_matches(encoder.signature, str(path))
         if verify:
             table.verify()
         return table
@@ -232,11 +230,11 @@ class BehaviorTable:
             self._check_header(header, where)
             snap = _Snapshot(
                 header=header,
-                embeddings=mmap_tensor(self.path, header, "embeddings", handle),
-                keys=mmap_tensor(self.path, header, "keys", handle).numpy(),
-                key_order=mmap_tensor(self.path, header, "key_order", handle).numpy(),
-                text_offsets=mmap_tensor(self.path, header, "text_offsets", handle).numpy(),
-                text_bytes=mmap_tensor(self.path, header, "text_bytes", handle).numpy(),
+                embeddings=mmap_tensor(header, "embeddings", handle),
+                keys=mmap_tensor(header, "keys", handle).numpy(),
+                key_order=mmap_tensor(header, "key_order", handle).numpy(),
+                text_offsets=mmap_tensor(header, "text_offsets", handle).numpy(),
+                text_bytes=mmap_tensor(header, "text_bytes", handle).numpy(),
             )
         if int(snap.text_offsets[-1]) != snap.text_bytes.size:
             raise TableFormatError(f"{where}: text_offsets ends at {int(snap.text_offsets[-1])}, text_bytes holds "
