@@ -42,7 +42,6 @@ Kernel-level timings: `python -m bench.kernels`; latency suites: `pytest bench/ 
 from __future__ import annotations
 
 import argparse
-import csv
 import ctypes
 import datetime
 import gc
@@ -66,7 +65,7 @@ from engine.ctr_models import BAHECTR, RawTokenCTR, TokenBatch
 from engine.data.log import BehaviorLog
 from engine.experiment import SampleConfig, load_data, sample_split
 from engine.memory import PeakMemory
-from engine.report import machine as machine_label, write_section
+from engine.report import append_csv, machine as machine_label, write_section
 from engine.scorer import BAHEScorer, resolve_device
 from engine.train import TrainConfig, fit
 from kernels import ops
@@ -239,8 +238,7 @@ class SideResult:
         return bool(self.samples)
 
     def seconds(self, q: float = 0.5) -> float:
-        values = sorted(s.seconds for s in self.samples)
-        return float(np.quantile(values, q))
+        return float(np.quantile([s.seconds for s in self.samples], q))
 
     @property
     def peak_bytes(self) -> int:
@@ -392,6 +390,20 @@ class TrainRow:
     def seconds(self) -> float:
         return statistics.median(self.epoch_seconds)
 
+    @property
+    def peak(self) -> int:
+        return max(self.peak_bytes)
+
+    @property
+    def added(self) -> int:
+        return max(self.added_bytes)
+
+
+def training_ratios(bahe: TrainRow, raw: TrainRow) -> dict[str, float]:
+    """raw / BAHE: time per epoch, added peak memory, absolute peak memory."""
+    return {"time": raw.seconds / bahe.seconds, "added_memory": raw.added / max(bahe.added, 1),
+            "peak_memory": raw.peak / max(bahe.peak, 1)}
+
 
 def compare_training(config: CompareConfig, data: BehaviorLog, ckpt: Checkpoint,
                      device: torch.device) -> tuple[list[TrainRow], int]:
@@ -480,9 +492,9 @@ def _x(v: float) -> str:
     return "-" if not math.isfinite(v) else f"{v:,.1f}x"
 
 
-def report_lines(config: CompareConfig, command: str, machine: str, points: list[Point], cost: OfflineCost,
-                 training: list[TrainRow] | None, train_examples: int, elapsed: float, plot_link: str,
-                 n: int, oversubscribed: bool) -> list[str]:
+def report_lines(config: CompareConfig, command: str, machine: str, points: list[Point], fitted: dict[str, float],
+                 cost: OfflineCost, training: list[TrainRow] | None, train_examples: int, elapsed: float,
+                 plot_link: str, n: int, oversubscribed: bool) -> list[str]:
     common = [p for p in points if p.common]
     lines = ["### Benchmark: BAHE vs the raw-token LLM as M grows", "",
              f"`{command}` on {datetime.date.today().isoformat()}; {machine}; {elapsed / 60:.1f} min in all. "
@@ -515,7 +527,6 @@ def report_lines(config: CompareConfig, command: str, machine: str, points: list
                         f"{p.raw.status}")
         lines.append(f"| {p.m:,} | {p.users} | {len(p.bahe.samples)} | {tokens} | {p.per_1k('bahe'):,.2f} | "
                      f"{raw_cols} |")
-    fitted = slopes(points)
     lines += ["", "Fitted log-log slopes (cost ~ M^slope): " + "; ".join(
         f"{k} {v:.2f}" for k, v in fitted.items() if math.isfinite(v)) + ".", "",
         f"![BAHE vs raw-token scaling]({plot_link})", ""]
@@ -546,10 +557,10 @@ def report_lines(config: CompareConfig, command: str, machine: str, points: list
                   "| model | s / epoch | examples / s | peak MB (+added) |", "|---|---|---|---|"]
         for row in training:
             lines.append(f"| {row.name} | {row.seconds:,.1f} | {train_examples / row.seconds:,.1f} | "
-                         f"{_mb(max(row.peak_bytes))} (+{_mb(max(row.added_bytes))}) |")
-        lines += ["", f"Training raw / BAHE: {_x(raw.seconds / bahe.seconds)} time per epoch, "
-                  f"{_x(max(raw.added_bytes) / max(max(bahe.added_bytes), 1))} added peak memory, "
-                  f"{_x(max(raw.peak_bytes) / max(max(bahe.peak_bytes), 1))} absolute peak.", ""]
+                         f"{_mb(row.peak)} (+{_mb(row.added)}) |")
+        ratio = training_ratios(bahe, raw)
+        lines += ["", f"Training raw / BAHE: {_x(ratio['time'])} time per epoch, "
+                  f"{_x(ratio['added_memory'])} added peak memory, {_x(ratio['peak_memory'])} absolute peak.", ""]
     lines += ["Latency suites (pytest-benchmark, JSON under bench/results/): "
               "`pytest bench/ --benchmark-only --benchmark-json=bench/results/bench.json` "
               "(`BAHE_BENCH_LARGE=1` adds the biggest batch x M combinations)."]
@@ -559,25 +570,21 @@ def report_lines(config: CompareConfig, command: str, machine: str, points: list
 def write_csv(path: Path, points: list[Point], machine: str, run: str, threads: int) -> None:
     fields = ["run", "machine", "threads", "side", "m", "users", "reps", "s_per_1k_users_p50", "p20", "p80",
               "peak_mb", "added_mb", "raw_tokens_per_sequence", "status"]
-    new = not path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        for p in points:
-            for side in ("bahe", "raw"):
-                r = getattr(p, side)
-                ran = r.ran
-                writer.writerow({"run": run, "machine": machine, "threads": threads, "side": side, "m": p.m,
-                                 "users": p.users, "reps": len(r.samples),
-                                 "s_per_1k_users_p50": round(p.per_1k(side), 5) if ran else "",
-                                 "p20": round(p.per_1k(side, 0.2), 5) if ran else "",
-                                 "p80": round(p.per_1k(side, 0.8), 5) if ran else "",
-                                 "peak_mb": round(r.peak_bytes / MB, 2) if ran else "",
-                                 "added_mb": round(r.added_bytes / MB, 2) if ran else "",
-                                 "raw_tokens_per_sequence": round(p.raw_tokens_per_sequence, 1)
-                                 if p.raw_tokens_per_sequence else "", "status": r.status})
+    rows = []
+    for p in points:
+        for side in ("bahe", "raw"):
+            r = getattr(p, side)
+            ran = r.ran
+            rows.append({"run": run, "machine": machine, "threads": threads, "side": side, "m": p.m,
+                         "users": p.users, "reps": len(r.samples),
+                         "s_per_1k_users_p50": round(p.per_1k(side), 5) if ran else "",
+                         "p20": round(p.per_1k(side, 0.2), 5) if ran else "",
+                         "p80": round(p.per_1k(side, 0.8), 5) if ran else "",
+                         "peak_mb": round(r.peak_bytes / MB, 2) if ran else "",
+                         "added_mb": round(r.added_bytes / MB, 2) if ran else "",
+                         "raw_tokens_per_sequence": round(p.raw_tokens_per_sequence, 1)
+                         if p.raw_tokens_per_sequence else "", "status": r.status})
+    append_csv(path, fields, rows)
 
 
 # ----- main ---------------------------------------------------------------------------------------
@@ -656,27 +663,32 @@ def run(config: CompareConfig, command: str = "python -m bench.compare") -> dict
         "slopes": fitted, "abe": {**asdict(cost), "per_second": cost.per_second, "dedup_ratio": cost.dedup_ratio},
         "training": None if training is None else {
             "train_examples": train_examples, "rows": [asdict(r) for r in training],
-            "time_ratio": training[1].seconds / training[0].seconds,
-            "added_memory_ratio": max(training[1].added_bytes) / max(max(training[0].added_bytes), 1)},
+            **{f"{k}_ratio": v for k, v in training_ratios(*training).items()}},
     }
     (config.out_dir / "compare.json").write_text(json.dumps(summary, indent=1, default=float))
     if config.results_md is not None:
         link = os.path.relpath(png, config.results_md.resolve().parent if config.results_md.is_absolute()
                                else config.results_md.parent)
-        write_section(config.results_md, MARKER.format(model=model_name), report_lines(config, command, machine, points, cost, training,
-                                                      train_examples, elapsed, link, n, oversubscribed))
-        print(f"wrote {config.results_md} (section <!-- {MARKER.format(model=model_name)} -->)")
+        marker = MARKER.format(model=model_name)
+        write_section(config.results_md, marker, report_lines(config, command, machine, points, fitted, cost,
+                                                              training, train_examples, elapsed, link, n,
+                                                              oversubscribed))
+        print(f"wrote {config.results_md} (section <!-- {marker} -->)")
     print(f"wrote {png}, {config.out_dir / 'compare.json'}, {config.out_dir / 'compare.csv'}; "
           f"{elapsed / 60:.1f} min in all")
     return summary
 
 
 def add_model_arguments(p: argparse.ArgumentParser, d: CompareConfig) -> None:
-    """The model and data options shared with bench.profile."""
+    """The model, data and run options shared with bench.profile."""
     p.add_argument("--model", default=d.model, help="'minilm', 'smollm2' or a local checkpoint folder")
     p.add_argument("--data", default=d.data, help="'movielens' or a behavior log file")
     p.add_argument("--lower-layers", type=int, default=d.lower_layers)
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="tokens per behavior / item text")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--work-dir", type=Path, default=d.work_dir, help="cached behavior tables")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -698,10 +710,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-batch-size", type=int, default=d.train_batch_size)
     p.add_argument("--large", action="store_true",
                    help="bigger sizes: " + ", ".join(f"{k}={v}" for k, v in LARGE.items()))
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--work-dir", type=Path, default=d.work_dir, help="cached behavior tables")
     p.add_argument("--out-dir", type=Path, default=d.out_dir)
     p.add_argument("--results-md", default=str(d.results_md), help="markdown file to update ('' to skip)")
     return p

@@ -15,7 +15,6 @@ per (op, provider) so figures from different machines sit side by side.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import math
 import statistics
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.report import machine
+from engine.report import append_csv, machine
 from kernels import ctr_mlp, gather_mean, jagged_gather, jagged_mean, rope, varlen_attention
 from kernels._jagged import max_length, offsets_from_lengths, pad
 
@@ -192,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     on_cuda = device.type == "cuda"
     reps = args.reps or (20 if on_cuda else 3)
     label = machine()
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"machine: {label}")
     peak_bw, peak_flops = measure_peaks(device, reps)
     print(f"measured peak on {device.type}: copy {peak_bw / 1e9:.0f} GB/s, "
@@ -216,15 +216,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"{frac:>7.1%}  {case.shape}")
             rows.append({"kernel": case.op, "provider": provider, "shape": case.shape, "p20_ms": p20 * 1e3,
                          "p50_ms": p50 * 1e3, "p80_ms": p80 * 1e3, "achieved": rate, "unit": unit,
-                         "fraction_of_peak": frac, "machine": label,
-                         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+                         "fraction_of_peak": frac, "machine": label, "timestamp": started})
     if args.csv:
-        new = not args.csv.exists()
-        with args.csv.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+        append_csv(args.csv, list(rows[0]), rows)
         print(f"appended {len(rows)} rows to {args.csv}")
 
 

@@ -1,6 +1,7 @@
 """Result files shared by the demo and the benchmarks: each writer owns one marked section."""
 from __future__ import annotations
 
+import csv
 import os
 import platform
 from pathlib import Path
@@ -34,3 +35,15 @@ def write_section(path: str | Path, marker: str, lines: list[str]) -> None:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def append_csv(path: str | Path, fields: list[str], rows: list[dict]) -> None:
+    """Append `rows` to the CSV file at `path`, writing the header `fields` first when the file is new."""
+    path = Path(path)
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)

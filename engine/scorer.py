@@ -32,7 +32,7 @@ from engine.model import BAHEModel, PackedBatch
 from engine.stages import stage
 from kernels import ops
 from kernels._jagged import max_length
-from weights.atomic import atomic_write, file_lock, remove_stale_temps
+from weights.atomic import atomic_write, copy_atomic, file_lock, remove_stale_temps
 from weights.checkpoint import Checkpoint
 from weights.registry import resolve_model
 from weights.split import UpperEncoder, save_lower_checkpoint
@@ -101,13 +101,6 @@ def _remove(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    if src.resolve() == dst.resolve():
-        return
-    with atomic_write(dst) as handle, open(src, "rb") as source:
-        shutil.copyfileobj(source, handle, 16 << 20)
 
 
 def _encoder(ckpt: Checkpoint, config: ScorerConfig, device: torch.device | str, progress: bool) -> AtomicEncoder:
@@ -234,7 +227,7 @@ class BAHEScorer:
                     with atomic_write(target) as handle:
                         write_safetensors(handle, [source_of(k, v) for k, v in state.items()], {"format": "pt"})
                 else:
-                    _copy_atomic(source, target)
+                    copy_atomic(source, target)
             meta = {"format": "bahe-scorer", "format_version": FORMAT_VERSION, "config": self.config.to_dict(),
                     "signature": self.encoder.signature.to_metadata(), "files": files}
             remove_stale_temps(path / SCORER_FILE)

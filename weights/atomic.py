@@ -5,6 +5,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -47,6 +48,14 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    """Copy the file `src` to `dst` through `atomic_write` (nothing to do when they are one file)."""
+    if src.resolve() == dst.resolve():
+        return
+    with atomic_write(dst) as handle, open(src, "rb") as source:
+        shutil.copyfileobj(source, handle, 16 << 20)
 
 
 def remove_stale_temps(path: Path) -> int:

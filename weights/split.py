@@ -3,7 +3,6 @@ token states, used offline by ABE) and a trainable `UpperEncoder` (remaining lay
 behavior embeddings -> contextual behavior states, used online by BA)."""
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
 from kernels._jagged import max_length, offsets_from_lengths, pad, positions_in_sequence
-from weights.atomic import atomic_write
+from weights.atomic import atomic_write, copy_atomic
 from weights.checkpoint import Checkpoint, CheckpointError
 from weights.layers import BertEmbeddings, BertLayer, DecoderEmbeddings, DecoderLayer, RMSNorm, RotaryTable
 from weights.safetensors_io import source_of, write_safetensors
@@ -196,8 +195,7 @@ def save_lower_checkpoint(ckpt: Checkpoint, lower: LowerEncoder, folder: str | P
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for src in [ckpt.folder / "config.json", *ckpt.tokenizer_files()]:
-        with atomic_write(folder / src.name) as handle, open(src, "rb") as source:
-            shutil.copyfileobj(source, handle)
+        copy_atomic(src, folder / src.name)
     sources = [source_of(name, ckpt.tensor(name)) for name in lower.tensor_names]
     with atomic_write(folder / "model.safetensors") as handle:
         write_safetensors(handle, sources, {"format": "pt", "bahe_lower_layers": str(lower.num_layers)})
