@@ -1,7 +1,18 @@
-"""BAHE engine: offline Atomic Behavior Encoding, online Behavior Aggregation, CTR scoring."""
-from engine.abe import AtomicEncoder
-from engine.config import EncoderConfig, ModelConfig, ScorerConfig, ScoringConfig
-from engine.scorer import BAHEScorer, InputError, ScorerFormatError
+"""BAHE engine: offline Atomic Behavior Encoding, online Behavior Aggregation, CTR scoring.
+Names are imported on first use, so the `bahe` command line starts without loading every model."""
+from __future__ import annotations
 
-__all__ = ["AtomicEncoder", "BAHEScorer", "EncoderConfig", "InputError", "ModelConfig", "ScorerConfig",
-           "ScorerFormatError", "ScoringConfig"]
+import importlib
+
+_EXPORTS = {
+    "AtomicEncoder": "engine.abe",
+    **{name: "engine.config" for name in ("EncoderConfig", "ModelConfig", "ScorerConfig", "ScoringConfig")},
+    **{name: "engine.scorer" for name in ("BAHEScorer", "InputError", "ScorerFormatError")},
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

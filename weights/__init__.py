@@ -1,9 +1,19 @@
-"""Everything on disk: checkpoints (split into frozen lower / trainable upper) and behavior tables."""
-from weights.checkpoint import Checkpoint, CheckpointError
-from weights.split import LowerEncoder, UpperEncoder, split_checkpoint
-from weights.table import (BehaviorTable, HashCollisionError, ModelSignature, NonFiniteRowError, TableError,
-                           TableFormatError, TableMismatchError, UnknownTextError)
+"""Everything on disk: checkpoints (split into frozen lower / trainable upper) and behavior tables.
+Names are imported on first use, so `weights.registry` and friends load without transformers."""
+from __future__ import annotations
 
-__all__ = ["BehaviorTable", "Checkpoint", "CheckpointError", "HashCollisionError", "LowerEncoder", "ModelSignature",
-           "NonFiniteRowError", "TableError", "TableFormatError", "TableMismatchError", "UnknownTextError",
-           "UpperEncoder", "split_checkpoint"]
+import importlib
+
+_EXPORTS = {
+    "Checkpoint": "weights.checkpoint", "CheckpointError": "weights.checkpoint",
+    "LowerEncoder": "weights.split", "UpperEncoder": "weights.split", "split_checkpoint": "weights.split",
+    **{name: "weights.table" for name in ("BehaviorTable", "HashCollisionError", "ModelSignature", "NonFiniteRowError",
+                                          "TableError", "TableFormatError", "TableMismatchError", "UnknownTextError")},
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
