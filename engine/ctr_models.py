@@ -20,7 +20,7 @@ from torch import nn
 from engine.batching import pack_lists, packed_histories, require_sequences, row_map
 from engine.config import ModelConfig
 from engine.data.log import BehaviorLog
-from engine.head import CTRHead, head_features
+from engine.head import head_features, user_item_head
 from engine.model import PackedBatch, pool_user_item
 from engine.scorer import BAHEScorer
 from kernels import ops
@@ -79,9 +79,7 @@ class RawTokenCTR(nn.Module):
         self.lower, self.upper = split_checkpoint(ckpt, num_lower_layers)
         limit = getattr(ckpt.config, "max_position_embeddings", max_tokens_per_sequence)
         self.max_tokens, self.item_max_tokens = min(max_tokens_per_sequence, limit), item_max_tokens
-        d, n = ckpt.hidden_size, len(config.sequence_names)
-        self.empty_sequence = nn.Parameter(torch.randn(n, d) * 0.02)
-        self.head = CTRHead((2 * n + 1) * d, config.head_hidden, config.head_activation, config.dropout)
+        self.empty_sequence, self.head = user_item_head(config, ckpt.hidden_size)
 
     def _tokens(self, texts: list[str], max_length: int) -> list[list[int]]:
         if not texts:
@@ -129,9 +127,7 @@ class IdOnlyCTR(nn.Module):
         ids = log.item_ids
         self.row = row_map(ids, np.arange(ids.size))
         self.embedding = nn.Parameter(torch.randn(ids.size, dim) * 0.05)
-        n = len(config.sequence_names)
-        self.empty_sequence = nn.Parameter(torch.randn(n, dim) * 0.02)
-        self.head = CTRHead((2 * n + 1) * dim, config.head_hidden, config.head_activation, config.dropout)
+        self.empty_sequence, self.head = user_item_head(config, dim)
 
     def prepare(self, log: BehaviorLog, rows: np.ndarray) -> PackedBatch:
         values, offsets = packed_histories(log, rows, self.config.sequence_names, self.config.max_behaviors)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.config import ModelConfig
 from kernels import ops
 from kernels.ctr_mlp import ACTIVATIONS
 
@@ -51,3 +52,11 @@ class CTRHead(nn.Module):
         biases = [bias, *(m.bias for m in self.linears[1:])]
         return ops.ctr_mlp(features, [w.to(features.dtype) for w in weights], [b.to(features.dtype) for b in biases],
                            activation=self.activation)
+
+
+def user_item_head(config: ModelConfig, dim: int) -> tuple[nn.Parameter, CTRHead]:
+    """A CTR model's learned empty-sequence vectors (n, dim), one per sequence name, and its head
+    over `head_features` of n sequences of width dim (drawn in this order, so seeded runs repeat)."""
+    n = len(config.sequence_names)
+    empty_sequence = nn.Parameter(torch.randn(n, dim) * 0.02)
+    return empty_sequence, CTRHead((2 * n + 1) * dim, config.head_hidden, config.head_activation, config.dropout)

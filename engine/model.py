@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.head import CTRHead, head_features
+from engine.head import head_features, user_item_head
 from engine.stages import stage
 from kernels import ops
 from kernels._jagged import check_offsets, check_rows
@@ -87,11 +87,10 @@ class BAHEModel(nn.Module):
         super().__init__()
         self.config = config
         self.upper = upper
-        d, n = upper.hidden_size, len(config.sequence_names)
+        d = upper.hidden_size
         self.behavior_pos = (nn.Parameter(torch.zeros(config.max_behaviors, d))
                              if config.behavior_positions == "learned" else None)
-        self.empty_sequence = nn.Parameter(torch.randn(n, d) * 0.02)
-        self.head = CTRHead((2 * n + 1) * d, config.head_hidden, config.head_activation, config.dropout)
+        self.empty_sequence, self.head = user_item_head(config, d)
 
     @property
     def num_sequences(self) -> int:

@@ -125,13 +125,15 @@ def _unique_normalized(texts: Iterable[object]) -> list[str]:
     return list(dict.fromkeys(normalize_text(t) for t in unique))
 
 
-def _check_no_collisions(keys: np.ndarray, texts: Sequence[str]) -> None:
+def _check_no_collisions(keys: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+    """Raise HashCollisionError if two texts share a key; return the stable permutation sorting `keys`."""
     order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
     dup = np.nonzero(sorted_keys[1:] == sorted_keys[:-1])[0]
     if dup.size:
         a, b = texts[order[dup[0]]], texts[order[dup[0] + 1]]
         raise HashCollisionError(f"texts {a!r} and {b!r} share the 64-bit key {int(sorted_keys[dup[0]])}")
+    return order
 
 
 def _encoded_chunks(texts: list[str], encoder: TextEncoder, dtype: torch.dtype) -> Iterator[torch.Tensor]:
@@ -186,13 +188,13 @@ class BehaviorTable:
             raise FileExistsError(f"{path} exists; open it and append, or pass overwrite=True")
         unique = _unique_normalized(texts)
         keys = text_keys(unique)
-        _check_no_collisions(keys, unique)
+        key_order = _check_no_collisions(keys, unique)
         text_bytes, ends = _text_arrays(unique)
         offsets = np.concatenate([np.zeros(1, np.int64), ends])
         torch_dtype = EMBEDDING_DTYPES[dtype]
         sources = [
             source_of("keys", torch.from_numpy(keys)),
-            source_of("key_order", torch.from_numpy(np.argsort(keys, kind="stable"))),
+            source_of("key_order", torch.from_numpy(key_order)),
             source_of("text_offsets", torch.from_numpy(offsets)),
             TensorSource("embeddings", TAG_OF_TORCH[torch_dtype], (len(unique), encoder.signature.hidden_size),
                          _encoded_chunks(unique, encoder, torch_dtype)),
