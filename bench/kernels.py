@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from engine.report import append_csv, machine
 from kernels import ctr_mlp, gather_mean, jagged_gather, jagged_mean, rope, varlen_attention
-from kernels._jagged import max_length, offsets_from_lengths, pad
+from kernels._jagged import lengths_from_offsets, max_length, offsets_from_lengths, pad
 
 
 @dataclass
@@ -144,13 +144,10 @@ def build_cases(shapes: Shapes, device: torch.device) -> list[Case]:
     h, hkv, dh = shapes.heads, shapes.kv_heads, shapes.head_dim
     a_off = ragged(shapes.attn_sequences, shapes.attn_mean_length, device, gen)
     a_total = int(a_off[-1])
-    lengths = (a_off[1:] - a_off[:-1]).cpu()
     q, k, v = randn(a_total, h, dh), randn(a_total, hkv, dh), randn(a_total, hkv, dh)
+    lengths = lengths_from_offsets(a_off).cpu()
     a_longest = int(lengths.max())
-    inv_freq = 1.0 / 100000.0 ** (torch.arange(0, dh, 2, dtype=torch.float32) / dh)
-    emb = torch.arange(a_longest, dtype=torch.float32)[:, None] * inv_freq
-    emb = torch.cat((emb, emb), dim=-1).to(device)
-    cos, sin = emb.cos(), emb.sin()
+    cos, sin = (t.to(device) for t in rope.rope_tables(a_longest, dh))
     a_tag = f"T={a_total} B={shapes.attn_sequences} L_max={a_longest} H={h}/{hkv} Dh={dh} {str(dt).removeprefix('torch.')}"
     cases.append(Case("rope(q,k)", a_tag, {
         "triton": lambda: rope.rope_triton(q, k, a_off, cos, sin),

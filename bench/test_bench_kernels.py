@@ -10,6 +10,7 @@ import torch
 
 from kernels import ops
 from kernels._jagged import offsets_from_lengths
+from kernels.rope import rope_tables
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -36,11 +37,9 @@ def attention():
     gen = torch.Generator().manual_seed(1)
     offsets = offsets_from_lengths(torch.randint(0, 129, (8,), generator=gen)).to(DEVICE)
     total = int(offsets[-1])
-    inv_freq = 1.0 / 100000.0 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64)
-    emb = torch.arange(128, dtype=torch.float32)[:, None] * inv_freq
-    emb = torch.cat((emb, emb), dim=-1).to(DEVICE)
+    cos, sin = rope_tables(128, 64)
     return {"offsets": offsets, "q": _randn(gen, total, 9, 64), "k": _randn(gen, total, 3, 64),
-            "v": _randn(gen, total, 3, 64), "cos": emb.cos(), "sin": emb.sin()}
+            "v": _randn(gen, total, 3, 64), "cos": cos.to(DEVICE), "sin": sin.to(DEVICE)}
 
 
 def _run(benchmark, fn):

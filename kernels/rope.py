@@ -17,6 +17,15 @@ from kernels._triton import new_output, next_pow2, require_triton, search_steps,
 ROPE_BLOCK_T = 16  # tokens per program
 
 
+def rope_tables(positions: int, head_dim: int, theta: float = 100000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (positions, head_dim) float32 of plain RoPE with base `theta` (SmolLM2's 1e5 by
+    default), the rotate_half layout the op takes; models pass their own from RotaryTable."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    freqs = torch.arange(positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
 def _check_rope_args(q: torch.Tensor, k: torch.Tensor, offsets: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor) -> None:
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:

@@ -2,12 +2,36 @@
 import pytest
 import torch
 
+from kernels._jagged import offsets_from_lengths
 from kernels._triton import compile_for_gpu_in_subprocess, poison_outputs
 
 # ||out - ref|| / ||ref|| bounds per dtype (fp32 on the interpreter; bf16/fp16 with fp32 accumulation).
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 # Hopper's largest shared-memory allocation per block (227 KiB).
 SM90_SHARED_LIMIT = 227 * 1024
+
+
+def packed_qkv(lengths: list[int], heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+               seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random packed q (T, H, Dh), k and v (T, Hkv, Dh) of sequences of `lengths`, and their offsets."""
+    gen = torch.Generator().manual_seed(seed)
+    offsets = offsets_from_lengths(torch.tensor(lengths))
+    total = int(offsets[-1])
+    q = torch.randn(total, heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
+    return q, k, v, offsets
+
+
+def random_bags(lengths: list[int], num_rows: int, dim: int, dtype: torch.dtype,
+                seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator]:
+    """A random table (num_rows, dim), packed row ids of bags of `lengths`, their offsets, and the
+    generator (for further draws)."""
+    gen = torch.Generator().manual_seed(seed)
+    offsets = offsets_from_lengths(torch.tensor(lengths))
+    rows = torch.randint(0, num_rows, (int(offsets[-1]),), generator=gen)
+    table = torch.randn(num_rows, dim, generator=gen).to(dtype)
+    return table, rows, offsets, gen
 
 
 def compile_for_sm90(script: str) -> list[dict]:

@@ -1,6 +1,5 @@
 """The `bahe` command line: encode (build, then append), train on a log file, score, info."""
 import json
-import sys
 from pathlib import Path
 
 from engine import cli

@@ -7,27 +7,18 @@ from hypothesis import strategies as st
 import kernels.gather_mean as mod
 import kernels.jagged_mean as pool
 from kernels import ops
-from kernels._jagged import offsets_from_lengths
-from tests.kernel_checks import assert_fits_sm90, compile_for_sm90, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
+from tests.kernel_checks import random_bags, assert_fits_sm90, compile_for_sm90, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
 from kernels.gather_mean import gather_mean_reference, gather_mean_triton
 
 LENGTHS = [[0], [1], [0, 1, 33, 0, 5], [70, 3, 0, 1], [2] * 9]
 
 
 
-def inputs(lengths, num_rows, dim, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    offsets = offsets_from_lengths(torch.tensor(lengths))
-    rows = torch.randint(0, num_rows, (int(offsets[-1]),), generator=gen)
-    table = torch.randn(num_rows, dim, generator=gen).to(dtype)
-    return table, rows, offsets, gen
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dim", [72, 384])
 @pytest.mark.parametrize("lengths", LENGTHS)
 def test_matches_reference(dtype, dim, lengths):
-    table, rows, offsets, gen = inputs(lengths, 60, dim, dtype, seed=len(lengths) + dim)
+    table, rows, offsets, gen = random_bags(lengths, 60, dim, dtype, seed=len(lengths) + dim)
     batch = len(lengths)
     cases = [{}, {"empty": torch.randn(dim, generator=gen)},
              {"empty": torch.randn(batch, dim, generator=gen).to(dtype), "out_dtype": torch.float32}]
@@ -46,7 +37,7 @@ def test_matches_reference(dtype, dim, lengths):
 @given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=8), dim=st.sampled_from([8, 40, 96]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), with_empty=st.booleans(), seed=st.integers(0, 99))
 def test_property_random_bags(lengths, dim, dtype, with_empty, seed):
-    table, rows, offsets, gen = inputs(lengths, 30, dim, dtype, seed)
+    table, rows, offsets, gen = random_bags(lengths, 30, dim, dtype, seed)
     empty = torch.randn(dim, generator=gen) if with_empty else None
     out = gather_mean_triton(table, rows, offsets, empty=empty)  # poisoned by the autouse fixture
     ref = gather_mean_reference(table, rows, offsets, empty=empty)
@@ -57,7 +48,7 @@ def test_property_random_bags(lengths, dim, dtype, with_empty, seed):
 def test_does_not_materialize_the_gather(monkeypatch):
     # The fused path never builds the (T, d) gather (the reference does, with index_select).
     monkeypatch.setattr(torch.Tensor, "index_select", lambda *a, **k: pytest.fail("materialized (T, d)"))
-    table, rows, offsets, _ = inputs([5, 0, 9], 30, 96, torch.bfloat16, seed=2)
+    table, rows, offsets, _ = random_bags([5, 0, 9], 30, 96, torch.bfloat16, seed=2)
     out = gather_mean_triton(table, rows, offsets, out_dtype=torch.float32)
     monkeypatch.undo()
     assert rel_err(out, gather_mean_reference(table, rows, offsets, out_dtype=torch.float32)) < 1e-6
@@ -70,7 +61,7 @@ class _NoLaunch:
 
 def test_host_side_errors_before_launch(monkeypatch):
     monkeypatch.setattr(pool, "_pool_mean_kernel", _NoLaunch())
-    table, rows, offsets, _ = inputs([3, 2], 10, 16, torch.float32, seed=0)
+    table, rows, offsets, _ = random_bags([3, 2], 10, 16, torch.float32, seed=0)
     with pytest.raises(IndexError):
         gather_mean_triton(table, torch.tensor([0, 1, 2, 3, 10]), offsets)
     with pytest.raises(IndexError):
@@ -84,7 +75,7 @@ def test_host_side_errors_before_launch(monkeypatch):
 
 
 def test_dispatch(monkeypatch):
-    table, rows, offsets, _ = inputs([3, 0, 4], 10, 16, torch.float32, seed=0)
+    table, rows, offsets, _ = random_bags([3, 0, 4], 10, 16, torch.float32, seed=0)
     out, ref = check_dispatch(monkeypatch, mod, "gather_mean", lambda: ops.gather_mean(table, rows, offsets))
     assert rel_err(out, ref) < 1e-6
     with ops.use_backend("triton"), pytest.raises(RuntimeError, match="forward-only"):

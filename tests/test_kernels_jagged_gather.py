@@ -10,8 +10,7 @@ from hypothesis import strategies as st
 
 import kernels.jagged_gather as mod
 from kernels import ops
-from kernels._jagged import offsets_from_lengths
-from tests.kernel_checks import assert_fits_sm90, compile_for_sm90, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
+from tests.kernel_checks import random_bags, assert_fits_sm90, compile_for_sm90, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
 from kernels.jagged_gather import jagged_gather_reference, jagged_gather_triton
 
 LENGTHS = [[0], [1], [0, 1, 17, 0, 5], [40, 3, 0, 1], [2] * 9]
@@ -19,10 +18,7 @@ LENGTHS = [[0], [1], [0, 1, 17, 0, 5], [40, 3, 0, 1], [2] * 9]
 
 
 def inputs(lengths, num_rows, dim, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    offsets = offsets_from_lengths(torch.tensor(lengths))
-    rows = torch.randint(0, num_rows, (int(offsets[-1]),), generator=gen)
-    table = torch.randn(num_rows, dim, generator=gen).to(dtype)
+    table, rows, offsets, gen = random_bags(lengths, num_rows, dim, dtype, seed)
     pos = torch.randn(max(max(lengths), 1) + 3, dim, generator=gen).to(dtype)
     return table, rows, offsets, pos
 

@@ -4,27 +4,16 @@ import torch
 
 import kernels.rope as mod
 from kernels import ops
-from kernels._jagged import offsets_from_lengths, positions_in_sequence
-from tests.kernel_checks import assert_fits_sm90, compile_for_sm90, assert_matches, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
-from kernels.rope import rope_reference, rope_triton
+from kernels._jagged import positions_in_sequence
+from tests.kernel_checks import packed_qkv, assert_fits_sm90, compile_for_sm90, assert_matches, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
+from kernels.rope import rope_reference, rope_tables, rope_triton
 
 LENGTHS = [[1], [0, 1, 21, 0, 5], [40, 3]]
 
 
 
-def rope_tables(positions: int, head_dim: int, theta: float = 100000.0):
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    freqs = torch.arange(positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
 def inputs(lengths, heads, kv_heads, head_dim, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    offsets = offsets_from_lengths(torch.tensor(lengths))
-    total = int(offsets[-1])
-    q = torch.randn(total, heads, head_dim, generator=gen).to(dtype)
-    k = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
+    q, k, _, offsets = packed_qkv(lengths, heads, kv_heads, head_dim, dtype, seed)
     return q, k, offsets
 
 

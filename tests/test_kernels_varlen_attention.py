@@ -7,8 +7,8 @@ import torch
 import kernels.varlen_attention as mod
 from kernels import ops
 from kernels._jagged import offsets_from_lengths
-from tests.kernel_checks import assert_fits_sm90, compile_for_sm90, assert_matches, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
-from kernels.rope import rope_reference, rope_triton
+from tests.kernel_checks import packed_qkv, assert_fits_sm90, compile_for_sm90, assert_matches, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
+from kernels.rope import rope_reference, rope_tables, rope_triton
 from kernels.varlen_attention import ATTN_BLOCK_M, query_blocks, varlen_attention_reference, varlen_attention_triton
 
 # Lengths 0 and 1, and lengths that are not multiples of the 64-row blocks (70 spans two).
@@ -16,22 +16,12 @@ LENGTHS = [[1], [0, 1, 70, 0, 7]]
 
 
 
-def inputs(lengths, heads, kv_heads, head_dim, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    offsets = offsets_from_lengths(torch.tensor(lengths))
-    total = int(offsets[-1])
-    q = torch.randn(total, heads, head_dim, generator=gen).to(dtype)
-    k = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
-    v = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype)
-    return q, k, v, offsets
-
-
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 72), (2, 2, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("lengths", LENGTHS)
 def test_matches_reference(lengths, dtype, heads, kv_heads, head_dim, causal):
-    q, k, v, offsets = inputs(lengths, heads, kv_heads, head_dim, dtype, seed=len(lengths) + head_dim)
+    q, k, v, offsets = packed_qkv(lengths, heads, kv_heads, head_dim, dtype, seed=len(lengths) + head_dim)
     out = varlen_attention_triton(q, k, v, offsets, causal=causal)
     ref = varlen_attention_reference(q, k, v, offsets, causal=causal)
     assert out.dtype == dtype
@@ -52,11 +42,8 @@ def test_custom_scale_and_strided_qkv():
 def test_smollm2_shapes_with_rope(dtype):
     """SmolLM2-135M attention: 9 query heads, 3 KV heads, head dim 64, causal, RoPE (theta 1e5) as the pre-pass."""
     lengths = [13, 0, 1, 66]
-    q, k, v, offsets = inputs(lengths, 9, 3, 64, dtype, seed=135)
-    inv_freq = 1.0 / 100000.0 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64)
-    emb = torch.arange(max(lengths), dtype=torch.float32)[:, None] * inv_freq
-    emb = torch.cat((emb, emb), dim=-1)
-    cos, sin = emb.cos(), emb.sin()
+    q, k, v, offsets = packed_qkv(lengths, 9, 3, 64, dtype, seed=135)
+    cos, sin = rope_tables(max(lengths), 64)
     q_rot, k_rot = rope_triton(q, k, offsets, cos, sin)
     out = varlen_attention_triton(q_rot, k_rot, v, offsets, causal=True)
     q_ref, k_ref = rope_reference(q, k, offsets, cos, sin)
@@ -66,7 +53,7 @@ def test_smollm2_shapes_with_rope(dtype):
 
 def test_matches_dense_softmax_single_sequence():
     # Independent of the reference: plain softmax(q k^T / sqrt(Dh)) v with a causal mask.
-    q, k, v, offsets = inputs([9], 2, 1, 16, torch.float32, seed=3)
+    q, k, v, offsets = packed_qkv([9], 2, 1, 16, torch.float32, seed=3)
     out = varlen_attention_triton(q, k, v, offsets, causal=True)
     scores = torch.einsum("ihd,jd->hij", q, k[:, 0]) / math.sqrt(16)
     scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
@@ -84,7 +71,7 @@ def test_query_block_table():
 
 
 def test_empty_batch():
-    q, k, v, offsets = inputs([0, 0, 0], 2, 2, 16, torch.float32, seed=0)
+    q, k, v, offsets = packed_qkv([0, 0, 0], 2, 2, 16, torch.float32, seed=0)
     assert varlen_attention_triton(q, k, v, offsets, causal=False).shape == (0, 2, 16)
 
 
@@ -95,7 +82,7 @@ class _NoLaunch:
 
 def test_host_side_errors_before_launch(monkeypatch):
     monkeypatch.setattr(mod, "_varlen_attention_kernel", _NoLaunch())
-    q, k, v, offsets = inputs([4, 2], 4, 2, 16, torch.float32, seed=0)
+    q, k, v, offsets = packed_qkv([4, 2], 4, 2, 16, torch.float32, seed=0)
     with pytest.raises(ValueError):
         varlen_attention_triton(q, k, v, torch.tensor([0, 4, 5]), causal=True)
     with pytest.raises(ValueError):
@@ -109,7 +96,7 @@ def test_host_side_errors_before_launch(monkeypatch):
 
 
 def test_dispatch(monkeypatch):
-    q, k, v, offsets = inputs([3, 0, 4], 2, 1, 16, torch.float32, seed=0)
+    q, k, v, offsets = packed_qkv([3, 0, 4], 2, 1, 16, torch.float32, seed=0)
     out, ref = check_dispatch(monkeypatch, mod, "varlen_attention", lambda: ops.varlen_attention(q, k, v, offsets, causal=True))
     assert rel_err(out, ref) < 1e-5
     with ops.use_backend("triton"), pytest.raises(RuntimeError, match="forward-only"):
