@@ -34,6 +34,14 @@ def random_bags(lengths: list[int], num_rows: int, dim: int, dtype: torch.dtype,
     return table, rows, offsets, gen
 
 
+class NoLaunch:
+    """Stands in for a @triton.jit kernel that must not be launched (invalid arguments are refused
+    on the host first): indexing it with a grid fails the test."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("kernel launched although the arguments are invalid")
+
+
 def compile_for_sm90(script: str) -> list[dict]:
     """Compile for sm_90, with no GPU (nothing runs), every launch that the function `launch()`
     defined by `script` makes; `torch` is imported for it. One dict per launch (see compile_for_gpu)."""
@@ -60,9 +68,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
-def check_dispatch(monkeypatch, module, op: str, call):
+def check_dispatch(monkeypatch, module, op: str, call, *, tol: float, call_needing_grad) -> None:
     """`call()` runs `kernels.ops.<op>`: it must reach `<op>_triton` under the 'triton' backend and
-    `<op>_reference` under 'torch' and under 'auto' (CPU tensors). Returns (kernel out, reference out)."""
+    `<op>_reference` under 'torch' and under 'auto' (CPU tensors), the two outputs (or each pair of
+    a tuple) within relative error `tol`; `call_needing_grad()` (an input that requires grad) must
+    be refused by the forward-only kernel path."""
     from kernels import ops
     calls = []
     for name in (f"{op}_triton", f"{op}_reference"):
@@ -75,7 +85,10 @@ def check_dispatch(monkeypatch, module, op: str, call):
     with ops.use_backend("auto"):
         call()
     assert calls == [f"{op}_triton", f"{op}_reference", f"{op}_reference"]
-    return out, ref
+    for out_part, ref_part in zip(*((x,) if torch.is_tensor(x) else x for x in (out, ref)), strict=True):
+        assert rel_err(out_part, ref_part) < tol
+    with ops.use_backend("triton"), pytest.raises(RuntimeError, match="forward-only"):
+        call_needing_grad()
 
 
 def assert_matches(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:

@@ -4,7 +4,7 @@ import torch
 
 import kernels.ctr_mlp as mod
 from kernels import ops
-from tests.kernel_checks import SM90_SHARED_LIMIT, check_dispatch, compile_for_sm90, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
+from tests.kernel_checks import NoLaunch, SM90_SHARED_LIMIT, check_dispatch, compile_for_sm90, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
 from kernels.ctr_mlp import MAX_HIDDEN_WIDTH, ctr_mlp_reference, ctr_mlp_triton
 
 # bf16: the reference rounds every hidden activation to bf16, the kernel keeps them in fp32.
@@ -58,13 +58,8 @@ def test_empty_batch():
     assert ctr_mlp_triton(x, weights, biases).shape == (0,)
 
 
-class _NoLaunch:
-    def __getitem__(self, grid):
-        raise AssertionError("kernel launched although the arguments are invalid")
-
-
 def test_host_side_errors_before_launch(monkeypatch):
-    monkeypatch.setattr(mod, "_ctr_mlp_kernel", _NoLaunch())
+    monkeypatch.setattr(mod, "_ctr_mlp_kernel", NoLaunch())
     x, weights, biases = head(4, 32, [16, 16], torch.float32, seed=0)
     with pytest.raises(ValueError, match="activation"):
         ctr_mlp_triton(x, weights, biases, activation="tanh")
@@ -82,10 +77,8 @@ def test_host_side_errors_before_launch(monkeypatch):
 
 def test_dispatch(monkeypatch):
     x, weights, biases = head(6, 32, [16], torch.float32, seed=0)
-    out, ref = check_dispatch(monkeypatch, mod, "ctr_mlp", lambda: ops.ctr_mlp(x, weights, biases, sigmoid=True))
-    assert rel_err(out, ref) < 1e-5
-    with ops.use_backend("triton"), pytest.raises(RuntimeError, match="forward-only"):
-        ops.ctr_mlp(x, [w.requires_grad_() for w in weights], biases)
+    check_dispatch(monkeypatch, mod, "ctr_mlp", lambda: ops.ctr_mlp(x, weights, biases, sigmoid=True), tol=1e-5,
+                   call_needing_grad=lambda: ops.ctr_mlp(x, [w.requires_grad_() for w in weights], biases))
 
 
 def test_compiles_for_sm90():

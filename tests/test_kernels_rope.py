@@ -5,7 +5,7 @@ import torch
 import kernels.rope as mod
 from kernels import ops
 from kernels._jagged import positions_in_sequence
-from tests.kernel_checks import packed_qkv, assert_fits_sm90, compile_for_sm90, assert_matches, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
+from tests.kernel_checks import NoLaunch, packed_qkv, assert_fits_sm90, compile_for_sm90, assert_matches, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
 from kernels.rope import rope_reference, rope_tables, rope_triton
 
 LENGTHS = [[1], [0, 1, 21, 0, 5], [40, 3]]
@@ -62,13 +62,8 @@ def test_empty_batch():
     assert q_out.shape == (0, 2, 16) and k_out.shape == (0, 1, 16)
 
 
-class _NoLaunch:
-    def __getitem__(self, grid):
-        raise AssertionError("kernel launched although the arguments are invalid")
-
-
 def test_host_side_errors_before_launch(monkeypatch):
-    monkeypatch.setattr(mod, "_rope_kernel", _NoLaunch())
+    monkeypatch.setattr(mod, "_rope_kernel", NoLaunch())
     q, k, offsets = inputs([4, 2], 2, 1, 16, torch.float32, seed=0)
     cos, sin = rope_tables(8, 16)
     with pytest.raises(ValueError):
@@ -85,10 +80,8 @@ def test_host_side_errors_before_launch(monkeypatch):
 def test_dispatch(monkeypatch):
     q, k, offsets = inputs([3, 0, 4], 2, 1, 16, torch.float32, seed=0)
     cos, sin = rope_tables(8, 16)
-    out, ref = check_dispatch(monkeypatch, mod, "rope", lambda: ops.rope(q, k, offsets, cos, sin))
-    assert rel_err(out[0], ref[0]) < 1e-6 and rel_err(out[1], ref[1]) < 1e-6
-    with ops.use_backend("triton"), pytest.raises(RuntimeError, match="forward-only"):
-        ops.rope(q.requires_grad_(), k, offsets, cos, sin)
+    check_dispatch(monkeypatch, mod, "rope", lambda: ops.rope(q, k, offsets, cos, sin), tol=1e-6,
+                   call_needing_grad=lambda: ops.rope(q.requires_grad_(), k, offsets, cos, sin))
 
 
 def test_compiles_for_sm90_without_spills():
