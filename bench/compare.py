@@ -21,7 +21,7 @@ M whose longest sequence needs more tokens than the model has positions (BERT: 5
 repetition takes longer than --raw-budget seconds; BAHE goes on to 10,000 behaviors per sequence.
 Users per batch shrink as M grows (at most --users, about --positions behavior positions per batch).
 
-Memory: peak RSS during the call on the CPU (engine.memory.PeakMemory, tightened by the kernel's
+Memory: peak RSS during the call on the CPU (engine.training.memory.PeakMemory, tightened by the kernel's
 exact high-water mark where /proc/self/clear_refs allows resetting it; freed heap is returned to
 the OS with malloc_trim before each measurement); torch.cuda.max_memory_allocated on CUDA. 'added'
 is the peak minus the level before the call (the working memory of the call): ratios use it.
@@ -30,7 +30,7 @@ Offline cost: ABE encoding of every unique behavior text, its throughput, the de
 in the log vs unique table rows) and the break-even: after how many scored users the one-off ABE
 cost is repaid by the per-user saving (raw - BAHE) at each common M.
 
-Training: one epoch of `engine.train.fit` for BAHE and the raw-token baseline on the same fixed
+Training: one epoch of `engine.training.train.fit` for BAHE and the raw-token baseline on the same fixed
 subset of the data set's train examples (the paper's own table compares training time and memory).
 
 Outputs (under --out-dir, default bench/results): compare.json (every number of the run),
@@ -61,13 +61,13 @@ import numpy as np
 import torch
 
 from engine.config import EncoderConfig, ModelConfig, ScorerConfig, ScoringConfig
-from engine.ctr_models import BAHECTR, RawTokenCTR, TokenBatch
-from engine.data.log import BehaviorLog
-from engine.experiment import SampleConfig, load_data, sample_split
-from engine.memory import PeakMemory
-from engine.report import append_csv, machine as machine_label, write_section
+from engine.training.ctr_models import BAHECTR, RawTokenCTR, TokenBatch
+from engine.training.data.log import BehaviorLog
+from engine.training.experiment import SampleConfig, load_data, sample_split
+from engine.training.memory import PeakMemory
+from engine.training.report import append_csv, machine as machine_label, write_section
 from engine.scorer import BAHEScorer, resolve_device
-from engine.train import TrainConfig, fit
+from engine.training.train import TrainConfig, fit
 from kernels import ops
 from kernels._jagged import max_length
 from weights.checkpoint import Checkpoint
@@ -550,7 +550,7 @@ def report_lines(config: CompareConfig, command: str, machine: str, points: list
               "the table has paid for itself.", ""]
     if training:
         bahe, raw = training
-        lines += [f"**Training** (`engine.train.fit`, 1 epoch, the same {train_examples:,} {config.data} train "
+        lines += [f"**Training** (`engine.training.train.fit`, 1 epoch, the same {train_examples:,} {config.data} train "
                   f"examples for both, at most {config.train_behaviors} behaviors per sequence, batch "
                   f"{config.train_batch_size}; raw sequences up to the model's positions; median of "
                   f"{config.train_reps} interleaved run(s)):", "",

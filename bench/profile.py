@@ -22,8 +22,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench.compare import CompareConfig, add_model_arguments, build, synthetic_users
-from engine.experiment import load_data
-from engine.report import machine
+from engine.training.experiment import load_data
+from engine.training.report import machine
 from engine.stages import PREFIX, STAGES
 
 TOTAL = PREFIX + "score"

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from bench.compare import CompareConfig, build, synthetic_users
-from engine.experiment import load_data
+from engine.training.experiment import load_data
 
 LARGE = os.environ.get("BAHE_BENCH_LARGE") == "1"
 SMALL_LIMIT = 4096  # B x M above this runs only with BAHE_BENCH_LARGE=1

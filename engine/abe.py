@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from engine.batching import pack_lists
+from engine.packing import pack_lists
 from kernels import ops
 from weights.checkpoint import Checkpoint
-from weights.split import LowerEncoder
+from engine.backbone.split import LowerEncoder
 from weights.table import ModelSignature
 
 PROGRESS_MIN_BATCHES = 4  # show a progress bar only for work of at least this many batches

@@ -42,9 +42,9 @@ def cmd_encode(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from engine.config import EncoderConfig, ModelConfig, ScorerConfig
-    from engine.ctr_models import BAHECTR
-    from engine.experiment import SampleConfig, build_scorer, load_data, sample_split, train_and_test
-    from engine.train import TrainConfig
+    from engine.training.ctr_models import BAHECTR
+    from engine.training.experiment import SampleConfig, build_scorer, load_data, sample_split, train_and_test
+    from engine.training.train import TrainConfig
     data = load_data(args.data)
     split = data.split()
     rows = sample_split(split, SampleConfig(args.train_examples, args.val_examples, args.test_examples, args.seed))
@@ -92,19 +92,25 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from engine.demo import DemoConfig, run_demo
+    from engine.training.demo import DemoConfig, run_demo
     out = Path(args.out) if args.out else Path("artifacts/demo") / Path(args.model).name
     run_demo(DemoConfig.preset(args.model, args.full, out=out, results=Path(args.results)))
 
 
+def _run_module(module: str, argv: list[str]) -> None:
+    """Run `python -m module argv...` (benchmarks live outside the package: no import of them here)."""
+    import subprocess
+    code = subprocess.call([sys.executable, "-m", module, *argv])
+    if code:
+        raise SystemExit(code)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
-    from bench.compare import main as compare_main
-    compare_main(args.bench_args)
+    _run_module("bench.compare", args.bench_args)
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
-    from bench.profile import main as profile_main
-    profile_main(args.profile_args)
+    _run_module("bench.profile", args.profile_args)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from engine.head import head_features, user_item_head
 from engine.stages import stage
 from kernels import ops
 from kernels._jagged import check_offsets, check_rows
-from weights.split import UpperEncoder
+from engine.backbone.split import UpperEncoder
 
 
 @dataclass

@@ -35,7 +35,7 @@ from kernels._jagged import max_length
 from weights.atomic import atomic_write, copy_atomic, file_lock, remove_stale_temps
 from weights.checkpoint import Checkpoint
 from weights.registry import resolve_model
-from weights.split import UpperEncoder, save_lower_checkpoint
+from engine.backbone.split import UpperEncoder, save_lower_checkpoint
 from weights.table import (EMBEDDING_DTYPES, MISSING, BehaviorTable, NonFiniteRowError, TableError, TextEncoder, UnknownTextError,
                            first_nonfinite_row)
 from weights.text_key import normalize_text

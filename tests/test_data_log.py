@@ -1,4 +1,4 @@
-"""engine.data.log: histories against a brute-force reference on random logs (ties, ragged and
+"""engine.training.data.log: histories against a brute-force reference on random logs (ties, ragged and
 empty sequences), leakage, truncation, the time split, file round trips and input validation."""
 import numpy as np
 import pandas as pd
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.data.log import DEFAULT_SEQUENCES, BehaviorLog, LogFormatError, load_log, write_log
+from engine.training.data.log import DEFAULT_SEQUENCES, BehaviorLog, LogFormatError, load_log, write_log
 
 POOL = ("clicked", "viewed", "bought", "skipped")
 

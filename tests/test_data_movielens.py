@@ -1,4 +1,4 @@
-"""engine.data.movielens: the full MovieLens-100K log (sizes, texts, labels, sequences, leakage,
+"""engine.training.data.movielens: the full MovieLens-100K log (sizes, texts, labels, sequences, leakage,
 split), its round trip through the generic file schema, and the committed CI fixture.
 
 Regenerate the fixture with `python -m tests.test_data_movielens`."""
@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine.data.log import BehaviorLog, load_log
-from engine.data.movielens import SEQUENCES, TINY_USERS, load_movielens, movielens_dir, write_movielens
+from engine.training.data.log import BehaviorLog, load_log
+from engine.training.data.movielens import SEQUENCES, TINY_USERS, load_movielens, movielens_dir, write_movielens
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "movielens_tiny.parquet")
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.demo import DemoConfig, run_demo
+from engine.training.demo import DemoConfig, run_demo
 from engine.scorer import BAHEScorer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "movielens_tiny.parquet"

@@ -1,4 +1,4 @@
-"""engine.metrics against scikit-learn on random data (with ties) and against hand-computed values."""
+"""engine.training.metrics against scikit-learn on random data (with ties) and against hand-computed values."""
 import math
 
 import numpy as np
@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import roc_auc_score
 
-from engine.metrics import log_loss, roc_auc
+from engine.training.metrics import log_loss, roc_auc
 
 
 @settings(max_examples=60, deadline=None)

@@ -338,7 +338,7 @@ def test_split_is_exact_on_the_real_decoder(fp32_build):
     hidden state, for three splits of the real 30-layer SmolLM2 (RoPE, causal, 9/3-head GQA)."""
     from engine.abe import AtomicEncoder
     from weights.checkpoint import Checkpoint
-    from weights.split import split_checkpoint
+    from engine.backbone.split import split_checkpoint
 
     _, folder, model, tokenizer, _ = fp32_build
     ckpt = Checkpoint(folder)

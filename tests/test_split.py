@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModel
 
 from weights.checkpoint import Checkpoint, CheckpointError
-from weights.split import LowerEncoder, UpperEncoder, split_checkpoint
+from engine.backbone.split import LowerEncoder, UpperEncoder, split_checkpoint
 
 TEXTS = ["bought latte coffee", "searched running shoes for the big red movie", "toy", "a b c d e f g h i j k l"]
 
@@ -90,7 +90,7 @@ def test_fingerprint_depends_on_weights_and_split(tiny_checkpoints, tmp_path):
 
 
 def test_missing_upper_layer_is_a_clear_error(tiny_checkpoints, tmp_path):
-    from weights.split import save_lower_checkpoint
+    from engine.backbone.split import save_lower_checkpoint
     ckpt = Checkpoint(tiny_checkpoints["llama"])
     lower = LowerEncoder(ckpt, 2)
     save_lower_checkpoint(ckpt, lower, tmp_path / "lower")

@@ -1,4 +1,5 @@
-"""Everything on disk: checkpoints (split into frozen lower / trainable upper) and behavior tables.
+"""Storage only: checkpoint files, safetensors I/O, atomic writes, behavior tables, the embedded-model
+registry. No nn.Module lives here, and nothing here imports `kernels` or `engine`.
 Names are imported on first use, so `weights.registry` and friends load without transformers."""
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import importlib
 
 _EXPORTS = {
     "Checkpoint": "weights.checkpoint", "CheckpointError": "weights.checkpoint",
-    "LowerEncoder": "weights.split", "UpperEncoder": "weights.split", "split_checkpoint": "weights.split",
     **{name: "weights.table" for name in ("BehaviorTable", "HashCollisionError", "ModelSignature", "NonFiniteRowError",
                                           "TableError", "TableFormatError", "TableMismatchError", "UnknownTextError")},
 }

@@ -17,15 +17,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.batching import pack_lists, packed_histories, require_sequences, row_map
+from engine.packing import pack_lists
+from engine.training.batching import packed_histories, require_sequences, row_map
 from engine.config import ModelConfig
-from engine.data.log import BehaviorLog
+from engine.training.data.log import BehaviorLog
 from engine.head import head_features, user_item_head
 from engine.model import PackedBatch, pool_user_item
 from engine.scorer import BAHEScorer
 from kernels import ops
 from weights.checkpoint import Checkpoint
-from weights.split import split_checkpoint
+from engine.backbone.split import split_checkpoint
 
 SEQUENCE_SEPARATOR = " ; "
 

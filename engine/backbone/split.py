@@ -14,7 +14,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 from kernels._jagged import max_length, offsets_from_lengths, pad, positions_in_sequence
 from weights.atomic import atomic_write, copy_atomic
 from weights.checkpoint import Checkpoint, CheckpointError
-from weights.layers import BertEmbeddings, BertLayer, DecoderEmbeddings, DecoderLayer, RMSNorm, RotaryTable
+from engine.backbone.layers import BertEmbeddings, BertLayer, DecoderEmbeddings, DecoderLayer, RMSNorm, RotaryTable
 from weights.safetensors_io import source_of, write_safetensors
 
 

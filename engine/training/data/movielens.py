@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from engine.data.log import SEQUENCE_SEPARATOR, BehaviorLog, write_log
+from engine.training.data.log import SEQUENCE_SEPARATOR, BehaviorLog, write_log
 from weights.registry import package_folder
 
 __all__ = ["SEQUENCES", "GENRES", "TINY_USERS", "movielens_dir", "movielens_frame", "load_movielens", "write_movielens"]

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from engine.data.log import BehaviorLog
-from engine.memory import PeakMemory
-from engine.metrics import log_loss, roc_auc
+from engine.training.data.log import BehaviorLog
+from engine.training.memory import PeakMemory
+from engine.training.metrics import log_loss, roc_auc
 
 log = logging.getLogger(__name__)
 

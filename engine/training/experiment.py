@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import ScorerConfig
-from engine.data.log import BehaviorLog, TimeSplit, load_log
-from engine.data.movielens import load_movielens
+from engine.training.data.log import BehaviorLog, TimeSplit, load_log
+from engine.training.data.movielens import load_movielens
 from engine.scorer import BAHEScorer
-from engine.train import FitResult, TrainConfig, evaluate, fit
+from engine.training.train import FitResult, TrainConfig, evaluate, fit
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from engine.config import EncoderConfig, ModelConfig, ScorerConfig
-from engine.ctr_models import BAHECTR, IdOnlyCTR, RawTokenCTR
-from engine.experiment import ModelReport, SampleConfig, build_scorer, load_data, sample_split, train_and_test
-from engine.report import machine, write_section
+from engine.training.ctr_models import BAHECTR, IdOnlyCTR, RawTokenCTR
+from engine.training.experiment import ModelReport, SampleConfig, build_scorer, load_data, sample_split, train_and_test
+from engine.training.report import machine, write_section
 from engine.scorer import BAHEScorer
-from engine.train import TrainConfig
+from engine.training.train import TrainConfig
 from weights.registry import EMBEDDED
 
 log = logging.getLogger(__name__)
