@@ -19,10 +19,16 @@ class EncoderConfig:
 class ModelConfig:
     """Behavior Aggregation + CTR head (online, trainable)."""
     sequence_names: tuple[str, ...] = ("click", "buy", "search")
-    max_behaviors: int = 256        # M: the most recent M behaviors of each sequence are kept
+    max_behaviors: int = 1024       # M: the most recent M behaviors of each sequence are kept (MovieLens: all)
     behavior_positions: str = "learned"  # "learned": a (M, d) embedding added at the gather; or "none"
+    attention: str = "causal"       # upper layers: "causal" (every family; what timeline training needs)
+                                    # or "family" (the family's own: BERT bidirectional, decoders causal)
     head_hidden: tuple[int, ...] = (256, 64)
     head_activation: str = "relu"
+    head_cross_layers: int = 2      # DCN-v2 cross layers before the MLP (0: MLP only)
+    head_cross_rank: int = 64
+    count_features: bool = True     # dense past-count features of user (its sequences) and item (stored stats)
+    item_id_dim: int = 16           # learned item-id embedding width, keyed by item-table row (0: none)
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
@@ -34,6 +40,11 @@ class ModelConfig:
             raise ValueError(f"max_behaviors must be >= 1, got {self.max_behaviors}")
         if self.behavior_positions not in ("learned", "none"):
             raise ValueError(f"behavior_positions must be 'learned' or 'none', got {self.behavior_positions!r}")
+        if self.attention not in ("causal", "family"):
+            raise ValueError(f"attention must be 'causal' or 'family', got {self.attention!r}")
+        if self.head_cross_layers < 0 or self.head_cross_rank < 1 or self.item_id_dim < 0:
+            raise ValueError(f"head_cross_layers and item_id_dim must be >= 0 and head_cross_rank >= 1, got "
+                             f"{self.head_cross_layers}, {self.item_id_dim}, {self.head_cross_rank}")
 
 
 @dataclass
@@ -54,6 +65,10 @@ class ScoringConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
+CONFIG_VERSION = 3  # scorer.json format version that introduced the keys of LEGACY_MODEL
+LEGACY_MODEL = {"attention": "family", "head_cross_layers": 0, "count_features": False, "item_id_dim": 0}
+
+
 @dataclass
 class ScorerConfig:
     """Everything `save_pretrained` writes to scorer.json."""
@@ -65,11 +80,14 @@ class ScorerConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict) -> ScorerConfig:
+    def from_dict(cls, raw: dict, format_version: int = CONFIG_VERSION) -> ScorerConfig:
+        """The config of a scorer.json; keys missing from an older format take that format's meaning."""
         parts = {}
         for part in fields(cls):
             kind = {"encoder": EncoderConfig, "model": ModelConfig, "scoring": ScoringConfig}[part.name]
             given = raw.get(part.name, {})
+            if part.name == "model" and format_version < CONFIG_VERSION:
+                given = {**LEGACY_MODEL, **given}
             unknown = set(given) - {f.name for f in fields(kind)}
             if unknown:
                 raise ValueError(f"scorer config section {part.name!r} has unknown keys {sorted(unknown)}")

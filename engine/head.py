@@ -1,4 +1,5 @@
-"""CTR head: features of (user, item) -> MLP -> one logit. The fused kernel runs it at inference."""
+"""CTR head: features of (user, item) -> [DCN-v2 cross layers] -> MLP -> one logit. The fused MLP
+kernel runs the MLP at inference."""
 from __future__ import annotations
 
 import torch
@@ -15,18 +16,36 @@ def head_features(user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
     return torch.cat([user.flatten(1), item, (user * item[:, None, :]).flatten(1)], dim=1)
 
 
+class CrossLayer(nn.Module):
+    """One DCN-v2 cross layer, low-rank (Wang et al., WWW'21): x_{l+1} = x0 * (U (V x_l) + b) + x_l.
+    It builds explicit, bounded-degree feature crosses (a user's like-share x the item's popularity x a
+    text direction) that an MLP only approximates; rank r keeps it O(F r) instead of O(F^2)."""
+
+    def __init__(self, features: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(features, rank, bias=False)
+        self.up = nn.Linear(rank, features)
+        nn.init.zeros_(self.up.weight)  # starts as the identity map: the MLP alone, crosses grow in training
+
+    def forward(self, x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x0 * self.up(self.down(x)) + x
+
+
 class CTRHead(nn.Module):
-    """BatchNorm over the features, then the MLP: Linear + activation (+ dropout in training) per
-    hidden layer, final Linear to a logit. Per-feature normalization matters for decoders: their
-    states carry a few "massive activation" dimensions hundreds of times larger than the rest,
-    which would otherwise drown the informative ones. At inference the norm is an affine map
+    """BatchNorm over the features, DCN-v2 cross layers (stacked), then the MLP: Linear + activation
+    (+ dropout in training) per hidden layer, final Linear to a logit. Per-feature normalization
+    matters for decoders: their states carry a few "massive activation" dimensions hundreds of times
+    larger than the rest, which would otherwise drown the informative ones; and for the count
+    features beside the text vectors. At inference without cross layers the norm is an affine map
     folded into the first Linear, so the fused MLP kernel runs the whole head."""
 
-    def __init__(self, in_features: int, hidden: tuple[int, ...], activation: str, dropout: float) -> None:
+    def __init__(self, in_features: int, hidden: tuple[int, ...], activation: str, dropout: float,
+                 cross_layers: int = 0, cross_rank: int = 64) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"head activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.norm = nn.BatchNorm1d(in_features)
+        self.cross = nn.ModuleList(CrossLayer(in_features, cross_rank) for _ in range(cross_layers))
         widths = [in_features, *hidden, 1]
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.activation = activation
@@ -39,24 +58,35 @@ class CTRHead(nn.Module):
         shift = norm.bias - norm.running_mean * scale
         return first.weight * scale[None, :], first.bias + first.weight @ shift
 
+    def _crossed(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for layer in self.cross:
+            x = layer(x0, x)
+        return x
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(U, F) -> (U,) fp32 logits."""
         if self.training:
             act = ACTIVATIONS[self.activation]
-            h = self.norm(features)
+            h = self._crossed(self.norm(features))
             for linear in self.linears[:-1]:
                 h = self.dropout(act(linear(h)))
             return self.linears[-1](h)[:, 0].float()
-        weight, bias = self.folded_first_layer()
+        if self.cross:
+            x, (weight, bias) = self._crossed(self.norm(features)), (self.linears[0].weight, self.linears[0].bias)
+        else:
+            x, (weight, bias) = features, self.folded_first_layer()
         weights = [weight, *(m.weight for m in self.linears[1:])]
         biases = [bias, *(m.bias for m in self.linears[1:])]
-        return ops.ctr_mlp(features, [w.to(features.dtype) for w in weights], [b.to(features.dtype) for b in biases],
+        return ops.ctr_mlp(x, [w.to(x.dtype) for w in weights], [b.to(x.dtype) for b in biases],
                            activation=self.activation)
 
 
-def user_item_head(config: ModelConfig, dim: int) -> tuple[nn.Parameter, CTRHead]:
+def user_item_head(config: ModelConfig, dim: int, side_features: int = 0) -> tuple[nn.Parameter, CTRHead]:
     """A CTR model's learned empty-sequence vectors (n, dim), one per sequence name, and its head
-    over `head_features` of n sequences of width dim (drawn in this order, so seeded runs repeat)."""
+    over `head_features` of n sequences of width dim plus `side_features` columns (drawn in this
+    order, so seeded runs repeat)."""
     n = len(config.sequence_names)
     empty_sequence = nn.Parameter(torch.randn(n, dim) * 0.02)
-    return empty_sequence, CTRHead((2 * n + 1) * dim, config.head_hidden, config.head_activation, config.dropout)
+    return empty_sequence, CTRHead((2 * n + 1) * dim + side_features, config.head_hidden, config.head_activation,
+                                   config.dropout, config.head_cross_layers, config.head_cross_rank)

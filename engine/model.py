@@ -9,6 +9,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.head import head_features, user_item_head
+from engine.side_features import count_feature_width
 from engine.stages import stage
 from kernels import ops
 from kernels._jagged import check_offsets, check_rows
@@ -21,12 +22,14 @@ class PackedBatch:
     behavior_rows (T,) int64 into the behavior table (ids >= N index `behavior_extra`);
     offsets (U*n+1,) int64, cumulative: sequence s of user u is [offsets[u*n+s], offsets[u*n+s+1]);
     item_rows (U,) int64 into the item table (ids >= N index `item_extra`).
-    *_extra: (X, d) rows encoded on the fly for texts not (yet) in the tables."""
+    *_extra: (X, d) rows encoded on the fly for texts not (yet) in the tables;
+    dense: (U, F) float32 side features (`engine.side_features.count_features`), for a model that takes them."""
     behavior_rows: torch.Tensor
     offsets: torch.Tensor
     item_rows: torch.Tensor
     behavior_extra: torch.Tensor | None = None
     item_extra: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
 
     @property
     def num_users(self) -> int:
@@ -35,7 +38,7 @@ class PackedBatch:
     def to(self, device: torch.device) -> PackedBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return PackedBatch(move(self.behavior_rows), move(self.offsets), move(self.item_rows),
-                           move(self.behavior_extra), move(self.item_extra))
+                           move(self.behavior_extra), move(self.item_extra), move(self.dense))
 
     def validate(self, num_sequences: int, behavior_table_rows: int, item_table_rows: int) -> None:
         """Raise a clear error for ids out of range, bad dtypes or bad offsets (the id-level API)."""
@@ -74,23 +77,33 @@ def pool_user_item(states: torch.Tensor, offsets: torch.Tensor, empty_sequence: 
 
 
 class BAHEModel(nn.Module):
-    """Upper layers over behavior positions + learned empty-sequence vectors + item tower + head.
+    """Upper layers over behavior positions + learned empty-sequence vectors + item tower + CTR model.
 
     Feature parallel: all n sequences of all U users, and the U items, run through the upper layers
     as ONE packed variable-length batch. Each sequence is then mean-pooled over its behaviors (order-
-    free, equally right for causal and bidirectional layers, and it keeps every behavior's gradient);
-    an empty sequence gets its name's learned vector. Item tower: the item's ABE row runs through the
-    same upper layers as a one-behavior sequence, so items and behaviors (here: the same texts) live
-    in the same space; the head sees [user sequences, item, sequence * item]."""
+    free; with causal layers the mean over a prefix is the prefix's own pooled state, which timeline
+    training reads); an empty sequence gets its name's learned vector. Item tower: the item's ABE row
+    runs through the same upper layers as a one-behavior sequence, so items and behaviors (here: the
+    same texts) live in the same space. The CTR model beside the text part: dense past-count features
+    (`engine.side_features`; the item's counts are stored per item-table row in `item_counts`) and a
+    learned item-id embedding keyed by item-table row (rows past the trained ones share one unseen
+    bucket), all into a DCN-v2 + MLP head over [user sequences, item, sequence * item, side]."""
 
-    def __init__(self, upper: UpperEncoder, config: ModelConfig) -> None:
+    def __init__(self, upper: UpperEncoder, config: ModelConfig, num_items: int = 0) -> None:
         super().__init__()
         self.config = config
         self.upper = upper
         d = upper.hidden_size
         self.behavior_pos = (nn.Parameter(torch.zeros(config.max_behaviors, d))
                              if config.behavior_positions == "learned" else None)
-        self.empty_sequence, self.head = user_item_head(config, d)
+        n = len(config.sequence_names)
+        self.register_buffer("item_counts", torch.zeros(num_items if config.count_features else 0, n,
+                                                         dtype=torch.int64))
+        self.item_id = nn.Embedding(num_items + 1, config.item_id_dim) if config.item_id_dim else None
+        if self.item_id is not None:
+            nn.init.normal_(self.item_id.weight, std=0.05)
+        side = (count_feature_width(n) if config.count_features else 0) + config.item_id_dim
+        self.empty_sequence, self.head = user_item_head(config, d, side)
 
     @property
     def num_sequences(self) -> int:
@@ -100,25 +113,47 @@ class BAHEModel(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         return self.empty_sequence.dtype
 
+    def embed(self, behavior_table: torch.Tensor, item_table: torch.Tensor,
+              batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed upper-layer input: the U*n sequences' gathered rows (+ positions), then the U items
+        as one-behavior sequences -> (T + U, d), offsets (U*n + U + 1,)."""
+        users, dtype = batch.num_users, self.compute_dtype
+        total = batch.behavior_rows.numel()
+        behaviors = _gather(behavior_table, batch.behavior_extra, batch.behavior_rows, batch.offsets,
+                            self.behavior_pos, dtype)
+        items = _gather(item_table, batch.item_extra, batch.item_rows, None, None, dtype)
+        item_offsets = total + torch.arange(1, users + 1, device=batch.offsets.device)
+        return torch.cat([behaviors, items]), torch.cat([batch.offsets, item_offsets])
+
     def towers(self, behavior_table: torch.Tensor, item_table: torch.Tensor,
                batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """-> user (U, n, d) pooled sequence states, item (U, d)."""
-        users, dtype = batch.num_users, self.compute_dtype
-        total = batch.behavior_rows.numel()
         with stage("gather"):
-            behaviors = _gather(behavior_table, batch.behavior_extra, batch.behavior_rows, batch.offsets,
-                                self.behavior_pos, dtype)
-            items = _gather(item_table, batch.item_extra, batch.item_rows, None, None, dtype)
-            item_offsets = total + torch.arange(1, users + 1, device=batch.offsets.device)
-            offsets = torch.cat([batch.offsets, item_offsets])
-            packed = torch.cat([behaviors, items])
+            packed, offsets = self.embed(behavior_table, item_table, batch)
         with stage("upper_layers"):
             states = self.upper.forward_packed(packed, offsets)
         with stage("pooling"):
-            return pool_user_item(states, offsets, self.empty_sequence, users)
+            return pool_user_item(states, offsets, self.empty_sequence, batch.num_users)
+
+    def side_features(self, item_rows: torch.Tensor, dense: torch.Tensor | None) -> list[torch.Tensor]:
+        """The head's columns beside the text: dense count features, item-id embedding."""
+        out = []
+        if self.config.count_features:
+            if dense is None:
+                raise ValueError("this model takes dense count features: the batch has none")
+            out.append(dense.to(self.compute_dtype))
+        if self.item_id is not None:
+            unseen = self.item_id.num_embeddings - 1
+            out.append(self.item_id(torch.where(item_rows < unseen, item_rows, unseen)).to(self.compute_dtype))
+        return out
+
+    def logits(self, user: torch.Tensor, item: torch.Tensor, item_rows: torch.Tensor,
+               dense: torch.Tensor | None) -> torch.Tensor:
+        """Pooled towers (U, n, d), (U, d) + side inputs -> (U,) fp32 click logits."""
+        return self.head(torch.cat([head_features(user, item), *self.side_features(item_rows, dense)], dim=1))
 
     def forward(self, behavior_table: torch.Tensor, item_table: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """-> (U,) fp32 click logits."""
         user, item = self.towers(behavior_table, item_table, batch)
         with stage("head"):
-            return self.head(head_features(user, item))
+            return self.logits(user, item, batch.item_rows, batch.dense)

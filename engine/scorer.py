@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from engine.abe import AtomicEncoder, ReusingEncoder
 from engine.config import ScorerConfig, ScoringConfig
 from engine.model import BAHEModel, PackedBatch
+from engine.side_features import count_features
 from engine.stages import stage
 from kernels import ops
 from kernels._jagged import max_length
@@ -43,7 +44,7 @@ from weights.safetensors_io import source_of, write_safetensors
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: scorer.json names its parts ("files"); version-1 folders use the first names
+FORMAT_VERSION = 3  # 2: scorer.json names its parts ("files"); 3: CTR-model keys (config.LEGACY_MODEL)
 SCORER_FILE, MODEL_FILE, BACKBONE = "scorer.json", "model.safetensors", "backbone"
 BEHAVIORS_FILE, ITEMS_FILE = "behaviors.safetensors", "items.safetensors"
 PARTS = {"backbone": (BACKBONE, "backbone.1"), "model": (MODEL_FILE, "model.1.safetensors"),
@@ -84,7 +85,7 @@ def _read_scorer_json(path: Path) -> tuple[ScorerConfig, dict[str, str]]:
         raise ScorerFormatError(f"{meta_path}: format version {version} is newer than this engine's "
                                 f"{FORMAT_VERSION}; upgrade bahe-engine")
     try:
-        config = ScorerConfig.from_dict(meta["config"])
+        config = ScorerConfig.from_dict(meta["config"], version)
     except (ValueError, KeyError, TypeError) as err:
         raise ScorerFormatError(f"{meta_path}: bad config ({err})") from None
     files = meta.get("files", FIRST_NAMES) if version >= 2 else FIRST_NAMES
@@ -108,6 +109,13 @@ def _encoder(ckpt: Checkpoint, config: ScorerConfig, device: torch.device | str,
     return AtomicEncoder.from_checkpoint(ckpt, settings.num_lower_layers, max_tokens=settings.max_tokens,
                                          token_budget=settings.token_budget, pooling=settings.pooling, device=device,
                                          progress=progress)
+
+
+def _trained_items(state: dict[str, torch.Tensor]) -> int:
+    """How many item-table rows a saved model was trained with (its id embedding / item statistics)."""
+    if "item_id.weight" in state:
+        return state["item_id.weight"].shape[0] - 1
+    return state["item_counts"].shape[0] if "item_counts" in state else 0
 
 
 def open_or_build_table(path: Path, texts: Sequence[str], encoder: TextEncoder, dtype: str,
@@ -166,8 +174,8 @@ class BAHEScorer:
             state = load_file(str(model_path))
             num_upper = ckpt.num_layers - lower_layers
             upper = UpperEncoder(ckpt.config, lower_layers, UpperEncoder.has_bias_from_state(
-                list(state), "upper.layers.", num_upper))
-            model = BAHEModel(upper, config.model)
+                list(state), "upper.layers.", num_upper), causal=config.model.attention == "causal")
+            model = BAHEModel(upper, config.model, num_items=_trained_items(state))
             model.load_state_dict(state)
         except (SafetensorError, RuntimeError, ValueError, IndexError) as err:
             raise ScorerFormatError(f"{model_path}: not the weights of this scorer's model ({err})") from None
@@ -193,7 +201,8 @@ class BAHEScorer:
         behaviors = open_or_build_table(tables_dir / BEHAVIORS_FILE, behavior_texts, encoder, dtype, "behavior")
         items = open_or_build_table(tables_dir / ITEMS_FILE, item_texts, ReusingEncoder(encoder, behaviors), dtype,
                                     "item")
-        bahe = BAHEModel(UpperEncoder.from_checkpoint(ckpt, lower_layers), config.model)
+        upper = UpperEncoder.from_checkpoint(ckpt, lower_layers, causal=config.model.attention == "causal")
+        bahe = BAHEModel(upper, config.model, num_items=len(items))
         return cls(config=config, checkpoint=ckpt, encoder=encoder, model=bahe, behaviors=behaviors, items=items,
                    device=device, kernels=kernels)
 
@@ -256,8 +265,10 @@ class BAHEScorer:
             item_rows, item_extra = self._rows(self.items, item_texts, self.config.scoring.unknown_item, "item")
             behavior_table, item_table = self.table_rows("behaviors"), self.table_rows("items")
         offsets = np.concatenate([[0], np.cumsum(lengths)])
+        user_counts = np.array([[len(user.get(name, ())) for name in self.config.model.sequence_names]
+                                for user in users], dtype=np.int64)  # whole histories, before truncation
         return self._score_packed(behavior_table, item_table, behavior_rows, offsets, item_rows,
-                                  behavior_extra, item_extra)
+                                  behavior_extra, item_extra, user_counts)
 
     def score_ids(self, behavior_rows: torch.Tensor, offsets: torch.Tensor, item_rows: torch.Tensor) -> np.ndarray:
         """Id-level API: behavior_rows (T,) int64 table rows; offsets (U*n+1,) int64 cumulative, user-major
@@ -270,12 +281,14 @@ class BAHEScorer:
         if longest > self.config.model.max_behaviors:
             raise ValueError(f"a sequence holds {longest} behaviors, more than max_behaviors "
                              f"{self.config.model.max_behaviors}; keep the most recent ones")
+        offsets_np = offsets.cpu().numpy()
         return self._score_packed(self.table_rows("behaviors"), self.table_rows("items"),
-                                  behavior_rows.cpu().numpy(), offsets.cpu().numpy(), item_rows.cpu().numpy())
+                                  behavior_rows.cpu().numpy(), offsets_np, item_rows.cpu().numpy(),
+                                  user_counts=np.diff(offsets_np).reshape(-1, n))
 
     def _score_packed(self, behavior_table: torch.Tensor, item_table: torch.Tensor, behavior_rows: np.ndarray,
                       offsets: np.ndarray, item_rows: np.ndarray, behavior_extra: torch.Tensor | None = None,
-                      item_extra: torch.Tensor | None = None) -> np.ndarray:
+                      item_extra: torch.Tensor | None = None, user_counts: np.ndarray | None = None) -> np.ndarray:
         n, users = len(self.config.model.sequence_names), item_rows.shape[0]
         out = np.empty(users, dtype=np.float32)
         step = self.config.scoring.batch_size
@@ -284,7 +297,8 @@ class BAHEScorer:
                 stop = min(start + step, users)
                 lo, hi = offsets[start * n], offsets[stop * n]
                 batch = PackedBatch(torch.from_numpy(behavior_rows[lo:hi]), torch.from_numpy(offsets[start * n:stop * n + 1] - lo),
-                                    torch.from_numpy(item_rows[start:stop]), behavior_extra, item_extra).to(self.device)
+                                    torch.from_numpy(item_rows[start:stop]), behavior_extra, item_extra,
+                                    self._dense(user_counts[start:stop], item_rows[start:stop])).to(self.device)
                 logits = self.model(behavior_table, item_table, batch)
                 out[start:stop] = torch.sigmoid(logits).float().cpu().numpy()
         if not np.isfinite(out).all():
@@ -292,6 +306,17 @@ class BAHEScorer:
         return np.clip(out, PROB_EPS, 1 - PROB_EPS)
 
     # ----- helpers --------------------------------------------------------------------------
+    def _dense(self, user_counts: np.ndarray, item_rows: np.ndarray) -> torch.Tensor | None:
+        """(U, 4n) count features: the user's history lengths, the item's stored training-log counts
+        (zero for items the model was not trained with)."""
+        if not self.config.model.count_features:
+            return None
+        stored = self.model.item_counts.cpu().numpy()
+        known = item_rows < stored.shape[0]
+        item_counts = np.zeros((item_rows.size, stored.shape[1]), dtype=np.int64)
+        item_counts[known] = stored[item_rows[known]]
+        return torch.from_numpy(count_features(user_counts, item_counts))
+
     def table_rows(self, which: str) -> torch.Tensor:
         """(N, d) rows of the 'behaviors' or 'items' table where the model runs: on CUDA placed once
         per table size (on the device, or pinned host memory when it does not fit); mmapped on CPU."""

@@ -13,9 +13,10 @@ BEHAVIORS = ["bought latte", "searched running shoes", "watched toy story", "lik
 ITEMS = ["toy story", "big book", "red phone", "coffee"]
 
 
-def make_scorer(folder, tmp_path, max_behaviors=6, **scoring):
+def make_scorer(folder, tmp_path, max_behaviors=6, count_features=True, **scoring):
     config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=2),
-                          model=ModelConfig(sequence_names=("click", "buy", "search"), max_behaviors=max_behaviors),
+                          model=ModelConfig(sequence_names=("click", "buy", "search"), max_behaviors=max_behaviors,
+                                            count_features=count_features),
                           scoring=ScoringConfig(**scoring))
     torch.manual_seed(0)
     scorer = BAHEScorer.create(folder, behavior_texts=BEHAVIORS, item_texts=ITEMS, tables_dir=tmp_path / "tables",
@@ -89,6 +90,17 @@ def test_unknown_texts_appended_or_refused(tiny_checkpoints, tmp_path):
 
 
 def test_long_sequences_keep_the_most_recent(scorer):
+    """The text part reads the most recent max_behaviors (6) behaviors; the count features read the whole
+    history's length: older behaviors change nothing but the count."""
+    long = [BEHAVIORS[i % len(BEHAVIORS)] for i in range(20)]
+    other_past = [BEHAVIORS[(3 * i + 1) % len(BEHAVIORS)] for i in range(14)] + long[-6:]
+    np.testing.assert_allclose(scorer.score([{"click": long}], ["coffee"]),
+                               scorer.score([{"click": other_past}], ["coffee"]), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(scorer.score([{"click": long}], ["coffee"]), scorer.score([{"click": long[-6:]}], ["coffee"]))
+
+
+def test_long_sequences_keep_the_most_recent_without_counts(tiny_checkpoints, tmp_path):
+    scorer = make_scorer(tiny_checkpoints["llama"], tmp_path, count_features=False)
     long = [BEHAVIORS[i % len(BEHAVIORS)] for i in range(20)]
     np.testing.assert_allclose(scorer.score([{"click": long}], ["coffee"]),
                                scorer.score([{"click": long[-6:]}], ["coffee"]), rtol=1e-6, atol=1e-7)

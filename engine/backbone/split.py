@@ -126,9 +126,11 @@ class UpperEncoder(nn.Module):
     so sequences of thousands of behaviors need no position table of BERT's.
 
     Built empty from a config (`has_bias[j]`: which of layer j's linears have a bias), then filled by
-    `from_checkpoint` or by `load_state_dict` of a saved scorer."""
+    `from_checkpoint` or by `load_state_dict` of a saved scorer. `causal`: every layer attends only to
+    itself and earlier behaviors, BERT's too, so the state at position j is a function of behaviors
+    0..j alone (what lets timeline training read every prefix of one forward)."""
 
-    def __init__(self, config, num_lower_layers: int, has_bias: list[set[str]]):
+    def __init__(self, config, num_lower_layers: int, has_bias: list[set[str]], causal: bool = False):
         super().__init__()
         family = FAMILIES[config.model_type]
         self.family, self.hidden_size = config.model_type, config.hidden_size
@@ -137,13 +139,16 @@ class UpperEncoder(nn.Module):
         if family.final_norm and num_lower_layers < config.num_hidden_layers:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryTable(family.rotary(config)) if family.rotary else None
+        if causal:  # BERT's layers read only earlier behaviors too (decoders' already do)
+            for layer in self.layers:
+                layer.attn.causal = True
         self.eval()  # dropout only once a trainer calls .train()
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, num_lower_layers: int) -> UpperEncoder:
+    def from_checkpoint(cls, ckpt: Checkpoint, num_lower_layers: int, causal: bool = False) -> UpperEncoder:
         family = _family(ckpt, num_lower_layers)
         indices = range(num_lower_layers, ckpt.num_layers)
-        upper = cls(ckpt.config, num_lower_layers, [_layer_bias(ckpt, family, i) for i in indices])
+        upper = cls(ckpt.config, num_lower_layers, [_layer_bias(ckpt, family, i) for i in indices], causal)
         for layer, i in zip(upper.layers, indices):
             _load_layer(layer, ckpt, family, i)
         if upper.norm is not None:

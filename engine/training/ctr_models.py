@@ -21,6 +21,7 @@ from engine.packing import pack_lists
 from engine.training.batching import packed_histories, require_sequences, row_map
 from engine.config import ModelConfig
 from engine.training.data.log import BehaviorLog
+from engine.training.timeline import TimelineBatch, timeline_batch, timeline_logits
 from engine.head import head_features, user_item_head
 from engine.model import PackedBatch, pool_user_item
 from engine.scorer import BAHEScorer
@@ -32,29 +33,45 @@ SEQUENCE_SEPARATOR = " ; "
 
 
 class BAHECTR(nn.Module):
-    """BAHE trained in place: its weights are the scorer's, so the trained scorer is saved as is."""
+    """BAHE trained in place: its weights are the scorer's, so the trained scorer is saved as is.
+    Trained and evaluated by timeline batches (engine.training.timeline): one forward per user."""
     name = "BAHE"
 
     def __init__(self, scorer: BAHEScorer, log: BehaviorLog) -> None:
         super().__init__()
         self.scorer, self.model = scorer, scorer.model
+        if not all(layer.attn.causal for layer in self.model.upper.layers):
+            raise ValueError("timeline training needs causal upper layers (ModelConfig.attention='causal')")
         ids, texts = log.item_ids, log.item_id_texts
         self.behavior_row = row_map(ids, scorer.behaviors.lookup(texts))
         self.item_row = row_map(ids, scorer.items.lookup(texts))
         self.behavior_table = scorer.table_rows("behaviors")
         self.item_table = scorer.table_rows("items")
 
-    def prepare(self, log: BehaviorLog, rows: np.ndarray) -> PackedBatch:
-        config = self.scorer.config.model
-        values, offsets = packed_histories(log, rows, config.sequence_names, config.max_behaviors)
-        return PackedBatch(torch.from_numpy(self.behavior_row[values]), torch.from_numpy(offsets),
-                           torch.from_numpy(self.item_row[log.item[rows]]))
+    def epoch_order(self, rows: np.ndarray, log: BehaviorLog, rng: np.random.Generator) -> np.ndarray:
+        """Users in random order, each user's targets together and in time order (one forward each)."""
+        return rows_by_user(rows, log, rng)
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        return self.model(self.behavior_table, self.item_table, batch)
+    def prepare(self, log: BehaviorLog, rows: np.ndarray) -> TimelineBatch:
+        config = self.scorer.config.model
+        return timeline_batch(log, rows, config.sequence_names, config.max_behaviors, self.behavior_row,
+                              self.item_row, config.count_features)
+
+    def forward(self, batch: TimelineBatch) -> torch.Tensor:
+        return timeline_logits(self.model, self.behavior_table, self.item_table, batch)
 
     def pretrained_parameters(self) -> list[nn.Parameter]:
         return list(self.model.upper.parameters())
+
+
+def rows_by_user(rows: np.ndarray, log: BehaviorLog, rng: np.random.Generator) -> np.ndarray:
+    """`rows` regrouped: users in a random order, each user's rows ascending."""
+    rows = np.sort(rows)
+    users = log.user[rows]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    bounds = np.r_[starts, rows.size]
+    pieces = [rows[bounds[g]:bounds[g + 1]] for g in rng.permutation(starts.size)]
+    return np.concatenate(pieces) if pieces else rows
 
 
 @dataclass

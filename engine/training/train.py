@@ -88,10 +88,13 @@ def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: n
     loss_fn = nn.BCEWithLogitsLoss()
     result = FitResult(best_val_auc=-1.0, best_epoch=-1)
     best_state, stale = None, 0
+    # What the best epoch restores: every trained parameter and every buffer (BatchNorm running statistics).
+    kept = {name for name, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
     with PeakMemory(device) as peak:
         for epoch in range(config.epochs):
             model.train()
-            order = rng.permutation(train_rows)
+            order = (model.epoch_order(train_rows, data, rng) if hasattr(model, "epoch_order")
+                     else rng.permutation(train_rows))
             start, total_loss = time.perf_counter(), 0.0
             bar = tqdm(list(_batches(order, config.batch_size)), desc=f"{model.name} epoch {epoch + 1}",
                        disable=not config.progress, leave=False)
@@ -114,16 +117,13 @@ def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: n
                      result.history[-1]["train_loss"], val["auc"], result.epoch_seconds[-1])
             if val["auc"] > result.best_val_auc:
                 result.best_val_auc, result.best_epoch, stale = val["auc"], epoch + 1, 0
-                best_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if k in kept}
             else:
                 stale += 1
                 if stale >= config.patience:
                     break
     result.peak_memory_bytes, result.added_memory_bytes = peak.bytes, peak.added
-    if best_state is not None:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in best_state:
-                    param.copy_(best_state[name])
+    if best_state is not None:  # every parameter and buffer (BatchNorm statistics too) of the validated model
+        model.load_state_dict(best_state, strict=False)
     model.eval()
     return result

@@ -1,0 +1,102 @@
+"""Timeline training: every target of a user from ONE forward of the user's sequences.
+
+For each user of a batch, each named sequence's history (oldest first, its first `max_behaviors`
+behaviors) runs once through the causal upper layers; target t reads, for each sequence, the prefix
+of behaviors strictly before its timestamp, pooled as the mean of the causal states over that
+prefix (a difference of cumulative sums). With causal layers the state at position j depends on
+behaviors 0..j alone, so this equals the per-example forward on that prefix exactly (tested).
+
+Rule for histories longer than `max_behaviors`: a target whose prefix in some sequence exceeds M is
+served with the most recent M behaviors (the scorer's truncation), whose positions start at 0 again;
+such a target gets its own "window" sequences in the same packed forward (the per-example path),
+so training and serving compute the same function for every target.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.model import BAHEModel, PackedBatch
+from engine.side_features import count_features
+from engine.training.data.log import BehaviorLog
+from engine.training.features import past_counts
+
+
+@dataclass
+class TimelineBatch:
+    """K packed behavior sequences (offsets (K+1,)) and B targets reading them.
+    sequence[b, s]: packed sequence that target b's sequence s reads; prefix[b, s]: how many of its first
+    behaviors (0: empty); item_rows (B,), dense (B, F) side features or None."""
+    behavior_rows: torch.Tensor
+    offsets: torch.Tensor
+    sequence: torch.Tensor
+    prefix: torch.Tensor
+    item_rows: torch.Tensor
+    dense: torch.Tensor | None
+
+    def to(self, device: torch.device) -> TimelineBatch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return TimelineBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
+
+
+def _pack(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.array([x.size for x in lists], dtype=np.int64)
+    values = np.concatenate(lists) if lists else np.empty(0, dtype=np.int64)
+    return values.astype(np.int64), np.concatenate([[0], np.cumsum(lengths)])
+
+
+def timeline_batch(log: BehaviorLog, rows: np.ndarray, names: tuple[str, ...], max_behaviors: int,
+                   behavior_row: np.ndarray, item_row: np.ndarray, with_counts: bool) -> TimelineBatch:
+    """The timeline batch of example `rows` (ascending: a user's targets are contiguous). Item ids map to
+    table rows through `behavior_row` / `item_row` (dense lookup arrays)."""
+    user_counts, item_counts = past_counts(log, rows)
+    order = [log.sequence_names.index(name) for name in names]
+    prefix = user_counts[:, order]
+    users = log.user[rows]
+    last_of_user = np.flatnonzero(np.r_[users[1:] != users[:-1], True])  # each user's latest target
+    group = np.cumsum(np.r_[0, users[1:] != users[:-1]])                  # (B,) index of the target's user
+    whole = log.sequences(rows[last_of_user], None)
+    sequences = []
+    for g in range(last_of_user.size):
+        sequences += [whole[name][g][:max_behaviors] for name in names]
+    n = len(names)
+    sequence = group[:, None] * n + np.arange(n)[None, :]
+    windowed = np.flatnonzero((prefix > max_behaviors).any(axis=1))
+    if windowed.size:
+        recent = log.sequences(rows[windowed], max_behaviors)
+        for i, b in enumerate(windowed):
+            sequence[b] = len(sequences) + np.arange(n)
+            sequences += [recent[name][i] for name in names]
+            prefix[b] = [recent[name].lengths[i] for name in names]
+    values, offsets = _pack(sequences)
+    dense = torch.from_numpy(count_features(user_counts[:, order], item_counts[:, order])) if with_counts else None
+    return TimelineBatch(torch.from_numpy(behavior_row[values]), torch.from_numpy(offsets),
+                         torch.from_numpy(sequence), torch.from_numpy(prefix),
+                         torch.from_numpy(item_row[log.item[rows]]), dense)
+
+
+def prefix_means(states: torch.Tensor, offsets: torch.Tensor, sequence: torch.Tensor, prefix: torch.Tensor,
+                 empty: torch.Tensor) -> torch.Tensor:
+    """Mean of the first prefix[b, s] states of packed sequence sequence[b, s] -> (B, n, d); a zero prefix
+    takes empty[s]. Cumulative sums in float64, so long sequences lose no precision to the subtraction."""
+    sums = torch.cat([states.new_zeros(1, states.shape[1], dtype=torch.float64),
+                      torch.cumsum(states.double(), dim=0)])
+    start = offsets[sequence]
+    total = sums[start + prefix] - sums[start]
+    count = prefix.clamp(min=1).unsqueeze(-1).double()
+    means = (total / count).to(states.dtype)
+    return torch.where((prefix > 0).unsqueeze(-1), means, empty.to(states.dtype)[None, :, :])
+
+
+def timeline_logits(model: BAHEModel, behavior_table: torch.Tensor, item_table: torch.Tensor,
+                    batch: TimelineBatch) -> torch.Tensor:
+    """(B,) fp32 logits of every target of the batch from one pass of the upper layers."""
+    targets = batch.item_rows.numel()
+    packed = PackedBatch(batch.behavior_rows, batch.offsets, batch.item_rows)
+    x, offsets = model.embed(behavior_table, item_table, packed)
+    states = model.upper.forward_packed(x, offsets)
+    behaviors = batch.behavior_rows.numel()
+    user = prefix_means(states[:behaviors], batch.offsets, batch.sequence, batch.prefix, model.empty_sequence)
+    return model.logits(user, states[behaviors:behaviors + targets], batch.item_rows, batch.dense)

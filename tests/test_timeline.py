@@ -1,0 +1,86 @@
+"""Timeline training: the logit of every target from one forward per user equals the per-example
+forward on that target's own history (most recent max_behaviors, positions from 0), for every family."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine import BAHEScorer, EncoderConfig, ModelConfig, ScorerConfig
+from engine.model import PackedBatch
+from engine.side_features import count_features
+from engine.training.batching import interleave
+from engine.training.ctr_models import BAHECTR, rows_by_user
+from engine.training.data.log import load_log
+from engine.training.features import past_counts
+
+FIXTURE = Path(__file__).parent / "fixtures" / "movielens_tiny.parquet"
+
+
+@pytest.fixture(scope="module")
+def log():
+    return load_log(FIXTURE)
+
+
+def _scorer(folder, tmp_path, log, max_behaviors):
+    config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=2),
+                          model=ModelConfig(sequence_names=log.sequence_names, max_behaviors=max_behaviors))
+    torch.manual_seed(0)
+    texts = log.item_id_texts
+    scorer = BAHEScorer.create(folder, behavior_texts=texts, item_texts=texts, tables_dir=tmp_path / "tables",
+                               config=config, device="cpu", progress=False)
+    with torch.no_grad():  # positions, empty vectors and head away from their initial zeros, so every part counts
+        for p in scorer.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        scorer.model.item_counts.copy_(torch.randint(0, 50, scorer.model.item_counts.shape))
+    return scorer
+
+
+def _per_example(ctr: BAHECTR, log, rows: np.ndarray) -> torch.Tensor:
+    """Each target alone through the serving forward (BAHEModel.forward)."""
+    config = ctr.scorer.config.model
+    out = []
+    for row in rows:
+        seqs = log.sequences([row], config.max_behaviors)
+        values, offsets = interleave([seqs[name] for name in config.sequence_names])
+        user_counts, item_counts = past_counts(log, np.array([row]))
+        batch = PackedBatch(torch.from_numpy(ctr.behavior_row[values]), torch.from_numpy(offsets),
+                            torch.from_numpy(ctr.item_row[log.item[[row]]]),
+                            dense=torch.from_numpy(count_features(user_counts, item_counts)))
+        out.append(ctr.model(ctr.behavior_table, ctr.item_table, batch))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("max_behaviors", [1000, 4])
+def test_timeline_equals_per_example(family_checkpoint, tmp_path, log, max_behaviors):
+    family, folder = family_checkpoint
+    ctr = BAHECTR(_scorer(folder, tmp_path, log, max_behaviors), log).eval()
+    rows = rows_by_user(log.examples, log, np.random.default_rng(0))[:90]  # several users, parts of others
+    with torch.no_grad():
+        timeline = ctr(ctr.prepare(log, rows))
+        single = _per_example(ctr, log, rows)
+    assert timeline.shape == (rows.size,)
+    torch.testing.assert_close(timeline, single, rtol=1e-5, atol=1e-5)
+
+
+def test_windows_only_where_a_prefix_exceeds_max_behaviors(tiny_checkpoints, tmp_path, log):
+    ctr = BAHECTR(_scorer(tiny_checkpoints["bert"], tmp_path, log, 4), log)
+    rows = np.sort(log.examples[:40])
+    batch = ctr.prepare(log, rows)
+    user_counts, _ = past_counts(log, rows)
+    windowed = (user_counts > 4).any(axis=1)
+    users = np.unique(log.user[rows]).size
+    shared = batch.sequence[~torch.from_numpy(windowed)]
+    assert int(shared.max()) < users * 3 if shared.numel() else True
+    assert int(batch.prefix.max()) <= 4 or not windowed.any()
+    assert batch.offsets.numel() - 1 == 3 * (users + int(windowed.sum()))
+
+
+def test_timeline_needs_causal_upper_layers(tiny_checkpoints, tmp_path, log):
+    config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=2),
+                          model=ModelConfig(sequence_names=log.sequence_names, attention="family"))
+    texts = log.item_id_texts
+    scorer = BAHEScorer.create(tiny_checkpoints["bert"], behavior_texts=texts, item_texts=texts,
+                               tables_dir=tmp_path / "t", config=config, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="causal"):
+        BAHECTR(scorer, log)
