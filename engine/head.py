@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.side_features import count_feature_width
 from kernels import ops
 from kernels.ctr_mlp import ACTIVATIONS
 
@@ -80,6 +81,35 @@ class CTRHead(nn.Module):
         biases = [bias, *(m.bias for m in self.linears[1:])]
         return ops.ctr_mlp(x, [w.to(x.dtype) for w in weights], [b.to(x.dtype) for b in biases],
                            activation=self.activation)
+
+
+class SideInputs(nn.Module):
+    """The CTR model's columns beside the text: dense count features (`engine.side_features`) and a
+    learned item-id embedding keyed by item-table row (rows past the `num_items` trained ones share one
+    unseen bucket, so items appended after training still score)."""
+
+    def __init__(self, config: ModelConfig, num_items: int) -> None:
+        super().__init__()
+        self.counts = count_feature_width(len(config.sequence_names)) if config.count_features else 0
+        self.item_id = nn.Embedding(num_items + 1, config.item_id_dim) if config.item_id_dim else None
+        if self.item_id is not None:
+            nn.init.normal_(self.item_id.weight, std=0.05)
+
+    @property
+    def width(self) -> int:
+        return self.counts + (self.item_id.embedding_dim if self.item_id is not None else 0)
+
+    def forward(self, item_rows: torch.Tensor, dense: torch.Tensor | None, dtype: torch.dtype) -> list[torch.Tensor]:
+        out = []
+        if self.counts:
+            if dense is None or dense.shape[1] != self.counts:
+                raise ValueError(f"this model takes {self.counts} dense count features per example, got "
+                                 f"{None if dense is None else dense.shape[1]}")
+            out.append(dense.to(dtype))
+        if self.item_id is not None:
+            unseen = self.item_id.num_embeddings - 1
+            out.append(self.item_id(torch.where(item_rows < unseen, item_rows, unseen)).to(dtype))
+        return out
 
 
 def user_item_head(config: ModelConfig, dim: int, side_features: int = 0) -> tuple[nn.Parameter, CTRHead]:

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.head import head_features, user_item_head
-from engine.side_features import count_feature_width
+from engine.head import SideInputs, head_features, user_item_head
 from engine.stages import stage
 from kernels import ops
 from kernels._jagged import check_offsets, check_rows
@@ -99,11 +98,8 @@ class BAHEModel(nn.Module):
         n = len(config.sequence_names)
         self.register_buffer("item_counts", torch.zeros(num_items if config.count_features else 0, n,
                                                          dtype=torch.int64))
-        self.item_id = nn.Embedding(num_items + 1, config.item_id_dim) if config.item_id_dim else None
-        if self.item_id is not None:
-            nn.init.normal_(self.item_id.weight, std=0.05)
-        side = (count_feature_width(n) if config.count_features else 0) + config.item_id_dim
-        self.empty_sequence, self.head = user_item_head(config, d, side)
+        self.side = SideInputs(config, num_items)
+        self.empty_sequence, self.head = user_item_head(config, d, self.side.width)
 
     @property
     def num_sequences(self) -> int:
@@ -135,22 +131,10 @@ class BAHEModel(nn.Module):
         with stage("pooling"):
             return pool_user_item(states, offsets, self.empty_sequence, batch.num_users)
 
-    def side_features(self, item_rows: torch.Tensor, dense: torch.Tensor | None) -> list[torch.Tensor]:
-        """The head's columns beside the text: dense count features, item-id embedding."""
-        out = []
-        if self.config.count_features:
-            if dense is None:
-                raise ValueError("this model takes dense count features: the batch has none")
-            out.append(dense.to(self.compute_dtype))
-        if self.item_id is not None:
-            unseen = self.item_id.num_embeddings - 1
-            out.append(self.item_id(torch.where(item_rows < unseen, item_rows, unseen)).to(self.compute_dtype))
-        return out
-
     def logits(self, user: torch.Tensor, item: torch.Tensor, item_rows: torch.Tensor,
                dense: torch.Tensor | None) -> torch.Tensor:
         """Pooled towers (U, n, d), (U, d) + side inputs -> (U,) fp32 click logits."""
-        return self.head(torch.cat([head_features(user, item), *self.side_features(item_rows, dense)], dim=1))
+        return self.head(torch.cat([head_features(user, item), *self.side(item_rows, dense, self.compute_dtype)], dim=1))
 
     def forward(self, behavior_table: torch.Tensor, item_table: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """-> (U,) fp32 click logits."""

@@ -1,24 +1,11 @@
-"""`BAHEScorer`: the public scoring API over a saved scorer folder.
-
-Folder layout (written by `save_pretrained`):
-  scorer.json            ScorerConfig + format version + model signature + the names of the parts below
-  backbone/              config, tokenizer and the frozen lower layers' tensors (for on-the-fly ABE)
-  model.safetensors      trained upper layers, behavior positions, empty-sequence vectors, CTR head
-  behaviors.safetensors  behavior table (one row per unique behavior text)
-  items.safetensors      item table
-Each part has a second name (`backbone.1`, `model.1.safetensors`, ...). Saving over a scorer writes
-every part under the name the current scorer.json does not use, then replaces scorer.json (temp file,
-fsync, rename): that rename commits the save, so a crash at any moment leaves the old or the new
-scorer, never a mix. The parts the new scorer.json does not name are removed afterwards.
-"""
+"""`BAHEScorer`: the public scoring API over a saved scorer folder. The folder format lives in
+engine.scorer_folder, input parsing and error location in engine.inputs; their errors (`ScorerFormatError`,
+`InputError`) are importable from here too."""
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import shutil
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,37 +15,23 @@ from safetensors.torch import load_file
 
 from engine.abe import AtomicEncoder, ReusingEncoder
 from engine.config import ScorerConfig, ScoringConfig
+from engine.inputs import InputError, locate_bad_text, lookup_texts, parse_items, parse_users
 from engine.model import BAHEModel, PackedBatch
+from engine.scorer_folder import BEHAVIORS_FILE, ITEMS_FILE, ScorerFormatError, open_folder, write_folder
 from engine.side_features import count_features
 from engine.stages import stage
 from kernels import ops
 from kernels._jagged import max_length
-from weights.atomic import atomic_write, copy_atomic, file_lock, remove_stale_temps
 from weights.checkpoint import Checkpoint
 from weights.registry import resolve_model
-from engine.backbone.split import UpperEncoder, save_lower_checkpoint
+from engine.backbone.split import UpperEncoder
 from weights.table import (EMBEDDING_DTYPES, MISSING, BehaviorTable, NonFiniteRowError, TableError, TextEncoder, UnknownTextError,
                            first_nonfinite_row)
 from weights.text_key import normalize_text
-from weights.safetensors_io import source_of, write_safetensors
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # 2: scorer.json names its parts ("files"); 3: CTR-model keys (config.LEGACY_MODEL)
-SCORER_FILE, MODEL_FILE, BACKBONE = "scorer.json", "model.safetensors", "backbone"
-BEHAVIORS_FILE, ITEMS_FILE = "behaviors.safetensors", "items.safetensors"
-PARTS = {"backbone": (BACKBONE, "backbone.1"), "model": (MODEL_FILE, "model.1.safetensors"),
-         "behaviors": (BEHAVIORS_FILE, "behaviors.1.safetensors"), "items": (ITEMS_FILE, "items.1.safetensors")}
-FIRST_NAMES = {part: names[0] for part, names in PARTS.items()}
 PROB_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps]: always strictly inside (0, 1)
-
-
-class InputError(ValueError):
-    """Users or items passed to `score` are malformed; the message names the offending field."""
-
-
-class ScorerFormatError(ValueError):
-    """The folder is not a loadable scorer (missing files, unknown or future format)."""
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -66,42 +39,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def _read_scorer_json(path: Path) -> tuple[ScorerConfig, dict[str, str]]:
-    """(config, part -> file name) of the scorer folder `path`; ScorerFormatError for anything unusable."""
-    meta_path = path / SCORER_FILE
-    if not meta_path.is_file():
-        raise ScorerFormatError(f"{path} is not a scorer folder: {SCORER_FILE} is missing")
-    try:
-        meta = json.loads(meta_path.read_bytes())
-        if not isinstance(meta, dict) or meta.get("format") != "bahe-scorer":
-            raise ValueError(f"format is {meta.get('format') if isinstance(meta, dict) else meta!r}, "
-                             "expected 'bahe-scorer'")
-        version = int(meta["format_version"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise ScorerFormatError(f"{meta_path}: unreadable ({err})") from None
-    if version > FORMAT_VERSION:
-        raise ScorerFormatError(f"{meta_path}: format version {version} is newer than this engine's "
-                                f"{FORMAT_VERSION}; upgrade bahe-engine")
-    try:
-        config = ScorerConfig.from_dict(meta["config"], version)
-    except (ValueError, KeyError, TypeError) as err:
-        raise ScorerFormatError(f"{meta_path}: bad config ({err})") from None
-    files = meta.get("files", FIRST_NAMES) if version >= 2 else FIRST_NAMES
-    if not isinstance(files, dict) or set(files) != set(PARTS) or any(
-            files[part] not in names for part, names in PARTS.items()):
-        raise ScorerFormatError(f"{meta_path}: files {files!r} must name each of {sorted(PARTS)} by one of "
-                                f"its names {PARTS}")
-    return config, dict(files)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
 
 
 def _encoder(ckpt: Checkpoint, config: ScorerConfig, device: torch.device | str, progress: bool) -> AtomicEncoder:
@@ -113,8 +50,8 @@ def _encoder(ckpt: Checkpoint, config: ScorerConfig, device: torch.device | str,
 
 def _trained_items(state: dict[str, torch.Tensor]) -> int:
     """How many item-table rows a saved model was trained with (its id embedding / item statistics)."""
-    if "item_id.weight" in state:
-        return state["item_id.weight"].shape[0] - 1
+    if "side.item_id.weight" in state:
+        return state["side.item_id.weight"].shape[0] - 1
     return state["item_counts"].shape[0] if "item_counts" in state else 0
 
 
@@ -158,18 +95,15 @@ class BAHEScorer:
                         dtype: str = "float32", scoring: ScoringConfig | None = None) -> BAHEScorer:
         """Open a folder written by `save_pretrained` (tables memory-mapped, not read)."""
         path = Path(path)
-        config, files = _read_scorer_json(path)
-        missing = [name for name in files.values() if not (path / name).exists()]
-        if missing:
-            raise ScorerFormatError(f"{path}: scorer files {missing} named in {SCORER_FILE} are missing")
+        config, files = open_folder(path)
         if scoring is not None:
             config.scoring = scoring
         if dtype not in EMBEDDING_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(EMBEDDING_DTYPES)}, got {dtype!r}")
-        ckpt = Checkpoint(path / files["backbone"])
+        ckpt = Checkpoint(files["backbone"])
         lower_layers = config.encoder.num_lower_layers
         encoder = _encoder(ckpt, config, "cpu", progress=True)
-        model_path = path / files["model"]
+        model_path = files["model"]
         try:
             state = load_file(str(model_path))
             num_upper = ckpt.num_layers - lower_layers
@@ -180,8 +114,8 @@ class BAHEScorer:
         except (SafetensorError, RuntimeError, ValueError, IndexError) as err:
             raise ScorerFormatError(f"{model_path}: not the weights of this scorer's model ({err})") from None
         model.to(EMBEDDING_DTYPES[dtype])
-        behaviors = BehaviorTable.open(path / files["behaviors"], encoder)
-        items = BehaviorTable.open(path / files["items"], encoder)
+        behaviors = BehaviorTable.open(files["behaviors"], encoder)
+        items = BehaviorTable.open(files["items"], encoder)
         return cls(config=config, checkpoint=ckpt, encoder=encoder, model=model, behaviors=behaviors, items=items,
                    device=device, kernels=kernels)
 
@@ -207,52 +141,16 @@ class BAHEScorer:
                    device=device, kernels=kernels)
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write the scorer folder crash-safely (see the module docstring): every part under the name
-        the current scorer.json does not use, each file by temp file + fsync + rename, then scorer.json,
-        which commits the save. Parts already in the folder (a scorer saved over itself) are kept."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        with file_lock(path / SCORER_FILE):
-            try:
-                live = _read_scorer_json(path)[1]
-            except ScorerFormatError:
-                live = FIRST_NAMES if (path / SCORER_FILE).exists() else {}
-            sources = {"backbone": self.checkpoint.folder, "model": None, "behaviors": self.behaviors.path,
-                       "items": self.items.path}
-            files = {}
-            for part, names in PARTS.items():
-                source = sources[part]
-                if source is not None and source.parent.resolve() == path.resolve() and source.name in names:
-                    files[part] = source.name  # already here, e.g. a scorer saved over the folder it came from
-                    continue
-                files[part] = names[1] if live.get(part) == names[0] else names[0]
-                target = path / files[part]
-                _remove(target)  # named by no scorer.json: a leftover of a killed save
-                remove_stale_temps(target)
-                if part == "backbone":
-                    save_lower_checkpoint(self.checkpoint, self.encoder.lower, target)
-                elif part == "model":
-                    state = {k: v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()}
-                    with atomic_write(target) as handle:
-                        write_safetensors(handle, [source_of(k, v) for k, v in state.items()], {"format": "pt"})
-                else:
-                    copy_atomic(source, target)
-            meta = {"format": "bahe-scorer", "format_version": FORMAT_VERSION, "config": self.config.to_dict(),
-                    "signature": self.encoder.signature.to_metadata(), "files": files}
-            remove_stale_temps(path / SCORER_FILE)
-            with atomic_write(path / SCORER_FILE) as handle:
-                handle.write(json.dumps(meta, indent=2).encode())
-            for part, names in PARTS.items():  # committed: drop the parts of the previous save
-                for name in names:
-                    if name != files[part]:
-                        _remove(path / name)
-                        remove_stale_temps(path / name)
+        """Write the scorer folder crash-safely: a crash at any moment leaves the old or the new scorer,
+        never a mix (engine.scorer_folder)."""
+        write_folder(Path(path), config=self.config, checkpoint=self.checkpoint, encoder=self.encoder,
+                     model=self.model, behaviors=self.behaviors.path, items=self.items.path)
 
     # ----- scoring ------------------------------------------------------------------------
     def score(self, users: Sequence[dict[str, Sequence[str]]], items: Sequence[str]) -> np.ndarray:
         """(B,) float32 click probabilities in (0, 1) of users[i] clicking items[i]."""
-        sequences = self._parse_users(users)
-        item_texts = self._parse_items(items, len(sequences))
+        sequences = parse_users(users, self.config)
+        item_texts = parse_items(items, len(sequences))
         if not sequences:
             return np.empty(0, dtype=np.float32)
         n = len(self.config.model.sequence_names)
@@ -261,7 +159,7 @@ class BAHEScorer:
                               count=len(sequences) * n)
         with self._tables_lock, stage("lookup"), ops.use_backend(self.kernels):  # unknown texts: ABE on the fly
             behavior_rows, behavior_extra = self._rows(self.behaviors, flat, self.config.scoring.unknown_behavior,
-                                                       "behavior", lengths, n)
+                                                       "behavior", lengths)
             item_rows, item_extra = self._rows(self.items, item_texts, self.config.scoring.unknown_item, "item")
             behavior_table, item_table = self.table_rows("behaviors"), self.table_rows("items")
         offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -333,17 +231,12 @@ class BAHEScorer:
         return rows
 
     def _rows(self, table: BehaviorTable, texts: list[str], policy: str, what: str,
-              lengths: np.ndarray | None = None, n: int = 1) -> tuple[np.ndarray, torch.Tensor | None]:
+              lengths: np.ndarray | None = None) -> tuple[np.ndarray, torch.Tensor | None]:
         """Table rows of texts; unknown texts encoded on the fly (ids >= N, returned as extra rows),
         appended to the table, or refused, per policy. Locates malformed texts for the error; table
         errors (corrupt file, hash collision) pass through as they are."""
-        try:
-            rows = table.lookup(texts, on_missing="mark")
-        except TableError:
-            raise
-        except (TypeError, ValueError) as err:
-            located = self._locate_bad_text(texts, what, lengths, n, normalize_text)
-            raise InputError(located or f"{what} texts: {err}") from None
+        names = self.config.model.sequence_names
+        rows = lookup_texts(table, texts, what, lengths, names)
         missing = np.nonzero(rows == MISSING)[0]
         if not missing.size:
             return rows, None
@@ -361,7 +254,7 @@ class BAHEScorer:
         except TableError:
             raise
         except ValueError:  # a text the tokenizer turns into no tokens at all
-            located = self._locate_bad_text(texts, what, lengths, n, self._check_encodable)
+            located = locate_bad_text(texts, self._check_encodable, lengths, names)
             if located is None:
                 raise
             raise InputError(located) from None
@@ -374,51 +267,3 @@ class BAHEScorer:
 
     def _check_encodable(self, text: str) -> None:
         self.encoder.tokenize([normalize_text(text)])
-
-    def _locate_bad_text(self, texts: list[str], what: str, lengths: np.ndarray | None, n: int,
-                         check: Callable[[object], object]) -> str | None:
-        """'users[u][name] behavior j: <why>' (or 'items[i]: <why>') for the first text `check` refuses."""
-        for i, text in enumerate(texts):
-            try:
-                check(text)
-            except (TypeError, ValueError) as bad:
-                if lengths is None:
-                    return f"items[{i}]: {bad}"
-                seq_index = int(np.searchsorted(np.cumsum(lengths), i, side="right"))
-                user, seq = divmod(seq_index, n)
-                name = self.config.model.sequence_names[seq]
-                position = i - int(np.sum(lengths[:seq_index]))
-                return f"users[{user}][{name!r}] behavior {position} (after truncation to the most recent): {bad}"
-        return None
-
-    def _parse_users(self, users: object) -> list[list[list[str]]]:
-        """users -> per user, per sequence name (config order), the most recent M texts."""
-        if not isinstance(users, (list, tuple)):
-            raise InputError(f"users must be a list of dicts, got {type(users).__name__}")
-        names, limit = self.config.model.sequence_names, self.config.model.max_behaviors
-        known = set(names)
-        parsed = []
-        for i, user in enumerate(users):
-            if not isinstance(user, dict):
-                raise InputError(f"users[{i}] must be a dict of sequence name -> list of behavior texts, got "
-                                 f"{type(user).__name__}")
-            extra = set(user) - known
-            if extra and self.config.scoring.unknown_sequence == "error":
-                raise InputError(f"users[{i}] has unknown sequence name(s) {sorted(map(str, extra))}; expected "
-                                 f"{list(names)} (set scoring.unknown_sequence='ignore' to skip them)")
-            row = []
-            for name in names:
-                seq = user.get(name, ())
-                if isinstance(seq, (str, bytes)) or not isinstance(seq, (list, tuple)):
-                    raise InputError(f"users[{i}][{name!r}] must be a list of behavior texts, got {type(seq).__name__}")
-                row.append(list(seq[-limit:]))
-            parsed.append(row)
-        return parsed
-
-    @staticmethod
-    def _parse_items(items: object, num_users: int) -> list[str]:
-        if not isinstance(items, (list, tuple)):
-            raise InputError(f"items must be a list of item texts, got {type(items).__name__}")
-        if len(items) != num_users:
-            raise InputError(f"items has {len(items)} entries but users has {num_users}: one item per user")
-        return list(items)

@@ -1,12 +1,15 @@
-"""engine.training.data.log: histories against a brute-force reference on random logs (ties, ragged and
-empty sequences), leakage, truncation, the time split, file round trips and input validation."""
+"""engine.training.data.log, log_schema and log_files: histories against a brute-force reference on random
+logs (ties, ragged and empty sequences), leakage, truncation, the time split, file round trips and input
+validation."""
 import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.training.data.log import DEFAULT_SEQUENCES, BehaviorLog, LogFormatError, load_log, write_log
+from engine.training.data.log import BehaviorLog
+from engine.training.data.log_files import load_log, write_log
+from engine.training.data.log_schema import DEFAULT_SEQUENCES, LogFormatError
 
 POOL = ("clicked", "viewed", "bought", "skipped")
 
@@ -30,6 +33,16 @@ def random_frame(rng: np.random.Generator, n: int, users: int, times: int, with_
             cells.append("|".join(rng.choice(POOL, k, replace=False)))
         frame["sequence"] = cells
     return frame
+
+
+def event_row_log(log: BehaviorLog) -> BehaviorLog:
+    """`log` with each event's item id replaced by its row, so that its `sequences` are histories as event
+    rows of `log` (to_frame writes the events in (user, timestamp) order: the rows stay put)."""
+    rows = np.arange(log.num_events)
+    frame = log.to_frame().assign(item_id=rows, item_text=[f"event {r}" for r in rows.tolist()])
+    twin = BehaviorLog.from_frame(frame, min_history=0, sequence_names=log.sequence_names)
+    np.testing.assert_array_equal(twin.item, rows)
+    return twin
 
 
 def reference_histories(frame: pd.DataFrame, log: BehaviorLog, row: int, max_behaviors):
@@ -66,7 +79,7 @@ def test_histories_match_reference(n, users, times, with_sequence, max_behaviors
     log = BehaviorLog.from_frame(frame, min_history=0)
     rows = rng.integers(0, n, int(rng.integers(0, 12)))  # repeats allowed, any order, maybe empty
     ids = log.sequences(rows, max_behaviors)
-    event_rows = log.sequence_rows(rows, max_behaviors)
+    event_rows = event_row_log(log).sequences(rows, max_behaviors)
     texts = log.sequence_texts(rows, max_behaviors)
     assert list(ids) == list(event_rows) == list(log.sequence_names)
     assert len(texts) == rows.size
@@ -93,9 +106,10 @@ def test_truncation_keeps_most_recent(n, users, times, seed):
     rng = np.random.default_rng(seed)
     log = BehaviorLog.from_frame(random_frame(rng, n, users, times, with_sequence=False), min_history=0)
     rows = np.arange(n)
-    full = log.sequence_rows(rows)
+    twin = event_row_log(log)
+    full = twin.sequences(rows)
     for m in (0, 1, 3):
-        cut = log.sequence_rows(rows, m)
+        cut = twin.sequences(rows, m)
         for name in log.sequence_names:
             assert (cut[name].lengths == np.minimum(full[name].lengths, m)).all()
             for b in range(n):
@@ -117,9 +131,8 @@ def test_equal_timestamps_are_not_history():
     np.testing.assert_array_equal(log.item, [10, 11, 13, 12, 14])  # (user, time), ties in file order
     np.testing.assert_array_equal(log.history_length, [0, 0, 0, 3, 0])
     np.testing.assert_array_equal(log.examples, [3])  # min_history = 1 drops the rest
-    batch = log.batch([3], max_behaviors=2)
-    assert batch.texts == [{"positive": ["a", "d"], "negative": ["b"], "all": ["b", "d"]}]
-    assert batch.item_text == ["c"] and batch.label.tolist() == [1] and batch.user.tolist() == [1]
+    assert log.sequence_texts([3], max_behaviors=2) == [{"positive": ["a", "d"], "negative": ["b"], "all": ["b", "d"]}]
+    assert log.target_texts([3]) == ["c"] and log.label[[3]].tolist() == [1] and log.user[[3]].tolist() == [1]
     assert log.sequence_names == DEFAULT_SEQUENCES
 
 

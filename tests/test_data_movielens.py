@@ -8,8 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine.training.data.log import BehaviorLog, load_log
+from engine.training.data.log import BehaviorLog
+from engine.training.data.log_files import load_log
 from engine.training.data.movielens import SEQUENCES, TINY_USERS, load_movielens, movielens_dir, write_movielens
+from tests.test_data_log import event_row_log
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "movielens_tiny.parquet")
 
@@ -63,8 +65,9 @@ def test_labels_and_sequences_follow_ratings(log, ratings):
 def test_no_leakage_on_real_histories(log):
     rng = np.random.default_rng(0)
     rows = rng.choice(log.examples, 2000, replace=False)
+    twin = event_row_log(log)  # its histories are event rows of `log`
     for m in (None, 20):
-        histories = log.sequence_rows(rows, m)
+        histories = twin.sequences(rows, m)
         ids = log.sequences(rows, m)
         texts = log.sequence_texts(rows[:200], m)
         for name, r in histories.items():
@@ -76,7 +79,7 @@ def test_no_leakage_on_real_histories(log):
             for b in range(200):
                 assert texts[b][name] == [log.item_texts[i] for i in ids[name][b].tolist()]
     # the most recent M: every dropped behavior is no later than the earliest one kept
-    full, cut = log.sequence_rows(rows)["watched"], log.sequence_rows(rows, 20)["watched"]
+    full, cut = twin.sequences(rows)["watched"], twin.sequences(rows, 20)["watched"]
     for b in range(0, rows.size, 50):
         kept, all_ = cut[b], full[b]
         np.testing.assert_array_equal(kept, all_[len(all_) - len(kept) :])

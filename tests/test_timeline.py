@@ -11,7 +11,7 @@ from engine.model import PackedBatch
 from engine.side_features import count_features
 from engine.training.batching import interleave
 from engine.training.ctr_models import BAHECTR, rows_by_user
-from engine.training.data.log import load_log
+from engine.training.data import load_log
 from engine.training.features import past_counts
 
 FIXTURE = Path(__file__).parent / "fixtures" / "movielens_tiny.parquet"

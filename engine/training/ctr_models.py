@@ -22,7 +22,9 @@ from engine.training.batching import packed_histories, require_sequences, row_ma
 from engine.config import ModelConfig
 from engine.training.data.log import BehaviorLog
 from engine.training.timeline import TimelineBatch, timeline_batch, timeline_logits
-from engine.head import head_features, user_item_head
+from engine.head import CTRHead, SideInputs, head_features, user_item_head
+from engine.side_features import count_features
+from engine.training.features import past_counts
 from engine.model import PackedBatch, pool_user_item
 from engine.scorer import BAHEScorer
 from kernels import ops
@@ -62,6 +64,15 @@ class BAHECTR(nn.Module):
 
     def pretrained_parameters(self) -> list[nn.Parameter]:
         return list(self.model.upper.parameters())
+
+    def store_item_counts(self, log: BehaviorLog, before: int) -> None:
+        """The item statistics the scorer serves with: each item-table row's events per sequence with
+        timestamp < before (the end of the training period: nothing from the evaluated future)."""
+        keep = log.timestamp < before
+        order = [log.sequence_names.index(name) for name in self.scorer.config.model.sequence_names]
+        counts = np.zeros(tuple(self.model.item_counts.shape), dtype=np.int64)
+        np.add.at(counts, self.item_row[log.item[keep]], log.membership[keep][:, order].astype(np.int64))
+        self.model.item_counts.copy_(torch.from_numpy(counts))
 
 
 def rows_by_user(rows: np.ndarray, log: BehaviorLog, rng: np.random.Generator) -> np.ndarray:
@@ -158,6 +169,43 @@ class IdOnlyCTR(nn.Module):
                                  empty=self.empty_sequence.repeat(users, 1))
         user = pooled.view(users, len(self.config.sequence_names), -1)
         return self.head(head_features(user, self.embedding[batch.item_rows]))
+
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        return []
+
+
+@dataclass
+class SideBatch:
+    """Side inputs only: item rows (B,) and dense count features (B, F)."""
+    item_rows: torch.Tensor
+    dense: torch.Tensor | None
+
+    def to(self, device: torch.device) -> SideBatch:
+        return SideBatch(self.item_rows.to(device), None if self.dense is None else self.dense.to(device))
+
+
+class SideOnlyCTR(nn.Module):
+    """The BAHE CTR model without its LLM part (the ablation): the same side inputs (count features,
+    item-id embedding) and the same DCN-v2 + MLP head, no text vectors."""
+    name = "CTR model without text"
+
+    def __init__(self, config: ModelConfig, log: BehaviorLog) -> None:
+        super().__init__()
+        self.config = config
+        ids = log.item_ids
+        self.row = row_map(ids, np.arange(ids.size))
+        self.side = SideInputs(config, ids.size)
+        self.head = CTRHead(self.side.width, config.head_hidden, config.head_activation, config.dropout,
+                            config.head_cross_layers, config.head_cross_rank)
+
+    def prepare(self, log: BehaviorLog, rows: np.ndarray) -> SideBatch:
+        order = [log.sequence_names.index(name) for name in self.config.sequence_names]
+        user_counts, item_counts = past_counts(log, rows)
+        dense = count_features(user_counts[:, order], item_counts[:, order]) if self.config.count_features else None
+        return SideBatch(torch.from_numpy(self.row[log.item[rows]]), None if dense is None else torch.from_numpy(dense))
+
+    def forward(self, batch: SideBatch) -> torch.Tensor:
+        return self.head(torch.cat(self.side(batch.item_rows, batch.dense, torch.float32), dim=1))
 
     def pretrained_parameters(self) -> list[nn.Parameter]:
         return []

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import ScorerConfig
-from engine.training.data.log import BehaviorLog, TimeSplit, load_log
+from engine.training.data.log import BehaviorLog, TimeSplit
+from engine.training.data.log_files import load_log
 from engine.training.data.movielens import load_movielens
 from engine.scorer import BAHEScorer
 from engine.training.train import FitResult, TrainConfig, evaluate, fit

@@ -1,18 +1,8 @@
-"""Generic behavior log: one table of (user, item, time, click) events with item texts, turned into
-CTR examples whose histories are the user's earlier events, grouped into named sequences.
+"""Generic behavior log: one table of (user, item, time, click) events with item texts (schema and checks:
+`log_schema`; files: `log_files`), turned into CTR examples whose histories are the user's earlier events,
+grouped into named sequences.
 
-File schema (CSV or parquet, chosen by extension), one row per event:
-
-    user_id    integer
-    item_id    integer
-    timestamp  integer (any unit; only the order matters)
-    label      0 or 1 (clicked)
-    item_text  non-empty string; every row of one item_id carries the same text
-    sequence   optional: the name of the sequence the event belongs to, or several names
-               joined by '|' (e.g. "liked|watched")
-
-Behaviors are items: a past event's behavior text is its item's text. Without a `sequence` column
-every event is in `all`, and in `positive` (label 1) or `negative` (label 0).
+Behaviors are items: a past event's behavior text is its item's text.
 
 Examples: every event is a CTR example (its item is the target, its label the click); its history
 is the same user's events with timestamp strictly before the target's (equal timestamps are not
@@ -22,9 +12,6 @@ the rows with at least `min_history` earlier events.
 """
 from __future__ import annotations
 
-import json
-import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,30 +19,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = [
-    "REQUIRED_COLUMNS",
-    "DEFAULT_SEQUENCES",
-    "SEQUENCE_SEPARATOR",
-    "LogFormatError",
-    "Ragged",
-    "ExampleBatch",
-    "TimeSplit",
-    "BehaviorLog",
-    "load_log",
-    "write_log",
-]
+from engine.training.data.log_schema import SEQUENCE_COLUMN, SEQUENCE_SEPARATOR, validate_frame
 
-logger = logging.getLogger(__name__)
-
-REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp", "label", "item_text")
-SEQUENCE_COLUMN = "sequence"
-SEQUENCE_SEPARATOR = "|"
-DEFAULT_SEQUENCES = ("positive", "negative", "all")
-_PARQUET_ORDER_KEY = b"bahe.sequence_names"  # parquet schema metadata: the sequence order, as JSON
-
-
-class LogFormatError(ValueError):
-    """The behavior log table does not follow the schema; the message names the column and row."""
+__all__ = ["Ragged", "TimeSplit", "BehaviorLog"]
 
 
 @dataclass(frozen=True)
@@ -78,22 +44,7 @@ class Ragged:
         return self.offsets.size - 1
 
     def __getitem__(self, b: int) -> np.ndarray:
-        return self.values[self.offsets[b] : self.offsets[b + 1]]
-
-
-@dataclass(frozen=True)
-class ExampleBatch:
-    """B examples with their histories, in the order of `rows`. Each sequence holds at most the
-    M most recent behaviors before the target, oldest first."""
-
-    rows: np.ndarray  # (B,) int64 event rows in the log
-    user: np.ndarray  # (B,) int64
-    item: np.ndarray  # (B,) int64 target item ids
-    label: np.ndarray  # (B,) int8
-    timestamp: np.ndarray  # (B,) int64
-    item_text: list[str]  # (B,) target item texts
-    sequences: dict[str, Ragged]  # name -> behavior item ids, ragged over the batch
-    texts: list[dict[str, list[str]]]  # (B,) name -> behavior texts; same content as `sequences`
+        return self.values[self.offsets[b]:self.offsets[b + 1]]
 
 
 @dataclass(frozen=True)
@@ -178,10 +129,8 @@ class BehaviorLog:
             raise ValueError(f"label must hold 0 or 1, got values {np.unique(self.label)[:5].tolist()}")
         self.label = self.label.astype(np.int8)
         if self.membership.shape != (n, len(self.sequence_names)):
-            raise ValueError(
-                f"membership must have shape (N, S) = ({n}, {len(self.sequence_names)}) for sequences "
-                f"{self.sequence_names}, got {self.membership.shape}"
-            )
+            raise ValueError(f"membership must have shape (N, S) = ({n}, {len(self.sequence_names)}) for sequences "
+                             f"{self.sequence_names}, got {self.membership.shape}")
         if len(set(self.sequence_names)) != len(self.sequence_names) or not all(self.sequence_names):
             raise ValueError(f"sequence names must be distinct and non-empty, got {self.sequence_names}")
         if self.min_history < 0:
@@ -194,54 +143,15 @@ class BehaviorLog:
             for name in ("user", "item", "timestamp", "label", "membership"):
                 setattr(self, name, getattr(self, name)[order])
 
-    # ------------------------------------------------------------------ construction
-
+    # ----- construction ---------------------------------------------------------------------
     @classmethod
-    def from_frame(
-        cls,
-        frame: pd.DataFrame,
-        *,
-        min_history: int = 1,
-        sequence_names: Sequence[str] | None = None,
-        source: str = "log",
-    ) -> BehaviorLog:
-        """Validate a table in the file schema (module docstring) and build the log. `sequence_names`
-        fixes the order of the sequences (it must name every sequence in the table; listed names
-        that never occur are kept, empty); by default they come in order of first appearance.
-        `source` names the table in error messages."""
-        missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-        if missing:
-            raise LogFormatError(
-                f"{source}: missing column(s) {missing}; expected {list(REQUIRED_COLUMNS)} "
-                f"(+ optional {SEQUENCE_COLUMN!r}), got {list(frame.columns)}"
-            )
-        if len(frame) == 0:
-            raise LogFormatError(f"{source}: the table has no rows")
-        extra = [c for c in frame.columns if c not in REQUIRED_COLUMNS and c != SEQUENCE_COLUMN]
-        if extra:
-            logger.debug("%s: ignoring extra columns %s", source, extra)
-        frame = frame.reset_index(drop=True)
-        user = _integer_column(frame, "user_id", source)
-        item = _integer_column(frame, "item_id", source)
-        timestamp = _integer_column(frame, "timestamp", source)
-        label = _integer_column(frame, "label", source)
-        bad = np.flatnonzero((label != 0) & (label != 1))
-        if bad.size:
-            i = int(bad[0])
-            shown = _show(frame["label"].iloc[i])
-            raise LogFormatError(f"{source}: column 'label' must be 0 or 1, row {i} holds {shown}")
-        item_texts = _item_texts(frame, item, source)
-        if SEQUENCE_COLUMN in frame.columns:
-            membership, names = _membership_from_column(frame[SEQUENCE_COLUMN], sequence_names, source)
-        else:
-            names = DEFAULT_SEQUENCES
-            membership = np.stack([label == 1, label == 0, np.ones(label.size, bool)], axis=1)
-            if sequence_names is not None and tuple(sequence_names) != DEFAULT_SEQUENCES:
-                raise LogFormatError(
-                    f"{source}: without a {SEQUENCE_COLUMN!r} column the sequences are {DEFAULT_SEQUENCES}, "
-                    f"got sequence_names={tuple(sequence_names)}"
-                )
-        return cls(user, item, timestamp, label, membership, item_texts, names, min_history)
+    def from_frame(cls, frame: pd.DataFrame, *, min_history: int = 1, sequence_names: Sequence[str] | None = None,
+                   source: str = "log") -> BehaviorLog:
+        """Validate a table in the file schema (`log_schema`) and build the log. `sequence_names` fixes
+        the order of the sequences (it must name every sequence in the table; listed names that never
+        occur are kept, empty); by default they come in order of first appearance. `source` names the
+        table in error messages."""
+        return cls(*validate_frame(frame, sequence_names, source), min_history)
 
     def to_frame(self) -> pd.DataFrame:
         """The log in the file schema, rows in (user, timestamp) order, with a `sequence` column."""
@@ -251,19 +161,11 @@ class BehaviorLog:
             raise ValueError(f"every event must belong to a sequence to be written; row {row} belongs to none")
         combos, combo_of = np.unique(self.membership, axis=0, return_inverse=True)
         cells = np.array([SEQUENCE_SEPARATOR.join(names[c]) for c in combos], dtype=object)
-        return pd.DataFrame(
-            {
-                "user_id": self.user,
-                "item_id": self.item,
-                "timestamp": self.timestamp,
-                "label": self.label.astype(np.int64),
-                "item_text": self._text_of[self._event_item_row],
-                SEQUENCE_COLUMN: cells[combo_of.reshape(-1)],
-            }
-        )
+        return pd.DataFrame({"user_id": self.user, "item_id": self.item, "timestamp": self.timestamp,
+                             "label": self.label.astype(np.int64), "item_text": self._text_of[self._event_item_row],
+                             SEQUENCE_COLUMN: cells[combo_of.reshape(-1)]})
 
-    # ------------------------------------------------------------------ sizes
-
+    # ----- sizes ------------------------------------------------------------------------------
     @property
     def num_events(self) -> int:
         return int(self.user.size)
@@ -296,8 +198,7 @@ class BehaviorLog:
         """The texts of the target items of the examples at `rows`."""
         return self._text_of[self._event_item_row[self._check_rows(rows)]].tolist()
 
-    # ------------------------------------------------------------------ histories
-
+    # ----- histories --------------------------------------------------------------------------
     def _check_rows(self, rows: Any) -> np.ndarray:
         rows = np.asarray(rows)
         if rows.ndim != 1:
@@ -310,15 +211,11 @@ class BehaviorLog:
             raise IndexError(f"example row {bad} is outside the log's {self.num_events} events")
         return rows
 
-    def sequence_rows(self, rows: Any, max_behaviors: int | None = None) -> dict[str, Ragged]:
-        """Histories as event rows of this log: sequence name -> Ragged rows over the batch, each
-        example's at most `max_behaviors` (None: all) most recent events of that sequence strictly
-        before it, oldest first. Each history is a slice of the sequence's row list between the
-        user's prefix counts, so the cost is O(B * S) plus the output size."""
-        rows = self._check_rows(rows)
-        return dict(zip(self.sequence_names, self._sequence_event_rows(rows, max_behaviors)))
-
     def _sequence_event_rows(self, rows: np.ndarray, max_behaviors: int | None) -> list[Ragged]:
+        """Histories as event rows of this log, per sequence: Ragged rows over the batch, each example's
+        at most `max_behaviors` (None: all) most recent events of that sequence strictly before it, oldest
+        first. Each history is a slice of the sequence's row list between the user's prefix counts, so
+        the cost is O(B * S) plus the output size."""
         if max_behaviors is not None and max_behaviors < 0:
             raise ValueError(f"max_behaviors must be >= 0 or None, got {max_behaviors}")
         start, end = self._user_start[rows], self._history_end[rows]
@@ -340,44 +237,23 @@ class BehaviorLog:
         """Id-level histories of the examples at `rows`: sequence name -> Ragged item ids over the
         batch, each example's at most `max_behaviors` (None: all) most recent, oldest first."""
         rows = self._check_rows(rows)
-        return {
-            name: Ragged(self.item[r.values], r.offsets)
-            for name, r in zip(self.sequence_names, self._sequence_event_rows(rows, max_behaviors))
-        }
+        return {name: Ragged(self.item[r.values], r.offsets)
+                for name, r in zip(self.sequence_names, self._sequence_event_rows(rows, max_behaviors))}
 
     def sequence_texts(self, rows: Any, max_behaviors: int | None = None) -> list[dict[str, list[str]]]:
         """Text-level histories: for each example at `rows`, sequence name -> behavior texts,
         the same behaviors as `sequences`."""
         rows = self._check_rows(rows)
-        return self._texts(self._sequence_event_rows(rows, max_behaviors), rows.size)
-
-    def _texts(self, per_sequence: list[Ragged], batch: int) -> list[dict[str, list[str]]]:
         columns = []
-        for r in per_sequence:
+        for r in self._sequence_event_rows(rows, max_behaviors):
             flat = self._text_of[self._event_item_row[r.values]].tolist()
             bounds = r.offsets.tolist()
-            columns.append([flat[bounds[b] : bounds[b + 1]] for b in range(batch)])
+            columns.append([flat[bounds[b]:bounds[b + 1]] for b in range(rows.size)])
         if not columns:
-            return [{} for _ in range(batch)]
+            return [{} for _ in range(rows.size)]
         return [dict(zip(self.sequence_names, texts)) for texts in zip(*columns)]
 
-    def batch(self, rows: Any, max_behaviors: int | None = None) -> ExampleBatch:
-        """Targets, labels and histories (both id and text form) of the examples at `rows`."""
-        rows = self._check_rows(rows)
-        per_sequence = self._sequence_event_rows(rows, max_behaviors)
-        return ExampleBatch(
-            rows=rows,
-            user=self.user[rows],
-            item=self.item[rows],
-            label=self.label[rows],
-            timestamp=self.timestamp[rows],
-            item_text=self.target_texts(rows),
-            sequences={n: Ragged(self.item[r.values], r.offsets) for n, r in zip(self.sequence_names, per_sequence)},
-            texts=self._texts(per_sequence, rows.size),
-        )
-
-    # ------------------------------------------------------------------ split and summary
-
+    # ----- split and summary ------------------------------------------------------------------
     def split(self, train: float = 0.8, val: float = 0.1) -> TimeSplit:
         """Global time cut: the first `train` fraction of events by timestamp, the next `val`, and
         the rest (test). Cuts fall on timestamp values, so events sharing a timestamp share a split
@@ -397,172 +273,24 @@ class BehaviorLog:
         val_start, test_start = cut(train), cut(train + val)
         examples = self.examples
         t = self.timestamp[examples]
-        return TimeSplit(
-            train=examples[t < val_start],
-            val=examples[(t >= val_start) & (t < test_start)],
-            test=examples[t >= test_start],
-            val_start=val_start,
-            test_start=test_start,
-        )
+        return TimeSplit(train=examples[t < val_start], val=examples[(t >= val_start) & (t < test_start)],
+                         test=examples[t >= test_start], val_start=val_start, test_start=test_start)
 
     def summary(self, split: TimeSplit | None = None) -> dict[str, Any]:
         """Counts and positive rates: the whole log, each sequence, and each split's examples
         (default split: `split()`)."""
         split = self.split() if split is None else split
-        examples = self.examples
 
         def part(rows: np.ndarray) -> dict[str, Any]:
-            return {
-                "examples": int(rows.size),
-                "positive_rate": float(self.label[rows].mean()) if rows.size else float("nan"),
-                "first_timestamp": int(self.timestamp[rows].min()) if rows.size else None,
-                "last_timestamp": int(self.timestamp[rows].max()) if rows.size else None,
-            }
+            return {"examples": int(rows.size),
+                    "positive_rate": float(self.label[rows].mean()) if rows.size else float("nan"),
+                    "first_timestamp": int(self.timestamp[rows].min()) if rows.size else None,
+                    "last_timestamp": int(self.timestamp[rows].max()) if rows.size else None}
 
-        return {
-            "events": self.num_events,
-            "users": int(np.unique(self.user).size),
-            "items": int(np.unique(self.item).size),
-            "positive_rate": float(self.label.mean()) if self.num_events else float("nan"),
-            "min_history": self.min_history,
-            "sequences": {n: int(self._seq_rows[s].size) for s, n in enumerate(self.sequence_names)},
-            "examples": part(examples),
-            "splits": {name: part(rows) for name, rows in split.items()},
-            "val_start": split.val_start,
-            "test_start": split.test_start,
-        }
-
-
-# ---------------------------------------------------------------------- validation helpers
-
-
-def _show(value: Any) -> str:
-    """repr of a table cell, numpy scalars as plain Python values (1.5, not np.float64(1.5))."""
-    return repr(value.item() if isinstance(value, np.generic) else value)
-
-
-def _integer_column(frame: pd.DataFrame, column: str, source: str) -> np.ndarray:
-    """(N,) int64, or LogFormatError naming the first row that is not an integer."""
-    values = frame[column]
-    if pd.api.types.is_bool_dtype(values.dtype):
-        if column == "label" and not values.isna().any():
-            return values.to_numpy(dtype=np.int64)
-        raise LogFormatError(f"{source}: column {column!r} must hold integers, got booleans")
-    if pd.api.types.is_integer_dtype(values.dtype) and not values.isna().any():
-        return values.to_numpy(dtype=np.int64)
-    numbers = pd.to_numeric(values, errors="coerce")
-    as_float = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
-    ok = np.isfinite(as_float)
-    ok[ok] = as_float[ok] == np.floor(as_float[ok])
-    if not ok.all():
-        i = int(np.flatnonzero(~ok)[0])
-        raise LogFormatError(f"{source}: column {column!r} must hold integers, row {i} holds {_show(values.iloc[i])}")
-    return as_float.astype(np.int64)
-
-
-def _item_texts(frame: pd.DataFrame, item: np.ndarray, source: str) -> dict[int, str]:
-    texts = frame["item_text"]
-    missing = np.flatnonzero(texts.isna().to_numpy(dtype=bool))
-    if missing.size:
-        i = int(missing[0])
-        raise LogFormatError(f"{source}: column 'item_text' is missing at row {i} (item_id {int(item[i])})")
-    not_text = np.flatnonzero(~texts.map(lambda v: isinstance(v, str)).to_numpy(dtype=bool))
-    if not_text.size:
-        i = int(not_text[0])
-        raise LogFormatError(f"{source}: column 'item_text' must hold strings, row {i} holds {_show(texts.iloc[i])}")
-    empty = np.flatnonzero(texts.str.strip().eq("").to_numpy(dtype=bool))
-    if empty.size:
-        i = int(empty[0])
-        raise LogFormatError(f"{source}: column 'item_text' is empty at row {i} (item_id {int(item[i])})")
-    pairs = pd.DataFrame({"item_id": item, "item_text": texts.to_numpy(dtype=object)}).drop_duplicates()
-    clash = pairs["item_id"].duplicated(keep=False).to_numpy()
-    if clash.any():
-        item_id = int(pairs["item_id"].to_numpy()[clash][0])
-        rows = pairs.index[pairs["item_id"].to_numpy() == item_id][:2].tolist()
-        raise LogFormatError(
-            f"{source}: item_id {item_id} has two different texts: {texts.iloc[rows[0]]!r} (row {rows[0]}) "
-            f"and {texts.iloc[rows[1]]!r} (row {rows[1]})"
-        )
-    return dict(zip(pairs["item_id"].tolist(), pairs["item_text"].tolist()))
-
-
-def _membership_from_column(
-    column: pd.Series, sequence_names: Sequence[str] | None, source: str
-) -> tuple[np.ndarray, tuple[str, ...]]:
-    """(N, S) bool membership and the sequence order from a `sequence` column of names joined by '|'."""
-    codes, cells = pd.factorize(column, use_na_sentinel=True)  # cells in order of first appearance
-    if (codes < 0).any():
-        i = int(np.flatnonzero(codes < 0)[0])
-        raise LogFormatError(f"{source}: column {SEQUENCE_COLUMN!r} is missing at row {i}")
-    parsed: list[list[str]] = []
-    for code, cell in enumerate(cells):
-        names = [n.strip() for n in str(cell).split(SEQUENCE_SEPARATOR)] if isinstance(cell, str) else [""]
-        if not all(names):
-            i = int(np.flatnonzero(codes == code)[0])
-            raise LogFormatError(
-                f"{source}: column {SEQUENCE_COLUMN!r} must name one or more sequences joined by "
-                f"{SEQUENCE_SEPARATOR!r}, row {i} holds {cell!r}"
-            )
-        parsed.append(names)
-    seen = list(dict.fromkeys(n for names in parsed for n in names))
-    if sequence_names is None:
-        order = tuple(seen)
-    else:
-        order = tuple(sequence_names)
-        unknown = [n for n in seen if n not in order]
-        if unknown:
-            raise LogFormatError(f"{source}: sequences {unknown} occur in the table but not in sequence_names {order}")
-    index = {n: s for s, n in enumerate(order)}
-    table = np.zeros((len(parsed), len(order)), dtype=bool)
-    for code, names in enumerate(parsed):
-        table[code, [index[n] for n in names]] = True
-    return table[codes], order
-
-
-# ---------------------------------------------------------------------- files
-
-
-def _suffix(path: str | os.PathLike) -> str:
-    name = os.fspath(path).lower()
-    for suffix in (".csv", ".csv.gz", ".parquet", ".pq", ".parquet.brotli"):
-        if name.endswith(suffix):
-            return "csv" if suffix.startswith(".csv") else "parquet"
-    raise LogFormatError(f"{os.fspath(path)}: unknown file type; expected a .csv, .csv.gz, .parquet or .pq file")
-
-
-def load_log(
-    path: str | os.PathLike, *, min_history: int = 1, sequence_names: Sequence[str] | None = None
-) -> BehaviorLog:
-    """Read and validate a behavior log file (CSV or parquet by extension). Sequence order:
-    `sequence_names` if given, else the order stored by `write_log` in a parquet file, else first
-    appearance in the file."""
-    path = os.fspath(path)
-    if _suffix(path) == "csv":
-        # Keep texts verbatim: no "NA"/"null" -> NaN, and empty cells stay "" so errors can name them.
-        frame = pd.read_csv(path, keep_default_na=False, dtype={"item_text": str, SEQUENCE_COLUMN: str})
-    else:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        stored = (table.schema.metadata or {}).get(_PARQUET_ORDER_KEY)
-        if sequence_names is None and stored is not None:
-            sequence_names = json.loads(stored)
-        frame = table.to_pandas()
-    return BehaviorLog.from_frame(frame, min_history=min_history, sequence_names=sequence_names, source=path)
-
-
-def write_log(log: BehaviorLog, path: str | os.PathLike) -> None:
-    """Write `log` in the file schema (CSV or parquet by extension), so that `load_log(path)` gives
-    the same log; parquet files also record the sequence order."""
-    path = os.fspath(path)
-    frame = log.to_frame()
-    if _suffix(path) == "csv":
-        frame.to_csv(path, index=False)
-        return
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    metadata = dict(table.schema.metadata or {})
-    metadata[_PARQUET_ORDER_KEY] = json.dumps(list(log.sequence_names)).encode()
-    pq.write_table(table.replace_schema_metadata(metadata), path)
+        return {"events": self.num_events, "users": int(np.unique(self.user).size),
+                "items": int(np.unique(self.item).size),
+                "positive_rate": float(self.label.mean()) if self.num_events else float("nan"),
+                "min_history": self.min_history,
+                "sequences": {n: int(self._seq_rows[s].size) for s, n in enumerate(self.sequence_names)},
+                "examples": part(self.examples), "splits": {name: part(rows) for name, rows in split.items()},
+                "val_start": split.val_start, "test_start": split.test_start}

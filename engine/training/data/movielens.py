@@ -19,7 +19,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from engine.training.data.log import SEQUENCE_SEPARATOR, BehaviorLog, write_log
+from engine.training.data.log import BehaviorLog
+from engine.training.data.log_files import write_log
+from engine.training.data.log_schema import SEQUENCE_SEPARATOR
 from weights.registry import package_folder
 
 __all__ = ["SEQUENCES", "GENRES", "TINY_USERS", "movielens_dir", "movielens_frame", "load_movielens", "write_movielens"]

@@ -1,0 +1,79 @@
+"""Input parsing for `BAHEScorer.score`: users and items checked and cut to the model's limits, and the
+first malformed text located for the error (`users[u]['name'] behavior j: ...` or `items[i]: ...`)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from engine.config import ScorerConfig
+from weights.table import BehaviorTable, TableError
+from weights.text_key import normalize_text
+
+
+class InputError(ValueError):
+    """Users or items passed to `score` are malformed; the message names the offending field."""
+
+
+def parse_users(users: object, config: ScorerConfig) -> list[list[list[str]]]:
+    """users -> per user, per sequence name (config order), the most recent max_behaviors texts."""
+    if not isinstance(users, (list, tuple)):
+        raise InputError(f"users must be a list of dicts, got {type(users).__name__}")
+    names, limit = config.model.sequence_names, config.model.max_behaviors
+    known = set(names)
+    parsed = []
+    for i, user in enumerate(users):
+        if not isinstance(user, dict):
+            raise InputError(f"users[{i}] must be a dict of sequence name -> list of behavior texts, got "
+                             f"{type(user).__name__}")
+        extra = set(user) - known
+        if extra and config.scoring.unknown_sequence == "error":
+            raise InputError(f"users[{i}] has unknown sequence name(s) {sorted(map(str, extra))}; expected "
+                             f"{list(names)} (set scoring.unknown_sequence='ignore' to skip them)")
+        row = []
+        for name in names:
+            seq = user.get(name, ())
+            if isinstance(seq, (str, bytes)) or not isinstance(seq, (list, tuple)):
+                raise InputError(f"users[{i}][{name!r}] must be a list of behavior texts, got {type(seq).__name__}")
+            row.append(list(seq[-limit:]))
+        parsed.append(row)
+    return parsed
+
+
+def parse_items(items: object, num_users: int) -> list[str]:
+    if not isinstance(items, (list, tuple)):
+        raise InputError(f"items must be a list of item texts, got {type(items).__name__}")
+    if len(items) != num_users:
+        raise InputError(f"items has {len(items)} entries but users has {num_users}: one item per user")
+    return list(items)
+
+
+def lookup_texts(table: BehaviorTable, texts: list[str], what: str, lengths: np.ndarray | None = None,
+                 names: Sequence[str] = ()) -> np.ndarray:
+    """table.lookup(texts, on_missing='mark'); a malformed text is an InputError that locates it (see
+    `locate_bad_text`); table errors (corrupt file, hash collision) pass through as they are."""
+    try:
+        return table.lookup(texts, on_missing="mark")
+    except TableError:
+        raise
+    except (TypeError, ValueError) as err:
+        located = locate_bad_text(texts, normalize_text, lengths, names)
+        raise InputError(located or f"{what} texts: {err}") from None
+
+
+def locate_bad_text(texts: list[str], check: Callable[[object], object], lengths: np.ndarray | None = None,
+                    names: Sequence[str] = ()) -> str | None:
+    """'users[u][name] behavior j: <why>' (or 'items[i]: <why>') for the first text `check` refuses.
+    Item texts: lengths None. Behavior texts: user-major, sequence s of user u holds lengths[u*S+s] texts,
+    S = len(names) in config order."""
+    for i, text in enumerate(texts):
+        try:
+            check(text)
+        except (TypeError, ValueError) as bad:
+            if lengths is None:
+                return f"items[{i}]: {bad}"
+            seq_index = int(np.searchsorted(np.cumsum(lengths), i, side="right"))
+            user, seq = divmod(seq_index, len(names))
+            position = i - int(np.sum(lengths[:seq_index]))
+            return f"users[{user}][{names[seq]!r}] behavior {position} (after truncation to the most recent): {bad}"
+    return None

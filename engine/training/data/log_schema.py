@@ -1,0 +1,144 @@
+"""The behavior log file schema and its checks: a table (CSV or parquet, read by `log_files`) with one row
+per event:
+
+    user_id    integer
+    item_id    integer
+    timestamp  integer (any unit; only the order matters)
+    label      0 or 1 (clicked)
+    item_text  non-empty string; every row of one item_id carries the same text
+    sequence   optional: the name of the sequence the event belongs to, or several names
+               joined by '|' (e.g. "liked|watched")
+
+Without a `sequence` column every event is in `all`, and in `positive` (label 1) or `negative` (label 0).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp", "label", "item_text")
+SEQUENCE_COLUMN = "sequence"
+SEQUENCE_SEPARATOR = "|"
+DEFAULT_SEQUENCES = ("positive", "negative", "all")
+
+
+class LogFormatError(ValueError):
+    """The behavior log table does not follow the schema; the message names the column and row."""
+
+
+def validate_frame(frame: pd.DataFrame, sequence_names: Sequence[str] | None, source: str) -> tuple[
+        np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, str], tuple[str, ...]]:
+    """(user, item, timestamp, label, membership, item_texts, sequence_names) of a table in the file schema,
+    in `BehaviorLog`'s field order; LogFormatError naming the column and row of the first violation.
+    `sequence_names` fixes the order of the sequences (it must name every sequence in the table); by default
+    they come in order of first appearance. `source` names the table in error messages."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise LogFormatError(f"{source}: missing column(s) {missing}; expected {list(REQUIRED_COLUMNS)} "
+                             f"(+ optional {SEQUENCE_COLUMN!r}), got {list(frame.columns)}")
+    if len(frame) == 0:
+        raise LogFormatError(f"{source}: the table has no rows")
+    extra = [c for c in frame.columns if c not in REQUIRED_COLUMNS and c != SEQUENCE_COLUMN]
+    if extra:
+        logger.debug("%s: ignoring extra columns %s", source, extra)
+    frame = frame.reset_index(drop=True)
+    user, item, timestamp, label = (_integer_column(frame, c, source) for c in REQUIRED_COLUMNS[:4])
+    bad = np.flatnonzero((label != 0) & (label != 1))
+    if bad.size:
+        i = int(bad[0])
+        raise LogFormatError(f"{source}: column 'label' must be 0 or 1, row {i} holds {_show(frame['label'].iloc[i])}")
+    item_texts = _item_texts(frame, item, source)
+    if SEQUENCE_COLUMN in frame.columns:
+        membership, names = _membership_from_column(frame[SEQUENCE_COLUMN], sequence_names, source)
+    else:
+        names = DEFAULT_SEQUENCES
+        membership = np.stack([label == 1, label == 0, np.ones(label.size, bool)], axis=1)
+        if sequence_names is not None and tuple(sequence_names) != DEFAULT_SEQUENCES:
+            raise LogFormatError(f"{source}: without a {SEQUENCE_COLUMN!r} column the sequences are "
+                                 f"{DEFAULT_SEQUENCES}, got sequence_names={tuple(sequence_names)}")
+    return user, item, timestamp, label, membership, item_texts, names
+
+
+def _show(value: Any) -> str:
+    """repr of a table cell, numpy scalars as plain Python values (1.5, not np.float64(1.5))."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
+def _integer_column(frame: pd.DataFrame, column: str, source: str) -> np.ndarray:
+    """(N,) int64, or LogFormatError naming the first row that is not an integer."""
+    values = frame[column]
+    if pd.api.types.is_bool_dtype(values.dtype):
+        if column == "label" and not values.isna().any():
+            return values.to_numpy(dtype=np.int64)
+        raise LogFormatError(f"{source}: column {column!r} must hold integers, got booleans")
+    if pd.api.types.is_integer_dtype(values.dtype) and not values.isna().any():
+        return values.to_numpy(dtype=np.int64)
+    numbers = pd.to_numeric(values, errors="coerce")
+    as_float = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
+    ok = np.isfinite(as_float)
+    ok[ok] = as_float[ok] == np.floor(as_float[ok])
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        raise LogFormatError(f"{source}: column {column!r} must hold integers, row {i} holds {_show(values.iloc[i])}")
+    return as_float.astype(np.int64)
+
+
+def _item_texts(frame: pd.DataFrame, item: np.ndarray, source: str) -> dict[int, str]:
+    """item id -> text; LogFormatError for a missing, non-string or blank text, or an id with two texts."""
+    texts = frame["item_text"]
+    missing = np.flatnonzero(texts.isna().to_numpy(dtype=bool))
+    if missing.size:
+        i = int(missing[0])
+        raise LogFormatError(f"{source}: column 'item_text' is missing at row {i} (item_id {int(item[i])})")
+    not_text = np.flatnonzero(~texts.map(lambda v: isinstance(v, str)).to_numpy(dtype=bool))
+    if not_text.size:
+        i = int(not_text[0])
+        raise LogFormatError(f"{source}: column 'item_text' must hold strings, row {i} holds {_show(texts.iloc[i])}")
+    empty = np.flatnonzero(texts.str.strip().eq("").to_numpy(dtype=bool))
+    if empty.size:
+        i = int(empty[0])
+        raise LogFormatError(f"{source}: column 'item_text' is empty at row {i} (item_id {int(item[i])})")
+    pairs = pd.DataFrame({"item_id": item, "item_text": texts.to_numpy(dtype=object)}).drop_duplicates()
+    clash = pairs["item_id"].duplicated(keep=False).to_numpy()
+    if clash.any():
+        item_id = int(pairs["item_id"].to_numpy()[clash][0])
+        rows = pairs.index[pairs["item_id"].to_numpy() == item_id][:2].tolist()
+        raise LogFormatError(f"{source}: item_id {item_id} has two different texts: {texts.iloc[rows[0]]!r} "
+                             f"(row {rows[0]}) and {texts.iloc[rows[1]]!r} (row {rows[1]})")
+    return dict(zip(pairs["item_id"].tolist(), pairs["item_text"].tolist()))
+
+
+def _membership_from_column(column: pd.Series, sequence_names: Sequence[str] | None,
+                            source: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(N, S) bool membership and the sequence order from a `sequence` column of names joined by '|'."""
+    codes, cells = pd.factorize(column, use_na_sentinel=True)  # cells in order of first appearance
+    if (codes < 0).any():
+        i = int(np.flatnonzero(codes < 0)[0])
+        raise LogFormatError(f"{source}: column {SEQUENCE_COLUMN!r} is missing at row {i}")
+    parsed: list[list[str]] = []
+    for code, cell in enumerate(cells):
+        names = [n.strip() for n in str(cell).split(SEQUENCE_SEPARATOR)] if isinstance(cell, str) else [""]
+        if not all(names):
+            i = int(np.flatnonzero(codes == code)[0])
+            raise LogFormatError(f"{source}: column {SEQUENCE_COLUMN!r} must name one or more sequences joined by "
+                                 f"{SEQUENCE_SEPARATOR!r}, row {i} holds {cell!r}")
+        parsed.append(names)
+    seen = list(dict.fromkeys(n for names in parsed for n in names))
+    if sequence_names is None:
+        order = tuple(seen)
+    else:
+        order = tuple(sequence_names)
+        unknown = [n for n in seen if n not in order]
+        if unknown:
+            raise LogFormatError(f"{source}: sequences {unknown} occur in the table but not in sequence_names {order}")
+    index = {n: s for s, n in enumerate(order)}
+    table = np.zeros((len(parsed), len(order)), dtype=bool)
+    for code, names in enumerate(parsed):
+        table[code, [index[n] for n in names]] = True
+    return table[codes], order
