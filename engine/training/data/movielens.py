@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from engine.training.data.log import SEQUENCE_SEPARATOR, BehaviorLog, write_log
-from weights.registry import package_folder
+from weights.packages import package_folder
 
 __all__ = ["SEQUENCES", "GENRES", "TINY_USERS", "movielens_dir", "movielens_frame", "load_movielens", "write_movielens"]
 
