@@ -17,6 +17,7 @@ setup(
         "tqdm",
         "pandas",
         "pyarrow",
+        "filelock==4.3.1",
     ],
     extras_require={
         "test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "hypothesis", "scikit-learn", "matplotlib"],

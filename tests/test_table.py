@@ -202,6 +202,15 @@ def test_concurrent_appender_waits_or_fails_clearly(tmp_path):
     assert table.append(["x"], lock_timeout=1) == 1
 
 
+@pytest.mark.parametrize("timeout", [float("nan"), -1, -0.5, float("-inf")])
+def test_bad_lock_timeout_is_refused(tmp_path, timeout):
+    path = tmp_path / "t.safetensors"
+    table = BehaviorTable.build(path, TEXTS, HashEncoder())
+    with pytest.raises(ValueError, match=f"got {timeout!r}"):
+        table.append(["x"], lock_timeout=timeout)
+    assert len(BehaviorTable.open(path)) == 4
+
+
 def test_open_does_not_read_a_large_table(tmp_path):
     """A ~300 MB table opens and answers a lookup with a small RSS increase: rows are mmapped."""
     path = tmp_path / "big.safetensors"

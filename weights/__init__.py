@@ -1,19 +1,4 @@
-"""Storage only: checkpoint files, safetensors I/O, atomic writes, behavior tables, the embedded-model
-registry. No nn.Module lives here, and nothing here imports `kernels` or `engine`.
-Names are imported on first use, so `weights.registry` and friends load without transformers."""
-from __future__ import annotations
-
-import importlib
-
-_EXPORTS = {
-    "Checkpoint": "weights.checkpoint", "CheckpointError": "weights.checkpoint",
-    **{name: "weights.table" for name in ("BehaviorTable", "HashCollisionError", "ModelSignature", "NonFiniteRowError",
-                                          "TableError", "TableFormatError", "TableMismatchError", "UnknownTextError")},
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+"""Storage only: checkpoint files (`checkpoint`), safetensors I/O (`safetensors_io`), atomic writes and
+the file lock (`atomic`), behavior tables (`table`, `table_format`, `text_key`), the embedded-model
+registry (`registry`, `packages`, `smollm2`). No nn.Module lives here, and nothing here imports
+`kernels` or `engine`. Import names from their modules; this file imports nothing."""

@@ -1,22 +1,36 @@
-"""Crash-safe file replacement and an inter-process lock for files the engine owns."""
+"""Crash-safe replacement of files and folders, and an inter-process lock for paths the engine owns.
+
+A file or folder is written under a temporary sibling (`.<name>.tmp-<pid>-<random>`, same folder so
+the rename is atomic), fsynced and renamed into place, then the parent folder is fsynced. A crash
+leaves the old version (or none) under the final name, plus at most a temporary sibling, which
+`remove_stale_temps` deletes while the caller holds the path's `file_lock`."""
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
+import logging
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import filelock
+
+log = logging.getLogger(__name__)
+
 TEMP_MARK = ".tmp-"
 
 
-class FileLockTimeout(TimeoutError):
-    """Another process holds the lock for longer than the caller agreed to wait."""
+class FileLockTimeout(filelock.Timeout):
+    """Another process held `<path>.lock` for longer than the caller agreed to wait."""
+
+    def __init__(self, lock_file: str, path: str = "", waited: float | None = None) -> None:
+        super().__init__(lock_file)
+        self.path, self.waited = path or lock_file, waited
+
+    def __str__(self) -> str:
+        return f"{self.path} is locked by another process (waited {self.waited} s)"
 
 
 def temp_sibling(path: Path) -> Path:
@@ -30,6 +44,30 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then every folder, deepest first."""
+    folders = [folder]
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            folders.append(path)
+        else:
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    for sub in reversed(folders):
+        fsync_dir(sub)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a link or a whole folder; a path already gone is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 @contextlib.contextmanager
@@ -50,6 +88,30 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """Build the folder `path` in a temporary sibling, which is yielded. On a clean exit every file
+    and folder in it is fsynced, whatever is under `path` is moved aside and deleted, the sibling is
+    renamed to `path` and the parent folder fsynced; on an error the sibling is deleted. A crash
+    leaves the old folder (or none) under `path`, never a half-written one.
+
+    Raises OSError (errno EEXIST or ENOTEMPTY) when another writer, not held off by `file_lock`,
+    renamed its folder into `path` between the move-aside and the rename."""
+    tmp = temp_sibling(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if path.exists() or path.is_symlink():
+            old = temp_sibling(path)
+            os.rename(path, old)
+            _remove(old)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        _remove(tmp)
+
+
 def copy_atomic(src: Path, dst: Path) -> None:
     """Copy the file `src` to `dst` through `atomic_write` (nothing to do when they are one file)."""
     if src.resolve() == dst.resolve():
@@ -58,34 +120,30 @@ def copy_atomic(src: Path, dst: Path) -> None:
         shutil.copyfileobj(source, handle, 16 << 20)
 
 
-def remove_stale_temps(path: Path) -> int:
-    """Delete temporary siblings of `path` left by killed writers; call only while holding its lock."""
-    removed = 0
+def remove_stale_temps(path: Path) -> None:
+    """Delete the temporary siblings of `path` (files or folders) left by killed writers; call only
+    while holding `file_lock` on the lock that serializes writers of `path`."""
     for stale in path.parent.glob(f".{path.name}{TEMP_MARK}*"):
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
-            removed += 1
-    return removed
+        log.info("removing leftover temporary %s", stale)
+        _remove(stale)
 
 
 @contextlib.contextmanager
-def file_lock(path: str | Path, timeout: float | None = None, poll: float = 0.05) -> Iterator[None]:
-    """Exclusive advisory lock on `<path>.lock` (flock). Waits up to `timeout` seconds
-    (None: forever), then raises FileLockTimeout naming the file."""
-    lock_path = Path(f"{path}.lock")
-    deadline = None if timeout is None else time.monotonic() + timeout
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+def file_lock(path: str | Path, timeout: float | None = None) -> Iterator[None]:
+    """Exclusive lock on `<path>.lock` (flock, through `filelock.FileLock`). Waits up to `timeout`
+    seconds (None: forever), then raises FileLockTimeout naming `path`. The lock file is kept on
+    release; the kernel drops the lock of a holder that dies."""
+    if timeout is not None and not timeout >= 0:  # NaN fails every comparison
+        raise ValueError(f"lock timeout must be a number of seconds >= 0 or None (wait forever), got {timeout!r}")
+    lock_path = f"{path}.lock"
+    # preserve_lock_file: unlinking on release would let a waiter lock an inode no later writer sees;
+    # it also keeps filelock on flock (no fallback to a soft lock that a killed holder leaves behind).
+    lock = filelock.FileLock(lock_path, timeout=-1 if timeout is None else timeout, preserve_lock_file=True)
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as err:
-                if err.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise FileLockTimeout(f"{path} is locked by another process (waited {timeout} s)") from None
-                time.sleep(poll)
+        lock.acquire()
+    except filelock.Timeout:
+        raise FileLockTimeout(lock_path, str(path), timeout) from None
+    try:
         yield
     finally:
-        os.close(fd)
+        lock.release()

