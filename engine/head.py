@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.side_features import count_feature_width
+from engine.side_features import count_feature_names
 from kernels import ops
 from kernels.ctr_mlp import ACTIVATIONS
 
@@ -90,7 +90,7 @@ class SideInputs(nn.Module):
 
     def __init__(self, config: ModelConfig, num_items: int) -> None:
         super().__init__()
-        self.counts = count_feature_width(len(config.sequence_names)) if config.count_features else 0
+        self.counts = len(count_feature_names(config.sequence_names)) if config.count_features else 0
         self.item_id = nn.Embedding(num_items + 1, config.item_id_dim) if config.item_id_dim else None
         if self.item_id is not None:
             nn.init.normal_(self.item_id.weight, std=0.05)

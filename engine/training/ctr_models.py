@@ -24,7 +24,7 @@ from engine.training.data.log import BehaviorLog
 from engine.training.timeline import TimelineBatch, timeline_batch, timeline_logits
 from engine.head import CTRHead, SideInputs, head_features, user_item_head
 from engine.side_features import count_features
-from engine.training.features import past_counts
+from engine.training.features import PastCounts, item_count_table
 from engine.model import PackedBatch, pool_user_item
 from engine.scorer import BAHEScorer
 from kernels import ops
@@ -49,6 +49,7 @@ class BAHECTR(nn.Module):
         self.item_row = row_map(ids, scorer.items.lookup(texts))
         self.behavior_table = scorer.table_rows("behaviors")
         self.item_table = scorer.table_rows("items")
+        self.counts = PastCounts(log)
 
     def epoch_order(self, rows: np.ndarray, log: BehaviorLog, rng: np.random.Generator) -> np.ndarray:
         """Users in random order, each user's targets together and in time order (one forward each)."""
@@ -57,7 +58,7 @@ class BAHECTR(nn.Module):
     def prepare(self, log: BehaviorLog, rows: np.ndarray) -> TimelineBatch:
         config = self.scorer.config.model
         return timeline_batch(log, rows, config.sequence_names, config.max_behaviors, self.behavior_row,
-                              self.item_row, config.count_features)
+                              self.item_row, config.count_features, self.counts)
 
     def forward(self, batch: TimelineBatch) -> torch.Tensor:
         return timeline_logits(self.model, self.behavior_table, self.item_table, batch)
@@ -68,10 +69,10 @@ class BAHECTR(nn.Module):
     def store_item_counts(self, log: BehaviorLog, before: int) -> None:
         """The item statistics the scorer serves with: each item-table row's events per sequence with
         timestamp < before (the end of the training period: nothing from the evaluated future)."""
-        keep = log.timestamp < before
+        ids, by_item = item_count_table(log, before)
         order = [log.sequence_names.index(name) for name in self.scorer.config.model.sequence_names]
         counts = np.zeros(tuple(self.model.item_counts.shape), dtype=np.int64)
-        np.add.at(counts, self.item_row[log.item[keep]], log.membership[keep][:, order].astype(np.int64))
+        counts[self.item_row[ids]] = by_item[:, order]
         self.model.item_counts.copy_(torch.from_numpy(counts))
 
 
@@ -195,12 +196,13 @@ class SideOnlyCTR(nn.Module):
         ids = log.item_ids
         self.row = row_map(ids, np.arange(ids.size))
         self.side = SideInputs(config, ids.size)
+        self.counts = PastCounts(log)
         self.head = CTRHead(self.side.width, config.head_hidden, config.head_activation, config.dropout,
                             config.head_cross_layers, config.head_cross_rank)
 
     def prepare(self, log: BehaviorLog, rows: np.ndarray) -> SideBatch:
         order = [log.sequence_names.index(name) for name in self.config.sequence_names]
-        user_counts, item_counts = past_counts(log, rows)
+        user_counts, item_counts = self.counts(log, rows)
         dense = count_features(user_counts[:, order], item_counts[:, order]) if self.config.count_features else None
         return SideBatch(torch.from_numpy(self.row[log.item[rows]]), None if dense is None else torch.from_numpy(dense))
 

@@ -1,14 +1,19 @@
-"""CTR metrics in plain numpy: ROC AUC (rank statistic, ties as average ranks) and log loss.
+"""CTR metrics in plain numpy: ROC AUC (rank statistic, ties as average ranks), log loss, and user-level
+bootstrap intervals of AUC and of an AUC difference.
 
-Both take 1-D array-likes of equal length N (numpy arrays, lists, CPU tensors):
+All take 1-D array-likes of equal length N (numpy arrays, lists, CPU tensors):
 `labels` holds 0/1 (ints, bools or floats), scores/probabilities are finite floats.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["roc_auc", "log_loss"]
+__all__ = ["Interval", "roc_auc", "weighted_roc_auc", "log_loss", "auc_interval", "paired_auc_difference"]
+
+_BOOTSTRAP_CHUNK = 4_000_000  # weights (resamples x examples) held at once by the bootstrap
 
 
 def _labels_and_values(labels: ArrayLike, values: ArrayLike, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -72,3 +77,101 @@ def log_loss(labels: ArrayLike, probs: ArrayLike, eps: float = 1e-7) -> float:
     p = np.clip(p, eps, 1.0 - eps)
     with np.errstate(divide="ignore"):  # eps = 0 with p in {0, 1} gives inf, as it should
         return float(-np.mean(np.where(positive, np.log(p), np.log1p(-p))))
+
+
+def _tie_runs(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, starts): the ascending stable sort of `scores` and the positions in it where a run of equal
+    scores begins."""
+    order = np.argsort(scores, kind="stable")
+    ordered = scores[order]
+    return order, np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+
+
+def _weighted_aucs(positive: np.ndarray, starts: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(R,) AUCs of R weightings of the same examples, sorted by score: positive (N,) bool, starts (K,) tie-run
+    starts, weights (R, N). AUC = sum over runs of P_k (Q_below + Q_k / 2) / (P Q), with P_k, Q_k the positive
+    and negative weight of run k and Q_below the negative weight of lower runs (a tie counts 1/2). NaN where a
+    weighting leaves one class without weight."""
+    pos = np.add.reduceat(weights * positive, starts, axis=1)
+    neg = np.add.reduceat(weights * ~positive, starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (pos * (below + neg / 2.0)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
+
+
+def weighted_roc_auc(labels: ArrayLike, scores: ArrayLike, weights: ArrayLike) -> float:
+    """ROC AUC with example weights: every example counts `weights[i]` times (integer weights give the AUC of
+    the examples repeated that often). Raises ValueError when a class has no weight."""
+    positive, s = _labels_and_values(labels, scores, "scores")
+    _, w = _labels_and_values(labels, weights, "weights")
+    if (w < 0).any():
+        i = int(np.flatnonzero(w < 0)[0])
+        raise ValueError(f"weights must be >= 0, got {w[i].item()!r} at position {i}")
+    order, starts = _tie_runs(s)
+    auc = float(_weighted_aucs(positive[order], starts, w[order][None])[0])
+    if np.isnan(auc):
+        raise ValueError("ROC AUC is undefined when one class has no weight")
+    return auc
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A metric on all data and its 95% user-level bootstrap interval (2.5 and 97.5 percentiles)."""
+
+    value: float
+    low: float
+    high: float
+    users: int  # distinct users in the data
+
+    def __str__(self) -> str:
+        return f"{self.value:.4f} [{self.low:.4f}, {self.high:.4f}] ({self.users} users)"
+
+
+def _bootstrap_aucs(labels: ArrayLike, score_sets: list[ArrayLike], users: ArrayLike, resamples: int,
+                    seed: int) -> tuple[list[np.ndarray], int]:
+    """(R,) AUCs of each score set under the same R resamples of users drawn with replacement (a user drawn
+    k times brings all their examples with weight k), and the number of distinct users."""
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    checked = [_labels_and_values(labels, scores, "scores") for scores in score_sets]
+    u = np.asarray(users)
+    if u.shape != checked[0][0].shape:
+        raise ValueError(f"users must be 1-D with one entry per label ({checked[0][0].size}), got shape {u.shape}")
+    _, user_of = np.unique(u, return_inverse=True)
+    num_users = int(user_of.max()) + 1
+    draws = np.random.default_rng(seed).multinomial(num_users, np.full(num_users, 1.0 / num_users),
+                                                    size=resamples)  # (R, U) times each user is drawn
+    chunk = max(1, _BOOTSTRAP_CHUNK // u.size)
+    out = []
+    for positive, s in checked:
+        order, starts = _tie_runs(s)
+        example_user, example_positive = user_of[order], positive[order]
+        out.append(np.concatenate([_weighted_aucs(example_positive, starts, draws[r : r + chunk][:, example_user])
+                                   for r in range(0, resamples, chunk)]))
+    return out, num_users
+
+
+def _interval(value: float, resampled: np.ndarray, users: int) -> Interval:
+    """Percentile interval over the resamples where the metric is defined (both classes drawn)."""
+    resampled = resampled[~np.isnan(resampled)]
+    if resampled.size == 0:
+        raise ValueError("no bootstrap resample holds both classes; AUC intervals need more users")
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    return Interval(float(value), float(low), float(high), users)
+
+
+def auc_interval(labels: ArrayLike, scores: ArrayLike, users: ArrayLike, *, resamples: int = 1000,
+                 seed: int = 0) -> Interval:
+    """AUC on all examples with a 95% bootstrap interval that resamples users, not examples: one user's
+    examples are correlated, so resampling examples would make the interval too narrow. Resamples that draw
+    only one class are skipped."""
+    (aucs,), num_users = _bootstrap_aucs(labels, [scores], users, resamples, seed)
+    return _interval(roc_auc(labels, scores), aucs, num_users)
+
+
+def paired_auc_difference(labels: ArrayLike, scores_a: ArrayLike, scores_b: ArrayLike, users: ArrayLike, *,
+                          resamples: int = 1000, seed: int = 0) -> Interval:
+    """AUC(a) - AUC(b) on all examples with a 95% bootstrap interval, both models scored on the same resampled
+    users in each resample, so the interval reflects the difference, not each model's own spread."""
+    (aucs_a, aucs_b), num_users = _bootstrap_aucs(labels, [scores_a, scores_b], users, resamples, seed)
+    return _interval(roc_auc(labels, scores_a) - roc_auc(labels, scores_b), aucs_a - aucs_b, num_users)

@@ -21,7 +21,7 @@ import torch
 from engine.model import BAHEModel, PackedBatch
 from engine.side_features import count_features
 from engine.training.data.log import BehaviorLog
-from engine.training.features import past_counts
+from engine.training.features import PastCounts, past_counts
 
 
 @dataclass
@@ -48,10 +48,11 @@ def _pack(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def timeline_batch(log: BehaviorLog, rows: np.ndarray, names: tuple[str, ...], max_behaviors: int,
-                   behavior_row: np.ndarray, item_row: np.ndarray, with_counts: bool) -> TimelineBatch:
+                   behavior_row: np.ndarray, item_row: np.ndarray, with_counts: bool,
+                   counts: PastCounts | None = None) -> TimelineBatch:
     """The timeline batch of example `rows` (ascending: a user's targets are contiguous). Item ids map to
     table rows through `behavior_row` / `item_row` (dense lookup arrays)."""
-    user_counts, item_counts = past_counts(log, rows)
+    user_counts, item_counts = (counts or past_counts)(log, rows)
     order = [log.sequence_names.index(name) for name in names]
     prefix = user_counts[:, order]
     users = log.user[rows]
