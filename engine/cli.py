@@ -94,7 +94,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from engine.training.demo import DemoConfig, run_demo
     out = Path(args.out) if args.out else Path("artifacts/demo") / Path(args.model).name
-    run_demo(DemoConfig.preset(args.model, args.full, out=out, results=Path(args.results)))
+    run_demo(DemoConfig.preset(args.model, out=out, results=Path(args.results)))
 
 
 def _run_module(module: str, argv: list[str]) -> None:
@@ -158,7 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="MovieLens-100K: BAHE vs raw-token LLM vs id-only, one table")
     p.add_argument("--model", default="minilm")
-    p.add_argument("--full", action="store_true", help="all examples and more epochs (slow on CPU)")
     p.add_argument("--out", help="output folder (default: artifacts/demo/<model>)")
     p.add_argument("--results", default="bench/RESULTS.md")
     p.set_defaults(func=cmd_demo)

@@ -90,10 +90,11 @@ def test_malformed_containers_are_named(scorer, users, items, match):
 
 
 def test_bad_texts_past_the_truncation_window_are_never_read(scorer):
-    """Only the most recent max_behaviors (6) behaviors are used, by design; older ones are not looked at."""
+    """Only the most recent max_behaviors (6) behaviors are read, by design; older ones are not looked at
+    (they count only in the history length the count features see)."""
     recent = BEHAVIORS[:6]
     np.testing.assert_array_equal(scorer.score([{"click": [None, "  ", *recent]}], ["coffee"]),
-                                  scorer.score([{"click": recent}], ["coffee"]))
+                                  scorer.score([{"click": [BEHAVIORS[7], BEHAVIORS[8], *recent]}], ["coffee"]))
 
 
 def test_junk_sequence_names_are_ignored_when_asked(saved):

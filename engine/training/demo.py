@@ -1,107 +1,176 @@
-"""`bahe demo` / `make demo`: MovieLens-100K, a real pretrained LM, BAHE vs the raw-token LLM vs
-id-only, trained the same way on the same examples; one table, also written to bench/RESULTS.md."""
+"""`bahe demo` / `make demo`: MovieLens-100K, a real pretrained LM, all the training data.
+
+On each split (the global time split and a per-user temporal split) the demo trains and tests:
+BAHE's full CTR model (text vectors from the upper layers over whole histories, count features, item id,
+DCN-v2 head; timeline training), the same CTR model without its text part (the ablation), gradient
+boosting and logistic regression on past-only features, and the id-only model. Every AUC comes with a
+95% bootstrap interval over test users, and the differences the README claims with paired intervals.
+The raw-token LLM, which costs ~20x BAHE per example on a CPU, is compared on a small subset of the
+time split, beside BAHE on the same subset. One table, also written to bench/RESULTS.md."""
 from __future__ import annotations
 
 import datetime
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from engine.backbone.split import UpperEncoder
 from engine.config import EncoderConfig, ModelConfig, ScorerConfig
-from engine.training.ctr_models import BAHECTR, IdOnlyCTR, RawTokenCTR
-from engine.training.experiment import ModelReport, SampleConfig, build_scorer, load_data, sample_split, train_and_test
-from engine.training.report import machine, write_section
+from engine.model import BAHEModel
 from engine.scorer import BAHEScorer
-from engine.training.train import TrainConfig
+from engine.training.classic import fit_classic
+from engine.training.ctr_models import BAHECTR, IdOnlyCTR, RawTokenCTR, SideOnlyCTR
+from engine.training.experiment import build_scorer, load_data
+from engine.training.metrics import Interval, auc_interval, log_loss, paired_auc_difference
+from engine.training.report import machine, write_section
+from engine.training.splits import per_user_split
+from engine.training.train import TrainConfig, fit, predict
 from weights.registry import EMBEDDED
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class DemoConfig:
-    """Sizes of the comparison. The defaults run in minutes on 2 CPU cores; `preset` gives the
-    per-model defaults and the `--full` run (every example, longer sequences, more epochs)."""
-    model: str = "minilm"
-    data: str = "movielens"             # or a CSV/parquet behavior log
-    out: Path = Path("artifacts/demo/minilm")
-    results: Path | None = Path("bench/RESULTS.md")
-    full: bool = False
-    num_lower_layers: int = 3
-    max_tokens: int = 32                 # tokens per behavior text (ABE) and per item text
-    raw_tokens: int = 256                # raw-token baseline: tokens per concatenated sequence
-    max_behaviors: int = 10              # M, for BAHE and (concatenated) for the raw-token baseline
-    train_examples: int | None = 3000
-    val_examples: int | None = 300
-    test_examples: int | None = 1000
-    # The raw-token baseline costs ~20x BAHE per training example on a CPU: it trains on a subset,
-    # and BAHE is trained on that same subset too, so their AUCs compare like for like.
-    raw_train_examples: int = 600
-    epochs: int = 2
-    users_to_show: int = 3
-    candidates_per_user: int = 200
-
-    @classmethod
-    def preset(cls, model: str = "minilm", full: bool = False, **overrides) -> DemoConfig:
-        values: dict = {"model": model, "full": full}
-        if model == "smollm2":  # 30 layers: split chosen by validation AUC vs training time (RESULTS.md)
-            values.update(num_lower_layers=SMOLLM2_LOWER_LAYERS, train_examples=2000, val_examples=200,
-                          test_examples=500, raw_train_examples=200, raw_tokens=128)
-        if full:
-            values.update(max_behaviors=50, train_examples=None, val_examples=None, test_examples=None,
-                          raw_train_examples=5000, epochs=4)
-        values.update(overrides)
-        return cls(**values)
-
-    def sample(self) -> SampleConfig:
-        return SampleConfig(self.train_examples, self.val_examples, self.test_examples)
-
-    def train(self) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs, patience=1, batch_size=64)
-
 
 SMOLLM2_LOWER_LAYERS = 27
 
 
 @dataclass
-class DemoRow:
-    report: ModelReport
-    train_examples: int
-    score_ms_per_1k: float
-    note: str = ""
+class DemoConfig:
+    """Sizes of the comparison. The defaults train on every example in about 20 minutes on 2 CPU cores."""
+    model: str = "minilm"
+    data: str = "movielens"             # or a CSV/parquet behavior log
+    out: Path = Path("artifacts/demo/minilm")
+    results: Path | None = Path("bench/RESULTS.md")
+    num_lower_layers: int = 3
+    max_tokens: int = 32                 # tokens per behavior text (ABE) and per item text
+    max_behaviors: int = 1024            # M for BAHE: the whole history of every MovieLens user
+    id_only_behaviors: int = 100         # M for the id-only model (per-example batches)
+    epochs: int = 3
+    batch_size: int = 256
+    splits: tuple[str, ...] = ("time", "per-user")
+    seed: int = 0
+    raw_train_examples: int = 600        # the raw-token comparison (time split subset); 0: skip it
+    raw_test_examples: int = 1000
+    raw_behaviors: int = 10
+    raw_tokens: int = 256
+    users_to_show: int = 3
+    candidates_per_user: int = 200
+
+    @classmethod
+    def preset(cls, model: str = "minilm", **overrides) -> DemoConfig:
+        values: dict = {"model": model}
+        if model == "smollm2":  # 30 layers: split chosen by validation AUC vs training time (RESULTS.md)
+            values.update(num_lower_layers=SMOLLM2_LOWER_LAYERS, raw_train_examples=200, raw_test_examples=500,
+                          raw_tokens=128)
+        values.update(overrides)
+        return cls(**values)
+
+    def train(self, epochs: int | None = None) -> TrainConfig:
+        return TrainConfig(epochs=epochs or self.epochs, patience=1, batch_size=self.batch_size, seed=self.seed)
 
 
 @dataclass
-class DemoResult:
-    rows: list[DemoRow] = field(default_factory=list)
+class DemoRow:
+    name: str
+    split: str
+    train_examples: int
+    auc: Interval
+    logloss: float
+    train_seconds: float        # per epoch (fit time for the classic models)
+    note: str = ""
+    probs: np.ndarray = field(default=None, repr=False)
+
+
+def _row(name: str, split: str, data, rows: dict, probs: np.ndarray, seconds: float, note: str = "") -> DemoRow:
+    test = rows["test"]
+    labels, users = data.label[test], data.user[test]
+    row = DemoRow(name, split, rows["train"].size, auc_interval(labels, probs, users), log_loss(labels, probs),
+                  seconds, note, probs)
+    log.info("%s / %s: test AUC %s", split, name, row.auc)
+    return row
+
+
+def _neural(model, data, rows: dict, config: TrainConfig, split: str, note: str = "") -> DemoRow:
+    result = fit(model, data, rows["train"], rows["val"], config)
+    probs = predict(model, data, rows["test"], batch_size=512)
+    return _row(model.name, split, data, rows, probs, float(np.mean(result.epoch_seconds)), note)
+
+
+def _classic(kind: str, data, rows: dict, split: str, seed: int) -> DemoRow:
+    start = time.perf_counter()
+    model = fit_classic(kind, data, rows["train"], rows["val"], seed)
+    name = {"gbdt": "gradient boosting (classic)", "logistic": "logistic regression (classic)"}[kind]
+    return _row(name, split, data, rows, model.predict(data, rows["test"]), time.perf_counter() - start,
+                "past-only statistics, genres, year (engine.training.classic)")
+
+
+def _seeded(seed: int, build):
+    torch.manual_seed(seed)
+    return build()
+
+
+def run_split(split: str, data, rows: dict, scorer: BAHEScorer, initial: dict, config: DemoConfig) -> list[DemoRow]:
+    """Every model of the table on one split, each from its own seed."""
+    scorer.model.load_state_dict(initial)
+    train = config.train()
+    bahe = BAHECTR(scorer, data)
+    out = [_neural(bahe, data, rows, train, split, "text + counts + item id; timeline training, whole histories")]
+    bahe.store_item_counts(data, int(data.timestamp[rows["test"]].min()))
+    model_config = scorer.config.model
+    out.append(_neural(_seeded(config.seed, lambda: SideOnlyCTR(model_config, data)), data, rows, train, split,
+                       "the same CTR model without the text vectors (ablation)"))
+    out += [_classic("gbdt", data, rows, split, config.seed), _classic("logistic", data, rows, split, config.seed)]
+    id_config = replace(model_config, max_behaviors=config.id_only_behaviors)
+    out.append(_neural(_seeded(config.seed, lambda: IdOnlyCTR(id_config, data)), data, rows, train, split,
+                       f"learned item-id embeddings, mean-pooled ({config.id_only_behaviors} most recent)"))
+    return out
+
+
+def raw_token_rows(data, rows: dict, scorer: BAHEScorer, config: DemoConfig) -> list[DemoRow]:
+    """BAHE vs the raw-token LLM on the same small subset (both with `raw_behaviors` per sequence, no side features)."""
+    rng = np.random.default_rng(config.seed)
+    subset = {name: np.sort(rng.choice(part, min(size, part.size), replace=False))
+              for (name, part), size in zip(rows.items(), (config.raw_train_examples, config.raw_test_examples,
+                                                           config.raw_test_examples))}
+    text_only = replace(scorer.config.model, max_behaviors=config.raw_behaviors, count_features=False, item_id_dim=0,
+                        head_cross_layers=0)
+    ckpt, lower = scorer.checkpoint, config.num_lower_layers
+    raw = _seeded(config.seed, lambda: RawTokenCTR(ckpt, lower, text_only, max_tokens_per_sequence=config.raw_tokens,
+                                                   item_max_tokens=config.max_tokens))
+    out = [_neural(raw, data, subset, config.train(2), "time (subset)",
+                   f"all layers over the concatenated tokens of {config.raw_behaviors} behaviors/sequence")]
+    model = _seeded(config.seed, lambda: BAHEModel(UpperEncoder.from_checkpoint(ckpt, lower, causal=True), text_only))
+    small = BAHEScorer(config=replace(scorer.config, model=text_only), checkpoint=ckpt, encoder=scorer.encoder,
+                       model=model, behaviors=scorer.behaviors, items=scorer.items, device="cpu")
+    out.append(_neural(BAHECTR(small, data), data, subset, config.train(2), "time (subset)",
+                       f"BAHE text part alone, {config.raw_behaviors} behaviors/sequence, same examples"))
+    out[-1].name = "BAHE (text only)"
+    return out
 
 
 def _fmt_table(rows: list[DemoRow]) -> list[str]:
-    lines = ["| model | train examples | test AUC | test log loss | train s/epoch | epochs (best) | "
-             "peak train memory (MB) | scoring s / 1k users | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        fit = row.report.fit
-        lines.append(
-            f"| {row.report.name} | {row.train_examples:,} | {row.report.test['auc']:.4f} | "
-            f"{row.report.test['logloss']:.4f} | {np.mean(fit.epoch_seconds):.1f} | {len(fit.epoch_seconds)} "
-            f"({fit.best_epoch}) | {fit.peak_memory_bytes / 2**20:,.0f} (+{fit.added_memory_bytes / 2**20:,.0f}) | "
-            f"{row.score_ms_per_1k / 1000:.2f} | {row.note} |")
+    lines = ["| split | model | train examples | test AUC [95% CI] | test users | log loss | train s/epoch | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.split} | {r.name} | {r.train_examples:,} | {r.auc.value:.4f} [{r.auc.low:.4f}, "
+                     f"{r.auc.high:.4f}] | {r.auc.users} | {r.logloss:.4f} | {r.train_seconds:.1f} | {r.note} |")
     return lines
 
 
-def _bahe_scoring_time(scorer: BAHEScorer, data, rows: np.ndarray) -> float:
-    """Milliseconds per 1,000 users through the public text API (lookup + BA + head)."""
-    rows = rows[:1000]
-    users = data.sequence_texts(rows, scorer.config.model.max_behaviors)
-    items = data.target_texts(rows)
-    scorer.score(users[:8], items[:8])  # warm-up
-    start = time.perf_counter()
-    scorer.score(users, items)
-    return 1e6 * (time.perf_counter() - start) / rows.size
+def _paired(rows: list[DemoRow], data, test_rows: dict[str, np.ndarray]) -> list[str]:
+    """Paired user-bootstrap intervals of BAHE minus the ablation and minus gradient boosting, per split."""
+    lines = []
+    for split, test in test_rows.items():
+        by_name = {r.name: r for r in rows if r.split == split}
+        bahe = by_name["BAHE"]
+        for other in ("CTR model without text", "gradient boosting (classic)"):
+            diff = paired_auc_difference(data.label[test], bahe.probs, by_name[other].probs, data.user[test])
+            verdict = "above 0" if diff.low > 0 else "below 0" if diff.high < 0 else "inside the noise"
+            lines.append(f"- {split} split: AUC(BAHE) - AUC({other}) = {diff.value:+.4f} "
+                         f"[{diff.low:+.4f}, {diff.high:+.4f}], {diff.users} test users: {verdict}")
+    return lines
 
 
 def _show_users(scorer: BAHEScorer, data, test_rows: np.ndarray, config: DemoConfig) -> list[str]:
@@ -109,7 +178,7 @@ def _show_users(scorer: BAHEScorer, data, test_rows: np.ndarray, config: DemoCon
     rng = np.random.default_rng(1)
     lines = []
     for row in rng.choice(test_rows, config.users_to_show, replace=False):
-        user = data.sequence_texts([row], scorer.config.model.max_behaviors)[0]
+        user = data.sequence_texts([row], None)[0]
         seen = set(data.item[(data.user == data.user[row])].tolist())
         unseen = np.array([i for i in data.item_ids if i not in seen])
         candidates = rng.choice(unseen, min(config.candidates_per_user, unseen.size), replace=False)
@@ -122,73 +191,56 @@ def _show_users(scorer: BAHEScorer, data, test_rows: np.ndarray, config: DemoCon
     return lines
 
 
-def run_demo(config: DemoConfig) -> DemoResult:
+def run_demo(config: DemoConfig) -> list[DemoRow]:
     started = time.perf_counter()
-    torch.manual_seed(0)  # the new parameters (head, empty-sequence vectors) start the same every run
-    lower, max_tokens, raw_tokens = config.num_lower_layers, config.max_tokens, config.raw_tokens
     model_desc = EMBEDDED.get(config.model, f"local checkpoint {config.model}")
     print(f"BAHE demo on {config.data} with {model_desc}\nmachine: {machine()}")
     data = load_data(config.data)
-    split = data.split()
-    rows = sample_split(split, config.sample())
-    summary = data.summary(split)
-    print(f"data: {summary['events']:,} ratings, {summary['users']} users, {summary['items']} movies; "
-          f"sequences {list(data.sequence_names)}; label = rating >= 4")
-    for name, part in summary["splits"].items():
-        print(f"  {name:5s}: {part['examples']:,} examples (positive rate {part['positive_rate']:.3f}); "
-              f"used: {rows[name].size:,} (positive rate {data.label[rows[name]].mean():.3f})")
-    scorer_config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=lower, max_tokens=max_tokens),
+    splits = {"time": data.split(), "per-user": per_user_split(data)}
+    splits = {name: dict(splits[name].items()) for name in config.splits}
+    print(f"data: {data.num_events:,} events, {np.unique(data.user).size} users, {data.item_ids.size} items; "
+          f"sequences {list(data.sequence_names)}")
+    for name, rows in splits.items():
+        print(f"  {name} split: " + ", ".join(f"{part} {r.size:,}" for part, r in rows.items()))
+    scorer_config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=config.num_lower_layers,
+                                                       max_tokens=config.max_tokens),
                                  model=ModelConfig(sequence_names=data.sequence_names,
                                                    max_behaviors=config.max_behaviors))
-    scorer, tables = build_scorer(config.model, data, scorer_config, config.out / "tables", device="cpu")
+    scorer, tables = _seeded(config.seed, lambda: build_scorer(config.model, data, scorer_config,
+                                                              config.out / "tables", device="cpu"))
     print(f"ABE: {tables.behavior_events:,} behaviors in the log -> {tables.unique_behaviors:,} unique rows "
-          f"({tables.dedup_ratio:.0f}x dedup), {tables.items:,} items; tables built in {tables.seconds:.1f} s "
-          f"({lower} of {scorer.checkpoint.num_layers} layers frozen for ABE)")
-    train_config = config.train()
-    subset = dict(rows, train=rows["train"][np.sort(np.random.default_rng(0).choice(
-        rows["train"].size, min(config.raw_train_examples, rows["train"].size), replace=False))])
-    result = DemoResult()
+          f"({tables.dedup_ratio:.0f}x dedup); tables built in {tables.seconds:.1f} s "
+          f"({config.num_lower_layers} of {scorer.checkpoint.num_layers} layers frozen for ABE)")
     initial = {k: v.detach().clone() for k, v in scorer.model.state_dict().items()}
-    bahe_subset = train_and_test(BAHECTR(scorer, data), data, subset, train_config)
-    result.rows.append(DemoRow(bahe_subset, subset["train"].size, bahe_subset.test["seconds_per_1k"] * 1000,
-                               "same examples as the raw-token row; scored through its forward"))
-    scorer.model.load_state_dict(initial)
-    bahe = train_and_test(BAHECTR(scorer, data), data, rows, train_config)
-    result.rows.append(DemoRow(bahe, rows["train"].size, _bahe_scoring_time(scorer, data, rows["test"]),
-                               "scoring through BAHEScorer.score (texts in)"))
-    raw = RawTokenCTR(scorer.checkpoint, lower, scorer_config.model, max_tokens_per_sequence=raw_tokens, item_max_tokens=max_tokens)
-    raw_report = train_and_test(raw, data, subset, train_config)
-    result.rows.append(DemoRow(raw_report, subset["train"].size, raw_report.test["seconds_per_1k"] * 1000,
-                               f"all layers over the same {config.max_behaviors} behaviors/sequence, concatenated "
-                               f"(<= {raw_tokens} tokens)"))
-    ids = train_and_test(IdOnlyCTR(scorer_config.model, data), data, rows, train_config)
-    result.rows.append(DemoRow(ids, rows["train"].size, ids.test["seconds_per_1k"] * 1000,
-                               "learned item-id embeddings, mean-pooled"))
-    table = _fmt_table(result.rows)
-    print("\n" + "\n".join(table))
+    rows: list[DemoRow] = []
+    for name in reversed(list(splits)):  # the time split last: its BAHE model is the one saved
+        rows += run_split(name, data, splits[name], scorer, initial, config)
+    if config.raw_train_examples and "time" in splits:
+        rows += raw_token_rows(data, splits["time"], scorer, config)
+    table = _fmt_table(rows)
+    paired = _paired(rows, data, {name: r["test"] for name, r in splits.items()})
+    print("\n" + "\n".join(table) + "\n\n" + "\n".join(paired))
     scorer.save_pretrained(config.out / "scorer")
     reloaded = BAHEScorer.from_pretrained(config.out / "scorer", device="cpu")
-    print(f"\nscorer saved to {config.out / 'scorer'}; reloaded with BAHEScorer.from_pretrained. Top movies:")
-    shown = _show_users(reloaded, data, rows["test"], config)
-    print("\n".join(shown))
+    print(f"\nscorer (time split) saved to {config.out / 'scorer'}; reloaded with BAHEScorer.from_pretrained. "
+          "Top movies:")
+    test_rows = splits["time" if "time" in splits else next(iter(splits))]["test"]
+    print("\n".join(_show_users(reloaded, data, test_rows, config)))
     elapsed = time.perf_counter() - started
     print(f"\ndemo finished in {elapsed / 60:.1f} min")
     if config.results is not None:
-        _write_results(config, table, model_desc, tables, rows, elapsed, lower)
-    return result
+        _write_results(config, table, paired, model_desc, tables, elapsed)
+    return rows
 
 
-def _write_results(config: DemoConfig, table: list[str], model_desc: str, tables, rows, elapsed: float,
-                   lower: int) -> None:
+def _write_results(config: DemoConfig, table: list[str], paired: list[str], model_desc: str, tables,
+                   elapsed: float) -> None:
     """This model's demo section of RESULTS.md."""
-    command = f"bahe demo --model {config.model}{' --full' if config.full else ''}"
-    write_section(config.results, f"demo:{config.model}:{'full' if config.full else 'default'}", [
-        f"### Demo: {model_desc}{' (full run)' if config.full else ''}", "",
-        f"`{command}` on {datetime.date.today().isoformat()}, {machine()}; {elapsed / 60:.1f} min in all.",
-        f"Data: {config.data}, time split; examples used: train {rows['train'].size:,}, validation "
-        f"{rows['val'].size:,}, test {rows['test'].size:,}. ABE: {tables.behavior_events:,} behaviors -> "
-        f"{tables.unique_behaviors:,} unique rows ({tables.dedup_ratio:.0f}x dedup); {lower} lower layers frozen. "
-        f"Scoring time: per 1,000 test users, through each model's forward, except the second BAHE row: the "
-        f"public `BAHEScorer.score` (texts in, lookup included). Peak memory: process RSS during training "
-        f"(+ what training added).",
-        "", *table])
+    write_section(config.results, f"demo:{config.model}:default", [
+        f"### Demo: {model_desc}", "",
+        f"`bahe demo --model {config.model}` on {datetime.date.today().isoformat()}, {machine()}; "
+        f"{elapsed / 60:.1f} min in all, seed {config.seed}.",
+        f"Data: {config.data}; all training examples; the whole test set of each split. ABE: "
+        f"{tables.behavior_events:,} behaviors -> {tables.unique_behaviors:,} unique rows ({tables.dedup_ratio:.0f}x "
+        f"dedup); {config.num_lower_layers} lower layers frozen. AUC intervals: 95% bootstrap over test users "
+        f"(1,000 resamples).", "", *table, "", *paired])
