@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from bench.compare import CompareConfig, add_model_arguments, build, synthetic_users
-from engine.training.experiment import load_data
+from engine.training.experiment import ScorerSetup, load_data
 from engine.training.report import machine
+from engine.training.scaling import synthetic_users
 from engine.stages import PREFIX, STAGES
 
 TOTAL = PREFIX + "score"
@@ -50,10 +50,9 @@ def stage_times(prof: profile) -> dict[str, StageTime]:
 
 def main(argv: list[str] | None = None) -> dict[str, StageTime]:
     argv = sys.argv[1:] if argv is None else list(argv)
-    d = CompareConfig()
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_arguments(p, d)
+    ScorerSetup.add_arguments(p, ScorerSetup())
     p.add_argument("--users", type=int, default=64, help="users in the profiled batch")
     p.add_argument("--m", type=int, default=128, help="behaviors per sequence")
     p.add_argument("--out", type=Path, default=Path("bench/results/profile_trace.json"), help="Chrome trace")
@@ -62,11 +61,10 @@ def main(argv: list[str] | None = None) -> dict[str, StageTime]:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    config = CompareConfig(model=args.model, data=args.data, lower_layers=args.lower_layers, max_tokens=args.max_tokens,
-                           ms=(args.m,), users=args.users, device=args.device, seed=args.seed, work_dir=args.work_dir)
-    data = load_data(config.data)
+    setup = ScorerSetup(**ScorerSetup.options(args))
+    data = load_data(setup.data)
     texts = data.item_id_texts
-    scorer = build(config, data)
+    scorer = setup.scorer(data, max_behaviors=args.m, batch_size=args.users)
     users, items = synthetic_users(texts, scorer.config.model.sequence_names, args.m, args.users, args.seed)
     scorer.score(users, items)  # warm-up (and, on CUDA, kernel compilation)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if scorer.device.type == "cuda" else [])

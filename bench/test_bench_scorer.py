@@ -24,8 +24,8 @@ import os
 import pytest
 import torch
 
-from bench.compare import CompareConfig, build, synthetic_users
-from engine.training.experiment import load_data
+from engine.training.experiment import ScorerSetup, load_data
+from engine.training.scaling import synthetic_users
 
 LARGE = os.environ.get("BAHE_BENCH_LARGE") == "1"
 SMALL_LIMIT = 4096  # B x M above this runs only with BAHE_BENCH_LARGE=1
@@ -46,7 +46,7 @@ def setup():
         torch.set_num_threads(int(os.environ["BAHE_BENCH_THREADS"]))
     data = load_data("movielens")
     texts = data.item_id_texts
-    scorer = build(CompareConfig(ms=(max(MS),), users=max(BATCHES)), data)
+    scorer = ScorerSetup().scorer(data, max_behaviors=max(MS), batch_size=max(BATCHES))
     return scorer, texts
 
 

@@ -1,7 +1,7 @@
 """Configuration, one dataclass per concern, with defaults that work out of the box."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 
 @dataclass
@@ -45,6 +45,11 @@ class ModelConfig:
         if self.head_cross_layers < 0 or self.head_cross_rank < 1 or self.item_id_dim < 0:
             raise ValueError(f"head_cross_layers and item_id_dim must be >= 0 and head_cross_rank >= 1, got "
                              f"{self.head_cross_layers}, {self.item_id_dim}, {self.head_cross_rank}")
+
+
+    def text_only(self) -> ModelConfig:
+        """This model's text part alone (no side features, MLP head): what the raw-token baseline has."""
+        return replace(self, count_features=False, item_id_dim=0, head_cross_layers=0)
 
 
 @dataclass

@@ -111,6 +111,23 @@ class RawTokenCTR(nn.Module):
         self.max_tokens, self.item_max_tokens = min(max_tokens_per_sequence, limit), item_max_tokens
         self.empty_sequence, self.head = user_item_head(config, ckpt.hidden_size)
 
+    @classmethod
+    def from_scorer(cls, scorer: BAHEScorer, *, max_tokens_per_sequence: int = 512,
+                    item_max_tokens: int = 32) -> RawTokenCTR:
+        """The raw-token baseline over a BAHE scorer's own modules (its lower layers, upper layers,
+        empty-sequence vectors and head: shared, not copied, so training one trains the other), on the
+        scorer's device: only the input differs from BAHE (each sequence's behavior texts concatenated
+        and tokenized, every layer run over every token)."""
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        ckpt = scorer.checkpoint
+        model.config, model.tokenizer = scorer.config.model, ckpt.tokenizer
+        model.lower, model.upper = scorer.encoder.lower, scorer.model.upper
+        limit = getattr(ckpt.config, "max_position_embeddings", max_tokens_per_sequence)
+        model.max_tokens, model.item_max_tokens = min(max_tokens_per_sequence, limit), item_max_tokens
+        model.empty_sequence, model.head = scorer.model.empty_sequence, scorer.model.head
+        return model
+
     def _tokens(self, texts: list[str], max_length: int) -> list[list[int]]:
         if not texts:
             return []

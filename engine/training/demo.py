@@ -134,8 +134,7 @@ def raw_token_rows(data, rows: dict, scorer: BAHEScorer, config: DemoConfig) -> 
     subset = {name: np.sort(rng.choice(part, min(size, part.size), replace=False))
               for (name, part), size in zip(rows.items(), (config.raw_train_examples, config.raw_test_examples,
                                                            config.raw_test_examples))}
-    text_only = replace(scorer.config.model, max_behaviors=config.raw_behaviors, count_features=False, item_id_dim=0,
-                        head_cross_layers=0)
+    text_only = replace(scorer.config.model, max_behaviors=config.raw_behaviors).text_only()
     ckpt, lower = scorer.checkpoint, config.num_lower_layers
     raw = _seeded(config.seed, lambda: RawTokenCTR(ckpt, lower, text_only, max_tokens_per_sequence=config.raw_tokens,
                                                    item_max_tokens=config.max_tokens))

@@ -1,20 +1,24 @@
-"""Shared steps of `bahe train` and `bahe demo`: load a log, cut it by time, subsample, build the
-scorer's tables (reporting the dedup), and train + evaluate a model."""
+"""Shared steps of `bahe train`, `bahe demo` and the benchmarks: load a log, cut it by time, subsample,
+build the scorer's tables (reporting the dedup), and train + evaluate a model; `ScorerSetup` holds the
+model, data and run options the benchmark scripts share (and their command-line flags)."""
 from __future__ import annotations
 
+import argparse
+import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
-from engine.config import ScorerConfig
+from engine.config import EncoderConfig, ModelConfig, ScorerConfig, ScoringConfig
 from engine.training.data.log import BehaviorLog, TimeSplit
 from engine.training.data.log_files import load_log
 from engine.training.data.movielens import load_movielens
 from engine.scorer import BAHEScorer
 from engine.training.train import FitResult, TrainConfig, evaluate, fit
+from weights.registry import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +62,65 @@ class TableReport:
 
 
 def build_scorer(model: str, data: BehaviorLog, config: ScorerConfig, tables_dir: str | Path,
-                 device: str = "auto") -> tuple[BAHEScorer, TableReport]:
+                 device: str = "auto", progress: bool = True) -> tuple[BAHEScorer, TableReport]:
     """A fresh scorer whose tables hold every item text of the log (behaviors are items here)."""
     texts = data.item_id_texts
     start = time.perf_counter()
     scorer = BAHEScorer.create(model, behavior_texts=texts, item_texts=texts, tables_dir=tables_dir, config=config,
-                               device=device)
+                               device=device, progress=progress)
     report = TableReport(behavior_events=int(data.membership.sum()), unique_behaviors=len(scorer.behaviors),
                          items=len(scorer.items), seconds=time.perf_counter() - start)
     log.info("behavior table: %d behavior events in the log -> %d unique rows (%.0fx dedup), built in %.1f s",
              report.behavior_events, report.unique_behaviors, report.dedup_ratio, report.seconds)
     return scorer, report
+
+
+@dataclass
+class ScorerSetup:
+    """The model, data and run options shared by the benchmark scripts (python -m bench.compare,
+    bench.profile, the pytest-benchmark suites); the defaults work out of the box."""
+    model: str = "minilm"
+    data: str = "movielens"
+    lower_layers: int = 3
+    max_tokens: int = 32                       # per behavior (ABE) and per item text (raw side)
+    device: str = "auto"
+    threads: int | None = None
+    seed: int = 0
+    work_dir: Path = Path("artifacts/bench")   # cached behavior tables
+
+    def tables_dir(self) -> Path:
+        """Cached tables, one folder per (model folder, lower layers, max tokens)."""
+        folder = resolve_model(self.model).resolve()
+        tag = hashlib.sha1(str(folder).encode()).hexdigest()[:8]
+        return self.work_dir / f"tables-{folder.name}-{tag}-L{self.lower_layers}-T{self.max_tokens}"
+
+    def scorer(self, data: BehaviorLog, max_behaviors: int, batch_size: int) -> BAHEScorer:
+        """The BAHE scorer's text part (the scaling benchmarks compare it with the raw-token LLM) over every
+        item text of `data` (tables built once, then reused from the work dir), keeping `max_behaviors` per
+        sequence and scoring `batch_size` users per batch."""
+        config = ScorerConfig(
+            encoder=EncoderConfig(num_lower_layers=self.lower_layers, max_tokens=self.max_tokens),
+            model=ModelConfig(sequence_names=data.sequence_names, max_behaviors=max_behaviors).text_only(),
+            scoring=ScoringConfig(batch_size=max(batch_size, 1)))
+        scorer, _ = build_scorer(self.model, data, config, self.tables_dir(), device=self.device, progress=False)
+        return scorer
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser, d: ScorerSetup) -> None:
+        """The command-line flags of these options, defaulting to `d`'s (their dests are the field names)."""
+        p.add_argument("--model", default=d.model, help="'minilm', 'smollm2' or a local checkpoint folder")
+        p.add_argument("--data", default=d.data, help="'movielens' or a behavior log file")
+        p.add_argument("--lower-layers", type=int, default=d.lower_layers)
+        p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="tokens per behavior / item text")
+        p.add_argument("--device", default=d.device)
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+        p.add_argument("--seed", type=int, default=d.seed)
+        p.add_argument("--work-dir", type=Path, default=d.work_dir, help="cached behavior tables")
+
+    @staticmethod
+    def options(args: argparse.Namespace) -> dict:
+        """The parsed flags of `add_arguments`, as keyword arguments of ScorerSetup or a subclass."""
+        return {f.name: getattr(args, f.name) for f in fields(ScorerSetup)}
 
 
 @dataclass

@@ -1,6 +1,11 @@
-"""Peak memory of a block of work: CUDA's allocator peak on a GPU, sampled process RSS on the CPU."""
+"""Peak memory of a block of work: CUDA's allocator peak on a GPU; on the CPU, process RSS sampled
+during the block, tightened by the kernel's exact high-water mark (VmHWM) where /proc/self/clear_refs
+allows resetting it. Before a CPU measurement, garbage is collected and freed heap is returned to the
+OS (malloc_trim), so earlier work's leftovers neither inflate nor (by reuse) hide the block's RSS."""
 from __future__ import annotations
 
+import ctypes
+import gc
 import resource
 import threading
 
@@ -9,20 +14,68 @@ import torch
 SAMPLE_SECONDS = 0.02
 
 
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+_ACTIVE: set[PeakMemory] = set()  # CPU measurements in progress: a high-water mark reset must not lose theirs
+_LOCK = threading.Lock()
+
+
 def current_rss() -> int:
     """Resident set size of this process, bytes."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
+def high_water_mark() -> int:
+    """The kernel's peak RSS of this process (VmHWM), bytes; 0 where /proc does not report it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc's malloc_trim, where present)."""
+    gc.collect()
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+def _reset_high_water_mark() -> bool:
+    """Reset VmHWM to the current RSS; False where not allowed. Measurements in progress first take
+    the mark as it stands, so nested or concurrent PeakMemory blocks keep their own peaks."""
+    peak = high_water_mark()
+    for other in _ACTIVE:
+        other._hwm_before_reset = max(other._hwm_before_reset, peak)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class PeakMemory:
-    """`with PeakMemory(device) as peak: ...` then `peak.bytes` (peak during the block) and
-    `peak.added` (peak minus the level at entry)."""
+    """`with PeakMemory(device) as peak: ...` then `peak.bytes` (peak during the block),
+    `peak.added` (peak minus the level at entry) and, on the CPU, `peak.exact` (the kernel's
+    high-water mark bounded the peak, rather than RSS sampled every SAMPLE_SECONDS alone)."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.bytes = self.added = 0
         self._stop = threading.Event()
+        self.exact = False           # VmHWM was reset at entry, so it bounds this block's peak from below
+        self._hwm_before_reset = 0   # VmHWM taken when a nested block reset it
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -30,6 +83,10 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
+            release_freed_memory()
+            with _LOCK:
+                self.exact = _reset_high_water_mark()
+                _ACTIVE.add(self)
             self._start = self.bytes = current_rss()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -46,5 +103,8 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self.bytes = max(self.bytes, current_rss())
+            with _LOCK:
+                _ACTIVE.discard(self)
+                exact = max(high_water_mark(), self._hwm_before_reset) if self.exact else 0
+            self.bytes = max(self.bytes, current_rss(), exact)
         self.added = self.bytes - self._start
