@@ -127,8 +127,8 @@ def build_cases(shapes: Shapes, device: torch.device) -> list[Case]:
     tag = f"T={total} B={batch} d={d} {str(dt).removeprefix('torch.')}"
     cases = [
         Case("jagged_gather+pos", f"N={shapes.table_rows} {tag}", {
-            "triton": lambda: jagged_gather.jagged_gather_triton(table, rows, offsets=offsets, pos=pos),
-            "torch": lambda: jagged_gather.jagged_gather_reference(table, rows, offsets=offsets, pos=pos)},
+            "triton": lambda: jagged_gather.jagged_gather_triton(table, rows, offsets=offsets, pos=pos, max_len=longest),
+            "torch": lambda: jagged_gather.jagged_gather_reference(table, rows, offsets=offsets, pos=pos, max_len=longest)},
             bytes=3 * total * d * es + total * 8),
         Case("jagged_mean", tag, {
             "triton": lambda: jagged_mean.jagged_mean_triton(values, offsets),
@@ -150,8 +150,8 @@ def build_cases(shapes: Shapes, device: torch.device) -> list[Case]:
     cos, sin = (t.to(device) for t in rope.rope_tables(a_longest, dh))
     a_tag = f"T={a_total} B={shapes.attn_sequences} L_max={a_longest} H={h}/{hkv} Dh={dh} {str(dt).removeprefix('torch.')}"
     cases.append(Case("rope(q,k)", a_tag, {
-        "triton": lambda: rope.rope_triton(q, k, a_off, cos, sin),
-        "torch": lambda: rope.rope_reference(q, k, a_off, cos, sin)},
+        "triton": lambda: rope.rope_triton(q, k, a_off, cos, sin, max_len=a_longest),
+        "torch": lambda: rope.rope_reference(q, k, a_off, cos, sin, max_len=a_longest)},
         bytes=2 * a_total * (h + hkv) * dh * es + 2 * a_total * dh * 4))
     qp, mask = pad(q, a_off)
     kp, _ = pad(k, a_off)
@@ -161,8 +161,8 @@ def build_cases(shapes: Shapes, device: torch.device) -> list[Case]:
     for causal in (True, False):
         pairs = float((lengths * (lengths + 1) // 2).sum()) if causal else float((lengths ** 2).sum())
         cases.append(Case(f"varlen_attention {'causal' if causal else 'bidir'}", a_tag, {
-            "triton": lambda c=causal: varlen_attention.varlen_attention_triton(q, k, v, a_off, causal=c),
-            "torch": lambda c=causal: varlen_attention.varlen_attention_reference(q, k, v, a_off, causal=c),
+            "triton": lambda c=causal: varlen_attention.varlen_attention_triton(q, k, v, a_off, causal=c, max_len=a_longest),
+            "torch": lambda c=causal: varlen_attention.varlen_attention_reference(q, k, v, a_off, causal=c, max_len=a_longest),
             "sdpa": lambda c=causal: F.scaled_dot_product_attention(
                 qp, kp, vp, attn_mask=None if c else key_mask, is_causal=c, enable_gqa=True)},
             flops=4 * h * dh * pairs))

@@ -103,7 +103,8 @@ class AtomicEncoder:
             ids = flat[np.repeat(starts[chunk] - offsets[:-1], lengths[chunk]) + np.arange(offsets[-1])]
             ids_t = torch.from_numpy(ids).to(self.device)
             offsets_t = torch.from_numpy(offsets).to(self.device)
-            states = self.lower.forward_packed(ids_t, offsets_t)
+            longest = int(lengths[chunk].max())  # on the host, from the numpy lengths
+            states = self.lower.forward_packed(ids_t, offsets_t, longest)
             pool_offsets, kept = pooled_offsets(offsets, self.pooling)
             if kept is not None:
                 states = states[torch.from_numpy(kept).to(self.device)]

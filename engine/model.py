@@ -11,7 +11,7 @@ from engine.config import ModelConfig
 from engine.head import SideInputs, head_features, user_item_head
 from engine.stages import stage
 from kernels import ops
-from kernels._jagged import check_offsets, check_rows
+from kernels._jagged import check_offsets, check_rows, max_length
 from engine.backbone.split import UpperEncoder
 
 
@@ -22,13 +22,22 @@ class PackedBatch:
     offsets (U*n+1,) int64, cumulative: sequence s of user u is [offsets[u*n+s], offsets[u*n+s+1]);
     item_rows (U,) int64 into the item table (ids >= N index `item_extra`).
     *_extra: (X, d) rows encoded on the fly for texts not (yet) in the tables;
-    dense: (U, F) float32 side features (`engine.side_features.count_features`), for a model that takes them."""
+    dense: (U, F) float32 side features (`engine.side_features.count_features`), for a model that takes them;
+    max_len: the longest sequence, a host int. Computed from the offsets when the batch is built
+    on the host (CPU offsets, no device involved) and carried by `to`, so the model's forward
+    never reads a device value; a batch built from device offsets must pass it."""
     behavior_rows: torch.Tensor
     offsets: torch.Tensor
     item_rows: torch.Tensor
     behavior_extra: torch.Tensor | None = None
     item_extra: torch.Tensor | None = None
     dense: torch.Tensor | None = None
+    max_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_len is None and isinstance(self.offsets, torch.Tensor) and self.offsets.device.type == "cpu" \
+                and self.offsets.dim() == 1 and self.offsets.numel() >= 1:
+            self.max_len = max_length(self.offsets)
 
     @property
     def num_users(self) -> int:
@@ -37,10 +46,12 @@ class PackedBatch:
     def to(self, device: torch.device) -> PackedBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return PackedBatch(move(self.behavior_rows), move(self.offsets), move(self.item_rows),
-                           move(self.behavior_extra), move(self.item_extra), move(self.dense))
+                           move(self.behavior_extra), move(self.item_extra), move(self.dense), self.max_len)
 
     def validate(self, num_sequences: int, behavior_table_rows: int, item_table_rows: int) -> None:
-        """Raise a clear error for ids out of range, bad dtypes or bad offsets (the id-level API)."""
+        """Raise a clear error for ids out of range, bad dtypes or bad offsets (the id-level API):
+        the one check of the values, on the host, before the batch moves to the device. Sets
+        `max_len` from the validated offsets."""
         extra_b = 0 if self.behavior_extra is None else self.behavior_extra.shape[0]
         extra_i = 0 if self.item_extra is None else self.item_extra.shape[0]
         check_rows(self.behavior_rows, behavior_table_rows + extra_b, "behavior_rows")
@@ -50,18 +61,19 @@ class PackedBatch:
         if self.offsets.numel() != users * num_sequences + 1:
             raise ValueError(f"offsets must have U*n+1 = {users}*{num_sequences}+1 = {users * num_sequences + 1} "
                              f"entries, got {self.offsets.numel()}")
+        self.max_len = max_length(self.offsets)
 
 
 def _gather(table: torch.Tensor, extra: torch.Tensor | None, rows: torch.Tensor, offsets: torch.Tensor | None,
-            pos: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+            pos: torch.Tensor | None, max_len: int | None, dtype: torch.dtype) -> torch.Tensor:
     """Rows of `table` (N, d) and, for ids >= N, of `extra`, + position embedding, as dtype."""
     if extra is None or extra.shape[0] == 0:
-        return ops.jagged_gather(table, rows, offsets=offsets, pos=pos, out_dtype=dtype)
+        return ops.jagged_gather(table, rows, offsets=offsets, pos=pos, max_len=max_len, out_dtype=dtype)
     known = rows < table.shape[0]
     extended_rows = torch.where(known, rows, torch.zeros_like(rows))
-    out = ops.jagged_gather(table, extended_rows, offsets=offsets, pos=pos, out_dtype=dtype)
+    out = ops.jagged_gather(table, extended_rows, offsets=offsets, pos=pos, max_len=max_len, out_dtype=dtype)
     fresh = ops.jagged_gather(extra, torch.where(known, torch.zeros_like(rows), rows - table.shape[0]),
-                              offsets=offsets, pos=pos, out_dtype=dtype)
+                              offsets=offsets, pos=pos, max_len=max_len, out_dtype=dtype)
     return torch.where(known[:, None], out, fresh)
 
 
@@ -116,18 +128,21 @@ class BAHEModel(nn.Module):
         users, dtype = batch.num_users, self.compute_dtype
         total = batch.behavior_rows.numel()
         behaviors = _gather(behavior_table, batch.behavior_extra, batch.behavior_rows, batch.offsets,
-                            self.behavior_pos, dtype)
-        items = _gather(item_table, batch.item_extra, batch.item_rows, None, None, dtype)
+                            self.behavior_pos, batch.max_len, dtype)
+        items = _gather(item_table, batch.item_extra, batch.item_rows, None, None, None, dtype)
         item_offsets = total + torch.arange(1, users + 1, device=batch.offsets.device)
         return torch.cat([behaviors, items]), torch.cat([batch.offsets, item_offsets])
 
     def towers(self, behavior_table: torch.Tensor, item_table: torch.Tensor,
                batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """-> user (U, n, d) pooled sequence states, item (U, d)."""
+        if batch.max_len is None:
+            raise ValueError("PackedBatch.max_len is unknown: build the batch from host (CPU) offsets, or pass "
+                             "max_len, so the forward never reads device values back")
         with stage("gather"):
             packed, offsets = self.embed(behavior_table, item_table, batch)
         with stage("upper_layers"):
-            states = self.upper.forward_packed(packed, offsets)
+            states = self.upper.forward_packed(packed, offsets, max(batch.max_len, 1 if batch.num_users else 0))
         with stage("pooling"):
             return pool_user_item(states, offsets, self.empty_sequence, batch.num_users)
 

@@ -21,7 +21,6 @@ from engine.scorer_folder import BEHAVIORS_FILE, ITEMS_FILE, ScorerFormatError, 
 from engine.side_features import count_features
 from engine.stages import stage
 from kernels import ops
-from kernels._jagged import max_length
 from weights.checkpoint import Checkpoint
 from weights.registry import resolve_model
 from engine.backbone.split import UpperEncoder
@@ -174,8 +173,8 @@ class BAHEScorer:
         each at most max_behaviors long); item_rows (U,) int64. -> (U,) float32 probabilities."""
         n = len(self.config.model.sequence_names)
         batch = PackedBatch(behavior_rows, offsets, item_rows)
-        batch.validate(n, len(self.behaviors), len(self.items))
-        longest = max_length(offsets)
+        batch.validate(n, len(self.behaviors), len(self.items))  # the one check of the values, on the host
+        longest = batch.max_len
         if longest > self.config.model.max_behaviors:
             raise ValueError(f"a sequence holds {longest} behaviors, more than max_behaviors "
                              f"{self.config.model.max_behaviors}; keep the most recent ones")
@@ -194,9 +193,11 @@ class BAHEScorer:
             for start in range(0, users, step):
                 stop = min(start + step, users)
                 lo, hi = offsets[start * n], offsets[stop * n]
-                batch = PackedBatch(torch.from_numpy(behavior_rows[lo:hi]), torch.from_numpy(offsets[start * n:stop * n + 1] - lo),
+                chunk = offsets[start * n:stop * n + 1] - lo
+                longest = int(np.diff(chunk).max()) if chunk.size > 1 else 0  # on the host: the forward reads no device value
+                batch = PackedBatch(torch.from_numpy(behavior_rows[lo:hi]), torch.from_numpy(chunk),
                                     torch.from_numpy(item_rows[start:stop]), behavior_extra, item_extra,
-                                    self._dense(user_counts[start:stop], item_rows[start:stop])).to(self.device)
+                                    self._dense(user_counts[start:stop], item_rows[start:stop]), longest).to(self.device)
                 logits = self.model(behavior_table, item_table, batch)
                 out[start:stop] = torch.sigmoid(logits).float().cpu().numpy()
         if not np.isfinite(out).all():

@@ -1,18 +1,23 @@
 """Ragged ("jagged") layout shared by every op: values packed as (T, ...) with
-offsets (B+1,) int64, cumulative, offsets[0] = 0, offsets[-1] = T. Length 0 is legal."""
+offsets (B+1,) int64, cumulative, offsets[0] = 0, offsets[-1] = T. Length 0 is legal.
+
+Two kinds of checks. `check_offsets` / `check_rows` read the VALUES (first and last offset,
+monotonicity, id range): they are the API boundary's, run once on host tensors before anything
+moves to the device (`PackedBatch.validate`, `BAHEScorer.score_ids`, the encoders' packing).
+`check_offsets_layout` / `check_rows_layout` look only at dtype and shape, never at a value: the
+launchers and references call those, so a launch costs no device -> host read. The caller passes
+`max_len` (the longest sequence, known on the host at the boundary) where an op needs it."""
 from __future__ import annotations
+
+import numbers
 
 import torch
 
 
 def check_offsets(offsets: torch.Tensor, total: int, name: str = "offsets") -> None:
-    """Raise ValueError unless `offsets` is a 1-D int64 cumulative array from 0 to `total`."""
-    if not isinstance(offsets, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(offsets).__name__}")
-    if offsets.dtype != torch.int64:
-        raise TypeError(f"{name} must be int64, got {offsets.dtype}")
-    if offsets.dim() != 1 or offsets.numel() < 1:
-        raise ValueError(f"{name} must have shape (B+1,) with B >= 0, got {tuple(offsets.shape)}")
+    """Raise ValueError unless `offsets` is a 1-D int64 cumulative array from 0 to `total`.
+    Reads the values: the API boundary's check, on host tensors (see the module docstring)."""
+    check_offsets_layout(offsets, name)
     first, last = int(offsets[0]), int(offsets[-1])
     if first != 0:
         raise ValueError(f"{name}[0] must be 0, got {first}")
@@ -22,15 +27,44 @@ def check_offsets(offsets: torch.Tensor, total: int, name: str = "offsets") -> N
         raise ValueError(f"{name} must be non-decreasing (lengths >= 0)")
 
 
-def check_rows(rows: torch.Tensor, num_rows: int, name: str = "rows") -> None:
-    """Raise unless `rows` is a 1-D int64 tensor of ids in [0, num_rows): checked on the host
-    before any kernel launch so a bad id can never read out of bounds."""
+def check_offsets_layout(offsets: torch.Tensor, name: str = "offsets") -> None:
+    """Raise unless `offsets` is a 1-D int64 tensor of B+1 >= 1 entries (dtype and shape only:
+    no value is read, so no device sync)."""
+    if not isinstance(offsets, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(offsets).__name__}")
+    if offsets.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64, got {offsets.dtype}")
+    if offsets.dim() != 1 or offsets.numel() < 1:
+        raise ValueError(f"{name} must have shape (B+1,) with B >= 0, got {tuple(offsets.shape)}")
+
+
+def check_rows_layout(rows: torch.Tensor, name: str = "rows") -> None:
+    """Raise unless `rows` is a 1-D int64 tensor (dtype and shape only: no value is read)."""
     if not isinstance(rows, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(rows).__name__}")
     if rows.dtype != torch.int64:
         raise TypeError(f"{name} must be int64, got {rows.dtype}")
     if rows.dim() != 1:
         raise ValueError(f"{name} must be 1-D (T,), got shape {tuple(rows.shape)}")
+
+
+def check_max_len(max_len: int, offsets: torch.Tensor | None = None, total: int | None = None,
+                  name: str = "max_len") -> int:
+    """`max_len` must be a host int >= 0 bounding the longest sequence, never a tensor. With the
+    offsets (B+1,) and the packed length T, also the host-side consistency B * max_len >= T
+    (shapes only: no value is read). -> int(max_len)."""
+    if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral) or max_len < 0:
+        raise TypeError(f"{name} must be a host int >= 0 (the longest sequence), got {max_len!r}")
+    if offsets is not None and total is not None and (offsets.numel() - 1) * int(max_len) < total:
+        raise ValueError(f"{name} {int(max_len)} is shorter than the longest sequence: {offsets.numel() - 1} "
+                         f"sequences of at most {int(max_len)} cannot hold {total} packed elements")
+    return int(max_len)
+
+
+def check_rows(rows: torch.Tensor, num_rows: int, name: str = "rows") -> None:
+    """Raise unless `rows` is a 1-D int64 tensor of ids in [0, num_rows): checked on the host
+    at the API boundary, before anything moves to the device, so a bad id never reaches a kernel."""
+    check_rows_layout(rows, name)
     if rows.numel() == 0:
         return
     low, high = int(rows.min()), int(rows.max())
@@ -45,7 +79,8 @@ def lengths_from_offsets(offsets: torch.Tensor) -> torch.Tensor:
 
 
 def max_length(offsets: torch.Tensor) -> int:
-    """Length of the longest sequence of (B+1,) cumulative offsets; 0 when B = 0."""
+    """Length of the longest sequence of (B+1,) cumulative offsets; 0 when B = 0. Reads the
+    values: for host offsets at the boundary (the result is the `max_len` the ops take)."""
     return int(lengths_from_offsets(offsets).max()) if offsets.numel() > 1 else 0
 
 

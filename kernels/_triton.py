@@ -4,10 +4,10 @@
 kernel into a stub that raises when launched, and the PyTorch references (which live in the same
 modules as the kernels) still import and run.
 
-Interpreter caveats met here (triton 3.7.1): bf16 operands of `tl.dot` give garbage (`dot_dtype`
+Interpreter caveats (triton 3.7.1's interpreter): bf16 operands of `tl.dot` give garbage (`dot_dtype`
 uses fp32 instead), and fp32 -> bf16 conversions on store truncate instead of rounding to nearest
 even, so interpreted bf16 outputs may sit 1 ulp (2^-8 relative) from torch's; a GPU rounds to
-nearest. `compile_for_gpu` compiles the kernels for sm_90 without a GPU, to catch what the
+nearest. `compile_for_gpu` compiles the kernels for sm_90 (no GPU needed), to catch what the
 interpreter cannot: type errors, shared-memory overflow, register spills.
 """
 from __future__ import annotations
@@ -137,7 +137,7 @@ _TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 
 
 def compile_for_gpu(launch: Callable[[], object], arch: int = 90) -> list[dict]:
-    """Compile for CUDA sm_<arch>, with no GPU, every kernel launch that `launch()` makes (call
+    """Compile for CUDA sm_<arch>, without needing a GPU, every kernel launch that `launch()` makes (call
     the launchers on CPU tensors: nothing runs). Arguments get the specializations Triton's
     runtime gives them (an int equal to 1 becomes a constant; pointers and ints divisible by 16
     get divisibility hints). One dict per launch: kernel, constants, shared memory bytes, and

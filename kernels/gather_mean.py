@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._jagged import check_offsets, check_rows
+from kernels._jagged import check_offsets_layout, check_rows_layout
 from kernels._triton import require_triton
 from kernels.jagged_mean import _check_empty, jagged_mean_reference, launch_pool_mean
 
@@ -17,15 +17,16 @@ def _check_gather_mean_args(table: torch.Tensor, rows: torch.Tensor, offsets: to
                             empty: torch.Tensor | None) -> None:
     if table.dim() != 2:
         raise ValueError(f"table must be (N, d), got shape {tuple(table.shape)}")
-    check_rows(rows, table.shape[0])
-    check_offsets(offsets, rows.numel())
+    check_rows_layout(rows)  # dtype and shape only: ids and offsets were checked at the boundary
+    check_offsets_layout(offsets)
     _check_empty(empty, offsets.numel() - 1, table.shape[1])
 
 
 def gather_mean_reference(table: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, *,
                           empty: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """out[b] = mean_t table[rows[t]] over t in [offsets[b], offsets[b+1]), fp32 accumulation,
-    stored as out_dtype (default: the table's dtype); empty sequences give `empty` or zeros."""
+    stored as out_dtype (default: the table's dtype); empty sequences give `empty` or zeros.
+    rows (T,) int64 in [0, N), offsets (B+1,) int64 cumulative (both checked at the API boundary)."""
     _check_gather_mean_args(table, rows, offsets, empty)
     pooled = jagged_mean_reference(table.index_select(0, rows).float(), offsets,
                                    empty=None if empty is None else empty.float())

@@ -5,12 +5,16 @@ Kernel layout: one program per (block of GATHER_BLOCK_T packed elements, block o
 columns). With `pos`, each element finds its own sequence in-kernel by a branchless binary
 search over offsets (`segment_of`, floor(log2 B) + 1 probes of an array that stays in cache), so
 the grid is independent of the ragged layout and no (T,) position array is built on the host.
+
+Ids and offsets are validated once at the API boundary (`kernels._jagged.check_rows` /
+`check_offsets` on host tensors); here only dtypes and shapes are checked, and the caller's
+`max_len` (longest sequence) bounds the position table, so a launch reads no device value.
 """
 from __future__ import annotations
 
 import torch
 
-from kernels._jagged import check_offsets, check_rows, max_length, positions_in_sequence
+from kernels._jagged import check_max_len, check_offsets_layout, check_rows_layout, positions_in_sequence
 from kernels._triton import new_output, next_pow2, require_triton, search_steps, segment_of, tl, tl_dtype, triton
 
 GATHER_BLOCK_T = 16  # packed elements per program
@@ -19,27 +23,30 @@ GATHER_NUM_WARPS = 8
 
 
 def _check_gather_args(table: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor | None,
-                       pos: torch.Tensor | None) -> None:
+                       pos: torch.Tensor | None, max_len: int | None) -> None:
+    """Dtypes and shapes only (no value is read: ids and offsets were checked at the boundary)."""
     if table.dim() != 2:
         raise ValueError(f"table must be (N, d), got shape {tuple(table.shape)}")
-    check_rows(rows, table.shape[0])
+    check_rows_layout(rows)
     if pos is None:
         return
-    if offsets is None:
-        raise ValueError("pos needs offsets: positions are counted inside each sequence")
-    check_offsets(offsets, rows.numel())
+    if offsets is None or max_len is None:
+        raise ValueError("pos needs offsets and max_len: positions are counted inside each sequence")
+    check_offsets_layout(offsets)
+    longest = check_max_len(max_len, offsets, rows.numel())
     if pos.dim() != 2 or pos.shape[1] != table.shape[1]:
         raise ValueError(f"pos must be (P, {table.shape[1]}), got shape {tuple(pos.shape)}")
-    longest = max_length(offsets)
     if longest > pos.shape[0]:
         raise ValueError(f"a sequence of length {longest} needs {longest} positions, pos has {pos.shape[0]}")
 
 
 def jagged_gather_reference(table: torch.Tensor, rows: torch.Tensor, *, offsets: torch.Tensor | None = None,
-                            pos: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                            pos: torch.Tensor | None = None, max_len: int | None = None,
+                            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """out[t] = table[rows[t]] (+ pos[t - offsets[seq(t)]]), summed in fp32, stored as out_dtype
-    (default: the table's dtype). table (N, d), rows (T,) int64, offsets (B+1,) int64, pos (P, d)."""
-    _check_gather_args(table, rows, offsets, pos)
+    (default: the table's dtype). table (N, d), rows (T,) int64 in [0, N), offsets (B+1,) int64,
+    pos (P, d), max_len >= the longest sequence (<= P; needed with pos)."""
+    _check_gather_args(table, rows, offsets, pos, max_len)
     out_dtype = out_dtype or table.dtype
     gathered = table.index_select(0, rows)
     if pos is None:
@@ -61,7 +68,7 @@ def _jagged_gather_kernel(
 
     table_ptr:   (N, D) fp32/fp16/bf16, strides (stride_table_n, stride_table_d); may be pinned
                  host memory read through UVA.
-    rows_ptr:    (T,) int64, contiguous, every id in [0, N) (checked on the host).
+    rows_ptr:    (T,) int64, contiguous, every id in [0, N) (checked at the API boundary).
     offsets_ptr: (B+1,) int64, contiguous, cumulative (read only when HAS_POS).
     pos_ptr:     (P, D) fp32/fp16/bf16, strides (stride_pos_p, stride_pos_d) (only when HAS_POS).
     out_ptr:     (T, D) out dtype, strides (stride_out_t, stride_out_d).
@@ -84,10 +91,11 @@ def _jagged_gather_kernel(
 
 
 def jagged_gather_triton(table: torch.Tensor, rows: torch.Tensor, *, offsets: torch.Tensor | None = None,
-                         pos: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                         pos: torch.Tensor | None = None, max_len: int | None = None,
+                         out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Triton twin of `jagged_gather_reference` (same arguments, same result). The output lives
     on rows' device, so a table in pinned host memory is read zero-copy by a GPU kernel."""
-    _check_gather_args(table, rows, offsets, pos)
+    _check_gather_args(table, rows, offsets, pos, max_len)
     require_triton("jagged_gather")
     out_dtype = out_dtype or table.dtype
     tl_dtype(table.dtype), tl_dtype(out_dtype)  # float tables and outputs only

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._jagged import check_offsets, lengths_from_offsets, segment_ids
+from kernels._jagged import check_offsets_layout, lengths_from_offsets, segment_ids
 from kernels._triton import new_output, next_pow2, require_triton, tl, tl_dtype, triton
 
 POOL_BLOCK_T = 16  # rows of a sequence per loop iteration
@@ -20,7 +20,7 @@ POOL_NUM_WARPS = 8  # (16, 512) fp32 accumulator: 55 registers/thread on sm_90, 
 def _check_mean_args(values: torch.Tensor, offsets: torch.Tensor, empty: torch.Tensor | None) -> None:
     if values.dim() != 2:
         raise ValueError(f"values must be (T, d), got shape {tuple(values.shape)}")
-    check_offsets(offsets, values.shape[0])
+    check_offsets_layout(offsets)  # dtype and shape only: the values were checked at the boundary
     _check_empty(empty, offsets.numel() - 1, values.shape[1])
 
 
@@ -62,7 +62,7 @@ def _pool_mean_kernel(
 
     values_ptr:  (N, D) fp32/fp16/bf16, strides (stride_values_n, stride_values_d); N = T when
                  not ROWS.
-    rows_ptr:    (T,) int64, contiguous, ids in [0, N) (checked on the host; only when ROWS).
+    rows_ptr:    (T,) int64, contiguous, ids in [0, N) (checked at the API boundary; only when ROWS).
     offsets_ptr: (B+1,) int64, contiguous, cumulative.
     empty_ptr:   (d,) or (B, d) any float dtype, strides (stride_empty_b, stride_empty_d) with
                  stride_empty_b = 0 for (d,) (only when HAS_EMPTY).

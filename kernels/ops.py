@@ -1,16 +1,30 @@
 """One dispatch function per fused op: the Triton kernel on CUDA tensors, the PyTorch reference
 on the CPU. `BAHE_KERNELS=auto|torch|triton` (or `use_backend`) forces a path; forcing Triton
 on CPU tensors needs TRITON_INTERPRET=1 (tests). Kernels are forward-only: when autograd needs
-a graph, `auto` takes the reference."""
+a graph, `auto` takes the reference.
+
+`KERNELS` maps each op to its (PyTorch reference, Triton launcher) pair, imported directly, so a
+reader follows a dispatch straight to its kernel. Importing works without the triton package:
+kernels/_triton.py then stubs `triton.jit` and only launching a kernel raises.
+
+No dispatch reads a device value: offsets and ids are validated once at the API boundary (on the
+host), and the ops that need the longest sequence take it as `max_len` (a host int)."""
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib
+import importlib.util
 import os
 from collections.abc import Iterator
 
 import torch
+
+from kernels.ctr_mlp import ctr_mlp_reference, ctr_mlp_triton
+from kernels.gather_mean import gather_mean_reference, gather_mean_triton
+from kernels.jagged_gather import jagged_gather_reference, jagged_gather_triton
+from kernels.jagged_mean import jagged_mean_reference, jagged_mean_triton
+from kernels.rope import rope_reference, rope_triton
+from kernels.varlen_attention import varlen_attention_reference, varlen_attention_triton
 
 BACKENDS = ("auto", "torch", "triton")
 _backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("bahe_kernel_backend", default=None)
@@ -68,46 +82,55 @@ def resolve(*tensors: torch.Tensor | None) -> str:
     return "triton"
 
 
-def _kernel(module: str, name: str):
-    return getattr(importlib.import_module(f"kernels.{module}"), name)
+KERNELS = {
+    "jagged_gather": (jagged_gather_reference, jagged_gather_triton),
+    "jagged_mean": (jagged_mean_reference, jagged_mean_triton),
+    "gather_mean": (gather_mean_reference, gather_mean_triton),
+    "rope": (rope_reference, rope_triton),
+    "varlen_attention": (varlen_attention_reference, varlen_attention_triton),
+    "ctr_mlp": (ctr_mlp_reference, ctr_mlp_triton),
+}
+
+
+def _pick(op: str, *tensors: torch.Tensor | None):
+    """The reference or the Triton launcher of `op`, per `resolve`."""
+    reference, kernel = KERNELS[op]
+    return kernel if resolve(*tensors) == "triton" else reference
 
 
 def jagged_gather(table: torch.Tensor, rows: torch.Tensor, *, offsets: torch.Tensor | None = None,
-                  pos: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """(T,) rows of table (N, d) -> (T, d), + pos (P, d) by position inside each sequence if given."""
-    impl = "jagged_gather_" + ("triton" if resolve(table, rows, pos) == "triton" else "reference")
-    return _kernel("jagged_gather", impl)(table, rows, offsets=offsets, pos=pos, out_dtype=out_dtype)
+                  pos: torch.Tensor | None = None, max_len: int | None = None,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(T,) rows of table (N, d) -> (T, d), + pos (P, d) by position inside each sequence if given
+    (then offsets (B+1,) and max_len >= the longest sequence are needed)."""
+    return _pick("jagged_gather", table, rows, pos)(table, rows, offsets=offsets, pos=pos, max_len=max_len,
+                                                    out_dtype=out_dtype)
 
 
 def jagged_mean(values: torch.Tensor, offsets: torch.Tensor, *, empty: torch.Tensor | None = None) -> torch.Tensor:
     """(T, d) packed + offsets (B+1,) -> (B, d) means; empty sequences give `empty` or zeros."""
-    impl = "jagged_mean_" + ("triton" if resolve(values, empty) == "triton" else "reference")
-    return _kernel("jagged_mean", impl)(values, offsets, empty=empty)
+    return _pick("jagged_mean", values, empty)(values, offsets, empty=empty)
 
 
 def gather_mean(table: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, *,
                 empty: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Mean of table rows per ragged bag -> (B, d), without materializing (T, d) on the kernel path."""
-    impl = "gather_mean_" + ("triton" if resolve(table, rows, empty) == "triton" else "reference")
-    return _kernel("gather_mean", impl)(table, rows, offsets, empty=empty, out_dtype=out_dtype)
+    return _pick("gather_mean", table, rows, empty)(table, rows, offsets, empty=empty, out_dtype=out_dtype)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, offsets: torch.Tensor, cos: torch.Tensor,
-         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+         sin: torch.Tensor, *, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of packed q (T, H, Dh) and k (T, Hkv, Dh) by position inside each sequence."""
-    impl = "rope_" + ("triton" if resolve(q, k) == "triton" else "reference")
-    return _kernel("rope", impl)(q, k, offsets, cos, sin)
+    return _pick("rope", q, k)(q, k, offsets, cos, sin, max_len=max_len)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, *,
-                     causal: bool, scale: float | None = None) -> torch.Tensor:
+                     causal: bool, max_len: int, scale: float | None = None) -> torch.Tensor:
     """Attention inside each packed sequence of q (T, H, Dh), k, v (T, Hkv, Dh) -> (T, H, Dh)."""
-    impl = "varlen_attention_" + ("triton" if resolve(q, k, v) == "triton" else "reference")
-    return _kernel("varlen_attention", impl)(q, k, v, offsets, causal=causal, scale=scale)
+    return _pick("varlen_attention", q, k, v)(q, k, v, offsets, causal=causal, max_len=max_len, scale=scale)
 
 
 def ctr_mlp(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], *,
             activation: str = "relu", sigmoid: bool = False) -> torch.Tensor:
     """The CTR head's MLP on x (B, D) -> (B,) fp32 logits (or probabilities)."""
-    impl = "ctr_mlp_" + ("triton" if resolve(x, *weights) == "triton" else "reference")
-    return _kernel("ctr_mlp", impl)(x, weights, biases, activation=activation, sigmoid=sigmoid)
+    return _pick("ctr_mlp", x, *weights)(x, weights, biases, activation=activation, sigmoid=sigmoid)

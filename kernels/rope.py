@@ -6,12 +6,15 @@ tokens finds each token's position inside its sequence (binary search over offse
 `segment_of`), loads that block's cos/sin rows once, then rotates every q head and every k head
 of those tokens. This is the pre-pass of varlen_attention.py (see there for why RoPE is not fused
 into the attention kernel).
+
+Offsets are validated once at the API boundary; here only dtypes and shapes are checked, and the
+caller's `max_len` (longest sequence, a host int) bounds the cos/sin tables: no device value is read.
 """
 from __future__ import annotations
 
 import torch
 
-from kernels._jagged import check_offsets, max_length, positions_in_sequence
+from kernels._jagged import check_max_len, check_offsets_layout, positions_in_sequence
 from kernels._triton import new_output, next_pow2, require_triton, search_steps, segment_of, tl, tl_dtype, triton
 
 ROPE_BLOCK_T = 16  # tokens per program
@@ -27,14 +30,15 @@ def rope_tables(positions: int, head_dim: int, theta: float = 100000.0) -> tuple
 
 
 def _check_rope_args(q: torch.Tensor, k: torch.Tensor, offsets: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor) -> None:
+                     sin: torch.Tensor, max_len: int) -> None:
+    """Dtypes and shapes only (no value is read: offsets were checked at the boundary)."""
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q must be (T, H, Dh) and k (T, Hkv, Dh), got {tuple(q.shape)} and {tuple(k.shape)}")
-    check_offsets(offsets, q.shape[0])
+    check_offsets_layout(offsets)
     head_dim = q.shape[2]
     if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != head_dim:
         raise ValueError(f"cos and sin must both be (P, {head_dim}), got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    longest = max_length(offsets)
+    longest = check_max_len(max_len, offsets, q.shape[0])
     if longest > cos.shape[0]:
         raise ValueError(f"a sequence of length {longest} needs {longest} rotary positions, cos has {cos.shape[0]}")
 
@@ -45,10 +49,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_reference(q: torch.Tensor, k: torch.Tensor, offsets: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   sin: torch.Tensor, *, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x * cos[p] + rotate_half(x) * sin[p] for q (T, H, Dh) and k (T, Hkv, Dh), p = position of
-    the element inside its sequence; cos, sin (P, Dh). Computed in fp32, returned in the inputs' dtypes."""
-    _check_rope_args(q, k, offsets, cos, sin)
+    the element inside its sequence; cos, sin (P, Dh); offsets (B+1,) int64 cumulative; max_len >=
+    the longest sequence, <= P. Computed in fp32, returned in the inputs' dtypes."""
+    _check_rope_args(q, k, offsets, cos, sin, max_len)
     where = positions_in_sequence(offsets, q.shape[0])
     cos_t = cos.float().index_select(0, where)[:, None, :]
     sin_t = sin.float().index_select(0, where)[:, None, :]
@@ -117,10 +122,10 @@ def _rope_kernel(
 
 
 def rope_triton(q: torch.Tensor, k: torch.Tensor, offsets: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                sin: torch.Tensor, *, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `rope_reference` (same arguments, same result), q and k in one launch.
     Needs an even head dim (every rotate_half model has one)."""
-    _check_rope_args(q, k, offsets, cos, sin)
+    _check_rope_args(q, k, offsets, cos, sin, max_len)
     require_triton("rope")
     head_dim = q.shape[2]
     if head_dim % 2:

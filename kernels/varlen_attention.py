@@ -2,9 +2,14 @@
 in one call, packed q (T, H, Dh), k, v (T, Hkv, Dh) with one offsets array.
 
 Kernel layout: FlashAttention-2 style forward. One program per (query block of one sequence,
-query head); the host builds a small table of (sequence, first query row) pairs, one per
-ATTN_BLOCK_M rows of each non-empty sequence, ordered longest work first so the last wave of
-programs is short. A program keeps its (BLOCK_M, Dh) query tile and an fp32 accumulator on chip
+query head), read from a small table of (sequence, first query row) pairs, one per ATTN_BLOCK_M
+rows of each non-empty sequence, ordered longest work first so the last wave of programs is short.
+The table is built ON THE DEVICE from the device offsets (`query_blocks`: cumsum, searchsorted,
+argsort; no value comes back to the host), with a length fixed by what the host already knows:
+NB = min(cdiv(T, BLOCK_M) + B, B * cdiv(max_len, BLOCK_M)) >= sum_b cdiv(L_b, BLOCK_M), where
+max_len is the caller's bound on the longest sequence. The surplus entries, sorted last, point
+at a query row past their sequence's end, so their programs load nothing and store nothing. A
+launch therefore never syncs with the host and can be captured in a CUDA graph. A program keeps its (BLOCK_M, Dh) query tile and an fp32 accumulator on chip
 and streams its sequence's keys and values in ATTN_BLOCK_N-row tiles with an online softmax (running
 max and sum, base-2 exponentials), so memory is O(T * Dh), never O(M^2). Causal programs stop at
 their last query row. GQA: query head h reads key/value head h // (H / Hkv). Dh need not be a
@@ -16,6 +21,8 @@ query block at or after it (all query blocks when bidirectional), so K would be 
 O(M / BLOCK_M) times per sequence, with cos/sin reloaded each time; the pre-pass rotates each K
 (and Q) element exactly once, in one memory-bound launch for q and k together, which costs a
 single extra read + write of q and k, small next to attention's O(M^2) work.
+
+Offsets are validated once at the API boundary; the launcher checks dtypes and shapes only.
 """
 from __future__ import annotations
 
@@ -24,11 +31,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels._jagged import check_offsets, lengths_from_offsets
+from kernels._jagged import check_max_len, check_offsets_layout, lengths_from_offsets
 from kernels._triton import (dot_dtype, dot_precision, new_output, next_pow2, require_triton, tl, tl_dtype,
                              triton)
 
-# Checked by compiling for sm_90 (no GPU here): 16-bit inputs, Dh 64 -> 128 registers/thread,
+# Compiled for sm_90 with triton's compiler (`compile_for_gpu`): 16-bit inputs, Dh 64 -> 128 registers/thread,
 # 56 KiB shared memory, no spills (Dh 128: 232 registers, 112 KiB); fp32 inputs (tf32x3 dots)
 # need narrower key tiles and fewer pipeline stages to fit (Dh 64: 212 registers, 64 KiB).
 ATTN_BLOCK_M = 64  # query rows per program (short sequences: most BAHE behaviors are < 64 tokens)
@@ -39,7 +46,9 @@ ATTN_MIN_BLOCK_D = 16  # tl.dot needs K >= 16
 LOG2E = 1.4426950408889634
 
 
-def _check_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor) -> None:
+def _check_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
+                          max_len: int) -> int:
+    """Dtypes and shapes only (no value is read: offsets were checked at the boundary); -> max_len."""
     if q.dim() != 3 or k.shape != v.shape or k.dim() != 3:
         raise ValueError(f"q must be (T, H, Dh), k and v (T, Hkv, Dh); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -47,7 +56,8 @@ def _check_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, off
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on T or Dh")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} must be a multiple of key/value heads {k.shape[1]}")
-    check_offsets(offsets, q.shape[0])
+    check_offsets_layout(offsets)
+    return check_max_len(max_len, offsets, q.shape[0])
 
 
 def _length_buckets(lengths: torch.Tensor) -> list[torch.Tensor]:
@@ -60,18 +70,23 @@ def _length_buckets(lengths: torch.Tensor) -> list[torch.Tensor]:
 
 
 def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, *,
-                               causal: bool, scale: float | None = None) -> torch.Tensor:
+                               causal: bool, max_len: int, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale [+ causal mask]) v inside each sequence; query head h reads key/value
-    head h // (H / Hkv). Sequences are padded in a few length buckets and run through
-    `scaled_dot_product_attention` (flash path on CPU: memory O(T * Dh), not O(M^2)). Returns (T, H, Dh)."""
-    _check_attention_args(q, k, v, offsets)
+    head h // (H / Hkv); offsets (B+1,) int64 cumulative, max_len >= the longest sequence.
+    Sequences are padded in a few length buckets and run through `scaled_dot_product_attention`
+    (flash path on CPU: memory O(T * Dh), not O(M^2)); the buckets are data-dependent (host reads),
+    which the reference may do. Returns (T, H, Dh)."""
+    max_len = _check_attention_args(q, k, v, offsets, max_len)
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[2])
     lengths = lengths_from_offsets(offsets)
     out = torch.empty_like(q)
     last = q.shape[0] - 1
     for seqs in _length_buckets(lengths):
         starts, lens = offsets[seqs], lengths[seqs]
-        steps = torch.arange(int(lens.max()), device=q.device)
+        longest = int(lens.max())
+        if longest > max_len:
+            raise ValueError(f"max_len {max_len} is shorter than a sequence of length {longest}")
+        steps = torch.arange(longest, device=q.device)
         mask = steps[None, :] < lens[:, None]
         # (B, L) packed row of each padded slot; padding slots read some valid row, which no real
         # query attends (masked keys, or past the end under a causal mask) and whose output is dropped.
@@ -103,7 +118,8 @@ def _varlen_attention_kernel(
     offsets_ptr: (B+1,) int64, contiguous, cumulative.
     block_seq_ptr, block_row_ptr: (NB,) int32, contiguous: program p handles query rows
         [block_row[p], block_row[p] + BLOCK_M) (relative to the sequence start) of sequence
-        block_seq[p]. qk_scale = scale * log2(e) (the softmax runs in base 2).
+        block_seq[p]; an entry with block_row[p] >= that sequence's length is surplus (no loads,
+        no stores). qk_scale = scale * log2(e) (the softmax runs in base 2).
     Grid: (NB, H).
     """
     pid = tl.program_id(0)
@@ -132,6 +148,7 @@ def _varlen_attention_kernel(
         hi = tl.minimum(length, row0 + BLOCK_M)
     else:
         hi = length
+    hi = tl.where(row0 < length, hi, 0)  # a surplus entry of the block table streams no keys
     for n0 in range(0, hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < length
@@ -157,24 +174,40 @@ def _varlen_attention_kernel(
              out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def query_blocks(offsets: torch.Tensor, block_m: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (sequence, first row) table of the attention grid: (NB,) int32 each, one entry per
-    block_m query rows of every non-empty sequence, sorted by decreasing work (keys streamed)."""
+def num_query_blocks(total: int, num_sequences: int, max_len: int, block_m: int) -> int:
+    """Host-side bound on sum_b cdiv(L_b, block_m) from what the host knows without reading the
+    offsets: T = sum L_b, B, and max_len >= max L_b."""
+    return min(-(-total // block_m) + num_sequences, num_sequences * -(-max_len // block_m))
+
+
+def query_blocks(offsets: torch.Tensor, total: int, max_len: int, block_m: int,
+                 causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (sequence, first row) table of the attention grid, built on offsets' device without
+    reading a value back: (NB,) int32 each, NB = `num_query_blocks(total, B, max_len, block_m)`.
+    One entry per block_m query rows of every non-empty sequence, sorted by decreasing work (keys
+    streamed), then the surplus entries, each pointing at its sequence's end (row = length)."""
     lengths = lengths_from_offsets(offsets)
+    batch = lengths.numel()
+    size = num_query_blocks(total, batch, max_len, block_m)
     blocks = (lengths + block_m - 1) // block_m
-    total = int(blocks.sum())
-    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), blocks, output_size=total)
-    first = torch.cumsum(blocks, 0) - blocks
-    row = (torch.arange(total, device=offsets.device) - first[seq]) * block_m
-    work = torch.minimum(row + block_m, lengths[seq]) if causal else lengths[seq]
-    order = torch.argsort(work, descending=True, stable=True)
+    ends = torch.cumsum(blocks, 0)
+    index = torch.arange(size, device=offsets.device)
+    seq = torch.searchsorted(ends, index, right=True)  # B for the surplus entries
+    valid = seq < batch
+    seq = seq.clamp(max=max(batch - 1, 0))
+    length = lengths[seq]
+    row = (index - (ends[seq] - blocks[seq])) * block_m
+    work = torch.minimum(row + block_m, length) if causal else length
+    row = torch.where(valid, row, length)
+    order = torch.argsort(torch.where(valid, work, -1), descending=True, stable=True)
     return seq[order].to(torch.int32).contiguous(), row[order].to(torch.int32).contiguous()
 
 
 def varlen_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, *,
-                            causal: bool, scale: float | None = None) -> torch.Tensor:
-    """Triton twin of `varlen_attention_reference` (same arguments, same result)."""
-    _check_attention_args(q, k, v, offsets)
+                            causal: bool, max_len: int, scale: float | None = None) -> torch.Tensor:
+    """Triton twin of `varlen_attention_reference` (same arguments, same result). No device value
+    is read on the host: the grid is sized from T, B and max_len (see the module docstring)."""
+    max_len = _check_attention_args(q, k, v, offsets, max_len)
     require_triton("varlen_attention")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -185,7 +218,7 @@ def varlen_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     if total == 0 or heads == 0 or head_dim == 0:
         return out
     offsets = offsets.contiguous()
-    block_seq, block_row = query_blocks(offsets, ATTN_BLOCK_M, causal)
+    block_seq, block_row = query_blocks(offsets, total, max_len, ATTN_BLOCK_M, causal)
     _varlen_attention_kernel[(block_seq.numel(), heads)](
         q, k, v, out, offsets, block_seq, block_row,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),

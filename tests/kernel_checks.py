@@ -69,15 +69,17 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check_dispatch(monkeypatch, module, op: str, call, *, tol: float, call_needing_grad) -> None:
-    """`call()` runs `kernels.ops.<op>`: it must reach `<op>_triton` under the 'triton' backend and
+    """`call()` runs `kernels.ops.<op>`: its dispatch table entry `ops.KERNELS[op]` must be the
+    module's (`<op>_reference`, `<op>_triton`) pair; it must reach `<op>_triton` under the 'triton' backend and
     `<op>_reference` under 'torch' and under 'auto' (CPU tensors), the two outputs (or each pair of
     a tuple) within relative error `tol`; `call_needing_grad()` (an input that requires grad) must
     be refused by the forward-only kernel path."""
     from kernels import ops
     calls = []
-    for name in (f"{op}_triton", f"{op}_reference"):
-        real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
+    reference, kernel = ops.KERNELS[op]
+    assert (reference, kernel) == (getattr(module, f"{op}_reference"), getattr(module, f"{op}_triton"))
+    recording = tuple(lambda *a, _n=f.__name__, _f=f, **k: calls.append(_n) or _f(*a, **k) for f in (reference, kernel))
+    monkeypatch.setitem(ops.KERNELS, op, recording)
     with ops.use_backend("triton"):
         out = call()
     with ops.use_backend("torch"):

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 import kernels.gather_mean as mod
 import kernels.jagged_mean as pool
 from kernels import ops
+from kernels._jagged import check_offsets, check_rows
 from tests.kernel_checks import NoLaunch, random_bags, assert_fits_sm90, compile_for_sm90, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
 from kernels.gather_mean import gather_mean_reference, gather_mean_triton
 
@@ -57,16 +58,26 @@ def test_does_not_materialize_the_gather(monkeypatch):
 def test_host_side_errors_before_launch(monkeypatch):
     monkeypatch.setattr(pool, "_pool_mean_kernel", NoLaunch())
     table, rows, offsets, _ = random_bags([3, 2], 10, 16, torch.float32, seed=0)
-    with pytest.raises(IndexError):
-        gather_mean_triton(table, torch.tensor([0, 1, 2, 3, 10]), offsets)
-    with pytest.raises(IndexError):
-        gather_mean_triton(table, torch.tensor([0, 1, -2, 3, 4]), offsets)
-    with pytest.raises(ValueError):
-        gather_mean_triton(table, rows, torch.tensor([0, 3, 4]))
-    with pytest.raises(ValueError):
-        gather_mean_triton(table, rows, torch.tensor([0, 4, 3, 5]))
     with pytest.raises(ValueError):
         gather_mean_triton(table, rows, offsets, empty=torch.zeros(17))
+    with pytest.raises(TypeError):
+        gather_mean_triton(table, rows.int(), offsets)
+    with pytest.raises(ValueError):
+        gather_mean_triton(table, rows, offsets[None])
+
+
+def test_boundary_checks_refuse_bad_values():
+    """Ids and offsets are validated once, on the host, at the API boundary: the same inputs the
+    launcher used to refuse raise the same errors there (and never reach a kernel)."""
+    table, rows, offsets, _ = random_bags([3, 2], 10, 16, torch.float32, seed=0)
+    with pytest.raises(IndexError):
+        check_rows(torch.tensor([0, 1, 2, 3, 10]), table.shape[0])
+    with pytest.raises(IndexError):
+        check_rows(torch.tensor([0, 1, -2, 3, 4]), table.shape[0])
+    with pytest.raises(ValueError):
+        check_offsets(torch.tensor([0, 3, 4]), rows.numel())
+    with pytest.raises(ValueError):
+        check_offsets(torch.tensor([0, 4, 3, 5]), rows.numel())
 
 
 def test_dispatch(monkeypatch):

@@ -4,7 +4,7 @@ import torch
 
 import kernels.jagged_mean as mod
 from kernels import ops
-from kernels._jagged import offsets_from_lengths
+from kernels._jagged import check_offsets, offsets_from_lengths
 from tests.kernel_checks import NoLaunch, assert_fits_sm90, compile_for_sm90, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
 from kernels.jagged_mean import jagged_mean_reference, jagged_mean_triton
 
@@ -56,11 +56,13 @@ def test_host_side_errors_before_launch(monkeypatch):
     monkeypatch.setattr(mod, "_pool_mean_kernel", NoLaunch())
     values, offsets, _ = inputs([3, 2], 16, torch.float32, seed=0)
     with pytest.raises(ValueError):
-        jagged_mean_triton(values, torch.tensor([0, 3, 4]))  # does not end at T
+        check_offsets(torch.tensor([0, 3, 4]), values.shape[0])  # does not end at T (the boundary's check)
     with pytest.raises(ValueError):
-        jagged_mean_triton(values, torch.tensor([1, 3, 5]))  # does not start at 0
+        check_offsets(torch.tensor([1, 3, 5]), values.shape[0])  # does not start at 0
     with pytest.raises(ValueError):
-        jagged_mean_triton(values, torch.tensor([0, 4, 3, 5]))  # decreasing
+        check_offsets(torch.tensor([0, 4, 3, 5]), values.shape[0])  # decreasing
+    with pytest.raises(ValueError):
+        jagged_mean_triton(values, offsets[None])  # not (B+1,)
     with pytest.raises(TypeError):
         jagged_mean_triton(values, offsets.int())
     with pytest.raises(ValueError):

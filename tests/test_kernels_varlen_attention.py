@@ -6,7 +6,7 @@ import torch
 
 import kernels.varlen_attention as mod
 from kernels import ops
-from kernels._jagged import offsets_from_lengths
+from kernels._jagged import check_offsets, offsets_from_lengths
 from tests.kernel_checks import NoLaunch, packed_qkv, assert_fits_sm90, compile_for_sm90, assert_matches, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
 from kernels.rope import rope_reference, rope_tables, rope_triton
 from kernels.varlen_attention import ATTN_BLOCK_M, query_blocks, varlen_attention_reference, varlen_attention_triton
@@ -22,8 +22,8 @@ LENGTHS = [[1], [0, 1, 70, 0, 7]]
 @pytest.mark.parametrize("lengths", LENGTHS)
 def test_matches_reference(lengths, dtype, heads, kv_heads, head_dim, causal):
     q, k, v, offsets = packed_qkv(lengths, heads, kv_heads, head_dim, dtype, seed=len(lengths) + head_dim)
-    out = varlen_attention_triton(q, k, v, offsets, causal=causal)
-    ref = varlen_attention_reference(q, k, v, offsets, causal=causal)
+    out = varlen_attention_triton(q, k, v, offsets, causal=causal, max_len=max(lengths))
+    ref = varlen_attention_reference(q, k, v, offsets, causal=causal, max_len=max(lengths))
     assert out.dtype == dtype
     assert_matches(out, ref, TOL[dtype])
 
@@ -34,8 +34,8 @@ def test_custom_scale_and_strided_qkv():
     qkv = torch.randn(25, 3 + 1 + 1, 40, generator=gen)  # fused projection output: views with head stride 40
     q, k, v = qkv[:, :3], qkv[:, 3:4], qkv[:, 4:5]
     for causal in (True, False):
-        out = varlen_attention_triton(q, k, v, offsets, causal=causal, scale=0.3)
-        assert rel_err(out, varlen_attention_reference(q, k, v, offsets, causal=causal, scale=0.3)) < 1e-5
+        out = varlen_attention_triton(q, k, v, offsets, causal=causal, max_len=20, scale=0.3)
+        assert rel_err(out, varlen_attention_reference(q, k, v, offsets, causal=causal, max_len=20, scale=0.3)) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -44,17 +44,18 @@ def test_smollm2_shapes_with_rope(dtype):
     lengths = [13, 0, 1, 66]
     q, k, v, offsets = packed_qkv(lengths, 9, 3, 64, dtype, seed=135)
     cos, sin = rope_tables(max(lengths), 64)
-    q_rot, k_rot = rope_triton(q, k, offsets, cos, sin)
-    out = varlen_attention_triton(q_rot, k_rot, v, offsets, causal=True)
-    q_ref, k_ref = rope_reference(q, k, offsets, cos, sin)
-    ref = varlen_attention_reference(q_ref, k_ref, v, offsets, causal=True)
+    longest = max(lengths)
+    q_rot, k_rot = rope_triton(q, k, offsets, cos, sin, max_len=longest)
+    out = varlen_attention_triton(q_rot, k_rot, v, offsets, causal=True, max_len=longest)
+    q_ref, k_ref = rope_reference(q, k, offsets, cos, sin, max_len=longest)
+    ref = varlen_attention_reference(q_ref, k_ref, v, offsets, causal=True, max_len=longest)
     assert_matches(out, ref, TOL[dtype])
 
 
 def test_matches_dense_softmax_single_sequence():
     # Independent of the reference: plain softmax(q k^T / sqrt(Dh)) v with a causal mask.
     q, k, v, offsets = packed_qkv([9], 2, 1, 16, torch.float32, seed=3)
-    out = varlen_attention_triton(q, k, v, offsets, causal=True)
+    out = varlen_attention_triton(q, k, v, offsets, causal=True, max_len=9)
     scores = torch.einsum("ihd,jd->hij", q, k[:, 0]) / math.sqrt(16)
     scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
     dense = torch.einsum("hij,jd->ihd", scores.softmax(-1), v[:, 0])
@@ -62,38 +63,48 @@ def test_matches_dense_softmax_single_sequence():
 
 
 def test_query_block_table():
-    offsets = offsets_from_lengths(torch.tensor([ATTN_BLOCK_M + 1, 0, 1]))
-    seq, row = query_blocks(offsets, ATTN_BLOCK_M, causal=True)
-    assert sorted(zip(seq.tolist(), row.tolist())) == [(0, 0), (0, ATTN_BLOCK_M), (2, 0)]
+    lengths = [ATTN_BLOCK_M + 1, 0, 1]
+    offsets = offsets_from_lengths(torch.tensor(lengths))
+    seq, row = query_blocks(offsets, sum(lengths), max(lengths), ATTN_BLOCK_M, causal=True)
     assert seq.dtype == row.dtype == torch.int32
+    # Sized from T, B and max_len alone (no value read): min(cdiv(66, 64) + 3, 3 * cdiv(65, 64)) = 5.
+    assert seq.numel() == row.numel() == 5
+    # The surplus entries come last and point at their sequence's end: their programs do nothing.
+    real = [(s, r) for s, r in zip(seq.tolist(), row.tolist()) if r < lengths[s]]
+    assert all(r >= lengths[s] for s, r in zip(seq.tolist()[len(real):], row.tolist()[len(real):]))
+    assert sorted(real) == [(0, 0), (0, ATTN_BLOCK_M), (2, 0)]
     # The block streaming the most keys goes first: under a causal mask, the last one.
-    assert (int(seq[0]), int(row[0])) == (0, ATTN_BLOCK_M) and (int(seq[-1]), int(row[-1])) == (2, 0)
+    assert real[0] == (0, ATTN_BLOCK_M) and real[-1] == (2, 0)
 
 
 def test_empty_batch():
     q, k, v, offsets = packed_qkv([0, 0, 0], 2, 2, 16, torch.float32, seed=0)
-    assert varlen_attention_triton(q, k, v, offsets, causal=False).shape == (0, 2, 16)
+    assert varlen_attention_triton(q, k, v, offsets, causal=False, max_len=0).shape == (0, 2, 16)
 
 
 def test_host_side_errors_before_launch(monkeypatch):
     monkeypatch.setattr(mod, "_varlen_attention_kernel", NoLaunch())
     q, k, v, offsets = packed_qkv([4, 2], 4, 2, 16, torch.float32, seed=0)
     with pytest.raises(ValueError):
-        varlen_attention_triton(q, k, v, torch.tensor([0, 4, 5]), causal=True)
+        check_offsets(torch.tensor([0, 4, 5]), q.shape[0])  # the boundary's checks of the values
     with pytest.raises(ValueError):
-        varlen_attention_triton(q, k, v, torch.tensor([0, 5, 4, 6]), causal=True)
+        check_offsets(torch.tensor([0, 5, 4, 6]), q.shape[0])
+    with pytest.raises(ValueError):
+        varlen_attention_triton(q, k, v, offsets, causal=True, max_len=2)  # 2 sequences of <= 2 < 6 rows
+    with pytest.raises(TypeError):
+        varlen_attention_triton(q, k, v, offsets, causal=True, max_len=torch.tensor(4))
     with pytest.raises(ValueError, match="multiple"):
-        varlen_attention_triton(q[:, :3], k, v, offsets, causal=True)
+        varlen_attention_triton(q[:, :3], k, v, offsets, causal=True, max_len=4)
     with pytest.raises(ValueError):
-        varlen_attention_triton(q, k, v[:, :1], offsets, causal=True)
+        varlen_attention_triton(q, k, v[:, :1], offsets, causal=True, max_len=4)
     with pytest.raises(TypeError, match="dtype"):
-        varlen_attention_triton(q, k.half(), v.half(), offsets, causal=True)
+        varlen_attention_triton(q, k.half(), v.half(), offsets, causal=True, max_len=4)
 
 
 def test_dispatch(monkeypatch):
     q, k, v, offsets = packed_qkv([3, 0, 4], 2, 1, 16, torch.float32, seed=0)
-    check_dispatch(monkeypatch, mod, "varlen_attention", lambda: ops.varlen_attention(q, k, v, offsets, causal=True),
-                   tol=1e-5, call_needing_grad=lambda: ops.varlen_attention(q, k, v.requires_grad_(), offsets, causal=True))
+    check_dispatch(monkeypatch, mod, "varlen_attention", lambda: ops.varlen_attention(q, k, v, offsets, causal=True, max_len=4),
+                   tol=1e-5, call_needing_grad=lambda: ops.varlen_attention(q, k, v.requires_grad_(), offsets, causal=True, max_len=4))
 
 
 def test_compiles_for_sm90_without_spills():
@@ -106,5 +117,5 @@ def test_compiles_for_sm90_without_spills():
         "    for dtype, dh in ((torch.bfloat16, 64), (torch.bfloat16, 128), (torch.float32, 64)):\n"
         "        q, k = torch.randn(74, 9, dh).to(dtype), torch.randn(74, 3, dh).to(dtype)\n"
         "        for causal in (True, False):\n"
-        "            varlen_attention_triton(q, k, k, offsets, causal=causal)\n")
+        "            varlen_attention_triton(q, k, k, offsets, causal=causal, max_len=70)\n")
     assert_fits_sm90(infos, launches=6)

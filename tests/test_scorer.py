@@ -210,3 +210,68 @@ def test_head_folds_its_norm_exactly():
             h = torch.nn.functional.gelu(linear(h))
         expected = head.linears[-1](h)[:, 0]
         torch.testing.assert_close(head(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class _SeparateLinears(torch.nn.Module):
+    """The computation before the projections were fused: one GEMM per part, outputs concatenated."""
+
+    def __init__(self, weights, biases):
+        super().__init__()
+        self.parts = list(zip(weights, biases))
+
+    def forward(self, x):
+        return torch.cat([torch.nn.functional.linear(x, w, b) for w, b in self.parts], dim=-1)
+
+
+def _legacy_state(model):
+    """model.state_dict() with every fused qkv / gate_up split back into the separate q/k/v and
+    gate/up keys that scorers saved before the fusion hold."""
+    state = {}
+    for key, value in model.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        if module.endswith("attn.qkv"):
+            attn = model.get_submodule(module.removesuffix(".qkv"))
+            sizes = [attn.heads * attn.head_dim, attn.kv_heads * attn.head_dim, attn.kv_heads * attn.head_dim]
+            base = module.removesuffix("qkv")
+            state.update({f"{base}{part}.{leaf}": t for part, t in zip("qkv", value.split(sizes))})
+        elif module.endswith("gate_up"):
+            base = module.removesuffix("gate_up")
+            state.update({f"{base}{part}.{leaf}": t for part, t in zip(("gate", "up"), value.chunk(2))})
+        else:
+            state[key] = value
+    return state
+
+
+def test_scorer_saved_with_separate_projections_loads_and_scores_the_same(family_checkpoint, tmp_path):
+    """A scorer whose model.safetensors predates the fused qkv / gate_up projections loads (its
+    separate tensors are concatenated at load time) and gives the scores of the unfused
+    computation within 1e-6 relative, in fp32."""
+    from safetensors.torch import load_file, save_file
+    scorer = make_scorer(family_checkpoint[1], tmp_path)
+    rng = np.random.default_rng(3)
+    users = random_users(rng, 8)
+    items = [ITEMS[i] for i in rng.integers(0, len(ITEMS), 8)]
+    fused = scorer.score(users, items)
+    scorer.save_pretrained(tmp_path / "saved")
+    model_file = tmp_path / "saved" / "model.safetensors"
+    saved = load_file(str(model_file))
+    legacy = _legacy_state(scorer.model)
+    assert any(k.endswith("attn.q.weight") for k in legacy) and not any("qkv" in k for k in legacy)
+    assert {k for k in saved if "qkv" not in k and "gate_up" not in k} <= set(legacy)
+    save_file({k: v.float().contiguous() for k, v in legacy.items()}, str(model_file), metadata={"format": "pt"})
+
+    loaded = BAHEScorer.from_pretrained(tmp_path / "saved", device="cpu")
+    for key, value in scorer.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[key], value, rtol=0, atol=0, check_dtype=False)
+    np.testing.assert_allclose(loaded.score(users, items), fused, rtol=1e-6, atol=0)
+
+    # The unfused computation itself: three q/k/v GEMMs (two gate/up GEMMs) from the legacy tensors.
+    for j, layer in enumerate(loaded.model.upper.layers):
+        def parts(*names):
+            prefix = f"upper.layers.{j}."
+            return ([legacy[f"{prefix}{n}.weight"] for n in names],
+                    [legacy.get(f"{prefix}{n}.bias") for n in names])
+        layer.attn.qkv = _SeparateLinears(*parts("attn.q", "attn.k", "attn.v"))
+        if hasattr(layer, "gate_up"):
+            layer.gate_up = _SeparateLinears(*parts("gate", "up"))
+    np.testing.assert_allclose(loaded.score(users, items), fused, rtol=1e-6, atol=0)

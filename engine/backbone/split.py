@@ -1,6 +1,10 @@
 """Split a checkpoint into a frozen `LowerEncoder` (token embeddings + first L layers: tokens ->
 token states, used offline by ABE) and a trainable `UpperEncoder` (remaining layers + final norm:
-behavior embeddings -> contextual behavior states, used online by BA)."""
+behavior embeddings -> contextual behavior states, used online by BA).
+
+`forward_packed(x, offsets, max_len)` takes the longest sequence as a host int (known where the
+batch is packed, on the host) and reads no device value; the padded `forward`s are boundaries that
+compute it from their masks."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,10 +15,11 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
-from kernels._jagged import max_length, offsets_from_lengths, pad, positions_in_sequence
+from kernels._jagged import check_max_len, offsets_from_lengths, pad, positions_in_sequence
 from weights.atomic import atomic_write, copy_atomic
 from weights.checkpoint import Checkpoint, CheckpointError
-from engine.backbone.layers import BertEmbeddings, BertLayer, DecoderEmbeddings, DecoderLayer, RMSNorm, RotaryTable
+from engine.backbone.layers import (LEGACY_FUSED_NAMES, BertEmbeddings, BertLayer, DecoderEmbeddings, DecoderLayer,
+                                    RMSNorm, RotaryTable)
 from weights.safetensors_io import source_of, write_safetensors
 
 
@@ -35,25 +40,36 @@ FAMILIES = {
 }
 
 
-def _checkpoint_name(names: dict[str, str], state_name: str) -> str:
+def _sources(names: dict[str, str | tuple[str, ...]], module: str) -> tuple[str, ...]:
+    """The checkpoint module names one of our modules is built from (several for a fused one)."""
+    theirs = names[module]
+    return (theirs,) if isinstance(theirs, str) else theirs
+
+
+def _checkpoint_names(names: dict[str, str | tuple[str, ...]], state_name: str) -> list[str]:
     module, leaf = state_name.rsplit(".", 1)
-    return f"{names[module]}.{leaf}"
+    return [f"{theirs}.{leaf}" for theirs in _sources(names, module)]
 
 
 def _load(module: nn.Module, ckpt: Checkpoint, prefix: str) -> list[str]:
-    """Fill `module` from the checkpoint tensors under `prefix`; returns the checkpoint names read."""
-    names = module.checkpoint_names
-    read = [prefix + _checkpoint_name(names, n) for n in module.state_dict()]
-    module.load_state_dict({n: ckpt.tensor(c) for n, c in zip(module.state_dict(), read)})
+    """Fill `module` from the checkpoint tensors under `prefix` (a fused parameter: its parts
+    concatenated along dim 0, in the map's order); returns the checkpoint names read."""
+    names, state, read = module.checkpoint_names, {}, []
+    for name in module.state_dict():
+        parts = [prefix + c for c in _checkpoint_names(names, name)]
+        tensors = [ckpt.tensor(c) for c in parts]
+        state[name] = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+        read += parts
+    module.load_state_dict(state)
     return read
 
 
 def _layer_bias(ckpt: Checkpoint, family: Family, index: int) -> set[str]:
     """Which linears of checkpoint layer `index` carry a bias (the layer must exist)."""
-    prefix = family.layer_prefix.format(index)
-    if not ckpt.has(prefix + next(iter(family.layer.checkpoint_names.values())) + ".weight"):
+    prefix, names = family.layer_prefix.format(index), family.layer.checkpoint_names
+    if not ckpt.has(prefix + _sources(names, next(iter(names)))[0] + ".weight"):
         raise CheckpointError(f"{ckpt.folder}: layer {index} is missing from the checkpoint")
-    return {mine for mine, theirs in family.layer.checkpoint_names.items() if ckpt.has(f"{prefix}{theirs}.bias")}
+    return {mine for mine in names if ckpt.has(f"{prefix}{_sources(names, mine)[0]}.bias")}
 
 
 def _load_layer(layer: nn.Module, ckpt: Checkpoint, family: Family, index: int) -> list[str]:
@@ -102,19 +118,22 @@ class LowerEncoder(nn.Module):
     def train(self, mode: bool = True) -> LowerEncoder:
         return super().train(False)  # frozen: dropout never active
 
-    def forward_packed(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """ids (T,) int64 packed token ids, offsets (B+1,) int64 -> (T, d) token states."""
-        x = self.embeddings(ids, positions_in_sequence(offsets, ids.numel()))
-        longest = max_length(offsets)
+    def forward_packed(self, ids: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
+        """ids (T,) int64 packed token ids, offsets (B+1,) int64, max_len (host int) >= the longest
+        text -> (T, d) token states. Ids and offsets are the caller's to validate (on the host)."""
+        max_len = check_max_len(max_len, offsets, ids.numel())
+        x = self.embeddings(ids, positions_in_sequence(offsets, ids.numel()), max_len)
         for layer in self.layers:
-            x = layer(x, offsets, self.rotary, longest)
+            x = layer(x, offsets, self.rotary, max_len)
         return self.norm(x) if self.norm is not None else x
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask (B, K), right-padded -> (B, K, d); padded positions are zero."""
         mask = _right_padded_mask(attention_mask)
-        offsets = offsets_from_lengths(mask.sum(1))
-        return pad(self.forward_packed(input_ids[mask], offsets), offsets, input_ids.shape[1])[0]
+        lengths = mask.sum(1)
+        offsets = offsets_from_lengths(lengths)
+        max_len = int(lengths.max()) if lengths.numel() else 0  # a boundary: the mask is read anyway
+        return pad(self.forward_packed(input_ids[mask], offsets, max_len), offsets, input_ids.shape[1])[0]
 
 
 class UpperEncoder(nn.Module):
@@ -157,19 +176,21 @@ class UpperEncoder(nn.Module):
 
     @staticmethod
     def has_bias_from_state(state_keys: list[str], prefix: str, num_layers: int) -> list[set[str]]:
-        """Which linears of each saved layer `{prefix}{j}.<name>.bias` carry a bias."""
+        """Which linears of each saved layer `{prefix}{j}.<name>.bias` carry a bias (fused names:
+        a state saved with separate q/k/v or gate/up counts as its fused module's)."""
         found: list[set[str]] = [set() for _ in range(num_layers)]
         for key in state_keys:
             if key.startswith(prefix) and key.endswith(".bias"):
                 index, name = key[len(prefix):-len(".bias")].split(".", 1)
-                found[int(index)].add(name)
+                found[int(index)].add(LEGACY_FUSED_NAMES.get(name, name))
         return found
 
-    def forward_packed(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """x (T, d) packed behavior embeddings, offsets (B+1,) int64 -> (T, d)."""
-        longest = max_length(offsets)
+    def forward_packed(self, x: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
+        """x (T, d) packed behavior embeddings, offsets (B+1,) int64, max_len (host int) >= the
+        longest sequence -> (T, d). Reads no device value."""
+        max_len = check_max_len(max_len, offsets, x.shape[0])
         for layer in self.layers:
-            x = layer(x, offsets, self.rotary, longest)
+            x = layer(x, offsets, self.rotary, max_len)
         return self.norm(x) if self.norm is not None else x
 
     def forward(self, behavior_embeddings: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -177,7 +198,8 @@ class UpperEncoder(nn.Module):
         width = behavior_embeddings.shape[1]
         mask = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
         offsets = offsets_from_lengths(lengths)
-        return pad(self.forward_packed(behavior_embeddings[mask], offsets), offsets, width)[0]
+        max_len = min(int(lengths.max()), width) if lengths.numel() else 0  # a boundary: the mask is read anyway
+        return pad(self.forward_packed(behavior_embeddings[mask], offsets, max_len), offsets, width)[0]
 
 
 def _right_padded_mask(attention_mask: torch.Tensor) -> torch.Tensor:

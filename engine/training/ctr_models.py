@@ -92,9 +92,10 @@ class TokenBatch:
     ids: torch.Tensor      # (T,) int64
     offsets: torch.Tensor  # (U*n + U + 1,) int64
     users: int
+    max_len: int  # the longest text's token count, known on the host when packing
 
     def to(self, device: torch.device) -> TokenBatch:
-        return TokenBatch(self.ids.to(device), self.offsets.to(device), self.users)
+        return TokenBatch(self.ids.to(device), self.offsets.to(device), self.users, self.max_len)
 
 
 class RawTokenCTR(nn.Module):
@@ -150,12 +151,12 @@ class RawTokenCTR(nn.Module):
             sequence_tokens[i] = ids
         flat, lengths = pack_lists(sequence_tokens + self._tokens(list(item_texts), self.item_max_tokens))
         return TokenBatch(torch.from_numpy(flat), torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)])),
-                          len(users))
+                          len(users), int(lengths.max()) if lengths.size else 0)
 
     def forward(self, batch: TokenBatch) -> torch.Tensor:
         with torch.no_grad():
-            states = self.lower.forward_packed(batch.ids, batch.offsets)
-        states = self.upper.forward_packed(states, batch.offsets)
+            states = self.lower.forward_packed(batch.ids, batch.offsets, batch.max_len)
+        states = self.upper.forward_packed(states, batch.offsets, batch.max_len)
         user, item = pool_user_item(states, batch.offsets, self.empty_sequence, batch.users)
         return self.head(head_features(user, item))
 

@@ -35,10 +35,12 @@ class TimelineBatch:
     prefix: torch.Tensor
     item_rows: torch.Tensor
     dense: torch.Tensor | None
+    max_len: int  # the longest packed sequence, known on the host
 
     def to(self, device: torch.device) -> TimelineBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return TimelineBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
+        return TimelineBatch(move(self.behavior_rows), move(self.offsets), move(self.sequence), move(self.prefix),
+                             move(self.item_rows), move(self.dense), self.max_len)
 
 
 def _pack(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +77,7 @@ def timeline_batch(log: BehaviorLog, rows: np.ndarray, names: tuple[str, ...], m
     dense = torch.from_numpy(count_features(user_counts[:, order], item_counts[:, order])) if with_counts else None
     return TimelineBatch(torch.from_numpy(behavior_row[values]), torch.from_numpy(offsets),
                          torch.from_numpy(sequence), torch.from_numpy(prefix),
-                         torch.from_numpy(item_row[log.item[rows]]), dense)
+                         torch.from_numpy(item_row[log.item[rows]]), dense, int(np.diff(offsets).max(initial=0)))
 
 
 def prefix_means(states: torch.Tensor, offsets: torch.Tensor, sequence: torch.Tensor, prefix: torch.Tensor,
@@ -95,9 +97,9 @@ def timeline_logits(model: BAHEModel, behavior_table: torch.Tensor, item_table: 
                     batch: TimelineBatch) -> torch.Tensor:
     """(B,) fp32 logits of every target of the batch from one pass of the upper layers."""
     targets = batch.item_rows.numel()
-    packed = PackedBatch(batch.behavior_rows, batch.offsets, batch.item_rows)
+    packed = PackedBatch(batch.behavior_rows, batch.offsets, batch.item_rows, max_len=batch.max_len)
     x, offsets = model.embed(behavior_table, item_table, packed)
-    states = model.upper.forward_packed(x, offsets)
+    states = model.upper.forward_packed(x, offsets, max(batch.max_len, 1))
     behaviors = batch.behavior_rows.numel()
     user = prefix_means(states[:behaviors], batch.offsets, batch.sequence, batch.prefix, model.empty_sequence)
     return model.logits(user, states[behaviors:behaviors + targets], batch.item_rows, batch.dense)
