@@ -40,6 +40,40 @@ def parse_users(users: object, config: ScorerConfig) -> list[list[list[str]]]:
     return parsed
 
 
+def parse_history_counts(history_counts: object, users: Sequence[dict], names: tuple[str, ...]) -> np.ndarray:
+    """(U, n) int64 past-event counts per user and sequence, the count features' input: the length of each
+    sequence passed, or, where `history_counts[u][name]` is given, that total (a caller that sends only the
+    most recent behaviors states how many the user has in all). Call after `parse_users`."""
+    given = np.array([[len(user.get(name, ())) for name in names] for user in users], dtype=np.int64)
+    given = given.reshape(len(users), len(names))
+    if history_counts is None:
+        return given
+    if not isinstance(history_counts, (list, tuple)) or len(history_counts) != len(users):
+        raise InputError(f"history_counts must be a list with one dict (or None) per user ({len(users)}), got "
+                         f"{type(history_counts).__name__}"
+                         f"{f' of {len(history_counts)}' if isinstance(history_counts, (list, tuple)) else ''}")
+    for u, counts in enumerate(history_counts):
+        if counts is None:
+            continue
+        if not isinstance(counts, dict):
+            raise InputError(f"history_counts[{u}] must be a dict of sequence name -> count, got {type(counts).__name__}")
+        unknown = set(counts) - set(names)
+        if unknown:
+            raise InputError(f"history_counts[{u}] has unknown sequence name(s) {sorted(map(str, unknown))}; "
+                             f"expected some of {list(names)}")
+        for s, name in enumerate(names):
+            if name not in counts:
+                continue
+            value = counts[name]
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise InputError(f"history_counts[{u}][{name!r}] must be an int, got {type(value).__name__}")
+            if value < given[u, s] or value > np.iinfo(np.int64).max:
+                raise InputError(f"history_counts[{u}][{name!r}] is {value}, but users[{u}][{name!r}] holds "
+                                 f"{given[u, s]} behaviors: the total cannot be smaller")
+            given[u, s] = value
+    return given
+
+
 def parse_items(items: object, num_users: int) -> list[str]:
     if not isinstance(items, (list, tuple)):
         raise InputError(f"items must be a list of item texts, got {type(items).__name__}")

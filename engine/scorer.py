@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from engine.abe import AtomicEncoder, ReusingEncoder
 from engine.config import ScorerConfig, ScoringConfig
-from engine.inputs import InputError, locate_bad_text, lookup_texts, parse_items, parse_users
+from engine.inputs import InputError, locate_bad_text, lookup_texts, parse_history_counts, parse_items, parse_users
 from engine.model import BAHEModel, PackedBatch
 from engine.scorer_folder import BEHAVIORS_FILE, ITEMS_FILE, ScorerFormatError, open_folder, write_folder
 from engine.side_features import count_features
@@ -146,10 +146,14 @@ class BAHEScorer:
                      model=self.model, behaviors=self.behaviors.path, items=self.items.path)
 
     # ----- scoring ------------------------------------------------------------------------
-    def score(self, users: Sequence[dict[str, Sequence[str]]], items: Sequence[str]) -> np.ndarray:
-        """(B,) float32 click probabilities in (0, 1) of users[i] clicking items[i]."""
+    def score(self, users: Sequence[dict[str, Sequence[str]]], items: Sequence[str], *,
+              history_counts: Sequence[dict[str, int] | None] | None = None) -> np.ndarray:
+        """(B,) float32 click probabilities in (0, 1) of users[i] clicking items[i]. The count features see
+        each sequence's length as passed, or history_counts[i][name] (the user's total, for callers that pass
+        only the most recent behaviors)."""
         sequences = parse_users(users, self.config)
         item_texts = parse_items(items, len(sequences))
+        user_counts = parse_history_counts(history_counts, users, self.config.model.sequence_names)
         if not sequences:
             return np.empty(0, dtype=np.float32)
         n = len(self.config.model.sequence_names)
@@ -162,8 +166,6 @@ class BAHEScorer:
             item_rows, item_extra = self._rows(self.items, item_texts, self.config.scoring.unknown_item, "item")
             behavior_table, item_table = self.table_rows("behaviors"), self.table_rows("items")
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        user_counts = np.array([[len(user.get(name, ())) for name in self.config.model.sequence_names]
-                                for user in users], dtype=np.int64)  # whole histories, before truncation
         return self._score_packed(behavior_table, item_table, behavior_rows, offsets, item_rows,
                                   behavior_extra, item_extra, user_counts)
 

@@ -275,3 +275,22 @@ def test_scorer_saved_with_separate_projections_loads_and_scores_the_same(family
         if hasattr(layer, "gate_up"):
             layer.gate_up = _SeparateLinears(*parts("gate", "up"))
     np.testing.assert_allclose(loaded.score(users, items), fused, rtol=1e-6, atol=0)
+
+
+def test_history_counts_stand_for_behaviors_not_sent(scorer):
+    """A caller sending only the most recent behaviors states the user's totals: the score equals sending them all."""
+    long = [BEHAVIORS[i % len(BEHAVIORS)] for i in range(20)]
+    whole = scorer.score([{"click": long, "buy": long[:3]}], ["coffee"])
+    recent = scorer.score([{"click": long[-6:], "buy": long[:3]}], ["coffee"], history_counts=[{"click": 20}])
+    np.testing.assert_allclose(recent, whole, rtol=1e-6, atol=1e-7)
+    same = scorer.score([{"click": long[-6:]}], ["coffee"], history_counts=[{"click": 6, "buy": 0}])
+    np.testing.assert_array_equal(same, scorer.score([{"click": long[-6:]}], ["coffee"]))
+
+
+@pytest.mark.parametrize("counts, match", [
+    ([{"click": 1}, None], "one dict"), ({"click": 3}, "list"), (["x"], r"history_counts\[0\] must be a dict"),
+    ([{"like": 3}], "unknown sequence"), ([{"click": True}], "must be an int"), ([{"click": 2.0}], "must be an int"),
+    ([{"click": 1}], "cannot be smaller"), ([{"click": -1}], "cannot be smaller")])
+def test_bad_history_counts_are_named(scorer, counts, match):
+    with pytest.raises(InputError, match=match):
+        scorer.score([{"click": BEHAVIORS[:2]}], ["coffee"], history_counts=counts)
