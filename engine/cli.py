@@ -56,9 +56,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     scorer, report = build_scorer(args.model, data, config, out / "tables", device=args.device)
     print(f"tables: {report.behavior_events} behavior events -> {report.unique_behaviors} unique rows "
           f"({report.dedup_ratio:.0f}x dedup) in {report.seconds:.1f} s")
-    result = train_and_test(BAHECTR(scorer, data), data, rows, TrainConfig(
+    bahe = BAHECTR(scorer, data)
+    result = train_and_test(bahe, data, rows, TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr, seed=args.seed),
         device=str(scorer.device))
+    bahe.store_item_counts(data, split.test_start)  # the item statistics served: the training period's
     scorer.save_pretrained(out / "scorer")
     print(f"test AUC {result.test['auc']:.4f}, log loss {result.test['logloss']:.4f}, best epoch "
           f"{result.fit.best_epoch}, {sum(result.fit.epoch_seconds) / len(result.fit.epoch_seconds):.1f} s/epoch; "
@@ -137,9 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--lower-layers", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--max-behaviors", type=int, default=50)
+    p.add_argument("--max-behaviors", type=int, default=1024)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=256, help="targets per batch (timeline batches: a few users)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--backbone-lr", type=float, default=5e-5)
     p.add_argument("--train-examples", type=int)

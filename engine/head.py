@@ -3,6 +3,7 @@ kernel runs the MLP at inference."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
@@ -51,6 +52,21 @@ class CTRHead(nn.Module):
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.activation = activation
         self.dropout = nn.Dropout(dropout)
+        self.norm_frozen = False  # see freeze_norm
+
+    def freeze_norm(self) -> None:
+        """From now on normalize with the running statistics in training too. A trainer whose batches are not
+        independent draws (timeline batches hold the targets of a few users) first accumulates the statistics
+        over many batches, then freezes them: batch statistics of two or three users would swing from batch
+        to batch, and training would see other features than inference."""
+        self.norm_frozen = True
+
+    def _normalized(self, features: torch.Tensor) -> torch.Tensor:
+        if self.training and self.norm_frozen:
+            norm = self.norm
+            return F.batch_norm(features, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0,
+                                norm.eps)
+        return self.norm(features)
 
     def folded_first_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W0, b0 of the first Linear with the eval-mode BatchNorm folded in."""
@@ -69,12 +85,12 @@ class CTRHead(nn.Module):
         """(U, F) -> (U,) fp32 logits."""
         if self.training:
             act = ACTIVATIONS[self.activation]
-            h = self._crossed(self.norm(features))
+            h = self._crossed(self._normalized(features))
             for linear in self.linears[:-1]:
                 h = self.dropout(act(linear(h)))
             return self.linears[-1](h)[:, 0].float()
         if self.cross:
-            x, (weight, bias) = self._crossed(self.norm(features)), (self.linears[0].weight, self.linears[0].bias)
+            x, (weight, bias) = self._crossed(self._normalized(features)), (self.linears[0].weight, self.linears[0].bias)
         else:
             x, (weight, bias) = features, self.folded_first_layer()
         weights = [weight, *(m.weight for m in self.linears[1:])]

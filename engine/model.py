@@ -109,7 +109,7 @@ class BAHEModel(nn.Module):
                              if config.behavior_positions == "learned" else None)
         n = len(config.sequence_names)
         self.register_buffer("item_counts", torch.zeros(num_items if config.count_features else 0, n,
-                                                         dtype=torch.int64))
+                                                         dtype=torch.int64), persistent=config.count_features)
         self.side = SideInputs(config, num_items)
         self.empty_sequence, self.head = user_item_head(config, d, self.side.width)
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from engine.head import CTRHead
 from engine.training.data.log import BehaviorLog
 from engine.training.memory import PeakMemory
 from engine.training.metrics import log_loss, roc_auc
@@ -27,6 +28,7 @@ class TrainConfig:
     backbone_lr: float = 5e-5   # pretrained upper layers
     weight_decay: float = 0.01
     patience: int = 1           # epochs without a better validation AUC before stopping
+    norm_batches: int = 64      # batches whose statistics the heads' BatchNorm is calibrated on, then frozen
     max_grad_norm: float = 1.0
     eval_batch_size: int = 256
     seed: int = 0
@@ -41,6 +43,11 @@ class FitResult:
     peak_memory_bytes: int = 0      # peak during training (RSS on CPU, allocator peak on CUDA)
     added_memory_bytes: int = 0     # that peak minus the level when training started
     history: list[dict] = field(default_factory=list)
+
+
+def _order(model: nn.Module, data: BehaviorLog, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An epoch's example order: the model's own (timeline models keep a user's targets together) or shuffled."""
+    return model.epoch_order(rows, data, rng) if hasattr(model, "epoch_order") else rng.permutation(rows)
 
 
 def _batches(rows: np.ndarray, size: int):
@@ -73,6 +80,23 @@ def evaluate(model: nn.Module, data: BehaviorLog, rows: np.ndarray, *, batch_siz
             "seconds_per_1k": 1000 * seconds / max(rows.size, 1)}
 
 
+def calibrate_norms(model: nn.Module, data: BehaviorLog, chunks: list[np.ndarray], device: torch.device) -> None:
+    """Accumulate every CTR head's BatchNorm statistics over `chunks` (an equal average), then freeze them
+    (CTRHead.freeze_norm): the same per-feature standardization for every batch of training and for inference."""
+    heads = [m for m in model.modules() if isinstance(m, CTRHead)]
+    if not heads or not chunks:
+        return
+    for head in heads:
+        head.norm.reset_running_stats()
+        head.norm.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for chunk in chunks:
+            model(model.prepare(data, chunk).to(device))
+    for head in heads:
+        head.freeze_norm()
+
+
 def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: np.ndarray, config: TrainConfig,
         *, device: torch.device | str = "cpu") -> FitResult:
     """Train `model` (BAHECTR, RawTokenCTR or IdOnlyCTR) in place; returns timing, memory and AUCs."""
@@ -91,10 +115,11 @@ def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: n
     # What the best epoch restores: every trained parameter and every buffer (BatchNorm running statistics).
     kept = {name for name, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
     with PeakMemory(device) as peak:
+        calibration = _order(model, data, train_rows, np.random.default_rng(config.seed + 1))
+        calibrate_norms(model, data, list(_batches(calibration, config.batch_size))[:config.norm_batches], device)
         for epoch in range(config.epochs):
             model.train()
-            order = (model.epoch_order(train_rows, data, rng) if hasattr(model, "epoch_order")
-                     else rng.permutation(train_rows))
+            order = _order(model, data, train_rows, rng)
             start, total_loss = time.perf_counter(), 0.0
             bar = tqdm(list(_batches(order, config.batch_size)), desc=f"{model.name} epoch {epoch + 1}",
                        disable=not config.progress, leave=False)
