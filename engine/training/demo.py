@@ -9,6 +9,7 @@ The raw-token LLM, which costs ~20x BAHE per example on a CPU, is compared on a 
 time split, beside BAHE on the same subset. One table, also written to bench/RESULTS.md."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import logging
 import time
@@ -24,7 +25,7 @@ from engine.model import BAHEModel
 from engine.scorer import BAHEScorer
 from engine.training.classic import fit_classic
 from engine.training.ctr_models import BAHECTR, IdOnlyCTR, RawTokenCTR, SideOnlyCTR
-from engine.training.experiment import build_scorer, load_data
+from engine.training.experiment import TableReport, build_scorer, load_data
 from engine.training.metrics import Interval, auc_interval, log_loss, paired_auc_difference
 from engine.training.report import machine, write_section
 from engine.training.splits import per_user_split
@@ -57,6 +58,7 @@ class DemoConfig:
     raw_tokens: int = 256
     users_to_show: int = 3
     candidates_per_user: int = 200
+    extra_baselines: bool = True         # logistic regression and id-only too (off: the headline rows alone)
 
     @classmethod
     def preset(cls, model: str = "minilm", **overrides) -> DemoConfig:
@@ -69,6 +71,35 @@ class DemoConfig:
 
     def train(self, epochs: int | None = None) -> TrainConfig:
         return TrainConfig(epochs=epochs or self.epochs, patience=1, batch_size=self.batch_size, seed=self.seed)
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser, epochs: int) -> None:
+        """The flags the demo's benchmarks share (`from_args` reads them; --out-dir is the scripts' own);
+        a None default: the model's preset."""
+        p.add_argument("--model", default="minilm", help="'minilm', 'smollm2' or a local checkpoint folder")
+        p.add_argument("--data", default="movielens", help="'movielens' or a behavior log file")
+        p.add_argument("--lower-layers", type=int, default=None, help="frozen lower layers (None: the "
+                       f"model's preset, minilm 3, smollm2 {SMOLLM2_LOWER_LAYERS})")
+        p.add_argument("--epochs", type=int, default=epochs, help="most epochs per model (early stopping on "
+                       "validation AUC, patience 1)")
+        p.add_argument("--batch-size", type=int, default=DemoConfig.batch_size, help="training examples per batch")
+        p.add_argument("--seed", type=int, default=DemoConfig.seed, help="new weights, data order, subsets")
+        p.add_argument("--work-dir", type=Path, default=None,
+                       help="folder of the cached tables (None: the demo's, artifacts/demo/<model>)")
+        p.add_argument("--threads", type=int, default=None, help="torch and scikit-learn CPU threads "
+                       "(None: their choice)")
+        p.add_argument("--out-dir", type=Path, default=Path("bench/results"), help="folder of the JSON (and plot)")
+        p.add_argument("--results-md", default="bench/RESULTS.md", help="markdown file to update ('' to skip)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides) -> DemoConfig:
+        """The preset of `args.model` with the flags of `add_arguments` (and `overrides`) applied."""
+        values = {"data": args.data, "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
+                  "out": args.work_dir or Path("artifacts/demo") / Path(args.model).name,
+                  "results": Path(args.results_md) if args.results_md else None}
+        if args.lower_layers is not None:
+            values["num_lower_layers"] = args.lower_layers
+        return cls.preset(args.model, **values, **overrides)
 
 
 @dataclass
@@ -92,7 +123,8 @@ def _row(name: str, split: str, data, rows: dict, probs: np.ndarray, seconds: fl
     return row
 
 
-def _neural(model, data, rows: dict, config: TrainConfig, split: str, note: str = "") -> DemoRow:
+def neural_row(model, data, rows: dict, config: TrainConfig, split: str, note: str = "") -> DemoRow:
+    """`model` trained on rows['train'] (early stopping on rows['val']), its row from rows['test']."""
     result = fit(model, data, rows["train"], rows["val"], config)
     probs = predict(model, data, rows["test"], batch_size=512)
     return _row(model.name, split, data, rows, probs, float(np.mean(result.epoch_seconds)), note)
@@ -112,41 +144,111 @@ def _seeded(seed: int, build):
 
 
 def run_split(split: str, data, rows: dict, scorer: BAHEScorer, initial: dict, config: DemoConfig) -> list[DemoRow]:
-    """Every model of the table on one split, each from its own seed."""
+    """Every model of the table on one split, each from its own seed (`config.seed`): BAHE, the ablation
+    and gradient boosting, then logistic regression and id-only when `config.extra_baselines`."""
     scorer.model.load_state_dict(initial)
     train = config.train()
     bahe = BAHECTR(scorer, data)
-    out = [_neural(bahe, data, rows, train, split, "text + counts + item id; timeline training, whole histories")]
+    out = [neural_row(bahe, data, rows, train, split, "text + counts + item id; timeline training, whole histories")]
     bahe.store_item_counts(data, int(data.timestamp[rows["test"]].min()))
     model_config = scorer.config.model
-    out.append(_neural(_seeded(config.seed, lambda: SideOnlyCTR(model_config, data)), data, rows, train, split,
-                       "the same CTR model without the text vectors (ablation)"))
-    out += [_classic("gbdt", data, rows, split, config.seed), _classic("logistic", data, rows, split, config.seed)]
+    ablation = _seeded(config.seed, lambda: SideOnlyCTR(model_config, data))
+    out.append(neural_row(ablation, data, rows, train, split, "the same CTR model without the text vectors (ablation)"))
+    out.append(_classic("gbdt", data, rows, split, config.seed))
+    if not config.extra_baselines:
+        return out
+    out.append(_classic("logistic", data, rows, split, config.seed))
     id_config = replace(model_config, max_behaviors=config.id_only_behaviors)
-    out.append(_neural(_seeded(config.seed, lambda: IdOnlyCTR(id_config, data)), data, rows, train, split,
-                       f"learned item-id embeddings, mean-pooled ({config.id_only_behaviors} most recent)"))
+    out.append(neural_row(_seeded(config.seed, lambda: IdOnlyCTR(id_config, data)), data, rows, train, split,
+                          f"learned item-id embeddings, mean-pooled ({config.id_only_behaviors} most recent)"))
+    return out
+
+
+def demo_splits(data, names: tuple[str, ...] = ("time", "per-user")) -> dict[str, dict[str, np.ndarray]]:
+    """split name -> {'train', 'val', 'test'} example rows: 'time' the global time split, 'per-user' each
+    user's own temporal split."""
+    builders = {"time": data.split, "per-user": lambda: per_user_split(data)}
+    unknown = [name for name in names if name not in builders]
+    if unknown:
+        raise ValueError(f"splits must be among {list(builders)}, got {unknown}")
+    return {name: dict(builders[name]().items()) for name in names}
+
+
+def demo_scorer(config: DemoConfig, data) -> tuple[BAHEScorer, TableReport]:
+    """The demo's untrained scorer (full model, `config.max_behaviors`), its weights drawn from `config.seed`;
+    tables built in `config.out / 'tables'`, or opened there when a run has built them."""
+    scorer_config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=config.num_lower_layers,
+                                                       max_tokens=config.max_tokens),
+                                 model=ModelConfig(sequence_names=data.sequence_names,
+                                                   max_behaviors=config.max_behaviors))
+    return _seeded(config.seed, lambda: build_scorer(config.model, data, scorer_config, config.out / "tables",
+                                                     device="cpu"))
+
+
+def initial_weights(scorer: BAHEScorer) -> dict:
+    """A copy of the scorer model's untrained weights, for `run_split` to start every split from."""
+    return {k: v.detach().clone() for k, v in scorer.model.state_dict().items()}
+
+
+def model_variant(scorer: BAHEScorer, model_config: ModelConfig, seed: int) -> BAHEScorer:
+    """A fresh scorer for `model_config` (e.g. another M, or the text part alone) on `scorer`'s checkpoint,
+    lower layers and tables: upper layers from the checkpoint, new head, weights drawn from `seed`."""
+    ckpt, lower = scorer.checkpoint, scorer.config.encoder.num_lower_layers
+    causal = model_config.attention == "causal"
+    model = _seeded(seed, lambda: BAHEModel(UpperEncoder.from_checkpoint(ckpt, lower, causal=causal), model_config,
+                                            num_items=len(scorer.items)))
+    return BAHEScorer(config=replace(scorer.config, model=model_config), checkpoint=ckpt, encoder=scorer.encoder,
+                      model=model, behaviors=scorer.behaviors, items=scorer.items, device="cpu")
+
+
+def raw_subset(rows: dict, config: DemoConfig) -> dict:
+    """The raw-token comparison's examples: `raw_train_examples` of the training rows and `raw_test_examples`
+    of the validation and of the test rows, drawn with `config.seed` (sorted)."""
+    rng = np.random.default_rng(config.seed)
+    sizes = {"train": config.raw_train_examples, "val": config.raw_test_examples, "test": config.raw_test_examples}
+    return {name: np.sort(rng.choice(part, min(sizes[name], part.size), replace=False)) for name, part in rows.items()}
+
+
+def raw_token_model(scorer: BAHEScorer, behaviors: int, config: DemoConfig, max_tokens: int) -> RawTokenCTR:
+    """The raw-token LLM on `scorer`'s checkpoint with the text part of its model config, `behaviors` per
+    sequence, each sequence cut to `max_tokens` (at most the model's positions), weights from `config.seed`."""
+    text_only = replace(scorer.config.model, max_behaviors=behaviors).text_only()
+    ckpt, lower = scorer.checkpoint, scorer.config.encoder.num_lower_layers
+    return _seeded(config.seed, lambda: RawTokenCTR(ckpt, lower, text_only, max_tokens_per_sequence=max_tokens,
+                                                    item_max_tokens=config.max_tokens))
+
+
+def longest_sequence_tokens(raw: RawTokenCTR, data, rows: np.ndarray, chunk: int = 256) -> int:
+    """The token count of the longest concatenated sequence `raw` would see over the examples at `rows`,
+    counted up to `raw.max_tokens + 1` (more than `raw.max_tokens`: the sequence does not fit its positions)."""
+    n, longest = len(raw.config.sequence_names), 0
+    for start in range(0, rows.size, chunk):
+        part = rows[start:start + chunk]
+        batch = raw.pack(data.sequence_texts(part, raw.config.max_behaviors), data.target_texts(part),
+                         max_tokens=raw.max_tokens + 1)
+        lengths = np.diff(batch.offsets[:part.size * n + 1].numpy())
+        longest = max(longest, int(lengths.max(initial=0)))
+    return longest
+
+
+def raw_vs_text_part(data, subset: dict, scorer: BAHEScorer, raw: RawTokenCTR, config: DemoConfig, epochs: int,
+                     split: str) -> list[DemoRow]:
+    """The raw-token LLM `raw` and BAHE's text part (the same model config: M, no side features) trained and
+    tested on the same examples `subset`, each from `config.seed`."""
+    m = raw.config.max_behaviors
+    out = [neural_row(raw, data, subset, config.train(epochs), split,
+                       f"all layers over the concatenated tokens of {m} behaviors/sequence")]
+    text_part = BAHECTR(model_variant(scorer, raw.config, config.seed), data)
+    out.append(neural_row(text_part, data, subset, config.train(epochs), split,
+                          f"BAHE text part alone, {m} behaviors/sequence, same examples"))
+    out[-1].name = "BAHE (text only)"
     return out
 
 
 def raw_token_rows(data, rows: dict, scorer: BAHEScorer, config: DemoConfig) -> list[DemoRow]:
     """BAHE vs the raw-token LLM on the same small subset (both with `raw_behaviors` per sequence, no side features)."""
-    rng = np.random.default_rng(config.seed)
-    subset = {name: np.sort(rng.choice(part, min(size, part.size), replace=False))
-              for (name, part), size in zip(rows.items(), (config.raw_train_examples, config.raw_test_examples,
-                                                           config.raw_test_examples))}
-    text_only = replace(scorer.config.model, max_behaviors=config.raw_behaviors).text_only()
-    ckpt, lower = scorer.checkpoint, config.num_lower_layers
-    raw = _seeded(config.seed, lambda: RawTokenCTR(ckpt, lower, text_only, max_tokens_per_sequence=config.raw_tokens,
-                                                   item_max_tokens=config.max_tokens))
-    out = [_neural(raw, data, subset, config.train(2), "time (subset)",
-                   f"all layers over the concatenated tokens of {config.raw_behaviors} behaviors/sequence")]
-    model = _seeded(config.seed, lambda: BAHEModel(UpperEncoder.from_checkpoint(ckpt, lower, causal=True), text_only))
-    small = BAHEScorer(config=replace(scorer.config, model=text_only), checkpoint=ckpt, encoder=scorer.encoder,
-                       model=model, behaviors=scorer.behaviors, items=scorer.items, device="cpu")
-    out.append(_neural(BAHECTR(small, data), data, subset, config.train(2), "time (subset)",
-                       f"BAHE text part alone, {config.raw_behaviors} behaviors/sequence, same examples"))
-    out[-1].name = "BAHE (text only)"
-    return out
+    raw = raw_token_model(scorer, config.raw_behaviors, config, config.raw_tokens)
+    return raw_vs_text_part(data, raw_subset(rows, config), scorer, raw, config, 2, "time (subset)")
 
 
 def _fmt_table(rows: list[DemoRow]) -> list[str]:
@@ -158,18 +260,30 @@ def _fmt_table(rows: list[DemoRow]) -> list[str]:
     return lines
 
 
-def _paired(rows: list[DemoRow], data, test_rows: dict[str, np.ndarray]) -> list[str]:
-    """Paired user-bootstrap intervals of BAHE minus the ablation and minus gradient boosting, per split."""
-    lines = []
+PAIRED_BASELINES = ("CTR model without text", "gradient boosting (classic)")
+
+
+def paired_differences(rows: list[DemoRow], data, test_rows: dict[str, np.ndarray]) -> list[tuple[str, str, Interval]]:
+    """(split, other, AUC(BAHE) - AUC(other) with its paired user-bootstrap interval) for the ablation and
+    gradient boosting, per split of `test_rows`."""
+    out = []
     for split, test in test_rows.items():
         by_name = {r.name: r for r in rows if r.split == split}
-        bahe = by_name["BAHE"]
-        for other in ("CTR model without text", "gradient boosting (classic)"):
-            diff = paired_auc_difference(data.label[test], bahe.probs, by_name[other].probs, data.user[test])
-            verdict = "above 0" if diff.low > 0 else "below 0" if diff.high < 0 else "inside the noise"
-            lines.append(f"- {split} split: AUC(BAHE) - AUC({other}) = {diff.value:+.4f} "
-                         f"[{diff.low:+.4f}, {diff.high:+.4f}], {diff.users} test users: {verdict}")
-    return lines
+        for other in PAIRED_BASELINES:
+            out.append((split, other, paired_auc_difference(data.label[test], by_name["BAHE"].probs,
+                                                            by_name[other].probs, data.user[test])))
+    return out
+
+
+def verdict(diff: Interval) -> str:
+    return "above 0" if diff.low > 0 else "below 0" if diff.high < 0 else "inside the noise"
+
+
+def _paired(rows: list[DemoRow], data, test_rows: dict[str, np.ndarray]) -> list[str]:
+    """Paired user-bootstrap intervals of BAHE minus the ablation and minus gradient boosting, per split."""
+    return [f"- {split} split: AUC(BAHE) - AUC({other}) = {diff.value:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}], "
+            f"{diff.users} test users: {verdict(diff)}"
+            for split, other, diff in paired_differences(rows, data, test_rows)]
 
 
 def _show_users(scorer: BAHEScorer, data, test_rows: np.ndarray, config: DemoConfig) -> list[str]:
@@ -195,22 +309,16 @@ def run_demo(config: DemoConfig) -> list[DemoRow]:
     model_desc = EMBEDDED.get(config.model, f"local checkpoint {config.model}")
     print(f"BAHE demo on {config.data} with {model_desc}\nmachine: {machine()}")
     data = load_data(config.data)
-    splits = {"time": data.split(), "per-user": per_user_split(data)}
-    splits = {name: dict(splits[name].items()) for name in config.splits}
+    splits = demo_splits(data, config.splits)
     print(f"data: {data.num_events:,} events, {np.unique(data.user).size} users, {data.item_ids.size} items; "
           f"sequences {list(data.sequence_names)}")
     for name, rows in splits.items():
         print(f"  {name} split: " + ", ".join(f"{part} {r.size:,}" for part, r in rows.items()))
-    scorer_config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=config.num_lower_layers,
-                                                       max_tokens=config.max_tokens),
-                                 model=ModelConfig(sequence_names=data.sequence_names,
-                                                   max_behaviors=config.max_behaviors))
-    scorer, tables = _seeded(config.seed, lambda: build_scorer(config.model, data, scorer_config,
-                                                              config.out / "tables", device="cpu"))
+    scorer, tables = demo_scorer(config, data)
     print(f"ABE: {tables.behavior_events:,} behaviors in the log -> {tables.unique_behaviors:,} unique rows "
           f"({tables.dedup_ratio:.0f}x dedup); tables built in {tables.seconds:.1f} s "
           f"({config.num_lower_layers} of {scorer.checkpoint.num_layers} layers frozen for ABE)")
-    initial = {k: v.detach().clone() for k, v in scorer.model.state_dict().items()}
+    initial = initial_weights(scorer)
     rows: list[DemoRow] = []
     for name in reversed(list(splits)):  # the time split last: its BAHE model is the one saved
         rows += run_split(name, data, splits[name], scorer, initial, config)

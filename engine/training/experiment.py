@@ -7,10 +7,13 @@ import argparse
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from engine.config import EncoderConfig, ModelConfig, ScorerConfig, ScoringConfig
 from engine.training.data.log import BehaviorLog, TimeSplit
@@ -21,6 +24,26 @@ from engine.training.train import FitResult, TrainConfig, evaluate, fit
 from weights.registry import resolve_model
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """Inside the block, torch and the OpenMP/BLAS pools (scikit-learn's, through threadpoolctl when it is
+    installed) use at most `threads` CPU threads; None leaves them as they are. Restored on exit."""
+    if not threads:
+        yield
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        threadpool_limits = None
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(threads) if threadpool_limits else nullcontext():
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass

@@ -1,0 +1,73 @@
+"""The demo's headline rows over several seeds: BAHE's full model, its no-text ablation and gradient
+boosting on the time and per-user splits, per seed with 95% user-bootstrap intervals, mean ± sd over
+seeds and the paired differences per seed (engine.training.seeds).
+
+    python -m bench.seeds                            # minilm, seeds 0 1 2, both splits, 3 epochs
+    python -m bench.seeds --splits time --seeds 0 1 2 3 4 --threads 2
+
+Outputs: the section `<!-- bench:seeds:<model> -->` of --results-md (bench/RESULTS.md) and seeds-<model>.json
+(every number) under --out-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import sys
+from pathlib import Path
+
+from engine.training.demo import DemoConfig
+from engine.training.experiment import cpu_threads
+from engine.training.report import machine as machine_label, write_section
+from engine.training.seeds import run_seeds, summary, table_lines
+from weights.registry import EMBEDDED
+
+MARKER = "bench:seeds:{model}"  # the section <!-- bench:seeds:<model> --> ... <!-- /bench --> of RESULTS.md
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.seeds", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    DemoConfig.add_arguments(p, epochs=DemoConfig.epochs)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--splits", nargs="+", choices=["time", "per-user"], default=list(DemoConfig.splits))
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(level=logging.WARNING)
+    args = build_parser().parse_args(argv)
+    config = DemoConfig.from_args(args, splits=tuple(args.splits))
+    command = " ".join(["python -m bench.seeds", *argv])
+    with cpu_threads(args.threads):
+        machine = machine_label()  # with the threads the run uses
+        result = run_seeds(config, args.seeds)
+    name = Path(config.model).name
+    js = args.out_dir / f"seeds-{name}.json"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    numbers = summary(result, config, command, machine)
+    js.write_text(json.dumps(numbers, indent=1))
+    table = table_lines(result)
+    print("\n".join(table))
+    if config.results is not None:
+        sizes = "; ".join(f"{split}: " + ", ".join(f"{part} {n:,}" for part, n in parts.items())
+                          for split, parts in result.splits.items())
+        write_section(config.results, MARKER.format(model=name), [
+            f"### Headline rows over seeds {', '.join(map(str, args.seeds))}: "
+            f"{EMBEDDED.get(config.model, f'local checkpoint {config.model}')}", "",
+            f"`{command}` on {datetime.date.today().isoformat()}, {machine}; {result.elapsed / 60:.1f} min in all.",
+            f"Data: {config.data}, all examples ({sizes}); {config.num_lower_layers} lower layers frozen, "
+            f"M = {config.max_behaviors:,}, {config.epochs} epoch(s) (early stopping on validation AUC). Each seed "
+            "draws BAHE's new weights, the ablation's, the data order and dropout; gradient boosting gets it as "
+            "random_state, which its fit does not use when given a validation set and fewer than 200,000 rows (so "
+            "its AUC repeats across seeds). "
+            "Cells: test AUC [95% bootstrap interval over test users]; mean ± sample sd over seeds.", "", *table])
+        print(f"wrote {config.results} (section <!-- {MARKER.format(model=name)} -->)")
+    print(f"wrote {js}; {result.elapsed / 60:.1f} min in all")
+    return numbers
+
+
+if __name__ == "__main__":
+    main()
