@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.training.data.log import BehaviorLog, load_log
+from engine.training.data import BehaviorLog, load_log
 
 FIXTURE = Path(__file__).parent / "fixtures" / "movielens_tiny.parquet"
 GENRES = ("Action", "Comedy", "Drama", "Film-Noir")
