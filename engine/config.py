@@ -28,6 +28,7 @@ class ModelConfig:
     head_cross_layers: int = 2      # DCN-v2 cross layers before the MLP (0: MLP only)
     head_cross_rank: int = 64
     count_features: bool = True     # dense past-count features of user (its sequences) and item (stored stats)
+    recent_events: int = 10         # with count_features: shares of each sequence among the user's last events
     item_id_dim: int = 16           # learned item-id embedding width, keyed by item-table row (0: none)
     dropout: float = 0.1
 
@@ -42,14 +43,15 @@ class ModelConfig:
             raise ValueError(f"behavior_positions must be 'learned' or 'none', got {self.behavior_positions!r}")
         if self.attention not in ("causal", "family"):
             raise ValueError(f"attention must be 'causal' or 'family', got {self.attention!r}")
-        if self.head_cross_layers < 0 or self.head_cross_rank < 1 or self.item_id_dim < 0:
-            raise ValueError(f"head_cross_layers and item_id_dim must be >= 0 and head_cross_rank >= 1, got "
-                             f"{self.head_cross_layers}, {self.item_id_dim}, {self.head_cross_rank}")
+        if min(self.head_cross_layers, self.item_id_dim, self.recent_events) < 0 or self.head_cross_rank < 1:
+            raise ValueError(f"head_cross_layers, item_id_dim and recent_events must be >= 0 and head_cross_rank >= 1, "
+                             f"got {self.head_cross_layers}, {self.item_id_dim}, {self.recent_events}, "
+                             f"{self.head_cross_rank}")
 
 
     def text_only(self) -> ModelConfig:
         """This model's text part alone (no side features, MLP head): what the raw-token baseline has."""
-        return replace(self, count_features=False, item_id_dim=0, head_cross_layers=0)
+        return replace(self, count_features=False, recent_events=0, item_id_dim=0, head_cross_layers=0)
 
 
 @dataclass
@@ -71,7 +73,8 @@ class ScoringConfig:
 
 
 CONFIG_VERSION = 3  # scorer.json format version that introduced the keys of LEGACY_MODEL
-LEGACY_MODEL = {"attention": "family", "head_cross_layers": 0, "count_features": False, "item_id_dim": 0}
+LEGACY_MODEL = {"attention": "family", "head_cross_layers": 0, "count_features": False, "recent_events": 0,
+                "item_id_dim": 0}
 
 
 @dataclass

@@ -106,7 +106,8 @@ class SideInputs(nn.Module):
 
     def __init__(self, config: ModelConfig, num_items: int) -> None:
         super().__init__()
-        self.counts = len(count_feature_names(config.sequence_names)) if config.count_features else 0
+        names = count_feature_names(config.sequence_names, recent=config.recent_events > 0)
+        self.counts = len(names) if config.count_features else 0
         self.item_id = nn.Embedding(num_items + 1, config.item_id_dim) if config.item_id_dim else None
         if self.item_id is not None:
             nn.init.normal_(self.item_id.weight, std=0.05)

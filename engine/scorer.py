@@ -18,7 +18,7 @@ from engine.config import ScorerConfig, ScoringConfig
 from engine.inputs import InputError, locate_bad_text, lookup_texts, parse_history_counts, parse_items, parse_users
 from engine.model import BAHEModel, PackedBatch
 from engine.scorer_folder import BEHAVIORS_FILE, ITEMS_FILE, ScorerFormatError, open_folder, write_folder
-from engine.side_features import count_features
+from engine.side_features import count_features, recent_counts
 from engine.stages import stage
 from kernels import ops
 from weights.checkpoint import Checkpoint
@@ -166,8 +166,9 @@ class BAHEScorer:
             item_rows, item_extra = self._rows(self.items, item_texts, self.config.scoring.unknown_item, "item")
             behavior_table, item_table = self.table_rows("behaviors"), self.table_rows("items")
         offsets = np.concatenate([[0], np.cumsum(lengths)])
+        dense = self._dense(user_counts, sequences, item_rows)
         return self._score_packed(behavior_table, item_table, behavior_rows, offsets, item_rows,
-                                  behavior_extra, item_extra, user_counts)
+                                  behavior_extra, item_extra, dense)
 
     def score_ids(self, behavior_rows: torch.Tensor, offsets: torch.Tensor, item_rows: torch.Tensor) -> np.ndarray:
         """Id-level API: behavior_rows (T,) int64 table rows; offsets (U*n+1,) int64 cumulative, user-major
@@ -180,14 +181,16 @@ class BAHEScorer:
         if longest > self.config.model.max_behaviors:
             raise ValueError(f"a sequence holds {longest} behaviors, more than max_behaviors "
                              f"{self.config.model.max_behaviors}; keep the most recent ones")
-        offsets_np = offsets.cpu().numpy()
-        return self._score_packed(self.table_rows("behaviors"), self.table_rows("items"),
-                                  behavior_rows.cpu().numpy(), offsets_np, item_rows.cpu().numpy(),
-                                  user_counts=np.diff(offsets_np).reshape(-1, n))
+        offsets_np, rows_np, items_np = offsets.cpu().numpy(), behavior_rows.cpu().numpy(), item_rows.cpu().numpy()
+        sequences = [[rows_np[offsets_np[u * n + s]:offsets_np[u * n + s + 1]].tolist() for s in range(n)]
+                     for u in range(items_np.size)]
+        dense = self._dense(np.diff(offsets_np).reshape(-1, n), sequences, items_np)
+        return self._score_packed(self.table_rows("behaviors"), self.table_rows("items"), rows_np, offsets_np,
+                                  items_np, dense=dense)
 
     def _score_packed(self, behavior_table: torch.Tensor, item_table: torch.Tensor, behavior_rows: np.ndarray,
                       offsets: np.ndarray, item_rows: np.ndarray, behavior_extra: torch.Tensor | None = None,
-                      item_extra: torch.Tensor | None = None, user_counts: np.ndarray | None = None) -> np.ndarray:
+                      item_extra: torch.Tensor | None = None, dense: np.ndarray | None = None) -> np.ndarray:
         n, users = len(self.config.model.sequence_names), item_rows.shape[0]
         out = np.empty(users, dtype=np.float32)
         step = self.config.scoring.batch_size
@@ -199,7 +202,7 @@ class BAHEScorer:
                 longest = int(np.diff(chunk).max()) if chunk.size > 1 else 0  # on the host: the forward reads no device value
                 batch = PackedBatch(torch.from_numpy(behavior_rows[lo:hi]), torch.from_numpy(chunk),
                                     torch.from_numpy(item_rows[start:stop]), behavior_extra, item_extra,
-                                    self._dense(user_counts[start:stop], item_rows[start:stop]), longest).to(self.device)
+                                    None if dense is None else torch.from_numpy(dense[start:stop]), longest).to(self.device)
                 logits = self.model(behavior_table, item_table, batch)
                 out[start:stop] = torch.sigmoid(logits).float().cpu().numpy()
         if not np.isfinite(out).all():
@@ -207,16 +210,18 @@ class BAHEScorer:
         return np.clip(out, PROB_EPS, 1 - PROB_EPS)
 
     # ----- helpers --------------------------------------------------------------------------
-    def _dense(self, user_counts: np.ndarray, item_rows: np.ndarray) -> torch.Tensor | None:
-        """(U, 4n) count features: the user's history lengths, the item's stored training-log counts
-        (zero for items the model was not trained with)."""
-        if not self.config.model.count_features:
+    def _dense(self, user_counts: np.ndarray, sequences: list[list[list]], item_rows: np.ndarray) -> np.ndarray | None:
+        """(U, F) count features: the user's history lengths, the recent shares of its sequences (texts or rows,
+        as passed), the item's stored training-log counts (zero for items the model was not trained with)."""
+        config = self.config.model
+        if not config.count_features:
             return None
         stored = self.model.item_counts.cpu().numpy()
         known = item_rows < stored.shape[0]
         item_counts = np.zeros((item_rows.size, stored.shape[1]), dtype=np.int64)
         item_counts[known] = stored[item_rows[known]]
-        return torch.from_numpy(count_features(user_counts, item_counts))
+        recent = recent_counts(sequences, config.recent_events) if config.recent_events else None
+        return count_features(user_counts, item_counts, recent)
 
     def table_rows(self, which: str) -> torch.Tensor:
         """(N, d) rows of the 'behaviors' or 'items' table where the model runs: on CUDA placed once

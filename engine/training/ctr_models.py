@@ -23,8 +23,7 @@ from engine.config import ModelConfig
 from engine.training.data.log import BehaviorLog
 from engine.training.timeline import TimelineBatch, timeline_batch, timeline_logits
 from engine.head import CTRHead, SideInputs, head_features, user_item_head
-from engine.side_features import count_features
-from engine.training.features import PastCounts, item_count_table
+from engine.training.features import PastCounts, dense_features, item_count_table
 from engine.model import PackedBatch, pool_user_item
 from engine.scorer import BAHEScorer
 from kernels import ops
@@ -49,7 +48,7 @@ class BAHECTR(nn.Module):
         self.item_row = row_map(ids, scorer.items.lookup(texts))
         self.behavior_table = scorer.table_rows("behaviors")
         self.item_table = scorer.table_rows("items")
-        self.counts = PastCounts(log)
+        self.counts = PastCounts(log, scorer.config.model.recent_events)
 
     def epoch_order(self, rows: np.ndarray, log: BehaviorLog, rng: np.random.Generator) -> np.ndarray:
         """Users in random order, each user's targets together and in time order (one forward each)."""
@@ -58,7 +57,7 @@ class BAHECTR(nn.Module):
     def prepare(self, log: BehaviorLog, rows: np.ndarray) -> TimelineBatch:
         config = self.scorer.config.model
         return timeline_batch(log, rows, config.sequence_names, config.max_behaviors, self.behavior_row,
-                              self.item_row, config.count_features, self.counts)
+                              self.item_row, self.counts, config.count_features)
 
     def forward(self, batch: TimelineBatch) -> torch.Tensor:
         return timeline_logits(self.model, self.behavior_table, self.item_table, batch)
@@ -214,14 +213,13 @@ class SideOnlyCTR(nn.Module):
         ids = log.item_ids
         self.row = row_map(ids, np.arange(ids.size))
         self.side = SideInputs(config, ids.size)
-        self.counts = PastCounts(log)
+        self.counts = PastCounts(log, config.recent_events)
         self.head = CTRHead(self.side.width, config.head_hidden, config.head_activation, config.dropout,
                             config.head_cross_layers, config.head_cross_rank)
 
     def prepare(self, log: BehaviorLog, rows: np.ndarray) -> SideBatch:
-        order = [log.sequence_names.index(name) for name in self.config.sequence_names]
-        user_counts, item_counts = self.counts(log, rows)
-        dense = count_features(user_counts[:, order], item_counts[:, order]) if self.config.count_features else None
+        names = self.config.sequence_names
+        dense = dense_features(self.counts, log, rows, names) if self.config.count_features else None
         return SideBatch(torch.from_numpy(self.row[log.item[rows]]), None if dense is None else torch.from_numpy(dense))
 
     def forward(self, batch: SideBatch) -> torch.Tensor:

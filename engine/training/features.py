@@ -6,8 +6,11 @@ so no label leaks from the target's own time or later.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
+from engine.side_features import count_features
 from engine.training.data.log import BehaviorLog
 
 __all__ = ["counts_before", "past_counts", "item_count_table"]
@@ -54,15 +57,38 @@ def item_count_table(log: BehaviorLog, before: int | None = None) -> tuple[np.nd
     return log.item_ids, counts
 
 
+def recent_counts(log: BehaviorLog, rows: np.ndarray, window: int) -> np.ndarray:
+    """(B, S) int64: of the target user's last `window` events strictly before the target's timestamp, how
+    many are in each sequence (the log is sorted by (user, timestamp), so they are the rows just before the
+    target's moment)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    cum = np.zeros((log.num_events + 1, log.num_sequences), dtype=np.int64)
+    np.cumsum(log.membership, axis=0, out=cum[1:])
+    end = np.searchsorted(log.user, log.user[rows], side="left") + log.history_length[rows]
+    start = np.maximum(end - window, np.searchsorted(log.user, log.user[rows], side="left"))
+    return cum[end] - cum[start]
+
+
 class PastCounts:
-    """`past_counts` of every event of one log, computed once (a fraction of a second for MovieLens-100K);
-    batches index it instead of re-sorting the log per batch."""
+    """`past_counts` (and, for a `window` > 0, `recent_counts`) of every event of one log, computed once (a
+    fraction of a second for MovieLens-100K); batches index them instead of re-sorting the log per batch."""
 
-    def __init__(self, log: BehaviorLog) -> None:
-        self.log = log
-        self.user, self.item = past_counts(log, np.arange(log.num_events))
+    def __init__(self, log: BehaviorLog, window: int = 0) -> None:
+        self.log, self.window = log, window
+        every = np.arange(log.num_events)
+        self.user, self.item = past_counts(log, every)
+        self.recent = recent_counts(log, every, window) if window else None
 
-    def __call__(self, log: BehaviorLog, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, log: BehaviorLog, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(user, item, recent or None) counts of the examples at `rows`, each (B, S)."""
         if log is not self.log:
-            return past_counts(log, rows)
-        return self.user[rows], self.item[rows]
+            return (*past_counts(log, rows), recent_counts(log, rows, self.window) if self.window else None)
+        return self.user[rows], self.item[rows], None if self.recent is None else self.recent[rows]
+
+
+def dense_features(counts: PastCounts, log: BehaviorLog, rows: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """The CTR model's dense features (engine.side_features.count_features) of the examples at `rows`, with the
+    sequences in the model's order `names`."""
+    user, item, recent = counts(log, rows)
+    order = [log.sequence_names.index(name) for name in names]
+    return count_features(user[:, order], item[:, order], None if recent is None else recent[:, order])

@@ -19,9 +19,8 @@ import numpy as np
 import torch
 
 from engine.model import BAHEModel, PackedBatch
-from engine.side_features import count_features
 from engine.training.data.log import BehaviorLog
-from engine.training.features import PastCounts, past_counts
+from engine.training.features import PastCounts, dense_features
 
 
 @dataclass
@@ -50,13 +49,13 @@ def _pack(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def timeline_batch(log: BehaviorLog, rows: np.ndarray, names: tuple[str, ...], max_behaviors: int,
-                   behavior_row: np.ndarray, item_row: np.ndarray, with_counts: bool,
-                   counts: PastCounts | None = None) -> TimelineBatch:
+                   behavior_row: np.ndarray, item_row: np.ndarray, counts: PastCounts,
+                   with_dense: bool) -> TimelineBatch:
     """The timeline batch of example `rows` (ascending: a user's targets are contiguous). Item ids map to
-    table rows through `behavior_row` / `item_row` (dense lookup arrays)."""
-    user_counts, item_counts = (counts or past_counts)(log, rows)
+    table rows through `behavior_row` / `item_row` (dense lookup arrays); `counts` gives the prefix lengths
+    and, `with_dense`, the dense side features."""
     order = [log.sequence_names.index(name) for name in names]
-    prefix = user_counts[:, order]
+    prefix = counts(log, rows)[0][:, order]
     users = log.user[rows]
     last_of_user = np.flatnonzero(np.r_[users[1:] != users[:-1], True])  # each user's latest target
     group = np.cumsum(np.r_[0, users[1:] != users[:-1]])                  # (B,) index of the target's user
@@ -74,7 +73,7 @@ def timeline_batch(log: BehaviorLog, rows: np.ndarray, names: tuple[str, ...], m
             sequences += [recent[name][i] for name in names]
             prefix[b] = [recent[name].lengths[i] for name in names]
     values, offsets = _pack(sequences)
-    dense = torch.from_numpy(count_features(user_counts[:, order], item_counts[:, order])) if with_counts else None
+    dense = torch.from_numpy(dense_features(counts, log, rows, names)) if with_dense else None
     return TimelineBatch(torch.from_numpy(behavior_row[values]), torch.from_numpy(offsets),
                          torch.from_numpy(sequence), torch.from_numpy(prefix),
                          torch.from_numpy(item_row[log.item[rows]]), dense, int(np.diff(offsets).max(initial=0)))
