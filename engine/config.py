@@ -25,6 +25,8 @@ class ModelConfig:
                                     # or "family" (the family's own: BERT bidirectional, decoders causal)
     head_hidden: tuple[int, ...] = (256, 64)
     head_activation: str = "relu"
+    similarity_features: bool = True  # the head also sees cosine(user sequence, item) per sequence
+    head_text_dim: int = 64         # the text columns are projected to this width before the side ones (0: not)
     head_cross_layers: int = 2      # DCN-v2 cross layers before the MLP (0: MLP only)
     head_cross_rank: int = 64
     count_features: bool = True     # dense past-count features of user (its sequences) and item (stored stats)
@@ -43,7 +45,7 @@ class ModelConfig:
             raise ValueError(f"behavior_positions must be 'learned' or 'none', got {self.behavior_positions!r}")
         if self.attention not in ("causal", "family"):
             raise ValueError(f"attention must be 'causal' or 'family', got {self.attention!r}")
-        if min(self.head_cross_layers, self.item_id_dim, self.recent_events) < 0 or self.head_cross_rank < 1:
+        if min(self.head_cross_layers, self.item_id_dim, self.recent_events, self.head_text_dim) < 0 or self.head_cross_rank < 1:
             raise ValueError(f"head_cross_layers, item_id_dim and recent_events must be >= 0 and head_cross_rank >= 1, "
                              f"got {self.head_cross_layers}, {self.item_id_dim}, {self.recent_events}, "
                              f"{self.head_cross_rank}")
@@ -51,7 +53,8 @@ class ModelConfig:
 
     def text_only(self) -> ModelConfig:
         """This model's text part alone (no side features, MLP head): what the raw-token baseline has."""
-        return replace(self, count_features=False, recent_events=0, item_id_dim=0, head_cross_layers=0)
+        return replace(self, count_features=False, recent_events=0, item_id_dim=0, head_cross_layers=0,
+                       similarity_features=False, head_text_dim=0)
 
 
 @dataclass
@@ -73,7 +76,7 @@ class ScoringConfig:
 
 
 CONFIG_VERSION = 3  # scorer.json format version that introduced the keys of LEGACY_MODEL
-LEGACY_MODEL = {"attention": "family", "head_cross_layers": 0, "count_features": False, "recent_events": 0,
+LEGACY_MODEL = {"attention": "family", "similarity_features": False, "head_text_dim": 0, "head_cross_layers": 0, "count_features": False, "recent_events": 0,
                 "item_id_dim": 0}
 
 

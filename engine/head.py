@@ -12,10 +12,15 @@ from kernels import ops
 from kernels.ctr_mlp import ACTIVATIONS
 
 
-def head_features(user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
-    """user (U, n, d), item (U, d) -> (U, (2n+1) d): [user sequences, item, sequence * item].
-    The elementwise products give the MLP the user-item match directly instead of making it learn one."""
-    return torch.cat([user.flatten(1), item, (user * item[:, None, :]).flatten(1)], dim=1)
+def head_features(user: torch.Tensor, item: torch.Tensor, similarity: bool = False) -> torch.Tensor:
+    """user (U, n, d), item (U, d) -> (U, (2n+1) d [+ n]): [user sequences, item, sequence * item
+    [, cosine(sequence, item)]]. The elementwise products give the MLP the user-item match directly instead
+    of making it learn one; the cosines give it the match as one number per sequence (how close the item is
+    to what the user liked, disliked, watched), which a normalized MLP would have to sum over d columns."""
+    parts = [user.flatten(1), item, (user * item[:, None, :]).flatten(1)]
+    if similarity:
+        parts.append(torch.nn.functional.cosine_similarity(user, item[:, None, :], dim=-1))
+    return torch.cat(parts, dim=1)
 
 
 class CrossLayer(nn.Module):
@@ -42,13 +47,16 @@ class CTRHead(nn.Module):
     folded into the first Linear, so the fused MLP kernel runs the whole head."""
 
     def __init__(self, in_features: int, hidden: tuple[int, ...], activation: str, dropout: float,
-                 cross_layers: int = 0, cross_rank: int = 64) -> None:
+                 cross_layers: int = 0, cross_rank: int = 64, project: tuple[int, int] | None = None) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"head activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.norm = nn.BatchNorm1d(in_features)
-        self.cross = nn.ModuleList(CrossLayer(in_features, cross_rank) for _ in range(cross_layers))
-        widths = [in_features, *hidden, 1]
+        # project = (k, p): the first k (text) columns are projected to p before they meet the side columns
+        self.project = nn.Linear(*project) if project else None
+        width = in_features - project[0] + project[1] if project else in_features
+        self.cross = nn.ModuleList(CrossLayer(width, cross_rank) for _ in range(cross_layers))
+        widths = [width, *hidden, 1]
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.activation = activation
         self.dropout = nn.Dropout(dropout)
@@ -75,7 +83,12 @@ class CTRHead(nn.Module):
         shift = norm.bias - norm.running_mean * scale
         return first.weight * scale[None, :], first.bias + first.weight @ shift
 
-    def _crossed(self, x0: torch.Tensor) -> torch.Tensor:
+    def _mixed(self, features: torch.Tensor) -> torch.Tensor:
+        """Normalized, text columns projected, crossed: the MLP's input."""
+        x0 = self._normalized(features)
+        if self.project is not None:
+            k = self.project.in_features
+            x0 = torch.cat([self.project(x0[:, :k]), x0[:, k:]], dim=1)
         x = x0
         for layer in self.cross:
             x = layer(x0, x)
@@ -85,12 +98,12 @@ class CTRHead(nn.Module):
         """(U, F) -> (U,) fp32 logits."""
         if self.training:
             act = ACTIVATIONS[self.activation]
-            h = self._crossed(self._normalized(features))
+            h = self._mixed(features)
             for linear in self.linears[:-1]:
                 h = self.dropout(act(linear(h)))
             return self.linears[-1](h)[:, 0].float()
-        if self.cross:
-            x, (weight, bias) = self._crossed(self._normalized(features)), (self.linears[0].weight, self.linears[0].bias)
+        if self.cross or self.project is not None:
+            x, (weight, bias) = self._mixed(features), (self.linears[0].weight, self.linears[0].bias)
         else:
             x, (weight, bias) = features, self.folded_first_layer()
         weights = [weight, *(m.weight for m in self.linears[1:])]
@@ -135,5 +148,7 @@ def user_item_head(config: ModelConfig, dim: int, side_features: int = 0) -> tup
     order, so seeded runs repeat)."""
     n = len(config.sequence_names)
     empty_sequence = nn.Parameter(torch.randn(n, dim) * 0.02)
-    return empty_sequence, CTRHead((2 * n + 1) * dim + side_features, config.head_hidden, config.head_activation,
-                                   config.dropout, config.head_cross_layers, config.head_cross_rank)
+    text = (2 * n + 1) * dim + n * config.similarity_features
+    project = (text, config.head_text_dim) if config.head_text_dim else None
+    return empty_sequence, CTRHead(text + side_features, config.head_hidden, config.head_activation, config.dropout,
+                                   config.head_cross_layers, config.head_cross_rank, project)

@@ -149,7 +149,8 @@ class BAHEModel(nn.Module):
     def logits(self, user: torch.Tensor, item: torch.Tensor, item_rows: torch.Tensor,
                dense: torch.Tensor | None) -> torch.Tensor:
         """Pooled towers (U, n, d), (U, d) + side inputs -> (U,) fp32 click logits."""
-        return self.head(torch.cat([head_features(user, item), *self.side(item_rows, dense, self.compute_dtype)], dim=1))
+        text = head_features(user, item, self.config.similarity_features)
+        return self.head(torch.cat([text, *self.side(item_rows, dense, self.compute_dtype)], dim=1))
 
     def forward(self, behavior_table: torch.Tensor, item_table: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """-> (U,) fp32 click logits."""

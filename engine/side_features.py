@@ -45,7 +45,7 @@ def check_counts(user_counts: np.ndarray, item_counts: np.ndarray,
             raise ValueError(f"{side}_counts must be >= 0, got {counts[b, s].item()} at [{b}, {s}]")
         out.append(counts.astype(np.int64, copy=False))
     if any(o.shape != out[0].shape for o in out[1:]):
-        raise ValueError(f"user_counts, item_counts (and recent counts) must have the same shape (B, S), got "
+        raise ValueError("user_counts, item_counts (and recent counts) must have the same shape (B, S), got "
                          + " and ".join(str(o.shape) for o in out))
     return tuple(out)
 

@@ -157,7 +157,7 @@ class RawTokenCTR(nn.Module):
             states = self.lower.forward_packed(batch.ids, batch.offsets, batch.max_len)
         states = self.upper.forward_packed(states, batch.offsets, batch.max_len)
         user, item = pool_user_item(states, batch.offsets, self.empty_sequence, batch.users)
-        return self.head(head_features(user, item))
+        return self.head(head_features(user, item, self.config.similarity_features))
 
     def pretrained_parameters(self) -> list[nn.Parameter]:
         return list(self.upper.parameters())
@@ -186,7 +186,7 @@ class IdOnlyCTR(nn.Module):
         pooled = ops.gather_mean(self.embedding, batch.behavior_rows, batch.offsets,
                                  empty=self.empty_sequence.repeat(users, 1))
         user = pooled.view(users, len(self.config.sequence_names), -1)
-        return self.head(head_features(user, self.embedding[batch.item_rows]))
+        return self.head(head_features(user, self.embedding[batch.item_rows], self.config.similarity_features))
 
     def pretrained_parameters(self) -> list[nn.Parameter]:
         return []
