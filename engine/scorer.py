@@ -220,7 +220,7 @@ class BAHEScorer:
         known = item_rows < stored.shape[0]
         item_counts = np.zeros((item_rows.size, stored.shape[1]), dtype=np.int64)
         item_counts[known] = stored[item_rows[known]]
-        recent = recent_counts(sequences, config.recent_events) if config.recent_events else None
+        recent = recent_counts(sequences, config.recent_events, len(config.sequence_names)) if config.recent_events else None
         return count_features(user_counts, item_counts, recent)
 
     def table_rows(self, which: str) -> torch.Tensor:

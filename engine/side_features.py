@@ -77,10 +77,10 @@ def count_features(user_counts: np.ndarray, item_counts: np.ndarray, recent: np.
     return np.concatenate(columns, axis=1).astype(np.float32)
 
 
-def recent_counts(sequences: Sequence[Sequence[Sequence]], window: int) -> np.ndarray:
-    """(U, S) int64: for each user (a list of S sequences of texts or ids, oldest first), how many of the last
-    `window` behaviors of the widest sequence (the first of the longest) each sequence holds."""
-    out = np.zeros((len(sequences), len(sequences[0]) if sequences else 0), dtype=np.int64)
+def recent_counts(sequences: Sequence[Sequence[Sequence]], window: int, num_sequences: int) -> np.ndarray:
+    """(U, S) int64: for each user (a list of S = num_sequences sequences of texts or ids, oldest first), how
+    many of the last `window` behaviors of the widest sequence (the first of the longest) each sequence holds."""
+    out = np.zeros((len(sequences), num_sequences), dtype=np.int64)
     for u, user in enumerate(sequences):
         widest = max(range(len(user)), key=lambda s: len(user[s])) if user else 0
         latest = list(user[widest][-window:]) if window > 0 and user else []

@@ -32,15 +32,16 @@ def _batch(rng, users, n, max_behaviors, rows, items) -> PackedBatch:
     lengths = rng.integers(0, max_behaviors + 1, size=users * n)
     lengths[0] = 0  # an empty sequence
     offsets = np.concatenate([[0], np.cumsum(lengths)])
+    dense = torch.from_numpy(rng.random((users, 5 * n), dtype=np.float32))  # count features (4n) + recent shares (n)
     return PackedBatch(torch.from_numpy(rng.integers(0, rows, size=int(offsets[-1]))), torch.from_numpy(offsets),
-                       torch.from_numpy(rng.integers(0, items, size=users)))
+                       torch.from_numpy(rng.integers(0, items + 2, size=users)), dense=dense)
 
 
 @pytest.mark.parametrize("family", ["bert", "llama", "qwen2"])
 def test_bahe_model_forward_reads_nothing(tiny_checkpoints, family):
     ckpt = Checkpoint(tiny_checkpoints[family])
     config = ModelConfig(max_behaviors=9, head_hidden=(32, 16))
-    model = BAHEModel(UpperEncoder.from_checkpoint(ckpt, 2), config).eval()
+    model = BAHEModel(UpperEncoder.from_checkpoint(ckpt, 2, causal=True), config, num_items=10).eval()
     rng = np.random.default_rng(0)
     behaviors, items = torch.randn(40, ckpt.hidden_size), torch.randn(12, ckpt.hidden_size)
     batch = _batch(rng, 3, model.num_sequences, config.max_behaviors, 40, 12)

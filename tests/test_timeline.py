@@ -94,6 +94,6 @@ def test_recent_counts_from_texts_equal_the_logs(log):
     event and a user rates a movie once."""
     rows = log.examples
     texts = log.sequence_texts(rows, None)
-    from_texts = recent_counts_from_texts([[t[name] for name in log.sequence_names] for t in texts], 10)
+    from_texts = recent_counts_from_texts([[t[name] for name in log.sequence_names] for t in texts], 10, 3)
     np.testing.assert_array_equal(from_texts, recent_counts(log, rows, 10))
     assert from_texts[:, 0].max() > 0 and from_texts[:, 2].max() == 10

@@ -44,7 +44,7 @@ class DemoConfig:
     data: str = "movielens"             # or a CSV/parquet behavior log
     out: Path = Path("artifacts/demo/minilm")
     results: Path | None = Path("bench/RESULTS.md")
-    num_lower_layers: int = 3
+    num_lower_layers: int = 5             # MiniLM 5 + 1: see bench/RESULTS.md (split study)
     max_tokens: int = 32                 # tokens per behavior text (ABE) and per item text
     max_behaviors: int = 1024            # M for BAHE: the whole history of every MovieLens user
     id_only_behaviors: int = 100         # M for the id-only model (per-example batches)

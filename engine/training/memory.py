@@ -75,7 +75,7 @@ class PeakMemory:
         self.bytes = self.added = 0
         self._stop = threading.Event()
         self.exact = False           # VmHWM was reset at entry, so it bounds this block's peak from below
-        self._hwm_before_reset = 0   # VmHWM taken when a nested block reset it
+        self._hwm_before_reset = 0   # peaks of nested blocks: VmHWM when one reset it, its own peak when it ended
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -105,6 +105,8 @@ class PeakMemory:
             self._thread.join()
             with _LOCK:
                 _ACTIVE.discard(self)
-                exact = max(high_water_mark(), self._hwm_before_reset) if self.exact else 0
-            self.bytes = max(self.bytes, current_rss(), exact)
+                exact = high_water_mark() if self.exact else 0
+                self.bytes = max(self.bytes, current_rss(), exact, self._hwm_before_reset)
+                for other in _ACTIVE:  # blocks around this one saw this peak too (VmHWM may lag RSS by pages)
+                    other._hwm_before_reset = max(other._hwm_before_reset, self.bytes)
         self.added = self.bytes - self._start
