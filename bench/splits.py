@@ -22,7 +22,7 @@ from weights.registry import resolve_model
 
 
 def run(model: str, layers: list[int], sample: SampleConfig, max_behaviors: int, epochs: int,
-        out: Path) -> list[str]:
+        out: Path, batch_size: int) -> list[str]:
     data = load_data("movielens")
     rows = sample_split(data.split(), sample)
     total = Checkpoint(resolve_model(model)).num_layers
@@ -32,7 +32,8 @@ def run(model: str, layers: list[int], sample: SampleConfig, max_behaviors: int,
         config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=lower),
                               model=ModelConfig(sequence_names=data.sequence_names, max_behaviors=max_behaviors))
         scorer, tables = build_scorer(model, data, config, out / f"tables-{lower}", device="cpu")
-        report = train_and_test(BAHECTR(scorer, data), data, rows, TrainConfig(epochs=epochs, patience=epochs))
+        report = train_and_test(BAHECTR(scorer, data), data, rows, TrainConfig(epochs=epochs, patience=epochs,
+                                                                                batch_size=batch_size))
         lines.append(f"| {lower} | {total - lower} | {tables.seconds:.0f} | {np.mean(report.fit.epoch_seconds):.0f} | "
                      f"{report.fit.best_val_auc:.4f} | {report.test['auc']:.4f} |")
         print(lines[-1], flush=True)
@@ -43,25 +44,27 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--layers", type=int, nargs="+", default=[21, 24, 27, 29])
-    parser.add_argument("--train", type=int, default=2000)
-    parser.add_argument("--val", type=int, default=300)
-    parser.add_argument("--test", type=int, default=500)
+    parser.add_argument("--train", type=int, default=2000, help="examples (0: all)")
+    parser.add_argument("--val", type=int, default=300, help="examples (0: all)")
+    parser.add_argument("--test", type=int, default=500, help="examples (0: all)")
     parser.add_argument("--max-behaviors", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--out", default="artifacts/splits")
     parser.add_argument("--results", default="bench/RESULTS.md")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    lines = run(args.model, args.layers, SampleConfig(args.train, args.val, args.test), args.max_behaviors,
-                args.epochs, Path(args.out))
+    sample = SampleConfig(args.train or None, args.val or None, args.test or None)
+    lines = run(args.model, args.layers, sample, args.max_behaviors, args.epochs, Path(args.out), args.batch_size)
     command = (f"python -m bench.splits --model {args.model} --layers {' '.join(map(str, args.layers))} "
-               f"--train {args.train} --val {args.val} --test {args.test}")
+               f"--train {args.train} --val {args.val} --test {args.test} --max-behaviors {args.max_behaviors} "
+               f"--epochs {args.epochs}")
     write_section(args.results, f"splits:{args.model}", [
         f"### Choosing num_lower_layers for {args.model}", "",
         f"`{command}` on {datetime.date.today().isoformat()}, {machine()}; "
-        f"{(time.perf_counter() - started) / 60:.0f} min. MovieLens-100K, the same {args.train:,} train / "
-        f"{args.val:,} validation / {args.test:,} test examples for every split, M = {args.max_behaviors}, "
-        f"{args.epochs} epochs.", "", *lines])
+        f"{(time.perf_counter() - started) / 60:.0f} min. MovieLens-100K time split, the same "
+        f"{args.train or 'all'} train / {args.val or 'all'} validation / {args.test or 'all'} test examples for "
+        f"every split, M = {args.max_behaviors}, {args.epochs} epochs, the full CTR model.", "", *lines])
     print("\n".join(lines))
 
 
