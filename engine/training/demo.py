@@ -79,7 +79,7 @@ class DemoConfig:
         p.add_argument("--model", default="minilm", help="'minilm', 'smollm2' or a local checkpoint folder")
         p.add_argument("--data", default="movielens", help="'movielens' or a behavior log file")
         p.add_argument("--lower-layers", type=int, default=None, help="frozen lower layers (None: the "
-                       f"model's preset, minilm 3, smollm2 {SMOLLM2_LOWER_LAYERS})")
+                       f"model's preset, minilm {DemoConfig.num_lower_layers}, smollm2 {SMOLLM2_LOWER_LAYERS})")
         p.add_argument("--epochs", type=int, default=epochs, help="most epochs per model (early stopping on "
                        "validation AUC, patience 1)")
         p.add_argument("--batch-size", type=int, default=DemoConfig.batch_size, help="training examples per batch")
