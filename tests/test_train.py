@@ -57,3 +57,15 @@ def test_norm_statistics_are_calibrated_then_frozen(log):
     batch = model.prepare(log, np.sort(rows[:64]))
     model(batch)
     torch.testing.assert_close(head.norm.running_mean, frozen, rtol=0, atol=0)
+
+
+def test_a_second_fit_calibrates_afresh(log):
+    """A model trained once (the demo trains one scorer on two splits) gets new statistics from its new data."""
+    model = _model(log)
+    rows = log.examples
+    config = TrainConfig(epochs=1, batch_size=32, norm_batches=4, progress=False)
+    fit(model, log, rows[:200], rows[300:], config)
+    first = model.head.norm.running_mean.clone()
+    fit(model, log, rows[200:400], rows[400:], config)
+    assert model.head.norm.num_batches_tracked.item() == 4
+    assert not torch.allclose(model.head.norm.running_mean, first)

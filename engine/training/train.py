@@ -87,6 +87,7 @@ def calibrate_norms(model: nn.Module, data: BehaviorLog, chunks: list[np.ndarray
     if not heads or not chunks:
         return
     for head in heads:
+        head.norm_frozen = False   # a model trained before (another split, another seed) calibrates afresh
         head.norm.reset_running_stats()
         head.norm.momentum = None  # cumulative average over the calibration batches
     model.train()
