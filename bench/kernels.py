@@ -1,11 +1,12 @@
 """Kernel benchmark: every fused op's Triton kernel against its PyTorch reference.
 
-    python -m bench.kernels [--device cuda|cpu] [--csv results.csv] [--reps N]
+    python -m bench.kernels [--device cuda|cpu] [--dtype bfloat16|float32] [--csv results.csv] [--reps N]
 
 For each op it prints the kernel time, the reference time, their ratio (reference / kernel, so
 > 1 means the kernel is faster) and the achieved bandwidth (GB/s: gather, pooling, gather-mean,
 RoPE) or throughput (TFLOP/s: attention, MLP), each as a fraction of the device's peak measured in
-the same run (a device-to-device copy and a large matmul). Attention is also timed through
+the same run (a device-to-device copy and a large matmul). Before timing, every kernel's output is
+compared with its reference's on the same inputs (``||kernel - ref|| / ||ref||``, column "rel err"). Attention is also timed through
 torch's scaled_dot_product_attention on the padded (B, H, L_max, Dh) equivalent of the ragged
 batch (padding done outside the timed region). On a machine without CUDA the Triton kernels
 cannot run (the interpreter measures nothing useful): only the references are timed, on small
@@ -15,6 +16,7 @@ per (op, provider) so figures from different machines sit side by side.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import math
 import statistics
@@ -85,6 +87,16 @@ def timings(fn: Callable[[], object], device: torch.device, reps: int) -> tuple[
         return samples[0], samples[0], samples[0]
     q = statistics.quantiles(samples, n=10, method="inclusive")
     return q[1], statistics.median(samples), q[7]
+
+
+def relative_error(out: object, ref: object) -> float:
+    """||out - ref|| / ||ref|| in fp32 (the first tensor of a tuple output: rope returns (q, k))."""
+    if isinstance(out, tuple):
+        return max(relative_error(o, r) for o, r in zip(out, ref))
+    out, ref = out.float(), ref.float()
+    if not torch.isfinite(out).all():
+        return math.inf
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def measure_peaks(device: torch.device, reps: int) -> tuple[float, float]:
@@ -182,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=None, help="timed calls per case (default 20 on CUDA, 3 on CPU)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                        help="element type (default bfloat16 on CUDA, float32 on the CPU)")
     parser.add_argument("--csv", type=Path, default=None, help="append one row per (op, provider) to this file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -193,14 +207,19 @@ def main(argv: list[str] | None = None) -> None:
     peak_bw, peak_flops = measure_peaks(device, reps)
     print(f"measured peak on {device.type}: copy {peak_bw / 1e9:.0f} GB/s, "
           f"matmul {peak_flops / 1e12:.2f} TFLOP/s ({'bf16' if on_cuda else 'fp32'})")
+    shapes = CUDA_SHAPES if on_cuda else CPU_SHAPES
+    if args.dtype:
+        shapes = dataclasses.replace(shapes, dtype=getattr(torch, args.dtype))
     if not on_cuda:
         print("Triton kernels need CUDA: timing only the PyTorch references, on small CPU shapes")
     providers = ("triton", "torch", "sdpa") if on_cuda else ("torch",)
     rows = []
-    header = f"{'op':<27} {'provider':<8} {'ms':>9} {'vs kernel':>9} {'achieved':>17} {'of peak':>7}  shape"
+    header = (f"{'op':<27} {'provider':<8} {'ms':>9} {'vs kernel':>9} {'achieved':>17} {'of peak':>7} "
+              f"{'rel err':>8}  shape")
     print(header)
     print("-" * len(header))
-    for case in build_cases(CUDA_SHAPES if on_cuda else CPU_SHAPES, device):
+    for case in build_cases(shapes, device):
+        error = relative_error(case.providers["triton"](), case.providers["torch"]()) if on_cuda else None
         results = {p: timings(fn, device, reps) for p, fn in case.providers.items() if p in providers}
         kernel_s = results.get("triton", (None, None, None))[1]
         for provider, (p20, p50, p80) in results.items():
@@ -209,11 +228,13 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 rate, unit, frac = case.flops / p50 / 1e12, "TFLOP/s", case.flops / p50 / peak_flops
             ratio = f"{p50 / kernel_s:.2f}x" if kernel_s else "-"
+            checked = f"{error:.1e}" if error is not None and provider == "triton" else "-"
             print(f"{case.op:<27} {provider:<8} {p50 * 1e3:>9.3f} {ratio:>9} {rate:>9.3g} {unit:<7}"
-                  f"{frac:>7.1%}  {case.shape}")
+                  f"{frac:>7.1%} {checked:>8}  {case.shape}")
             rows.append({"kernel": case.op, "provider": provider, "shape": case.shape, "p20_ms": p20 * 1e3,
                          "p50_ms": p50 * 1e3, "p80_ms": p80 * 1e3, "achieved": rate, "unit": unit,
-                         "fraction_of_peak": frac, "machine": label, "timestamp": started})
+                         "fraction_of_peak": frac, "rel_error": error if provider == "triton" else None,
+                         "machine": label, "timestamp": started})
     if args.csv:
         append_csv(args.csv, list(rows[0]), rows)
         print(f"appended {len(rows)} rows to {args.csv}")

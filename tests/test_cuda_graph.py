@@ -7,33 +7,28 @@ import torch
 
 from engine.backbone.split import UpperEncoder
 from engine.config import ModelConfig
-from engine.model import BAHEModel, PackedBatch
+from engine.model import BAHEModel
 from kernels import ops
+from tests.random_batches import random_packed_batch
 from weights.checkpoint import Checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not ops.triton_available(),
                                 reason="needs a CUDA GPU and triton")
 
 
-def _setup(folder, family_layers=2, users=4):
+def _setup(folder, users=4):
+    """The full CTR model (causal upper layers, count features, item ids) and a host-validated batch, on CUDA."""
     device = torch.device("cuda")
     ckpt = Checkpoint(folder)
     config = ModelConfig(max_behaviors=20, head_hidden=(32, 16))
-    model = BAHEModel(UpperEncoder.from_checkpoint(ckpt, family_layers), config).to(device).eval()
-    rng = np.random.default_rng(0)
-    n = model.num_sequences
-    lengths = rng.integers(0, config.max_behaviors + 1, size=users * n)
-    lengths[1] = 0
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    batch = PackedBatch(torch.from_numpy(rng.integers(0, 64, size=int(offsets[-1]))), torch.from_numpy(offsets),
-                        torch.from_numpy(rng.integers(0, 16, size=users)))
-    batch.validate(n, 64, 16)  # on the host, before the batch moves
+    model = BAHEModel(UpperEncoder.from_checkpoint(ckpt, 2, causal=True), config, num_items=10).to(device).eval()
+    batch = random_packed_batch(np.random.default_rng(0), users, model.num_sequences, config.max_behaviors, 64, 16)
     behaviors = torch.randn(64, ckpt.hidden_size, device=device)
     items = torch.randn(16, ckpt.hidden_size, device=device)
     return model, behaviors, items, batch.to(device)
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("family", ["bert", "llama", "qwen2"])
 def test_forward_makes_no_sync_and_replays_in_a_cuda_graph(tiny_checkpoints, family):
     model, behaviors, items, batch = _setup(tiny_checkpoints[family])
     with torch.inference_mode(), ops.use_backend("triton"):

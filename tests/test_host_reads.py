@@ -8,10 +8,11 @@ import torch
 
 from engine.backbone.split import LowerEncoder, UpperEncoder
 from engine.config import ModelConfig
-from engine.model import BAHEModel, PackedBatch
+from engine.model import BAHEModel
 from kernels import ops
 from kernels._jagged import offsets_from_lengths
 from tests.host_reads import host_reads, reads_between_launches
+from tests.random_batches import random_packed_batch
 from weights.checkpoint import Checkpoint
 
 pytestmark = pytest.mark.skipif(not ops.triton_available(), reason="triton is not installed")
@@ -28,15 +29,6 @@ def test_guard_sees_reads_between_launches():
     assert [e for e in log if e.startswith("launch")] == ["launch _pool_mean_kernel"] * 2
 
 
-def _batch(rng, users, n, max_behaviors, rows, items) -> PackedBatch:
-    lengths = rng.integers(0, max_behaviors + 1, size=users * n)
-    lengths[0] = 0  # an empty sequence
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    dense = torch.from_numpy(rng.random((users, 5 * n), dtype=np.float32))  # count features (4n) + recent shares (n)
-    return PackedBatch(torch.from_numpy(rng.integers(0, rows, size=int(offsets[-1]))), torch.from_numpy(offsets),
-                       torch.from_numpy(rng.integers(0, items + 2, size=users)), dense=dense)
-
-
 @pytest.mark.parametrize("family", ["bert", "llama", "qwen2"])
 def test_bahe_model_forward_reads_nothing(tiny_checkpoints, family):
     ckpt = Checkpoint(tiny_checkpoints[family])
@@ -44,8 +36,7 @@ def test_bahe_model_forward_reads_nothing(tiny_checkpoints, family):
     model = BAHEModel(UpperEncoder.from_checkpoint(ckpt, 2, causal=True), config, num_items=10).eval()
     rng = np.random.default_rng(0)
     behaviors, items = torch.randn(40, ckpt.hidden_size), torch.randn(12, ckpt.hidden_size)
-    batch = _batch(rng, 3, model.num_sequences, config.max_behaviors, 40, 12)
-    batch.validate(model.num_sequences, 40, 12)  # the boundary: the one host check of the values
+    batch = random_packed_batch(rng, 3, model.num_sequences, config.max_behaviors, 40, 12)  # host-validated
     with torch.inference_mode():
         with ops.use_backend("torch"):
             reference = model(behaviors, items, batch)
