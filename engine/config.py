@@ -1,6 +1,7 @@
 """Configuration, one dataclass per concern, with defaults that work out of the box."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 
@@ -32,11 +33,16 @@ class ModelConfig:
     count_features: bool = True     # dense past-count features of user (its sequences) and item (stored stats)
     recent_events: int = 10         # with count_features: shares of each sequence among the user's last events
     item_id_dim: int = 16           # learned item-id embedding width, keyed by item-table row (0: none)
+    similarity_temperatures: tuple[float, ...] = (0.02, 0.05, 0.1)  # soft counts of behaviors like the item
+                                    # per sequence and temperature, from the ABE rows (engine.similarity; (): none)
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
         self.sequence_names = tuple(self.sequence_names)
         self.head_hidden = tuple(self.head_hidden)
+        self.similarity_temperatures = tuple(self.similarity_temperatures)
+        if not all(isinstance(t, (int, float)) and math.isfinite(t) and t > 0 for t in self.similarity_temperatures):
+            raise ValueError(f"similarity_temperatures must be finite numbers > 0, got {self.similarity_temperatures}")
         if not self.sequence_names or len(set(self.sequence_names)) != len(self.sequence_names):
             raise ValueError(f"sequence_names must be non-empty and unique, got {self.sequence_names}")
         if self.max_behaviors < 1:
@@ -54,7 +60,7 @@ class ModelConfig:
     def text_only(self) -> ModelConfig:
         """This model's text part alone (no side features, MLP head): what the raw-token baseline has."""
         return replace(self, count_features=False, recent_events=0, item_id_dim=0, head_cross_layers=0,
-                       similarity_features=False, head_text_dim=0)
+                       similarity_features=False, head_text_dim=0, similarity_temperatures=())
 
 
 @dataclass
@@ -75,9 +81,13 @@ class ScoringConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-CONFIG_VERSION = 3  # scorer.json format version that introduced the keys of LEGACY_MODEL
-LEGACY_MODEL = {"attention": "family", "similarity_features": False, "head_text_dim": 0, "head_cross_layers": 0, "count_features": False, "recent_events": 0,
-                "item_id_dim": 0}
+CONFIG_VERSION = 4  # the scorer.json format version this code writes
+# Model keys introduced by a scorer.json format version, with the meaning a file of an older version had.
+INTRODUCED_MODEL_KEYS = {
+    3: {"attention": "family", "similarity_features": False, "head_text_dim": 0, "head_cross_layers": 0,
+        "count_features": False, "recent_events": 0, "item_id_dim": 0},
+    4: {"similarity_temperatures": ()},
+}
 
 
 @dataclass
@@ -97,8 +107,10 @@ class ScorerConfig:
         for part in fields(cls):
             kind = {"encoder": EncoderConfig, "model": ModelConfig, "scoring": ScoringConfig}[part.name]
             given = raw.get(part.name, {})
-            if part.name == "model" and format_version < CONFIG_VERSION:
-                given = {**LEGACY_MODEL, **given}
+            if part.name == "model":
+                for version, meaning in INTRODUCED_MODEL_KEYS.items():
+                    if format_version < version:
+                        given = {**meaning, **given}
             unknown = set(given) - {f.name for f in fields(kind)}
             if unknown:
                 raise ValueError(f"scorer config section {part.name!r} has unknown keys {sorted(unknown)}")

@@ -8,6 +8,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.side_features import count_feature_names
+from engine.similarity import similarity_feature_names, similarity_features
 from kernels import ops
 from kernels.ctr_mlp import ACTIVATIONS
 
@@ -113,29 +114,37 @@ class CTRHead(nn.Module):
 
 
 class SideInputs(nn.Module):
-    """The CTR model's columns beside the text: dense count features (`engine.side_features`) and a
-    learned item-id embedding keyed by item-table row (rows past the `num_items` trained ones share one
+    """The CTR model's columns beside the text: dense count features (`engine.side_features`), the
+    similarity-weighted counts of the item among each sequence (`engine.similarity`) and a learned item-id embedding keyed by item-table row (rows past the `num_items` trained ones share one
     unseen bucket, so items appended after training still score)."""
 
     def __init__(self, config: ModelConfig, num_items: int) -> None:
         super().__init__()
         names = count_feature_names(config.sequence_names, recent=config.recent_events > 0)
         self.counts = len(names) if config.count_features else 0
+        self.similar = len(similarity_feature_names(config.sequence_names, config.similarity_temperatures))
         self.item_id = nn.Embedding(num_items + 1, config.item_id_dim) if config.item_id_dim else None
         if self.item_id is not None:
             nn.init.normal_(self.item_id.weight, std=0.05)
 
     @property
     def width(self) -> int:
-        return self.counts + (self.item_id.embedding_dim if self.item_id is not None else 0)
+        return self.counts + self.similar + (self.item_id.embedding_dim if self.item_id is not None else 0)
 
-    def forward(self, item_rows: torch.Tensor, dense: torch.Tensor | None, dtype: torch.dtype) -> list[torch.Tensor]:
+    def forward(self, item_rows: torch.Tensor, dense: torch.Tensor | None, dtype: torch.dtype,
+                similar: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The side columns of a batch; `similar`: (B, S, k) soft counts (`engine.similarity`), for a model that
+        takes them."""
         out = []
         if self.counts:
             if dense is None or dense.shape[1] != self.counts:
                 raise ValueError(f"this model takes {self.counts} dense count features per example, got "
                                  f"{None if dense is None else dense.shape[1]}")
             out.append(dense.to(dtype))
+        if self.similar:
+            if similar is None:
+                raise ValueError(f"this model takes {self.similar} similarity features per example, got none")
+            out.append(similarity_features(similar).to(dtype))
         if self.item_id is not None:
             unseen = self.item_id.num_embeddings - 1
             out.append(self.item_id(torch.where(item_rows < unseen, item_rows, unseen)).to(dtype))

@@ -9,6 +9,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.head import SideInputs, head_features, user_item_head
+from engine.similarity import segment_sums, similarity_weights, unit_rows
 from engine.stages import stage
 from kernels import ops
 from kernels._jagged import check_offsets, check_rows, max_length
@@ -96,7 +97,8 @@ class BAHEModel(nn.Module):
     training reads); an empty sequence gets its name's learned vector. Item tower: the item's ABE row
     runs through the same upper layers as a one-behavior sequence, so items and behaviors (here: the
     same texts) live in the same space. The CTR model beside the text part: dense past-count features
-    (`engine.side_features`; the item's counts are stored per item-table row in `item_counts`) and a
+    (`engine.side_features`; the item's counts are stored per item-table row in `item_counts`), soft counts
+    of each sequence's behaviors like the item (`engine.similarity`, from the frozen ABE rows) and a
     learned item-id embedding keyed by item-table row (rows past the trained ones share one unseen
     bucket), all into a DCN-v2 + MLP head over [user sequences, item, sequence * item, side]."""
 
@@ -146,14 +148,29 @@ class BAHEModel(nn.Module):
         with stage("pooling"):
             return pool_user_item(states, offsets, self.empty_sequence, batch.num_users)
 
+    def similar(self, behavior_table: torch.Tensor, item_table: torch.Tensor, batch: PackedBatch) -> torch.Tensor | None:
+        """(U, n, k) soft counts of each sequence's behaviors like the user's item (`engine.similarity`), from the
+        fp32 ABE rows; None for a model without them."""
+        temperatures = self.config.similarity_temperatures
+        if not temperatures:
+            return None
+        users, n = batch.num_users, self.num_sequences
+        rows = _gather(behavior_table, batch.behavior_extra, batch.behavior_rows, None, None, None, torch.float32)
+        items = _gather(item_table, batch.item_extra, batch.item_rows, None, None, None, torch.float32)
+        owner = torch.repeat_interleave(torch.arange(users * n, device=rows.device) // n,
+                                        batch.offsets[1:] - batch.offsets[:-1], output_size=rows.shape[0])
+        cos = (unit_rows(rows) * unit_rows(items)[owner]).sum(dim=1)
+        return segment_sums(similarity_weights(cos, temperatures), batch.offsets).view(users, n, len(temperatures))
+
     def logits(self, user: torch.Tensor, item: torch.Tensor, item_rows: torch.Tensor,
-               dense: torch.Tensor | None) -> torch.Tensor:
+               dense: torch.Tensor | None, similar: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled towers (U, n, d), (U, d) + side inputs -> (U,) fp32 click logits."""
         text = head_features(user, item, self.config.similarity_features)
-        return self.head(torch.cat([text, *self.side(item_rows, dense, self.compute_dtype)], dim=1))
+        return self.head(torch.cat([text, *self.side(item_rows, dense, self.compute_dtype, similar)], dim=1))
 
     def forward(self, behavior_table: torch.Tensor, item_table: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """-> (U,) fp32 click logits."""
         user, item = self.towers(behavior_table, item_table, batch)
         with stage("head"):
-            return self.logits(user, item, batch.item_rows, batch.dense)
+            similar = self.similar(behavior_table, item_table, batch)
+            return self.logits(user, item, batch.item_rows, batch.dense, similar)

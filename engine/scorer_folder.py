@@ -27,7 +27,7 @@ from weights.atomic import atomic_write, copy_atomic, file_lock, remove_stale_te
 from weights.checkpoint import Checkpoint
 from weights.safetensors_io import source_of, write_safetensors
 
-FORMAT_VERSION = 3  # 2: scorer.json names its parts ("files"); 3: CTR-model keys (config.LEGACY_MODEL)
+FORMAT_VERSION = 4  # 2: scorer.json names its parts ("files"); 3, 4: model keys (config.INTRODUCED_MODEL_KEYS)
 SCORER_FILE, MODEL_FILE, BACKBONE = "scorer.json", "model.safetensors", "backbone"
 BEHAVIORS_FILE, ITEMS_FILE = "behaviors.safetensors", "items.safetensors"
 PARTS = {"backbone": (BACKBONE, "backbone.1"), "model": (MODEL_FILE, "model.1.safetensors"),

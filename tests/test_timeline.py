@@ -14,6 +14,7 @@ from engine.training.batching import interleave
 from engine.training.ctr_models import BAHECTR, rows_by_user
 from engine.training.data import load_log
 from engine.training.features import past_counts, recent_counts
+from engine.training.timeline import prefix_similar
 
 FIXTURE = Path(__file__).parent / "fixtures" / "movielens_tiny.parquet"
 
@@ -97,3 +98,23 @@ def test_recent_counts_from_texts_equal_the_logs(log):
     from_texts = recent_counts_from_texts([[t[name] for name in log.sequence_names] for t in texts], 10, 3)
     np.testing.assert_array_equal(from_texts, recent_counts(log, rows, 10))
     assert from_texts[:, 0].max() > 0 and from_texts[:, 2].max() == 10
+
+
+def test_prefix_similarity_equals_the_serving_path(tiny_checkpoints, tmp_path, log):
+    """The similarity features of every target's prefix (timeline) equal BAHEModel.similar on its own batch."""
+    ctr = BAHECTR(_scorer(tiny_checkpoints["bert"], tmp_path, log, 1000), log).eval()
+    rows = rows_by_user(log.examples, log, np.random.default_rng(1))[:60]
+    config = ctr.scorer.config.model
+    with torch.no_grad():
+        timeline = prefix_similar(ctr.model, ctr.behavior_table, ctr.item_table, ctr.prepare(log, rows))
+        single = []
+        for row in rows:
+            seqs = log.sequences([row], config.max_behaviors)
+            values, offsets = interleave([seqs[name] for name in config.sequence_names])
+            batch = PackedBatch(torch.from_numpy(ctr.behavior_row[values]), torch.from_numpy(offsets),
+                                torch.from_numpy(ctr.item_row[log.item[[row]]]))
+            single.append(ctr.model.similar(ctr.behavior_table, ctr.item_table, batch))
+    single = torch.cat(single)
+    assert timeline.shape == single.shape == (rows.size, len(config.sequence_names), len(config.similarity_temperatures))
+    assert single.sum() > 0
+    torch.testing.assert_close(timeline, single, rtol=1e-9, atol=1e-12)

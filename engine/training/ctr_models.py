@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -209,6 +209,7 @@ class SideOnlyCTR(nn.Module):
 
     def __init__(self, config: ModelConfig, log: BehaviorLog) -> None:
         super().__init__()
+        config = replace(config, similarity_temperatures=())  # those come from the ABE rows: the LLM part
         self.config = config
         ids = log.item_ids
         self.row = row_map(ids, np.arange(ids.size))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from engine.model import BAHEModel, PackedBatch
+from engine.similarity import segment_sums, similarity_weights, unit_rows
 from engine.training.data.log import BehaviorLog
 from engine.training.features import PastCounts, dense_features
 
@@ -27,7 +28,8 @@ from engine.training.features import PastCounts, dense_features
 class TimelineBatch:
     """K packed behavior sequences (offsets (K+1,)) and B targets reading them.
     sequence[b, s]: packed sequence that target b's sequence s reads; prefix[b, s]: how many of its first
-    behaviors (0: empty); item_rows (B,), dense (B, F) side features or None."""
+    behaviors (0: empty); item_rows (B,), dense (B, F) side features or None; pairs: the sum of prefix, a
+    host int (the (target, behavior) pairs of the similarity features)."""
     behavior_rows: torch.Tensor
     offsets: torch.Tensor
     sequence: torch.Tensor
@@ -35,11 +37,12 @@ class TimelineBatch:
     item_rows: torch.Tensor
     dense: torch.Tensor | None
     max_len: int  # the longest packed sequence, known on the host
+    pairs: int
 
     def to(self, device: torch.device) -> TimelineBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return TimelineBatch(move(self.behavior_rows), move(self.offsets), move(self.sequence), move(self.prefix),
-                             move(self.item_rows), move(self.dense), self.max_len)
+                             move(self.item_rows), move(self.dense), self.max_len, self.pairs)
 
 
 def _pack(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +79,8 @@ def timeline_batch(log: BehaviorLog, rows: np.ndarray, names: tuple[str, ...], m
     dense = torch.from_numpy(dense_features(counts, log, rows, names)) if with_dense else None
     return TimelineBatch(torch.from_numpy(behavior_row[values]), torch.from_numpy(offsets),
                          torch.from_numpy(sequence), torch.from_numpy(prefix),
-                         torch.from_numpy(item_row[log.item[rows]]), dense, int(np.diff(offsets).max(initial=0)))
+                         torch.from_numpy(item_row[log.item[rows]]), dense, int(np.diff(offsets).max(initial=0)),
+                         int(prefix.sum()))
 
 
 def prefix_means(states: torch.Tensor, offsets: torch.Tensor, sequence: torch.Tensor, prefix: torch.Tensor,
@@ -92,6 +96,27 @@ def prefix_means(states: torch.Tensor, offsets: torch.Tensor, sequence: torch.Te
     return torch.where((prefix > 0).unsqueeze(-1), means, empty.to(states.dtype)[None, :, :])
 
 
+def prefix_similar(model: BAHEModel, behavior_table: torch.Tensor, item_table: torch.Tensor,
+                   batch: TimelineBatch) -> torch.Tensor | None:
+    """(B, n, k) soft counts of each target's prefixes (`engine.similarity`): the scorer's `BAHEModel.similar`
+    over the prefix, one (target, behavior) pair per behavior of each prefix, their cosines read from one
+    (targets x distinct rows) product; None for a model without them."""
+    temperatures = model.config.similarity_temperatures
+    if not temperatures:
+        return None
+    targets, n = batch.sequence.shape
+    lengths = batch.prefix.reshape(-1)
+    device = lengths.device
+    pair_offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, dim=0)])
+    owner = torch.repeat_interleave(torch.arange(targets * n, device=device), lengths, output_size=batch.pairs)
+    within = torch.arange(batch.pairs, device=device) - pair_offsets[owner]
+    position = batch.offsets[batch.sequence.reshape(-1)][owner] + within
+    distinct, which = torch.unique(batch.behavior_rows[position], return_inverse=True)
+    cos = unit_rows(item_table[batch.item_rows].float()) @ unit_rows(behavior_table[distinct].float()).T
+    weights = similarity_weights(cos[owner // n, which], temperatures)
+    return segment_sums(weights, pair_offsets).view(targets, n, len(temperatures))
+
+
 def timeline_logits(model: BAHEModel, behavior_table: torch.Tensor, item_table: torch.Tensor,
                     batch: TimelineBatch) -> torch.Tensor:
     """(B,) fp32 logits of every target of the batch from one pass of the upper layers."""
@@ -101,4 +126,5 @@ def timeline_logits(model: BAHEModel, behavior_table: torch.Tensor, item_table: 
     states = model.upper.forward_packed(x, offsets, max(batch.max_len, 1))
     behaviors = batch.behavior_rows.numel()
     user = prefix_means(states[:behaviors], batch.offsets, batch.sequence, batch.prefix, model.empty_sequence)
-    return model.logits(user, states[behaviors:behaviors + targets], batch.item_rows, batch.dense)
+    similar = prefix_similar(model, behavior_table, item_table, batch)
+    return model.logits(user, states[behaviors:behaviors + targets], batch.item_rows, batch.dense, similar)
