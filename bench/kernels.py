@@ -1,6 +1,7 @@
 """Kernel benchmark: every fused op's Triton kernel against its PyTorch reference.
 
     python -m bench.kernels [--device cuda|cpu] [--dtype bfloat16|float32] [--csv results.csv] [--reps N]
+                            [--only OP_PREFIX] [--mlp-batch B] [--mlp-widths D H1 ... 1]
 
 For each op it prints the kernel time, the reference time, their ratio (reference / kernel, so
 > 1 means the kernel is faster) and the achieved bandwidth (GB/s: gather, pooling, gather-mean,
@@ -196,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=None, help="timed calls per case (default 20 on CUDA, 3 on CPU)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                         help="element type (default bfloat16 on CUDA, float32 on the CPU)")
+    parser.add_argument("--only", default="", help="time only the ops whose name starts with this")
+    parser.add_argument("--mlp-batch", type=int, default=None, help="rows of the CTR MLP's input")
+    parser.add_argument("--mlp-widths", type=int, nargs="+", default=None, help="the CTR MLP's widths, input first")
     parser.add_argument("--csv", type=Path, default=None, help="append one row per (op, provider) to this file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -210,6 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     shapes = CUDA_SHAPES if on_cuda else CPU_SHAPES
     if args.dtype:
         shapes = dataclasses.replace(shapes, dtype=getattr(torch, args.dtype))
+    if args.mlp_batch:
+        shapes = dataclasses.replace(shapes, mlp_batch=args.mlp_batch)
+    if args.mlp_widths:
+        shapes = dataclasses.replace(shapes, mlp_widths=args.mlp_widths)
     if not on_cuda:
         print("Triton kernels need CUDA: timing only the PyTorch references, on small CPU shapes")
     providers = ("triton", "torch", "sdpa") if on_cuda else ("torch",)
@@ -218,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{'rel err':>8}  shape")
     print(header)
     print("-" * len(header))
-    for case in build_cases(shapes, device):
+    for case in (c for c in build_cases(shapes, device) if c.op.startswith(args.only)):
         error = relative_error(case.providers["triton"](), case.providers["torch"]()) if on_cuda else None
         results = {p: timings(fn, device, reps) for p, fn in case.providers.items() if p in providers}
         kernel_s = results.get("triton", (None, None, None))[1]

@@ -25,8 +25,8 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 def similarity_weights(cos: torch.Tensor, temperatures: tuple[float, ...]) -> torch.Tensor:
     """(P,) cosines -> (P, k) float64 exp((cos - 1) / tau) per temperature: 1 for the same direction."""
-    taus = torch.tensor(temperatures, dtype=torch.float64, device=cos.device)
-    return torch.exp((cos.double().clamp(-1.0, 1.0)[:, None] - 1.0) / taus[None, :])
+    shifted = cos.double().clamp(-1.0, 1.0) - 1.0  # temperatures stay host scalars: no copy to the device
+    return torch.stack([torch.exp(shifted / tau) for tau in temperatures], dim=1)
 
 
 def segment_sums(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
