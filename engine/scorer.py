@@ -101,16 +101,24 @@ class BAHEScorer:
             raise ValueError(f"dtype must be one of {sorted(EMBEDDING_DTYPES)}, got {dtype!r}")
         ckpt = Checkpoint(files["backbone"])
         lower_layers = config.encoder.num_lower_layers
+        if lower_layers > ckpt.num_layers:
+            raise ScorerFormatError(f"{path}: encoder.num_lower_layers {lower_layers} is more than the "
+                                    f"{ckpt.num_layers} layers of its backbone")
         encoder = _encoder(ckpt, config, "cpu", progress=True)
         model_path = files["model"]
         try:
             state = load_file(str(model_path))
             num_upper = ckpt.num_layers - lower_layers
-            upper = UpperEncoder(ckpt.config, lower_layers, UpperEncoder.has_bias_from_state(
-                list(state), "upper.layers.", num_upper), causal=config.model.attention == "causal")
-            model = BAHEModel(upper, config.model, num_items=_trained_items(state))
+
+            def build() -> BAHEModel:
+                upper = UpperEncoder(ckpt.config, lower_layers, UpperEncoder.has_bias_from_state(
+                    list(state), "upper.layers.", num_upper), causal=config.model.attention == "causal")
+                return BAHEModel(upper, config.model, num_items=_trained_items(state))
+            with torch.device("meta"):  # shapes checked against the weights before any memory is taken:
+                build().load_state_dict(state, assign=True)  # an absurd config is refused without allocating for it
+            model = build()
             model.load_state_dict(state)
-        except (SafetensorError, RuntimeError, ValueError, IndexError) as err:
+        except (SafetensorError, RuntimeError, ValueError, IndexError, KeyError) as err:
             raise ScorerFormatError(f"{model_path}: not the weights of this scorer's model ({err})") from None
         model.to(EMBEDDING_DTYPES[dtype])
         behaviors = BehaviorTable.open(files["behaviors"], encoder)
@@ -125,6 +133,9 @@ class BAHEScorer:
         """A fresh (untrained) scorer on a base model ('minilm', 'smollm2' or a local folder): builds the
         behavior and item tables in `tables_dir` with ABE, or opens them there and appends only the
         texts they lack, and takes the upper layers from the checkpoint."""
+        for name, texts in (("behavior_texts", behavior_texts), ("item_texts", item_texts)):
+            if isinstance(texts, (str, bytes)):
+                raise TypeError(f"{name} must be a list of texts, got a single {type(texts).__name__}: {texts[:40]!r}")
         config = config or ScorerConfig()
         ckpt = Checkpoint(resolve_model(model))
         lower_layers = config.encoder.num_lower_layers
@@ -141,9 +152,10 @@ class BAHEScorer:
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the scorer folder crash-safely: a crash at any moment leaves the old or the new scorer,
-        never a mix (engine.scorer_folder)."""
+        never a mix (engine.scorer_folder). What the folder keeps is decided from its files at commit
+        time: saving an out-of-date scorer over a folder writes this scorer whole."""
         write_folder(Path(path), config=self.config, checkpoint=self.checkpoint, encoder=self.encoder,
-                     model=self.model, behaviors=self.behaviors.path, items=self.items.path)
+                     model=self.model, behaviors=self.behaviors, items=self.items)
 
     # ----- scoring ------------------------------------------------------------------------
     def score(self, users: Sequence[dict[str, Sequence[str]]], items: Sequence[str], *,
