@@ -17,7 +17,8 @@ from engine.abe import AtomicEncoder, ReusingEncoder
 from engine.config import ScorerConfig, ScoringConfig
 from engine.inputs import InputError, locate_bad_text, lookup_texts, parse_history_counts, parse_items, parse_users
 from engine.model import BAHEModel, PackedBatch
-from engine.scorer_folder import BEHAVIORS_FILE, ITEMS_FILE, ScorerFormatError, open_folder, write_folder
+from engine.scorer_folder import (BEHAVIORS_FILE, ITEMS_FILE, ScorerFormatError, open_folder, scorer_json_stamp,
+                                  write_folder)
 from engine.side_features import count_features, recent_counts
 from engine.stages import stage
 from kernels import ops
@@ -30,6 +31,7 @@ from weights.text_key import normalize_text
 
 log = logging.getLogger(__name__)
 
+LOAD_TRIES = 3
 PROB_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps]: always strictly inside (0, 1)
 
 
@@ -92,8 +94,26 @@ class BAHEScorer:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "auto", kernels: str = "auto",
                         dtype: str = "float32", scoring: ScoringConfig | None = None) -> BAHEScorer:
-        """Open a folder written by `save_pretrained` (tables memory-mapped, not read)."""
+        """Open a folder written by `save_pretrained` (tables memory-mapped, not read). A save into the
+        folder while it is read (its scorer.json replaced meanwhile) makes the load start again, so the
+        parts always come from one save; after LOAD_TRIES such races, the last error is raised."""
         path = Path(path)
+        for attempt in range(1, LOAD_TRIES + 1):
+            stamp = scorer_json_stamp(path)
+            try:
+                scorer = cls._load(path, device, kernels, dtype, scoring)
+            except (OSError, ValueError):  # a part removed or replaced by the save: ScorerFormatError, TableError...
+                if attempt == LOAD_TRIES or scorer_json_stamp(path) == stamp:
+                    raise
+                continue
+            if scorer_json_stamp(path) == stamp:
+                return scorer
+            log.info("%s was saved over while loading; loading it again", path)
+        raise ScorerFormatError(f"{path} was saved over {LOAD_TRIES} times while loading; try again")
+
+    @classmethod
+    def _load(cls, path: Path, device: str | torch.device, kernels: str, dtype: str,
+              scoring: ScoringConfig | None) -> BAHEScorer:
         config, files = open_folder(path)
         if scoring is not None:
             config.scoring = scoring

@@ -94,6 +94,16 @@ def read_scorer_json(path: Path) -> tuple[ScorerConfig, dict[str, str]]:
     return config, dict(files)
 
 
+def scorer_json_stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime in ns) of the folder's scorer.json, None when absent: every save replaces the file,
+    so the stamp changes with each committed save."""
+    try:
+        info = os.stat(path / SCORER_FILE)
+    except FileNotFoundError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
 def open_folder(path: Path) -> tuple[ScorerConfig, dict[str, Path]]:
     """(config, part -> path) of the scorer folder `path`, every part present; ScorerFormatError if not."""
     config, files = read_scorer_json(path)

@@ -16,7 +16,7 @@ from engine.scorer_folder import ScorerFormatError
 from tests.test_scorer import BEHAVIORS, ITEMS
 from weights.checkpoint import Checkpoint, CheckpointError
 from kernels.ctr_mlp import ACTIVATIONS
-from weights.table import EMBEDDING_DTYPES, TableChangedError, TableMismatchError
+from weights.table import EMBEDDING_DTYPES, BehaviorTable, TableChangedError, TableMismatchError
 
 PROBE_USERS = [{"click": BEHAVIORS[:3], "buy": BEHAVIORS[5:7]}, {"search": BEHAVIORS[2:9]}, {}]
 PROBE_ITEMS = ["coffee", "toy story", "red phone"]
@@ -106,6 +106,23 @@ def test_a_live_scorer_never_mixes_with_the_scorer_saved_over_its_folder(saved, 
     np.testing.assert_array_equal(live.score(PROBE_USERS, PROBE_ITEMS), known)  # still its own rows
     np.testing.assert_array_equal(_load(folder).score(PROBE_USERS, PROBE_ITEMS),
                                   _load(saved / "three").score(PROBE_USERS, PROBE_ITEMS))
+
+
+def test_a_load_racing_a_save_gives_one_whole_scorer(saved, tmp_path, monkeypatch):
+    """Another scorer saved over the folder while it is being read (here: between reading scorer.json
+    and opening the tables): the load starts again and returns the new scorer whole, never a mix."""
+    folder = tmp_path / "F"
+    shutil.copytree(saved / "two", folder)
+    three, real_open, saves = _load(saved / "three"), BehaviorTable.open.__func__, []
+
+    def open_during_a_save(cls, path, *args, **kwargs):
+        if not saves:
+            saves.append(three.save_pretrained(folder))
+        return real_open(cls, path, *args, **kwargs)
+    monkeypatch.setattr(BehaviorTable, "open", classmethod(open_during_a_save))
+    loaded = _load(folder)
+    assert saves and loaded.config.encoder.num_lower_layers == 3
+    np.testing.assert_array_equal(loaded.score(PROBE_USERS, PROBE_ITEMS), three.score(PROBE_USERS, PROBE_ITEMS))
 
 
 # ----- 5. configuration: every field's type and range, allocations bounded by the data -----------
