@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from engine.config import POOLINGS
 from engine.packing import pack_lists
 from kernels import ops
 from weights.checkpoint import Checkpoint
@@ -15,7 +16,6 @@ from engine.backbone.split import LowerEncoder
 from weights.table import ModelSignature
 
 PROGRESS_MIN_BATCHES = 4  # show a progress bar only for work of at least this many batches
-POOLINGS = ("mean", "mean_after_first")
 
 
 def default_pooling(family: str) -> str:

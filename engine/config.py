@@ -1,8 +1,50 @@
-"""Configuration, one dataclass per concern, with defaults that work out of the box."""
+"""Configuration, one dataclass per concern, with defaults that work out of the box. Every field is
+checked for its type and range when a config is made (also from a scorer.json): ValueError naming it."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
+
+POOLINGS = ("mean", "mean_after_first")
+HEAD_ACTIVATIONS = ("relu", "gelu", "silu")  # the keys of kernels.ctr_mlp.ACTIVATIONS
+TABLE_DTYPES = ("float32", "float16", "bfloat16")  # the keys of weights.table_format.EMBEDDING_DTYPES
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _typed(name: str, kind: str, value: object) -> object:
+    """`value` as the field's annotated type (numpy ints become int, lists tuples); ValueError if it is not one."""
+    if kind == "int" and _is_int(value):
+        return int(value)
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "str" and isinstance(value, str):
+        return value
+    if kind == "float" and isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    item_kind = {"tuple[str, ...]": "str", "tuple[int, ...]": "int", "tuple[float, ...]": "float"}.get(kind)
+    if item_kind and isinstance(value, (list, tuple)):
+        return tuple(_typed(f"{name}[{i}]", item_kind, v) for i, v in enumerate(value))
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    raise ValueError(f"{name} must be {'a finite float' if kind == 'float' else kind}, got "
+                     f"{type(value).__name__} {shown}")
+
+
+def _check_fields(config: object, ranges: dict[str, tuple]) -> None:
+    """Coerce every field to its annotated type (ValueError naming the field), then check `ranges`:
+    name -> ("min", lowest) | ("choice", allowed values)."""
+    for f in fields(config):
+        setattr(config, f.name, _typed(f.name, f.type, getattr(config, f.name)))
+    for name, (rule, bound) in ranges.items():
+        value = getattr(config, name)
+        values = value if isinstance(value, tuple) else (value,)
+        if rule == "min" and any(v < bound for v in values):
+            raise ValueError(f"{name} must be >= {bound}, got {value!r}")
+        if rule == "choice" and value not in bound:
+            raise ValueError(f"{name} must be one of {bound}, got {value!r}")
 
 
 @dataclass
@@ -14,6 +56,10 @@ class EncoderConfig:
                                     # attention-sink first token); "auto": by family (engine.abe.default_pooling)
     table_dtype: str = "float32"    # storage dtype of the behavior/item tables
     token_budget: int = 8192        # tokens per encoding batch (texts are sorted by length first)
+
+    def __post_init__(self) -> None:
+        _check_fields(self, {"num_lower_layers": ("min", 0), "max_tokens": ("min", 1), "token_budget": ("min", 1),
+                             "pooling": ("choice", ("auto", *POOLINGS)), "table_dtype": ("choice", TABLE_DTYPES)})
 
 
 @dataclass
@@ -38,24 +84,22 @@ class ModelConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        self.sequence_names = tuple(self.sequence_names)
-        self.head_hidden = tuple(self.head_hidden)
-        self.similarity_temperatures = tuple(self.similarity_temperatures)
-        if not all(isinstance(t, (int, float)) and math.isfinite(t) and t > 0 for t in self.similarity_temperatures):
-            raise ValueError(f"similarity_temperatures must be finite numbers > 0, got {self.similarity_temperatures}")
+        _check_fields(self, {"max_behaviors": ("min", 1), "head_hidden": ("min", 1), "head_cross_layers": ("min", 0),
+                             "head_cross_rank": ("min", 1), "head_text_dim": ("min", 0), "recent_events": ("min", 0),
+                             "item_id_dim": ("min", 0), "dropout": ("min", 0.0),
+                             "head_activation": ("choice", HEAD_ACTIVATIONS)})
+        if not self.dropout < 1:
+            raise ValueError(f"dropout must be < 1, got {self.dropout}")
+        if not all(t > 0 for t in self.similarity_temperatures):
+            raise ValueError(f"similarity_temperatures must be > 0, got {self.similarity_temperatures}")
+        if not all(self.sequence_names):
+            raise ValueError(f"sequence_names must be non-empty strings, got {self.sequence_names}")
         if not self.sequence_names or len(set(self.sequence_names)) != len(self.sequence_names):
             raise ValueError(f"sequence_names must be non-empty and unique, got {self.sequence_names}")
-        if self.max_behaviors < 1:
-            raise ValueError(f"max_behaviors must be >= 1, got {self.max_behaviors}")
         if self.behavior_positions not in ("learned", "none"):
             raise ValueError(f"behavior_positions must be 'learned' or 'none', got {self.behavior_positions!r}")
         if self.attention not in ("causal", "family"):
             raise ValueError(f"attention must be 'causal' or 'family', got {self.attention!r}")
-        if min(self.head_cross_layers, self.item_id_dim, self.recent_events, self.head_text_dim) < 0 or self.head_cross_rank < 1:
-            raise ValueError(f"head_cross_layers, item_id_dim and recent_events must be >= 0 and head_cross_rank >= 1, "
-                             f"got {self.head_cross_layers}, {self.item_id_dim}, {self.recent_events}, "
-                             f"{self.head_cross_rank}")
-
 
     def text_only(self) -> ModelConfig:
         """This model's text part alone (no side features, MLP head): what the raw-token baseline has."""
@@ -73,6 +117,7 @@ class ScoringConfig:
     batch_size: int = 512               # users per forward pass
 
     def __post_init__(self) -> None:
+        _check_fields(self, {})
         for name, allowed in (("unknown_sequence", ("error", "ignore")), ("unknown_behavior", ("encode", "error")),
                               ("unknown_item", ("encode", "error"))):
             if getattr(self, name) not in allowed:
@@ -103,16 +148,26 @@ class ScorerConfig:
     @classmethod
     def from_dict(cls, raw: dict, format_version: int = CONFIG_VERSION) -> ScorerConfig:
         """The config of a scorer.json; keys missing from an older format take that format's meaning."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"the scorer config must be a mapping, got {type(raw).__name__}")
+        unknown = set(raw) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"scorer config has unknown sections {sorted(map(str, unknown))}")
         parts = {}
         for part in fields(cls):
             kind = {"encoder": EncoderConfig, "model": ModelConfig, "scoring": ScoringConfig}[part.name]
             given = raw.get(part.name, {})
+            if not isinstance(given, dict):
+                raise ValueError(f"scorer config section {part.name!r} must be a mapping, got {type(given).__name__}")
             if part.name == "model":
                 for version, meaning in INTRODUCED_MODEL_KEYS.items():
                     if format_version < version:
                         given = {**meaning, **given}
             unknown = set(given) - {f.name for f in fields(kind)}
             if unknown:
-                raise ValueError(f"scorer config section {part.name!r} has unknown keys {sorted(unknown)}")
-            parts[part.name] = kind(**given)
+                raise ValueError(f"scorer config section {part.name!r} has unknown keys {sorted(map(str, unknown))}")
+            try:
+                parts[part.name] = kind(**given)
+            except ValueError as err:
+                raise ValueError(f"{part.name}.{err}") from None
         return cls(**parts)

@@ -17,7 +17,8 @@ from engine.abe import AtomicEncoder, ReusingEncoder
 from engine.config import ScorerConfig, ScoringConfig
 from engine.inputs import InputError, locate_bad_text, lookup_texts, parse_history_counts, parse_items, parse_users
 from engine.model import BAHEModel, PackedBatch
-from engine.scorer_folder import BEHAVIORS_FILE, ITEMS_FILE, ScorerFormatError, open_folder, write_folder
+from engine.scorer_folder import (BEHAVIORS_FILE, ITEMS_FILE, ScorerFormatError, open_folder, scorer_json_stamp,
+                                  write_folder)
 from engine.side_features import count_features, recent_counts
 from engine.stages import stage
 from kernels import ops
@@ -30,6 +31,7 @@ from weights.text_key import normalize_text
 
 log = logging.getLogger(__name__)
 
+LOAD_TRIES = 3
 PROB_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps]: always strictly inside (0, 1)
 
 
@@ -92,8 +94,26 @@ class BAHEScorer:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "auto", kernels: str = "auto",
                         dtype: str = "float32", scoring: ScoringConfig | None = None) -> BAHEScorer:
-        """Open a folder written by `save_pretrained` (tables memory-mapped, not read)."""
+        """Open a folder written by `save_pretrained` (tables memory-mapped, not read). A save into the
+        folder while it is read (its scorer.json replaced meanwhile) makes the load start again, so the
+        parts always come from one save; after LOAD_TRIES such races, the last error is raised."""
         path = Path(path)
+        for attempt in range(1, LOAD_TRIES + 1):
+            stamp = scorer_json_stamp(path)
+            try:
+                scorer = cls._load(path, device, kernels, dtype, scoring)
+            except (OSError, ValueError):  # a part removed or replaced by the save: ScorerFormatError, TableError...
+                if attempt == LOAD_TRIES or scorer_json_stamp(path) == stamp:
+                    raise
+                continue
+            if scorer_json_stamp(path) == stamp:
+                return scorer
+            log.info("%s was saved over while loading; loading it again", path)
+        raise ScorerFormatError(f"{path} was saved over {LOAD_TRIES} times while loading; try again")
+
+    @classmethod
+    def _load(cls, path: Path, device: str | torch.device, kernels: str, dtype: str,
+              scoring: ScoringConfig | None) -> BAHEScorer:
         config, files = open_folder(path)
         if scoring is not None:
             config.scoring = scoring
@@ -101,16 +121,24 @@ class BAHEScorer:
             raise ValueError(f"dtype must be one of {sorted(EMBEDDING_DTYPES)}, got {dtype!r}")
         ckpt = Checkpoint(files["backbone"])
         lower_layers = config.encoder.num_lower_layers
+        if lower_layers > ckpt.num_layers:
+            raise ScorerFormatError(f"{path}: encoder.num_lower_layers {lower_layers} is more than the "
+                                    f"{ckpt.num_layers} layers of its backbone")
         encoder = _encoder(ckpt, config, "cpu", progress=True)
         model_path = files["model"]
         try:
             state = load_file(str(model_path))
             num_upper = ckpt.num_layers - lower_layers
-            upper = UpperEncoder(ckpt.config, lower_layers, UpperEncoder.has_bias_from_state(
-                list(state), "upper.layers.", num_upper), causal=config.model.attention == "causal")
-            model = BAHEModel(upper, config.model, num_items=_trained_items(state))
+
+            def build() -> BAHEModel:
+                upper = UpperEncoder(ckpt.config, lower_layers, UpperEncoder.has_bias_from_state(
+                    list(state), "upper.layers.", num_upper), causal=config.model.attention == "causal")
+                return BAHEModel(upper, config.model, num_items=_trained_items(state))
+            with torch.device("meta"):  # shapes checked against the weights before any memory is taken:
+                build().load_state_dict(state, assign=True)  # an absurd config is refused without allocating for it
+            model = build()
             model.load_state_dict(state)
-        except (SafetensorError, RuntimeError, ValueError, IndexError) as err:
+        except (SafetensorError, RuntimeError, ValueError, IndexError, KeyError) as err:
             raise ScorerFormatError(f"{model_path}: not the weights of this scorer's model ({err})") from None
         model.to(EMBEDDING_DTYPES[dtype])
         behaviors = BehaviorTable.open(files["behaviors"], encoder)
@@ -125,6 +153,9 @@ class BAHEScorer:
         """A fresh (untrained) scorer on a base model ('minilm', 'smollm2' or a local folder): builds the
         behavior and item tables in `tables_dir` with ABE, or opens them there and appends only the
         texts they lack, and takes the upper layers from the checkpoint."""
+        for name, texts in (("behavior_texts", behavior_texts), ("item_texts", item_texts)):
+            if isinstance(texts, (str, bytes)):
+                raise TypeError(f"{name} must be a list of texts, got a single {type(texts).__name__}: {texts[:40]!r}")
         config = config or ScorerConfig()
         ckpt = Checkpoint(resolve_model(model))
         lower_layers = config.encoder.num_lower_layers
@@ -141,9 +172,10 @@ class BAHEScorer:
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the scorer folder crash-safely: a crash at any moment leaves the old or the new scorer,
-        never a mix (engine.scorer_folder)."""
+        never a mix (engine.scorer_folder). What the folder keeps is decided from its files at commit
+        time: saving an out-of-date scorer over a folder writes this scorer whole."""
         write_folder(Path(path), config=self.config, checkpoint=self.checkpoint, encoder=self.encoder,
-                     model=self.model, behaviors=self.behaviors.path, items=self.items.path)
+                     model=self.model, behaviors=self.behaviors, items=self.items)
 
     # ----- scoring ------------------------------------------------------------------------
     def score(self, users: Sequence[dict[str, Sequence[str]]], items: Sequence[str], *,

@@ -90,7 +90,11 @@ def _sha(path):
 
 
 def _temps(folder):
-    return [p for p in Path(folder).rglob("*") if TEMP_MARK in p.name]
+    while True:
+        try:
+            return [p for p in Path(folder).rglob("*") if TEMP_MARK in p.name]
+        except FileNotFoundError:  # a running writer removed a folder (a killed save's leftover) while listed
+            continue
 
 
 def _append_new_rows(path):

@@ -13,8 +13,8 @@ from safetensors import safe_open
 
 from weights import table as table_module
 from weights.atomic import FileLockTimeout, file_lock
-from weights.table import (BehaviorTable, HashCollisionError, ModelSignature, NonFiniteRowError, TableFormatError,
-                           TableMismatchError, UnknownTextError)
+from weights.table import (BehaviorTable, HashCollisionError, ModelSignature, NonFiniteRowError, TableChangedError,
+                           TableFormatError, TableMismatchError, UnknownTextError)
 
 
 class HashEncoder:
@@ -238,3 +238,82 @@ print(rss() - before, len(t))
 class FastEncoder(HashEncoder):
     def encode(self, texts):
         return torch.ones(len(texts), self.signature.hidden_size)
+
+
+# ----- out-of-date objects, hostile headers, bad arguments ---------------------------------------
+def _remove(path):
+    path.unlink()
+
+
+@pytest.mark.parametrize("replace,error", [
+    (lambda p: BehaviorTable.build(p, TEXTS, HashEncoder(num_lower_layers=3), overwrite=True), TableMismatchError),
+    (lambda p: BehaviorTable.build(p, TEXTS, HashEncoder(fingerprint="0" * 32), overwrite=True), TableMismatchError),
+    (lambda p: BehaviorTable.build(p, TEXTS[::-1], HashEncoder(), overwrite=True), TableChangedError),
+    (lambda p: BehaviorTable.build(p, TEXTS[:2], HashEncoder(), overwrite=True), TableChangedError),
+    (lambda p: BehaviorTable.build(p, TEXTS, HashEncoder(), dtype="float16", overwrite=True), TableChangedError),
+    (_remove, TableChangedError),
+])
+def test_an_out_of_date_table_object_never_writes_into_another_table(tmp_path, replace, error):
+    """Whatever replaced the file since the object opened it, the object's writes are refused (under the
+    lock, from what is on disk), the file is left as it is, and the object keeps answering from its own rows."""
+    path = tmp_path / "t.safetensors"
+    stale = BehaviorTable.build(path, TEXTS, HashEncoder())
+    replace(path)
+    before = path.read_bytes() if path.exists() else None
+    for write in (lambda: stale.append(["x"]), lambda: stale.lookup(["y"], on_missing="encode")):
+        with pytest.raises(error, match="does not match|replaced|removed"):
+            write()
+    assert (path.read_bytes() if path.exists() else None) == before
+    assert stale.lookup(TEXTS).tolist() == [0, 1, 0, 2, 3, 0] and stale.signature.num_lower_layers == 2
+    if before is not None:
+        BehaviorTable.open(path, verify=True)
+
+
+def test_an_out_of_date_object_appends_after_other_writers_appended(tmp_path):
+    path = tmp_path / "t.safetensors"
+    first, second = BehaviorTable.build(path, TEXTS, HashEncoder()), BehaviorTable.open(path, HashEncoder())
+    assert second.append(["from the second"]) == 1
+    assert first.append(["from the first"]) == 1  # the file grew by appends: still this table
+    assert first.lookup(["from the second", "from the first"]).tolist() == [4, 5]
+    BehaviorTable.open(path, verify=True)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: h.replace(b'"keys":{', b'"junk":' + b"[" * 5000 + b"]" * 5000 + b',"keys":{'),
+    lambda h: h.replace(b'"shape":[4]', b'"shape":[' + b"9" * 5000 + b"]", 1),
+    lambda h: h.replace(b'"shape":[4]', b'"shape":[Infinity]', 1),
+    lambda h: h.replace(b'"shape":[4]', b'"shape":[1e999]', 1),
+    lambda h: h.replace(b'"shape":[4]', b'"shape":[NaN]', 1),
+    lambda h: h.replace(b'"format_version":"1"', b'"format_version":"' + b"9" * 5000 + b'"'),
+    lambda h: h.replace(b'"format_version":"1"', b'"format_version":"Infinity"'),
+    lambda h: h.replace(b'"hidden_size":"16"', b'"hidden_size":"' + b"9" * 5000 + b'"'),
+])
+def test_hostile_headers_are_table_format_errors(tmp_path, edit):
+    path = tmp_path / "t.safetensors"
+    BehaviorTable.build(path, TEXTS, HashEncoder())
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = edit(raw[8:8 + n].rstrip())
+    assert header != raw[8:8 + n].rstrip()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + n:])
+    with pytest.raises(TableFormatError):
+        BehaviorTable.open(path, HashEncoder())
+
+
+def test_a_single_str_is_refused_where_texts_are_expected(tmp_path):
+    path = tmp_path / "t.safetensors"
+    table = BehaviorTable.build(path, TEXTS, HashEncoder())
+    for call in (lambda: table.append("hello"), lambda: table.lookup("hello", on_missing="encode"),
+                 lambda: BehaviorTable.build(tmp_path / "b.safetensors", "hello", HashEncoder())):
+        with pytest.raises(TypeError, match="texts must be a list .* got a single str: 'hello'"):
+            call()
+    assert len(BehaviorTable.open(path)) == 4 and not (tmp_path / "b.safetensors").exists()
+
+
+@pytest.mark.parametrize("timeout", ["5", True, [1], float("nan"), -1e-9])
+def test_a_lock_timeout_that_is_not_seconds_is_refused_naming_it(tmp_path, timeout):
+    path = tmp_path / "t.safetensors"
+    table = BehaviorTable.build(path, TEXTS, HashEncoder())
+    with pytest.raises(ValueError, match="lock_timeout must be a number of seconds"):
+        table.append(["x"], lock_timeout=timeout)
+    assert len(BehaviorTable.open(path)) == 4

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import os
 import shutil
 import uuid
@@ -128,13 +129,19 @@ def remove_stale_temps(path: Path) -> None:
         _remove(stale)
 
 
+def check_lock_timeout(timeout: object) -> None:
+    """ValueError naming `lock_timeout` unless it is None (wait forever) or a number of seconds >= 0."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
+                                or not timeout >= 0):  # NaN fails every comparison
+        raise ValueError(f"lock_timeout must be a number of seconds >= 0 or None (wait forever), got {timeout!r}")
+
+
 @contextlib.contextmanager
 def file_lock(path: str | Path, timeout: float | None = None) -> Iterator[None]:
     """Exclusive lock on `<path>.lock` (flock, through `filelock.FileLock`). Waits up to `timeout`
     seconds (None: forever), then raises FileLockTimeout naming `path`. The lock file is kept on
     release; the kernel drops the lock of a holder that dies."""
-    if timeout is not None and not timeout >= 0:  # NaN fails every comparison
-        raise ValueError(f"lock timeout must be a number of seconds >= 0 or None (wait forever), got {timeout!r}")
+    check_lock_timeout(timeout)
     lock_path = f"{path}.lock"
     # preserve_lock_file: unlinking on release would let a waiter lock an inode no later writer sees;
     # it also keeps filelock on flock (no fallback to a soft lock that a killed holder leaves behind).

@@ -1,21 +1,29 @@
 """A Hugging Face checkpoint in a local folder: config, tokenizer and safetensors weights, read
-lazily tensor by tensor. Pickled weights (*.bin, *.pt) are refused: loading them runs code."""
+lazily tensor by tensor. Pickled weights (*.bin, *.pt) are refused: loading them runs code.
+
+The small files (config.json and the tokenizer's files) are read once, when the checkpoint is opened:
+the fingerprint and `save_small_files` use those bytes, so a folder replaced on disk later (a scorer
+saved over the one this came from) cannot slip another model's tokenizer in. The weight files stay
+open (memory-mapped) from the start too."""
 from __future__ import annotations
 
 import hashlib
 import json
-from functools import cached_property
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from weights.atomic import atomic_write
+
 SUPPORTED_FAMILIES = ("bert", "llama", "qwen2")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Prefixes under which task heads nest the base model's tensors (BertForMaskedLM, LlamaForCausalLM, ...).
 BASE_PREFIXES = ("", "model.", "bert.")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model")
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")  # one is needed
+SMALL_FILES = ("config.json", *TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json")
 # Config fields that change what the layers compute; they enter the fingerprint.
 FINGERPRINT_CONFIG = ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                       "hidden_act", "layer_norm_eps", "rms_norm_eps", "rope_parameters", "max_position_embeddings",
@@ -35,6 +43,11 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint folder {self.folder} does not exist")
         if not (self.folder / "config.json").is_file():
             raise CheckpointError(f"{self.folder}: missing config.json")
+        if not any((self.folder / name).is_file() for name in VOCABULARY_FILES):
+            raise CheckpointError(f"{self.folder}: cannot load the tokenizer: no vocabulary file (none of "
+                                  f"{', '.join(VOCABULARY_FILES)}), every word would be unknown")
+        self.small_files = {name: (self.folder / name).read_bytes() for name in SMALL_FILES
+                            if (self.folder / name).is_file()}
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             pickled = [p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
@@ -60,6 +73,7 @@ class Checkpoint:
             self._handles[path] = handle
             for name in handle.keys():
                 self._file_of[name] = path
+        self.tokenizer = self._load_tokenizer()
 
     @property
     def hidden_size(self) -> int:
@@ -93,17 +107,26 @@ class Checkpoint:
             raise CheckpointError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
         return self._handles[self._file_of[stored]].get_tensor(stored)
 
-    @cached_property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
+    def _load_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The folder's tokenizer; CheckpointError when it does not load or does not fit the model."""
         try:
-            return AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
-        except (ValueError, OSError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{self.folder}: cannot load the tokenizer ({err})") from None
+            tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+            size, specials = len(tokenizer), len(set(tokenizer.all_special_ids))
+        except Exception as err:  # noqa: BLE001 - hostile files raise anything (RecursionError, ...): one answer
+            raise CheckpointError(f"{self.folder}: cannot load the tokenizer ({type(err).__name__}: {err})") from None
+        vocab_size = getattr(self.config, "vocab_size", None)
+        if isinstance(vocab_size, int) and size > vocab_size:
+            raise CheckpointError(f"{self.folder}: the tokenizer has {size} tokens, more than the model's vocab_size "
+                                  f"{vocab_size}: not this model's tokenizer")
+        if size <= specials:
+            raise CheckpointError(f"{self.folder}: the tokenizer holds only its {specials} special tokens, no vocabulary")
+        return tokenizer
 
-    def tokenizer_files(self) -> list[Path]:
-        """Files that define the tokenizer (copied with the lower layers, hashed in the fingerprint)."""
-        names = (*TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json")
-        return [self.folder / n for n in names if (self.folder / n).is_file()]
+    def save_small_files(self, folder: Path) -> None:
+        """Write config.json and the tokenizer files, as read at open, into `folder` (each atomically)."""
+        for name, raw in self.small_files.items():
+            with atomic_write(folder / name) as handle:
+                handle.write(raw)
 
     def fingerprint(self, tensor_names: list[str]) -> str:
         """BLAKE2b of the computing config fields, the tokenizer files and the given tensors' bytes:
@@ -111,9 +134,9 @@ class Checkpoint:
         digest = hashlib.blake2b(digest_size=16)
         fields = {k: getattr(self.config, k, None) for k in FINGERPRINT_CONFIG}
         digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
-        for path in self.tokenizer_files():
-            if path.name in TOKENIZER_FILES:
-                digest.update(path.name.encode() + path.read_bytes())
+        for name in SMALL_FILES:
+            if name in TOKENIZER_FILES and name in self.small_files:
+                digest.update(name.encode() + self.small_files[name])
         for name in sorted(tensor_names):
             tensor = self.tensor(name).contiguous()
             digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())

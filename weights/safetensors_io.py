@@ -15,6 +15,8 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from weights import bounded_json
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 # safetensors dtype tag -> (torch dtype, numpy dtype used for the raw mmap, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, type, int]] = {
@@ -66,8 +68,8 @@ def read_header(path: str | Path, handle: BinaryIO) -> Header:
                                      "(truncated or corrupt)")
     raw = handle.read(header_len)
     try:
-        parsed = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        parsed = bounded_json.loads(raw, max_bytes=MAX_HEADER_BYTES)
+    except ValueError as err:
         raise SafetensorsFormatError(f"{path}: header is not valid JSON ({err})") from None
     if not isinstance(parsed, dict):
         raise SafetensorsFormatError(f"{path}: header must be a JSON object, got {type(parsed).__name__}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from weights.atomic import atomic_write, file_lock, remove_stale_temps
+from weights.atomic import atomic_write, check_lock_timeout, file_lock, remove_stale_temps
 from weights.safetensors_io import (
     TAG_OF_TORCH,
     SafetensorsFormatError,
@@ -29,6 +29,7 @@ from weights.table_format import (
     ModelSignature,
     NonFiniteRowError,
     Snapshot,
+    TableChangedError,
     TableError,
     TableFormatError,
     TableMismatchError,
@@ -42,14 +43,22 @@ from weights.table_format import (
 )
 from weights.text_key import normalize_text, text_keys
 
-__all__ = ["BehaviorTable", "HashCollisionError", "ModelSignature", "NonFiniteRowError", "TableError",
-           "TableFormatError", "TableMismatchError", "UnknownTextError", "EMBEDDING_DTYPES", "MISSING",
+__all__ = ["BehaviorTable", "HashCollisionError", "ModelSignature", "NonFiniteRowError", "TableChangedError",
+           "TableError", "TableFormatError", "TableMismatchError", "UnknownTextError", "EMBEDDING_DTYPES", "MISSING",
            "TextEncoder", "first_nonfinite_row"]
 
 log = logging.getLogger(__name__)
 
 ENCODE_CHUNK = 16384  # texts encoded and written per step while building or appending
 MISSING = -1
+
+
+def _text_list(texts: object, name: str) -> None:
+    """TypeError for a single str (or bytes) where a list of texts is expected: iterating it would
+    make one text per character."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"{name} must be a list (or iterable) of texts, got a single {type(texts).__name__}: "
+                        f"{texts[:40]!r}; wrap it in a list")
 
 
 def _unique_normalized(texts: Iterable[object]) -> list[str]:
@@ -92,6 +101,7 @@ class BehaviorTable:
               kind: str = "behavior", overwrite: bool = False) -> BehaviorTable:
         """Encode every unique text once with `encoder` and write a new table at `path` atomically."""
         path = Path(path)
+        _text_list(texts, "texts")
         if dtype not in EMBEDDING_DTYPES:
             raise ValueError(f"table dtype must be one of {sorted(EMBEDDING_DTYPES)}, got {dtype!r}")
         if path.exists() and not overwrite:
@@ -132,6 +142,10 @@ class BehaviorTable:
         return table
 
     def _load(self) -> None:
+        self.signature, self.kind, self.dtype, self._snap = self._read()
+
+    def _read(self) -> tuple[ModelSignature, str, str, Snapshot]:
+        """(signature, kind, dtype, snapshot) of the file now at `path`."""
         where = str(self.path)
         # Header and data through one open file: an append replacing the path meanwhile cannot mix them.
         with open(self.path, "rb") as handle:
@@ -139,9 +153,42 @@ class BehaviorTable:
                 header = read_header(self.path, handle)
             except SafetensorsFormatError as err:
                 raise TableFormatError(str(err)) from None
-            self.signature, self.kind, self.dtype = check_header(header, where)
-            snap = Snapshot.map(header, handle, where)
-        self._snap = snap  # one assignment: concurrent readers see the old or the new table, never a mix
+            signature, kind, dtype = check_header(header, where)
+            return signature, kind, dtype, Snapshot.map(header, handle, where)
+
+    def _on_disk(self, signature: ModelSignature) -> tuple[ModelSignature, str, Snapshot]:
+        """(signature, kind, snapshot) of the file at `path` now, provided it is this table, possibly grown
+        by appends: built with `signature` (else TableMismatchError), same dtype and this object's rows
+        first (else TableChangedError; also when the file is gone)."""
+        try:
+            found, kind, dtype, snap = self._read()
+        except FileNotFoundError:
+            raise TableChangedError(f"{self.path} was removed since this table was opened (a scorer saved over "
+                                    "its folder?); open it again") from None
+        found.check_matches(signature, str(self.path))
+        old = self._snap
+        n = len(old.keys)
+        if dtype != self.dtype or len(snap.keys) < n or not np.array_equal(snap.keys[:n], old.keys):
+            raise TableChangedError(f"{self.path} was replaced by another table since this one was opened "
+                                    f"({len(snap.keys)} {dtype} rows on disk do not extend the {n} {self.dtype} rows "
+                                    "read before); open it again")
+        return found, kind, snap
+
+    def _reload_to_write(self) -> None:
+        """Under the file lock: take the table as it is on disk now (another process may have appended),
+        checked against the encoder by `_on_disk`. Nothing is taken from a file that fails, so this object
+        never mixes two tables."""
+        signature, kind, snap = self._on_disk(self.encoder.signature)
+        # one assignment of the snapshot: concurrent readers see the old or the new table, never a mix
+        self.signature, self.kind, self._snap = signature, kind, snap
+
+    def extended_on_disk(self) -> bool:
+        """Whether the file at `path` is still this table, possibly grown by appends (call under its lock)."""
+        try:
+            self._on_disk(self.signature)
+        except TableError:
+            return False
+        return True
 
     # ----- reading --------------------------------------------------------------------------
     @property
@@ -179,6 +226,7 @@ class BehaviorTable:
     def lookup(self, texts: Sequence[str], *, on_missing: str = "raise") -> np.ndarray:
         """(n,) int64 row of each text. Unknown texts: 'raise' (UnknownTextError), 'mark' (row -1),
         or 'encode' (encoded with the table's encoder and appended to the file)."""
+        _text_list(texts, "texts")
         if on_missing not in ("raise", "mark", "encode"):
             raise ValueError(f"on_missing must be 'raise', 'mark' or 'encode', got {on_missing!r}")
         unique = list(dict.fromkeys(texts))
@@ -216,20 +264,24 @@ class BehaviorTable:
     # ----- writing --------------------------------------------------------------------------
     def append(self, texts: Iterable[str], *, lock_timeout: float | None = None) -> int:
         """Encode the texts not yet in the table and rewrite the file atomically (temp file, fsync,
-        rename) under an inter-process lock. Returns how many rows were added."""
+        rename) under an inter-process lock. Returns how many rows were added. The file on disk must be
+        this table, possibly grown by other writers: TableMismatchError if it now holds another model's
+        table, TableChangedError if it was removed or replaced."""
+        _text_list(texts, "texts")
+        check_lock_timeout(lock_timeout)
         if self.encoder is None:
             raise TableError(f"{self.path}: appending needs the model: open the table with an encoder")
         unique = _unique_normalized(texts)
         with self._write_lock, file_lock(self.path, timeout=lock_timeout):
             remove_stale_temps(self.path)
-            self._load()  # another process may have appended since we opened
+            self._reload_to_write()  # another process may have appended since we opened
             new = [t for t, row in zip(unique, self._find(unique)) if row == MISSING]
             if not new:
                 return 0
             new_keys = text_keys(new)
             check_no_collisions(new_keys, new)  # _find already refused keys that collide with stored rows
             self._write_appended(new, new_keys)
-            self._load()
+            self._reload_to_write()
         log.info("appended %d rows to %s (now %d)", len(new), self.path, len(self))
         return len(new)
 
@@ -252,5 +304,20 @@ class BehaviorTable:
             TensorSource("text_bytes", "U8", (txt_len + new_bytes.size,),
                          itertools.chain(file_chunks(self.path, txt_start, txt_len), [new_bytes])),
         ]
-        with atomic_write(self.path) as handle:
-            write_safetensors(handle, sources, dict(header.metadata))
+        try:
+            with atomic_write(self.path) as handle:
+                write_safetensors(handle, sources, dict(header.metadata))
+        except SafetensorsFormatError as err:  # the old rows could not be read back: the file is damaged
+            raise TableFormatError(str(err)) from None
+
+    def save_copy(self, target: Path) -> None:
+        """Write the rows this object holds (its snapshot, whatever happened to `path` since) to `target`
+        atomically: a table file equal to the one it was read from."""
+        snap, step = self._snap, ENCODE_CHUNK
+        sources = [source_of(name, torch.from_numpy(getattr(snap, name)))
+                   for name in ("keys", "key_order", "text_offsets")]
+        sources.append(TensorSource("embeddings", TAG_OF_TORCH[snap.embeddings.dtype], tuple(snap.embeddings.shape),
+                                    (snap.embeddings[i:i + step] for i in range(0, len(self), step))))
+        sources.append(source_of("text_bytes", torch.from_numpy(snap.text_bytes)))
+        with atomic_write(target) as handle:
+            write_safetensors(handle, sources, dict(snap.header.metadata))

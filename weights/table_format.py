@@ -40,6 +40,11 @@ class TableMismatchError(TableError):
     """The table was built by another model, split or pooling than the one it is used with."""
 
 
+class TableChangedError(TableError):
+    """The file was removed, or replaced by another table (not appended to), since this object opened it:
+    writing to it would mix two tables. Open the table (or load the scorer) again."""
+
+
 class HashCollisionError(TableError):
     """Two different texts share a 64-bit key: refused rather than silently merged."""
 

@@ -7,6 +7,8 @@ batch is packed, on the host) and reads no device value; the padded `forward`s a
 compute it from their masks."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
 from kernels._jagged import check_max_len, offsets_from_lengths, pad, positions_in_sequence
-from weights.atomic import atomic_write, copy_atomic
+from weights.atomic import atomic_write
 from weights.checkpoint import Checkpoint, CheckpointError
 from engine.backbone.layers import (LEGACY_FUSED_NAMES, BertEmbeddings, BertLayer, DecoderEmbeddings, DecoderLayer,
                                     RMSNorm, RotaryTable)
@@ -82,6 +84,19 @@ def _load_final_norm(norm: RMSNorm, ckpt: Checkpoint, family: Family) -> str:
     return name
 
 
+@contextlib.contextmanager
+def _config_fits_weights(ckpt: Checkpoint) -> Iterator[None]:
+    """Layers built from config.json and filled from the weights: a config that does not describe its
+    weights (sizes, head counts, missing fields) fails in torch or transformers; say so as a CheckpointError."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError, ZeroDivisionError) as err:
+        raise CheckpointError(f"{ckpt.folder}: config.json does not fit the weights "
+                              f"({type(err).__name__}: {err})") from None
+
+
 def _family(ckpt: Checkpoint, num_lower_layers: int) -> Family:
     if getattr(ckpt.config, "use_sliding_window", False):
         raise CheckpointError(f"{ckpt.folder}: sliding-window attention layers are not supported")
@@ -98,6 +113,12 @@ class LowerEncoder(nn.Module):
     def __init__(self, ckpt: Checkpoint, num_lower_layers: int) -> None:
         super().__init__()
         family = _family(ckpt, num_lower_layers)
+        with _config_fits_weights(ckpt):
+            self._build(ckpt, family, num_lower_layers)
+        self.requires_grad_(False)
+        self.eval()
+
+    def _build(self, ckpt: Checkpoint, family: Family, num_lower_layers: int) -> None:
         self.family, self.num_layers, self.hidden_size = ckpt.family, num_lower_layers, ckpt.hidden_size
         self.embeddings = family.embeddings(ckpt.config)
         self.tensor_names = _load(self.embeddings, ckpt, "")
@@ -112,8 +133,6 @@ class LowerEncoder(nn.Module):
             self.tensor_names.append(_load_final_norm(self.norm, ckpt, family))
         self.rotary = RotaryTable(family.rotary(ckpt.config)) if family.rotary else None
         self.fingerprint = ckpt.fingerprint(self.tensor_names)
-        self.requires_grad_(False)
-        self.eval()
 
     def train(self, mode: bool = True) -> LowerEncoder:
         return super().train(False)  # frozen: dropout never active
@@ -167,11 +186,12 @@ class UpperEncoder(nn.Module):
     def from_checkpoint(cls, ckpt: Checkpoint, num_lower_layers: int, causal: bool = False) -> UpperEncoder:
         family = _family(ckpt, num_lower_layers)
         indices = range(num_lower_layers, ckpt.num_layers)
-        upper = cls(ckpt.config, num_lower_layers, [_layer_bias(ckpt, family, i) for i in indices], causal)
-        for layer, i in zip(upper.layers, indices):
-            _load_layer(layer, ckpt, family, i)
-        if upper.norm is not None:
-            _load_final_norm(upper.norm, ckpt, family)
+        with _config_fits_weights(ckpt):
+            upper = cls(ckpt.config, num_lower_layers, [_layer_bias(ckpt, family, i) for i in indices], causal)
+            for layer, i in zip(upper.layers, indices):
+                _load_layer(layer, ckpt, family, i)
+            if upper.norm is not None:
+                _load_final_norm(upper.norm, ckpt, family)
         return upper
 
     @staticmethod
@@ -221,8 +241,7 @@ def save_lower_checkpoint(ckpt: Checkpoint, lower: LowerEncoder, folder: str | P
     stored bytes unchanged so the fingerprint is the same), each file written atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for src in [ckpt.folder / "config.json", *ckpt.tokenizer_files()]:
-        copy_atomic(src, folder / src.name)
+    ckpt.save_small_files(folder)
     sources = [source_of(name, ckpt.tensor(name)) for name in lower.tensor_names]
     with atomic_write(folder / "model.safetensors") as handle:
         write_safetensors(handle, sources, {"format": "pt", "bahe_lower_layers": str(lower.num_layers)})
