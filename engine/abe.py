@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from engine.inputs import InputError, check_visible, text_list
 from engine.packing import pack_lists
 from kernels import ops
 from weights.checkpoint import Checkpoint
@@ -66,8 +67,9 @@ class AtomicEncoder:
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Packed token ids (sum K,) int64 and per-text lengths (n,) int64."""
+        texts = text_list(texts, "texts")
         with self._tokenizer_lock:
-            ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens,
+            ids = self.tokenizer(texts, truncation=True, max_length=self.max_tokens,
                                  add_special_tokens=True)["input_ids"]
         flat, lengths = pack_lists(ids)
         if lengths.size and lengths.min() == 0:
@@ -89,7 +91,14 @@ class AtomicEncoder:
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> torch.Tensor:
-        """(n, d) float32 CPU rows: masked mean of the lower layers' token states of each text."""
+        """(n, d) float32 CPU rows: masked mean of the lower layers' token states of each text. InputError for
+        a text with no visible content (`check_visible`); TypeError for a bare str (a list of texts is due)."""
+        texts = text_list(texts, "texts")
+        for i, text in enumerate(texts):
+            try:
+                check_visible(text)
+            except ValueError as err:
+                raise InputError(f"texts[{i}]: {err}") from None
         out = torch.empty(len(texts), self.lower.hidden_size, dtype=torch.float32)
         if not texts:
             return out
@@ -125,6 +134,7 @@ class ReusingEncoder:
         self.encoder, self.table, self.signature = encoder, table, encoder.signature
 
     def encode(self, texts: list[str]) -> torch.Tensor:
+        texts = text_list(texts, "texts")
         rows = self.table.lookup(texts, on_missing="mark")
         out = torch.empty(len(texts), self.signature.hidden_size, dtype=torch.float32)
         known = rows >= 0

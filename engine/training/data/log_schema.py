@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from engine.inputs import has_no_visible_content
+
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp", "label", "item_text")
@@ -156,6 +158,11 @@ def _item_texts(frame: pd.DataFrame, item: np.ndarray, source: str) -> dict[int,
     if empty.size:
         i = int(empty[0])
         raise LogFormatError(f"{source}: column 'item_text' is empty at row {i} (item_id {int(item[i])})")
+    invisible = np.flatnonzero(texts.map(has_no_visible_content).to_numpy(dtype=bool))
+    if invisible.size:
+        i = int(invisible[0])
+        raise LogFormatError(f"{source}: column 'item_text' has no visible content at row {i} (item_id "
+                             f"{int(item[i])}): {texts.iloc[i]!r}")
     pairs = pd.DataFrame({"item_id": item, "item_text": texts.to_numpy(dtype=object)}).drop_duplicates()
     clash = pairs["item_id"].duplicated(keep=False).to_numpy()
     if clash.any():
