@@ -17,6 +17,7 @@ from weights.table import ModelSignature
 
 PROGRESS_MIN_BATCHES = 4  # show a progress bar only for work of at least this many batches
 POOLINGS = ("mean", "mean_after_first")
+BATCH_TOLERANCE = 1e-5  # |row - the same text's row encoded with other texts| <= this * max |row|
 
 
 def default_pooling(family: str) -> str:
@@ -42,8 +43,13 @@ def pooled_offsets(offsets: np.ndarray, pooling: str) -> tuple[np.ndarray, np.nd
 class AtomicEncoder:
     """Texts -> (n, d) float32 rows with the frozen lower layers. Texts are tokenized (truncated to
     `max_tokens`), sorted by length and packed without padding into batches of `token_budget`
-    tokens, so a row never depends on the other texts it is encoded with; each row is the mean of
-    the text's token states per `pooling` (see `default_pooling`). Thread-safe."""
+    tokens; each row is the mean of the text's token states per `pooling` (see `default_pooling`).
+    Thread-safe.
+
+    A row depends on the other texts of the call only in its last bits (float32 rounding): they set
+    the padding of the attention's length buckets and the shapes of the matrix products. Measured
+    (MiniLM, 3 lower layers, CPU, 300 texts together vs each alone): at most 1.7e-6 absolute, 7e-7 of
+    the row's largest entry; `BATCH_TOLERANCE` is the bound tests/test_abe.py holds it to."""
 
     def __init__(self, lower: LowerEncoder, tokenizer, *, max_tokens: int = 32, token_budget: int = 8192,
                  pooling: str = "auto", device: torch.device | str = "cpu", progress: bool = True) -> None:
