@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.config import POOLINGS
+from engine.inputs import InputError, check_visible, text_list
 from engine.packing import pack_lists
 from kernels import ops
 from weights.checkpoint import Checkpoint
@@ -16,6 +17,7 @@ from engine.backbone.split import LowerEncoder
 from weights.table import ModelSignature
 
 PROGRESS_MIN_BATCHES = 4  # show a progress bar only for work of at least this many batches
+BATCH_TOLERANCE = 1e-5  # |row - the same text's row encoded with other texts| <= this * max |row|
 
 
 def default_pooling(family: str) -> str:
@@ -41,8 +43,13 @@ def pooled_offsets(offsets: np.ndarray, pooling: str) -> tuple[np.ndarray, np.nd
 class AtomicEncoder:
     """Texts -> (n, d) float32 rows with the frozen lower layers. Texts are tokenized (truncated to
     `max_tokens`), sorted by length and packed without padding into batches of `token_budget`
-    tokens, so a row never depends on the other texts it is encoded with; each row is the mean of
-    the text's token states per `pooling` (see `default_pooling`). Thread-safe."""
+    tokens; each row is the mean of the text's token states per `pooling` (see `default_pooling`).
+    Thread-safe.
+
+    A row depends on the other texts of the call only in its last bits (float32 rounding): they set
+    the padding of the attention's length buckets and the shapes of the matrix products. Measured
+    (MiniLM, 3 lower layers, CPU, 300 texts together vs each alone): at most 1.7e-6 absolute, 7e-7 of
+    the row's largest entry; `BATCH_TOLERANCE` is the bound tests/test_abe.py holds it to."""
 
     def __init__(self, lower: LowerEncoder, tokenizer, *, max_tokens: int = 32, token_budget: int = 8192,
                  pooling: str = "auto", device: torch.device | str = "cpu", progress: bool = True) -> None:
@@ -66,8 +73,9 @@ class AtomicEncoder:
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Packed token ids (sum K,) int64 and per-text lengths (n,) int64."""
+        texts = text_list(texts, "texts")
         with self._tokenizer_lock:
-            ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens,
+            ids = self.tokenizer(texts, truncation=True, max_length=self.max_tokens,
                                  add_special_tokens=True)["input_ids"]
         flat, lengths = pack_lists(ids)
         if lengths.size and lengths.min() == 0:
@@ -89,7 +97,14 @@ class AtomicEncoder:
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> torch.Tensor:
-        """(n, d) float32 CPU rows: masked mean of the lower layers' token states of each text."""
+        """(n, d) float32 CPU rows: masked mean of the lower layers' token states of each text. InputError for
+        a text with no visible content (`check_visible`); TypeError for a bare str (a list of texts is due)."""
+        texts = text_list(texts, "texts")
+        for i, text in enumerate(texts):
+            try:
+                check_visible(text)
+            except ValueError as err:
+                raise InputError(f"texts[{i}]: {err}") from None
         out = torch.empty(len(texts), self.lower.hidden_size, dtype=torch.float32)
         if not texts:
             return out
@@ -125,6 +140,7 @@ class ReusingEncoder:
         self.encoder, self.table, self.signature = encoder, table, encoder.signature
 
     def encode(self, texts: list[str]) -> torch.Tensor:
+        texts = text_list(texts, "texts")
         rows = self.table.lookup(texts, on_missing="mark")
         out = torch.empty(len(texts), self.signature.hidden_size, dtype=torch.float32)
         known = rows >= 0

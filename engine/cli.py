@@ -13,13 +13,48 @@ log = logging.getLogger("bahe")
 
 
 def _read_texts(path: str, column: str | None) -> list[str]:
-    if column is None:
-        return [line.rstrip("\n") for line in open(path, encoding="utf-8") if line.strip()]
+    """The texts of a text file (one per line; blank lines skipped; a leading byte order mark dropped) or of
+    a CSV/parquet column; SystemExit with one line naming the file and line (or row) of a text that is not
+    UTF-8, blank in a column, of no visible content or holds a lone surrogate."""
+    from engine.inputs import check_visible
+    from weights.text_key import normalize_text
+    try:
+        texts, places = _text_lines(path) if column is None else _column_texts(path, column)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"bahe encode: {path}: {err}") from None
+    for text, place in zip(texts, places):
+        try:
+            normalize_text(text, "text")
+            check_visible(text)
+        except (TypeError, ValueError) as err:
+            raise SystemExit(f"bahe encode: {path}: {place}: {err}") from None
+    return texts
+
+
+def _text_lines(path: str) -> tuple[list[str], list[str]]:
+    texts, places = [], []
+    data = Path(path).read_bytes()
+    for number, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"line {number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})")
+        if line.strip():
+            texts.append(line)
+            places.append(f"line {number}")
+    return texts, places
+
+
+def _column_texts(path: str, column: str) -> tuple[list[object], list[str]]:
     import pandas as pd
-    frame = pd.read_parquet(path) if path.endswith((".parquet", ".pq")) else pd.read_csv(path)
+    if path.endswith((".parquet", ".pq")):
+        frame = pd.read_parquet(path)
+    else:  # cells verbatim: an empty cell stays "" (refused), not NaN -> "nan"
+        frame = pd.read_csv(path, keep_default_na=False, dtype={column: str})
     if column not in frame.columns:
         raise SystemExit(f"column {column!r} not in {path} (columns: {list(frame.columns)})")
-    return frame[column].astype(str).tolist()
+    texts = frame[column].tolist()
+    return texts, [f"column {column!r} row {i}" for i in range(len(texts))]
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
@@ -44,8 +79,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     from engine.config import EncoderConfig, ModelConfig, ScorerConfig
     from engine.training.ctr_models import BAHECTR
     from engine.training.experiment import SampleConfig, build_scorer, load_data, sample_split, train_and_test
+    from engine.training.data.log_schema import LogFormatError
     from engine.training.train import TrainConfig
-    data = load_data(args.data)
+    try:
+        data = load_data(args.data)
+    except (LogFormatError, OSError) as err:
+        raise SystemExit(f"bahe train: {err}") from None
     split = data.split()
     rows = sample_split(split, SampleConfig(args.train_examples, args.val_examples, args.test_examples, args.seed))
     print(json.dumps({k: {"examples": int(v.size), "positive_rate": round(float(data.label[v].mean()), 4)}
@@ -68,13 +107,26 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
+    """Reads and checks every request line before scoring and writes the output only once all are scored:
+    a bad line is one line on stderr naming the file and line, and nothing on stdout."""
+    from engine.inputs import InputError, at_line, read_requests
     from engine.scorer import BAHEScorer
-    scorer = BAHEScorer.from_pretrained(args.scorer, device=args.device, kernels=args.kernels)
-    source = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
-    records = [json.loads(line) for line in source if line.strip()]
-    probs = scorer.score([r["user"] for r in records], [r["item"] for r in records])
-    for record, p in zip(records, probs):
-        print(json.dumps({"item": record["item"], "p_click": round(float(p), 6)}))
+    from weights.table import UnknownTextError
+    source = "<stdin>" if args.input == "-" else args.input
+    try:
+        data = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
+        users, items, lines = read_requests(data, source)
+    except OSError as err:
+        raise SystemExit(f"bahe score: {source}: {err.strerror or err}") from None
+    except InputError as err:
+        raise SystemExit(f"bahe score: {err}") from None
+    scorer = BAHEScorer.from_pretrained(args.scorer, device=args.device, kernels=args.kernels or "auto")
+    try:
+        probs = scorer.score(users, items)
+    except (InputError, UnknownTextError) as err:
+        raise SystemExit(f"bahe score: {source}: {at_line(str(err), lines)}") from None
+    sys.stdout.write("".join(json.dumps({"item": item, "p_click": round(float(p), 6)}) + "\n"
+                             for item, p in zip(items, probs)))
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -155,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", required=True)
     p.add_argument("--input", default="-")
     p.add_argument("--device", default="auto")
-    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--kernels", choices=["auto", "torch", "triton"],
+                   help="kernel path (default: $BAHE_KERNELS, else auto)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("demo", help="MovieLens-100K: BAHE vs raw-token LLM vs id-only, one table")

@@ -1,7 +1,11 @@
 """Input parsing for `BAHEScorer.score`: users and items checked and cut to the model's limits, and the
-first malformed text located for the error (`users[u]['name'] behavior j: ...` or `items[i]: ...`)."""
+first malformed text located for the error (`users[u]['name'] behavior j: ...` or `items[i]: ...`); the
+`bahe score` request lines (`read_requests`); text lists and the visible-content check every text passes."""
 from __future__ import annotations
 
+import codecs
+import json
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -13,6 +17,37 @@ from weights.text_key import normalize_text
 
 class InputError(ValueError):
     """Users or items passed to `score` are malformed; the message names the offending field."""
+
+
+# Characters that show nothing: whitespace, controls (Cc) and Unicode's Default_Ignorable_Code_Point set (zero-width
+# space and joiners, BOM, bidi marks, soft hyphen, variation selectors, Hangul fillers, tag characters).
+_INVISIBLE = re.compile(r"[\s\x00-\x1f\x7f-\x9f\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f"
+                        r"\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
+                        r"\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]*")
+
+
+def has_no_visible_content(text: str) -> bool:
+    return _INVISIBLE.fullmatch(text) is not None
+
+
+def check_visible(text: object) -> None:
+    """ValueError for a str with no visible content (only whitespace, control characters or the invisible
+    ones above), which a table would store as a distinct but meaningless text. Other values pass (the
+    table's checks name them)."""
+    if isinstance(text, str) and _INVISIBLE.fullmatch(text):
+        raise ValueError(f"text has no visible content (only whitespace, control or zero-width characters): "
+                         f"{text!r}")
+
+
+def text_list(texts: object, what: str) -> list:
+    """`texts` as a list; TypeError for a bare str or bytes (it would be read as its characters) or a value
+    that is not a list, tuple or other sequence."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"{what} must be a list of texts, got a bare {type(texts).__name__} {texts[:40]!r}; "
+                        f"wrap it in a list: [{texts[:40]!r}]")
+    if not isinstance(texts, Sequence):
+        raise TypeError(f"{what} must be a list of texts, got {type(texts).__name__}")
+    return list(texts)
 
 
 def parse_users(users: object, config: ScorerConfig) -> list[list[list[str]]]:
@@ -84,15 +119,19 @@ def parse_items(items: object, num_users: int) -> list[str]:
 
 def lookup_texts(table: BehaviorTable, texts: list[str], what: str, lengths: np.ndarray | None = None,
                  names: Sequence[str] = ()) -> np.ndarray:
-    """table.lookup(texts, on_missing='mark'); a malformed text is an InputError that locates it (see
-    `locate_bad_text`); table errors (corrupt file, hash collision) pass through as they are."""
+    """table.lookup(texts, on_missing='mark'); a malformed text (not a str, blank, no visible content, a lone
+    surrogate) is an InputError that locates it (see `locate_bad_text`); table errors (corrupt file, hash
+    collision) pass through as they are."""
     try:
-        return table.lookup(texts, on_missing="mark")
+        rows = table.lookup(texts, on_missing="mark")
     except TableError:
         raise
     except (TypeError, ValueError) as err:
         located = locate_bad_text(texts, normalize_text, lengths, names)
         raise InputError(located or f"{what} texts: {err}") from None
+    if any(_INVISIBLE.fullmatch(text) for text in texts):
+        raise InputError(locate_bad_text(texts, check_visible, lengths, names))
+    return rows
 
 
 def locate_bad_text(texts: list[str], check: Callable[[object], object], lengths: np.ndarray | None = None,
@@ -111,3 +150,43 @@ def locate_bad_text(texts: list[str], check: Callable[[object], object], lengths
             position = i - int(np.sum(lengths[:seq_index]))
             return f"users[{user}][{names[seq]!r}] behavior {position} (after truncation to the most recent): {bad}"
     return None
+
+
+def read_requests(data: bytes, source: str) -> tuple[list[object], list[object], list[int]]:
+    """`bahe score` input: JSON lines {"user": {...}, "item": "..."} -> users, items and the line number of
+    each (1-based; blank lines are skipped). InputError naming the source and line for bytes that are not
+    UTF-8 (a byte order mark included), a line that is not one JSON object (truncated, trailing garbage,
+    `null`), or a missing key. The values are checked by `score` (see `at_line` for its errors)."""
+    users, items, numbers = [], [], []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        where = f"{source}: line {number}"
+        if raw.startswith(codecs.BOM_UTF8):
+            raise InputError(f"{where}: starts with a UTF-8 byte order mark; expected plain UTF-8 JSON lines")
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise InputError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})") from None
+        except json.JSONDecodeError as err:
+            raise InputError(f"{where}: not valid JSON: {err.msg} at column {err.colno}") from None
+        except RecursionError:
+            raise InputError(f"{where}: JSON nested too deeply") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{where}: expected a JSON object {{\"user\": {{...}}, \"item\": \"...\"}}, got "
+                             f"{json.dumps(record)[:40]}")
+        missing = [key for key in ("user", "item") if key not in record]
+        if missing:
+            raise InputError(f"{where}: missing key(s) {missing}; expected {{\"user\": {{...}}, \"item\": \"...\"}}")
+        users.append(record["user"])
+        items.append(record["item"])
+        numbers.append(number)
+    return users, items, numbers
+
+
+def at_line(message: str, numbers: Sequence[int]) -> str:
+    """A `score` error about users[i] or items[i] retold for request lines: 'line N: user...' / 'line N: item...'."""
+    found = re.match(r"(users|items)\[(\d+)\]", message)
+    if found is None or int(found.group(2)) >= len(numbers):
+        return message
+    return f"line {numbers[int(found.group(2))]}: {found.group(1)[:-1]}{message[found.end():]}"

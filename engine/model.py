@@ -37,7 +37,7 @@ class PackedBatch:
 
     def __post_init__(self) -> None:
         if self.max_len is None and isinstance(self.offsets, torch.Tensor) and self.offsets.device.type == "cpu" \
-                and self.offsets.dim() == 1 and self.offsets.numel() >= 1:
+                and self.offsets.layout == torch.strided and self.offsets.dim() == 1 and self.offsets.numel() >= 1:
             self.max_len = max_length(self.offsets)
 
     @property

@@ -3,6 +3,7 @@ engine.scorer_folder, input parsing and error location in engine.inputs; their e
 `InputError`) are importable from here too."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -15,7 +16,8 @@ from safetensors.torch import load_file
 
 from engine.abe import AtomicEncoder, ReusingEncoder
 from engine.config import ScorerConfig, ScoringConfig
-from engine.inputs import InputError, locate_bad_text, lookup_texts, parse_history_counts, parse_items, parse_users
+from engine.inputs import (InputError, locate_bad_text, lookup_texts, parse_history_counts, parse_items, parse_users,
+                           text_list)
 from engine.model import BAHEModel, PackedBatch
 from engine.scorer_folder import (BEHAVIORS_FILE, ITEMS_FILE, ScorerFormatError, open_folder, scorer_json_stamp,
                                   write_folder)
@@ -40,6 +42,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def kernel_path(kernels: str) -> contextlib.AbstractContextManager:
+    """The block's kernel path: `kernels` when 'torch' or 'triton'; under 'auto', whatever the caller chose:
+    an enclosing `ops.use_backend`, else $BAHE_KERNELS (read at each call), else the kernel on CUDA."""
+    return contextlib.nullcontext() if kernels == "auto" else ops.use_backend(kernels)
 
 
 def _encoder(ckpt: Checkpoint, config: ScorerConfig, device: torch.device | str, progress: bool) -> AtomicEncoder:
@@ -157,6 +165,7 @@ class BAHEScorer:
             if isinstance(texts, (str, bytes)):
                 raise TypeError(f"{name} must be a list of texts, got a single {type(texts).__name__}: {texts[:40]!r}")
         config = config or ScorerConfig()
+        behavior_texts, item_texts = text_list(behavior_texts, "behavior_texts"), text_list(item_texts, "item_texts")
         ckpt = Checkpoint(resolve_model(model))
         lower_layers = config.encoder.num_lower_layers
         encoder = _encoder(ckpt, config, resolve_device(device), progress)
@@ -192,7 +201,7 @@ class BAHEScorer:
         flat = [text for user in sequences for seq in user for text in seq]
         lengths = np.fromiter((len(seq) for user in sequences for seq in user), dtype=np.int64,
                               count=len(sequences) * n)
-        with self._tables_lock, stage("lookup"), ops.use_backend(self.kernels):  # unknown texts: ABE on the fly
+        with self._tables_lock, stage("lookup"), kernel_path(self.kernels):  # unknown texts: ABE on the fly
             behavior_rows, behavior_extra = self._rows(self.behaviors, flat, self.config.scoring.unknown_behavior,
                                                        "behavior", lengths)
             item_rows, item_extra = self._rows(self.items, item_texts, self.config.scoring.unknown_item, "item")
@@ -226,7 +235,7 @@ class BAHEScorer:
         n, users = len(self.config.model.sequence_names), item_rows.shape[0]
         out = np.empty(users, dtype=np.float32)
         step = self.config.scoring.batch_size
-        with torch.inference_mode(), ops.use_backend(self.kernels):
+        with torch.inference_mode(), kernel_path(self.kernels):
             for start in range(0, users, step):
                 stop = min(start + step, users)
                 lo, hi = offsets[start * n], offsets[stop * n]

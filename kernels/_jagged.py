@@ -16,7 +16,9 @@ import torch
 
 def check_offsets(offsets: torch.Tensor, total: int, name: str = "offsets") -> None:
     """Raise ValueError unless `offsets` is a 1-D int64 cumulative array from 0 to `total`.
-    Reads the values: the API boundary's check, on host tensors (see the module docstring)."""
+    Reads the values: the API boundary's check, on host tensors (see the module docstring); TypeError for a
+    tensor without values to read (sparse, nested, meta)."""
+    check_dense(offsets, name)
     check_offsets_layout(offsets, name)
     first, last = int(offsets[0]), int(offsets[-1])
     if first != 0:
@@ -25,6 +27,17 @@ def check_offsets(offsets: torch.Tensor, total: int, name: str = "offsets") -> N
         raise ValueError(f"{name}[-1] must equal the number of packed elements {total}, got {last}")
     if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
         raise ValueError(f"{name} must be non-decreasing (lengths >= 0)")
+
+
+def check_dense(tensor: object, name: str) -> None:
+    """TypeError unless `tensor` is a dense (strided) torch.Tensor that holds values: not sparse, nested or
+    on the meta device. For the boundary's checks, which read values next (launchers skip it)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided or tensor.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {tensor.layout}")
+    if tensor.is_meta:
+        raise TypeError(f"{name} is on the meta device: it holds no values to check or score")
 
 
 def check_offsets_layout(offsets: torch.Tensor, name: str = "offsets") -> None:
@@ -63,7 +76,9 @@ def check_max_len(max_len: int, offsets: torch.Tensor | None = None, total: int 
 
 def check_rows(rows: torch.Tensor, num_rows: int, name: str = "rows") -> None:
     """Raise unless `rows` is a 1-D int64 tensor of ids in [0, num_rows): checked on the host
-    at the API boundary, before anything moves to the device, so a bad id never reaches a kernel."""
+    at the API boundary, before anything moves to the device, so a bad id never reaches a kernel. TypeError
+    for a tensor without values to read (sparse, nested, meta)."""
+    check_dense(rows, name)
     check_rows_layout(rows, name)
     if rows.numel() == 0:
         return

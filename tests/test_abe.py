@@ -73,3 +73,28 @@ def test_plain_mean_pooling_is_available_for_decoders(tiny_checkpoints):
     torch.testing.assert_close(encoder.encode([TEXTS[0]])[0], states.mean(0), rtol=1e-5, atol=2e-5)
     with pytest.raises(ValueError, match="pooling must be"):
         AtomicEncoder.from_checkpoint(ckpt, 2, pooling="max")
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "qwen2"])
+def test_rows_depend_on_the_other_texts_of_the_call_only_in_the_last_bits(tiny_checkpoints, family):
+    """The bound the AtomicEncoder docstring states: each text alone, all together and under small token
+    budgets (other batch cuts, other attention buckets) give the same rows up to BATCH_TOLERANCE of the
+    row's largest entry."""
+    from engine.abe import BATCH_TOLERANCE
+    ckpt = Checkpoint(tiny_checkpoints[family])
+    rng = np.random.default_rng(0)
+    words = "bought latte coffee searched running shoes big red movie toy liked star wars heat".split()
+    texts = list(dict.fromkeys(" ".join(rng.choice(words, rng.integers(1, 20))) for _ in range(60)))
+    together = AtomicEncoder.from_checkpoint(ckpt, 2, progress=False).encode(texts)
+    scale = together.abs().amax(1, keepdim=True)
+    worst = 0.0
+    for budget in (16, 40, 97):
+        rows = AtomicEncoder.from_checkpoint(ckpt, 2, token_budget=budget, progress=False).encode(texts)
+        worst = max(worst, ((rows - together).abs() / scale).max().item())
+    encoder = AtomicEncoder.from_checkpoint(ckpt, 2, progress=False)
+    alone = torch.cat([encoder.encode([t]) for t in texts])
+    shuffled = [texts[i] for i in rng.permutation(len(texts))]
+    again = encoder.encode(shuffled)[[shuffled.index(t) for t in texts]]
+    for rows in (alone, again):
+        worst = max(worst, ((rows - together).abs() / scale).max().item())
+    assert worst <= BATCH_TOLERANCE, worst

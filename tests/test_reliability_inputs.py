@@ -49,16 +49,19 @@ def test_texts_far_over_max_tokens_are_truncated(tiny_checkpoints, tmp_path, fam
 def test_texts_that_tokenize_to_nothing_are_named(scorer, text):
     """The tiny llama tokenizer drops control characters and lone combining marks (no BOS either)."""
     assert scorer.encoder.tokenizer(text)["input_ids"] == []
-    with pytest.raises(InputError, match=r"users\[1\]\['search'\] behavior 1 .*tokenizes to no tokens"):
+    nothing = "(tokenizes to no tokens|has no visible content)"  # the first for '\u0301', the second for the others
+    with pytest.raises(InputError, match=rf"users\[1\]\['search'\] behavior 1 .*{nothing}"):
         scorer.score([{}, {"search": ["bought latte", text]}], ["coffee", "coffee"])
-    with pytest.raises(InputError, match=r"items\[1\]: .*tokenizes to no tokens"):
+    with pytest.raises(InputError, match=rf"items\[1\]: .*{nothing}"):
         scorer.score([{}, {}], ["coffee", text])
 
 
 def test_texts_that_tokenize_to_nothing_are_not_appended(tiny_checkpoints, tmp_path):
     scorer = make_scorer(tiny_checkpoints["llama"], tmp_path, append_unknown=True)
-    with pytest.raises(InputError, match=r"users\[0\]\['click'\] behavior 0 .*no tokens"):
+    with pytest.raises(InputError, match=r"users\[0\]\['click'\] behavior 0 .*no visible content"):
         scorer.score([{"click": ["\x00", "a fresh one"]}], ["coffee"])
+    with pytest.raises(InputError, match=r"users\[0\]\['click'\] behavior 0 .*no tokens"):
+        scorer.score([{"click": ["\u0301", "a fresh one"]}], ["coffee"])
     assert len(BehaviorTable.open(scorer.behaviors.path, verify=True)) == len(BEHAVIORS)
 
 

@@ -20,13 +20,12 @@ import numpy as np
 import torch
 
 from engine.config import ModelConfig
-from engine.scorer import BAHEScorer
+from engine.scorer import BAHEScorer, kernel_path
 from engine.training.ctr_models import BAHECTR, RawTokenCTR, TokenBatch
 from engine.training.data.log import BehaviorLog
 from engine.training.experiment import SampleConfig, ScorerSetup, sample_split
 from engine.training.memory import PeakMemory
 from engine.training.train import TrainConfig, fit
-from kernels import ops
 from kernels._jagged import max_length
 from weights.checkpoint import Checkpoint
 
@@ -105,7 +104,7 @@ class RawTokenSide:
 
     def score(self, users: Sequence[dict[str, list[str]]], items: Sequence[str]) -> np.ndarray:
         batch, _ = self.token_batch(users, items)
-        with torch.inference_mode(), ops.use_backend(self.kernels):
+        with torch.inference_mode(), kernel_path(self.kernels):
             return torch.sigmoid(self.model(batch)).float().cpu().numpy()
 
 

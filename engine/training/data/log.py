@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from engine.training.data.log_schema import SEQUENCE_COLUMN, SEQUENCE_SEPARATOR, validate_frame
+from engine.training.data.log_schema import SEQUENCE_COLUMN, SEQUENCE_SEPARATOR, LogFormatError, validate_frame
 
 __all__ = ["Ragged", "TimeSplit", "BehaviorLog"]
 
@@ -113,6 +113,12 @@ class BehaviorLog:
             kind = np.asarray(getattr(self, name)).dtype
             if not np.issubdtype(kind, np.integer):
                 raise TypeError(f"{name} must hold integers, got dtype {kind}")
+            if np.issubdtype(kind, np.unsignedinteger):  # the cast below would wrap values >= 2^63 negative
+                above = np.flatnonzero(np.asarray(getattr(self, name)) > np.iinfo(np.int64).max)
+                if above.size:
+                    raise LogFormatError(f"{name} row {int(above[0])} holds "
+                                         f"{int(np.asarray(getattr(self, name))[above[0]])}, outside the int64 "
+                                         f"range [-2^63, 2^63 - 1]")
         self.user = np.asarray(self.user, dtype=np.int64)
         self.item = np.asarray(self.item, dtype=np.int64)
         self.timestamp = np.asarray(self.timestamp, dtype=np.int64)

@@ -13,12 +13,17 @@ Without a `sequence` column every event is in `all`, and in `positive` (label 1)
 """
 from __future__ import annotations
 
+import decimal
 import logging
+import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from engine.inputs import has_no_visible_content
 
 logger = logging.getLogger(__name__)
 
@@ -71,22 +76,71 @@ def _show(value: Any) -> str:
 
 
 def _integer_column(frame: pd.DataFrame, column: str, source: str) -> np.ndarray:
-    """(N,) int64, or LogFormatError naming the first row that is not an integer."""
+    """(N,) int64, exactly: LogFormatError naming the first row that is not an integer, lies outside the int64
+    range (a larger id would merge users, a larger timestamp would wrap negative) or is a float too large to
+    be an exact integer (2^53 or more in magnitude: 2^53 + 1 reads as 2^53)."""
     values = frame[column]
     if pd.api.types.is_bool_dtype(values.dtype):
         if column == "label" and not values.isna().any():
             return values.to_numpy(dtype=np.int64)
         raise LogFormatError(f"{source}: column {column!r} must hold integers, got booleans")
     if pd.api.types.is_integer_dtype(values.dtype) and not values.isna().any():
+        if pd.api.types.is_unsigned_integer_dtype(values.dtype):
+            above = np.flatnonzero(values.to_numpy() > np.uint64(_INT64.max))
+            if above.size:
+                raise _bad_integer(values, column, int(above[0]), source)
         return values.to_numpy(dtype=np.int64)
-    numbers = pd.to_numeric(values, errors="coerce")
-    as_float = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
-    ok = np.isfinite(as_float)
-    ok[ok] = as_float[ok] == np.floor(as_float[ok])
-    if not ok.all():
-        i = int(np.flatnonzero(~ok)[0])
-        raise LogFormatError(f"{source}: column {column!r} must hold integers, row {i} holds {_show(values.iloc[i])}")
-    return as_float.astype(np.int64)
+    if pd.api.types.is_float_dtype(values.dtype):
+        as_float = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        ok = np.isfinite(as_float)
+        ok[ok] = (as_float[ok] == np.floor(as_float[ok])) & (np.abs(as_float[ok]) < _EXACT_FLOAT)
+        if not ok.all():
+            raise _bad_integer(values, column, int(np.flatnonzero(~ok)[0]), source)
+        return as_float.astype(np.int64)
+    out = np.empty(len(values), dtype=np.int64)  # object or string cells (rare): one by one, exactly
+    for i, cell in enumerate(values.tolist()):
+        number = _exact_integer(cell)
+        if number is None or not _INT64.min <= number <= _INT64.max:
+            raise _bad_integer(values, column, i, source)
+        out[i] = number
+    return out
+
+
+_INT64 = np.iinfo(np.int64)
+_EXACT_FLOAT = 2 ** 53  # from here on floats skip integers: 2^53 + 1 reads as 2^53
+_INTEGER_TEXT = re.compile(r"\s*[+-]?[0-9]+(\.0*)?\s*")
+
+
+def _exact_integer(cell: Any) -> int | None:
+    """The integer a table cell holds exactly (an int, an integral float below 2^53, a decimal string such
+    as '12' or '12.0', an integral Decimal), else None."""
+    if isinstance(cell, (bool, np.bool_)):
+        return None
+    if isinstance(cell, (int, np.integer)):
+        return int(cell)
+    if isinstance(cell, (float, np.floating)):
+        ok = math.isfinite(cell) and cell == math.floor(cell) and abs(cell) < _EXACT_FLOAT
+        return int(cell) if ok else None
+    if isinstance(cell, str):
+        return int(cell.strip().split(".")[0]) if _INTEGER_TEXT.fullmatch(cell) else None
+    if isinstance(cell, decimal.Decimal):
+        return int(cell) if cell.is_finite() and cell == cell.to_integral_value() else None
+    return None
+
+
+def _bad_integer(values: pd.Series, column: str, i: int, source: str) -> LogFormatError:
+    """The error for row i of an integer column: out of the int64 range, an inexact float, or not an integer."""
+    cell = values.iloc[i]
+    cell = cell.item() if isinstance(cell, np.generic) else cell
+    number = _exact_integer(cell)
+    if number is not None or (isinstance(cell, float) and math.isfinite(cell) and cell == math.floor(cell)
+                              and abs(cell) > _INT64.max):
+        return LogFormatError(f"{source}: column {column!r} row {i} holds {cell!r}, outside the int64 range "
+                              f"[-2^63, 2^63 - 1]")
+    if isinstance(cell, float) and math.isfinite(cell) and cell == math.floor(cell):
+        return LogFormatError(f"{source}: column {column!r} row {i} holds {cell!r}, a float too large to be an "
+                              f"exact integer (2^53 or more); write the column as integers, without a decimal point")
+    return LogFormatError(f"{source}: column {column!r} must hold integers, row {i} holds {cell!r}")
 
 
 def _item_texts(frame: pd.DataFrame, item: np.ndarray, source: str) -> dict[int, str]:
@@ -104,6 +158,11 @@ def _item_texts(frame: pd.DataFrame, item: np.ndarray, source: str) -> dict[int,
     if empty.size:
         i = int(empty[0])
         raise LogFormatError(f"{source}: column 'item_text' is empty at row {i} (item_id {int(item[i])})")
+    invisible = np.flatnonzero(texts.map(has_no_visible_content).to_numpy(dtype=bool))
+    if invisible.size:
+        i = int(invisible[0])
+        raise LogFormatError(f"{source}: column 'item_text' has no visible content at row {i} (item_id "
+                             f"{int(item[i])}): {texts.iloc[i]!r}")
     pairs = pd.DataFrame({"item_id": item, "item_text": texts.to_numpy(dtype=object)}).drop_duplicates()
     clash = pairs["item_id"].duplicated(keep=False).to_numpy()
     if clash.any():
