@@ -161,9 +161,6 @@ class BAHEScorer:
         """A fresh (untrained) scorer on a base model ('minilm', 'smollm2' or a local folder): builds the
         behavior and item tables in `tables_dir` with ABE, or opens them there and appends only the
         texts they lack, and takes the upper layers from the checkpoint."""
-        for name, texts in (("behavior_texts", behavior_texts), ("item_texts", item_texts)):
-            if isinstance(texts, (str, bytes)):
-                raise TypeError(f"{name} must be a list of texts, got a single {type(texts).__name__}: {texts[:40]!r}")
         config = config or ScorerConfig()
         behavior_texts, item_texts = text_list(behavior_texts, "behavior_texts"), text_list(item_texts, "item_texts")
         ckpt = Checkpoint(resolve_model(model))

@@ -298,6 +298,6 @@ def test_links_inside_the_folder_are_followed(saved, tmp_path):
 
 def test_a_single_str_is_refused_where_texts_are_expected(tiny_checkpoints, tmp_path):
     for kwargs in ({"behavior_texts": "hello", "item_texts": ITEMS}, {"behavior_texts": BEHAVIORS, "item_texts": "x"}):
-        with pytest.raises(TypeError, match="_texts must be a list of texts, got a single str"):
+        with pytest.raises(TypeError, match="_texts must be a list of texts, got a bare str"):
             BAHEScorer.create(tiny_checkpoints["llama"], tables_dir=tmp_path, device="cpu", progress=False, **kwargs)
     assert not list(tmp_path.iterdir())
