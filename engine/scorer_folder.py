@@ -6,6 +6,8 @@ Folder layout (written by `write_folder`):
   model.safetensors      trained upper layers, behavior positions, empty-sequence vectors, CTR head
   behaviors.safetensors  behavior table (one row per unique behavior text)
   items.safetensors      item table
+  item_vectors.safetensors  the item tower's output per item-table row, signed (engine.item_vectors); optional:
+                         folders written before format 4 lack it and compute the vectors on load
 Each part has a second name (`backbone.1`, `model.1.safetensors`, ...). Saving over a scorer writes
 every part under the name the current scorer.json does not use, then replaces scorer.json (temp file,
 fsync, rename): that rename commits the save, so a crash at any moment leaves the old or the new
@@ -18,6 +20,8 @@ import json
 import shutil
 from pathlib import Path
 
+from collections.abc import Callable
+
 import torch
 
 from engine.abe import AtomicEncoder
@@ -27,12 +31,15 @@ from weights.atomic import atomic_write, copy_atomic, file_lock, remove_stale_te
 from weights.checkpoint import Checkpoint
 from weights.safetensors_io import source_of, write_safetensors
 
-FORMAT_VERSION = 3  # 2: scorer.json names its parts ("files"); 3: CTR-model keys (config.LEGACY_MODEL)
+FORMAT_VERSION = 4  # 2: scorer.json names its parts ("files"); 3: CTR-model keys (config.LEGACY_MODEL);
+                    # 4: the optional item_vectors part
 SCORER_FILE, MODEL_FILE, BACKBONE = "scorer.json", "model.safetensors", "backbone"
-BEHAVIORS_FILE, ITEMS_FILE = "behaviors.safetensors", "items.safetensors"
+BEHAVIORS_FILE, ITEMS_FILE, ITEM_VECTORS_FILE = "behaviors.safetensors", "items.safetensors", "item_vectors.safetensors"
 PARTS = {"backbone": (BACKBONE, "backbone.1"), "model": (MODEL_FILE, "model.1.safetensors"),
-         "behaviors": (BEHAVIORS_FILE, "behaviors.1.safetensors"), "items": (ITEMS_FILE, "items.1.safetensors")}
-FIRST_NAMES = {part: names[0] for part, names in PARTS.items()}
+         "behaviors": (BEHAVIORS_FILE, "behaviors.1.safetensors"), "items": (ITEMS_FILE, "items.1.safetensors"),
+         "item_vectors": (ITEM_VECTORS_FILE, "item_vectors.1.safetensors")}
+OPTIONAL = {"item_vectors"}
+FIRST_NAMES = {part: names[0] for part, names in PARTS.items() if part not in OPTIONAL}
 
 
 class ScorerFormatError(ValueError):
@@ -60,10 +67,10 @@ def read_scorer_json(path: Path) -> tuple[ScorerConfig, dict[str, str]]:
     except (ValueError, KeyError, TypeError) as err:
         raise ScorerFormatError(f"{meta_path}: bad config ({err})") from None
     files = meta.get("files", FIRST_NAMES) if version >= 2 else FIRST_NAMES
-    if not isinstance(files, dict) or set(files) != set(PARTS) or any(
-            files[part] not in names for part, names in PARTS.items()):
-        raise ScorerFormatError(f"{meta_path}: files {files!r} must name each of {sorted(PARTS)} by one of "
-                                f"its names {PARTS}")
+    if not isinstance(files, dict) or not set(FIRST_NAMES) <= set(files) <= set(PARTS) or any(
+            files[part] not in PARTS[part] for part in files):
+        raise ScorerFormatError(f"{meta_path}: files {files!r} must name each of {sorted(FIRST_NAMES)} (and "
+                                f"may name {sorted(OPTIONAL)}) by one of its names {PARTS}")
     return config, dict(files)
 
 
@@ -77,11 +84,12 @@ def open_folder(path: Path) -> tuple[ScorerConfig, dict[str, Path]]:
 
 
 def write_folder(path: Path, *, config: ScorerConfig, checkpoint: Checkpoint, encoder: AtomicEncoder,
-                 model: torch.nn.Module, behaviors: Path, items: Path) -> None:
+                 model: torch.nn.Module, behaviors: Path, items: Path,
+                 item_vectors: Callable[[Path], None] | None = None) -> None:
     """Write the scorer folder crash-safely (see the module docstring): every part under the name the
     current scorer.json does not use, each file by temp file + fsync + rename, then scorer.json, which
     commits the save. Parts already in the folder (a scorer saved over itself) are kept. `behaviors` and
-    `items` are the table files to copy."""
+    `items` are the table files to copy; `item_vectors(target)` writes that part (atomically), if given."""
     path.mkdir(parents=True, exist_ok=True)
     with file_lock(path / SCORER_FILE):
         try:
@@ -91,7 +99,9 @@ def write_folder(path: Path, *, config: ScorerConfig, checkpoint: Checkpoint, en
         sources = {"backbone": checkpoint.folder, "model": None, "behaviors": behaviors, "items": items}
         files = {}
         for part, names in PARTS.items():
-            source = sources[part]
+            if part == "item_vectors" and item_vectors is None:
+                continue
+            source = sources.get(part)
             if source is not None and source.parent.resolve() == path.resolve() and source.name in names:
                 files[part] = source.name  # already here, e.g. a scorer saved over the folder it came from
                 continue
@@ -101,6 +111,8 @@ def write_folder(path: Path, *, config: ScorerConfig, checkpoint: Checkpoint, en
             remove_stale_temps(target)
             if part == "backbone":
                 save_lower_checkpoint(checkpoint, encoder.lower, target)
+            elif part == "item_vectors":
+                item_vectors(target)
             elif part == "model":
                 state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
                 with atomic_write(target) as handle:
@@ -114,7 +126,7 @@ def write_folder(path: Path, *, config: ScorerConfig, checkpoint: Checkpoint, en
             handle.write(json.dumps(meta, indent=2).encode())
         for part, names in PARTS.items():  # committed: drop the parts of the previous save
             for name in names:
-                if name != files[part]:
+                if name != files.get(part):
                     _remove(path / name)
                     remove_stale_temps(path / name)
 
