@@ -203,7 +203,7 @@ class BAHEScorer:
                 int(np.searchsorted(starts, i, side="right")) - 1)
         probs = (self._score_pairs(sequences, range(len(sequences)), user_counts[pair_user], pair_user, flat,
                                    label=_label) if flat else np.empty(0, dtype=np.float32))
-        return [ranking(part, top_k) for part in np.split(probs, np.cumsum(sizes)[:-1])]
+        return [ranking(probs[lo:hi], top_k) for lo, hi in zip(np.cumsum(sizes) - sizes, np.cumsum(sizes))]
 
     def score_ids(self, behavior_rows: torch.Tensor, offsets: torch.Tensor, item_rows: torch.Tensor) -> np.ndarray:
         """Id-level API: behavior_rows (T,) int64 table rows; offsets (U*n+1,) int64 cumulative, user-major
