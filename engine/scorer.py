@@ -16,12 +16,13 @@ from safetensors.torch import load_file
 from engine.abe import AtomicEncoder, ReusingEncoder
 from engine.config import ScorerConfig, ScoringConfig
 from engine.inputs import InputError, locate_bad_text, lookup_texts, parse_history_counts, parse_items, parse_users
-from engine.item_vectors import ItemVectors, weights_version
+from engine.item_vectors import ItemVectors
 from engine.ranking import Ranking, check_top_k, distinct_users, parse_candidates, ranking
-from engine.user_cache import CacheStats, UserStateCache, user_key
+from engine.towers import dense_features, item_states, pair_logits, per_user_logits, user_states
+from engine.user_cache import CacheStats, UserStateCache
 from engine.model import BAHEModel, PackedBatch
 from engine.scorer_folder import BEHAVIORS_FILE, ITEMS_FILE, ScorerFormatError, open_folder, write_folder
-from engine.side_features import count_features, recent_counts
+from engine.side_features import recent_counts
 from engine.stages import stage
 from kernels import ops
 from weights.checkpoint import Checkpoint
@@ -34,7 +35,6 @@ from weights.text_key import normalize_text
 log = logging.getLogger(__name__)
 
 PROB_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps]: always strictly inside (0, 1)
-HEAD_BATCH = 8192  # (user, item) pairs per head call
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -202,7 +202,7 @@ class BAHEScorer:
             _label = lambda i: (lambda u: f"candidates[{u}][{i - starts[u]}]")(  # noqa: E731
                 int(np.searchsorted(starts, i, side="right")) - 1)
         probs = (self._score_pairs(sequences, range(len(sequences)), user_counts[pair_user], pair_user, flat,
-                                   label=_label) if flat else np.empty(0, dtype=np.float32))
+                                   label=_label, per_user=True) if flat else np.empty(0, dtype=np.float32))
         return [ranking(probs[lo:hi], top_k) for lo, hi in zip(np.cumsum(sizes) - sizes, np.cumsum(sizes))]
 
     def score_ids(self, behavior_rows: torch.Tensor, offsets: torch.Tensor, item_rows: torch.Tensor) -> np.ndarray:
@@ -229,7 +229,7 @@ class BAHEScorer:
         return self._user_cache.stats()
 
     def _score_pairs(self, sequences: list[list[list[str]]], originals: Sequence[int], user_counts: np.ndarray,
-                     pair_user: np.ndarray, item_texts: list[str], label=None) -> np.ndarray:
+                     pair_user: np.ndarray, item_texts: list[str], label=None, per_user: bool = False) -> np.ndarray:
         """(P,) probabilities of pairs (sequences[pair_user[p]], item_texts[p]); user_counts (P, n) per pair;
         originals[u]: the caller's index of distinct user u (for errors)."""
         n = len(self.config.model.sequence_names)
@@ -244,7 +244,7 @@ class BAHEScorer:
             tables = self._tables()
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         return self._score_rows(tables, behavior_rows, offsets, behavior_extra, item_rows, item_extra, sequences,
-                                user_counts, pair_user)
+                                user_counts, pair_user, per_user)
 
     def _tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(behavior rows, item rows, item vectors) for the tables as they are now; call under the tables lock."""
@@ -254,85 +254,31 @@ class BAHEScorer:
 
     def _score_rows(self, tables: tuple[torch.Tensor, ...], behavior_rows: np.ndarray, offsets: np.ndarray,
                     behavior_extra: torch.Tensor | None, item_rows: np.ndarray, item_extra: torch.Tensor | None,
-                    sequences: list[list], user_counts: np.ndarray, pair_user: np.ndarray) -> np.ndarray:
+                    sequences: list[list], user_counts: np.ndarray, pair_user: np.ndarray,
+                    per_user: bool = False) -> np.ndarray:
         """Users (packed rows, U*n+1 offsets) through the user tower once each, pairs' items from the stored
-        vectors (on the fly for rows past them), then the head over the P pairs in chunks."""
+        vectors (on the fly for rows past them), then the head: over the P pairs, or (per_user: each user's
+        pairs contiguous, as rank_many lays them out) over each user's candidates with the user folded into
+        the head's first layer (engine.towers.per_user_logits)."""
         behavior_table, _, vectors = tables
         config, pairs = self.config.model, item_rows.shape[0]
         out = np.empty(pairs, dtype=np.float32)
         recent = (recent_counts(sequences, config.recent_events, len(config.sequence_names))
                   if config.count_features and config.recent_events else None)
-        dense = self._dense(user_counts, None if recent is None else recent[pair_user], item_rows)
+        dense = dense_features(self.model, user_counts, None if recent is None else recent[pair_user], item_rows)
         with torch.inference_mode(), ops.use_backend(self.kernels):
-            user = self._user_states(behavior_table, behavior_rows, offsets, behavior_extra)
-            item = self._item_states(vectors, item_rows, item_extra)
-            pair_user_t, item_rows_t = torch.from_numpy(pair_user).to(self.device), torch.from_numpy(item_rows)
+            user = user_states(self.model, behavior_table, behavior_rows, offsets, behavior_extra, self._user_cache,
+                               self.config.scoring.batch_size)
+            item = item_states(self.model, vectors, item_rows, item_extra)
             with stage("head"):
-                for lo in range(0, pairs, HEAD_BATCH):
-                    hi = min(lo + HEAD_BATCH, pairs)
-                    logits = self.model.logits(user[pair_user_t[lo:hi]], item[lo:hi], item_rows_t[lo:hi].to(self.device),
-                                               None if dense is None else torch.from_numpy(dense[lo:hi]).to(self.device))
-                    out[lo:hi] = torch.sigmoid(logits).float().cpu().numpy()
+                logits = (per_user_logits if per_user else pair_logits)(self.model, user, item, pair_user, item_rows,
+                                                                        dense)
+            out[:] = torch.sigmoid(logits).float().cpu().numpy()
         if not np.isfinite(out).all():
             raise FloatingPointError("the model produced a non-finite score; the scorer's weights may be corrupt")
         return np.clip(out, PROB_EPS, 1 - PROB_EPS)
 
-    def _user_states(self, behavior_table: torch.Tensor, rows: np.ndarray, offsets: np.ndarray,
-                     extra: torch.Tensor | None) -> torch.Tensor:
-        """(U, n, d) pooled states of the U users packed in rows/offsets: from the user LRU where cached (users
-        whose behaviors are all in the table), the rest through the upper layers, batch_size users at a time."""
-        n, step = self.model.num_sequences, self.config.scoring.batch_size
-        users, table_size = (offsets.size - 1) // n, behavior_table.shape[0]
-        bounds = offsets[::n]
-        keys: list[bytes | None] = [None] * users
-        if self._user_cache.max_bytes:
-            keys = [user_key(rows[bounds[u]:bounds[u + 1]], np.diff(offsets[u * n:(u + 1) * n + 1]))
-                    if extra is None or not (rows[bounds[u]:bounds[u + 1]] >= table_size).any() else None
-                    for u in range(users)]
-        owner = (weights_version(self.model), self.model.compute_dtype)
-        cached = self._user_cache.get_many(keys, owner)
-        out = torch.empty(users, n, self.model.upper.hidden_size, dtype=self.model.compute_dtype, device=self.device)
-        todo = [u for u in range(users) if cached[u] is None]
-        for u in range(users):
-            if cached[u] is not None:
-                out[u] = cached[u]
-        for lo in range(0, len(todo), step):
-            chunk = np.asarray(todo[lo:lo + step])
-            seq = (chunk[:, None] * n + np.arange(n)[None, :]).ravel()  # the chunk's sequences, in order
-            lengths = offsets[seq + 1] - offsets[seq]
-            picked = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in seq]) if lengths.sum() else \
-                np.empty(0, dtype=np.int64)
-            longest = max(int(lengths.max()), 1)  # on the host: the forward reads no device value
-            states = self.model.user_states(
-                behavior_table, torch.from_numpy(rows[picked]).to(self.device),
-                torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)])).to(self.device), longest, extra)
-            out[torch.from_numpy(chunk).to(self.device)] = states
-            self._user_cache.put_many([keys[u] for u in chunk], list(states), owner)
-        return out
-
-    def _item_states(self, vectors: torch.Tensor, item_rows: np.ndarray, extra: torch.Tensor | None) -> torch.Tensor:
-        """(P, d) item-tower outputs: stored vectors for known rows, the tower on the fly for encoded ones."""
-        known = item_rows < vectors.shape[0]
-        out = vectors[torch.from_numpy(np.where(known, item_rows, 0))].to(self.device, self.model.compute_dtype)
-        if not known.all():
-            fresh = self.model.item_states(extra, torch.arange(extra.shape[0], device=self.device))
-            out[torch.from_numpy(~known).to(self.device)] = fresh[torch.from_numpy(
-                item_rows[~known] - vectors.shape[0]).to(self.device)]
-        return out
-
     # ----- helpers --------------------------------------------------------------------------
-    def _dense(self, user_counts: np.ndarray, recent: np.ndarray | None, item_rows: np.ndarray) -> np.ndarray | None:
-        """(P, F) count features: the user's history lengths, the recent shares of its sequences, the item's
-        stored training-log counts (zero for items the model was not trained with)."""
-        config = self.config.model
-        if not config.count_features:
-            return None
-        stored = self.model.item_counts.cpu().numpy()
-        known = item_rows < stored.shape[0]
-        item_counts = np.zeros((item_rows.size, stored.shape[1]), dtype=np.int64)
-        item_counts[known] = stored[item_rows[known]]
-        return count_features(user_counts, item_counts, recent)
-
     def table_rows(self, which: str) -> torch.Tensor:
         """(N, d) rows of the 'behaviors' or 'items' table where the model runs: on CUDA placed once
         per table size (on the device, or pinned host memory when it does not fit); mmapped on CPU."""

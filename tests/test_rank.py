@@ -273,3 +273,28 @@ def test_bf16_scores_stay_close_to_fp32(scorer, tmp_path):
     got = bf16.score(users, items)
     assert got.dtype == np.float32 and np.abs(got - fp32).max() < 0.02
     np.testing.assert_allclose(bf16.rank(users[0], ITEMS).scores, bf16.score([users[0]] * 4, ITEMS), atol=1e-2)
+
+
+# ----- the user folded into the head ------------------------------------------------------------
+@pytest.mark.parametrize("project,cross,similarity,side", [
+    (None, 0, False, 0), (None, 0, True, 5), ((4, 8), 2, True, 5), ((4, 8), 0, False, 0), (None, 2, True, 3)])
+def test_folded_head_is_the_head_over_materialized_features(project, cross, similarity, side):
+    from engine.head import CTRHead, head_features
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        n, d, k = int(rng.integers(1, 4)), int(rng.integers(2, 9)), int(rng.integers(1, 40))
+        text = (2 * n + 1) * d + (n if similarity else 0)
+        head = CTRHead(text + side, (16, 8), "relu", 0.0, cross, 4, (text, project[1]) if project else None)
+        with torch.no_grad():
+            for p in head.parameters():
+                p.normal_(0, 0.3)
+            head.norm.running_mean.normal_(0, 1)
+            head.norm.running_var.uniform_(0.5, 2)
+        head.eval()
+        user, item = torch.randn(n, d), torch.randn(k, d)
+        cos = torch.nn.functional.cosine_similarity(user[None], item[:, None], dim=-1) if similarity else None
+        side_cols = torch.randn(k, side) if side else None
+        full = torch.cat([head_features(user[None].expand(k, n, d), item, similarity),
+                          *([side_cols] if side else [])], dim=1)
+        torch.testing.assert_close(head.forward_folded(user, item, cos, side_cols), head(full), rtol=1e-5, atol=1e-5)
