@@ -26,7 +26,7 @@ from weights.table import BehaviorTable
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT_KEY = "bahe_item_vectors_fingerprint"
+FINGERPRINT_KEY, DTYPE_KEY = "bahe_item_vectors_fingerprint", "bahe_item_vectors_dtype"
 CHUNK = 4096  # items per forward when computing the vectors
 
 
@@ -79,6 +79,10 @@ class ItemVectors:
             with open(path, "rb") as handle:
                 header = read_header(path, handle)
                 stored = header.metadata.get(FINGERPRINT_KEY, "")
+                if header.metadata.get(DTYPE_KEY, str(model.compute_dtype)) != str(model.compute_dtype):
+                    log.info("item vectors %s were computed in %s, this scorer computes in %s: computing them",
+                             path, header.metadata[DTYPE_KEY], model.compute_dtype)
+                    return False
                 rows = int(stored.split(":", 1)[0]) if ":" in stored else -1
                 info = header.tensors.get("vectors")
                 if info is None or info.dtype != "F32" or info.shape != (rows, model.upper.hidden_size):
@@ -88,8 +92,8 @@ class ItemVectors:
             log.warning("item vectors %s unreadable (%s): computing them afresh", path, err)
             return False
         if rows > len(items) or stored != fingerprint(weights_fingerprint(model), items, rows):
-            log.warning("item vectors %s are stale (signed %s, not this scorer's weights and item table): "
-                        "computing them afresh", path, stored)
+            log.warning("item vectors %s are stale (signed %s, not for this scorer's weights, compute dtype and "
+                        "item table): computing them afresh", path, stored)
             return False
         with self._lock:
             self._vectors, self._version, self._signature = vectors, weights_version(model), stored
@@ -112,4 +116,4 @@ class ItemVectors:
             signature = self._signature or fingerprint(weights_fingerprint(model), items, vectors.shape[0])
         with atomic_write(path) as handle:
             write_safetensors(handle, [source_of("vectors", vectors.contiguous())],
-                              {"format": "pt", FINGERPRINT_KEY: signature})
+                              {"format": "pt", FINGERPRINT_KEY: signature, DTYPE_KEY: str(model.compute_dtype)})
