@@ -7,8 +7,9 @@ File (`item_vectors.safetensors` in the scorer folder, memory-mapped on load):
             weights and compute dtype and of the first N item-table keys.
 A file whose fingerprint is not the loaded scorer's (weights trained further, another table) is stale: it is
 refused (logged) and the vectors are computed afresh, never used. In memory, `ItemVectors` notices weight
-updates by the parameters' version counters (every optimizer step and load_state_dict bumps them) and
-recomputes; rows appended to the item table later are computed on first use."""
+updates by the parameters' version counters (every optimizer step and load_state_dict bumps them; a write
+through `param.data` does not, and is not seen) and recomputes; rows appended to the item table later are
+computed on first use."""
 from __future__ import annotations
 
 import hashlib
@@ -49,8 +50,9 @@ def fingerprint(weights: str, items: BehaviorTable, rows: int) -> str:
 
 
 def weights_version(model: BAHEModel) -> tuple:
-    """Changes whenever an upper-layer weight is updated in place, replaced or moved (cheap: no data read)."""
-    return tuple((id(p), p.data_ptr(), p._version, p.dtype) for p in model.upper.parameters())
+    """Changes whenever an upper-layer weight is updated in place, replaced or moved, or the model switches
+    between training and eval mode (cheap: no data read)."""
+    return (model.training, *((id(p), p.data_ptr(), p._version, p.dtype) for p in model.upper.parameters()))
 
 
 @torch.inference_mode()

@@ -182,14 +182,16 @@ class BAHEScorer:
         over the K candidates in one batch. -> Ranking(scores (K,) float32 in candidate order, order (top_k or
         K,) best first). Inputs are checked as `score`'s (InputError naming `candidates[i]`)."""
         counts = None if history_counts is None else [history_counts]
-        return self.rank_many([user], [candidates], top_k=top_k, history_counts=counts,
-                              _label=lambda i: f"candidates[{i}]")[0]
+        return self._rank_many([user], [candidates], top_k, counts, label=lambda i: f"candidates[{i}]")[0]
 
     def rank_many(self, users: Sequence[dict[str, Sequence[str]]], candidates: Sequence[Sequence[str]], *,
-                  top_k: int | None = None, history_counts: Sequence[dict[str, int] | None] | None = None,
-                  _label=None) -> list[Ranking]:
+                  top_k: int | None = None,
+                  history_counts: Sequence[dict[str, int] | None] | None = None) -> list[Ranking]:
         """`rank` for many users, each with its own candidate list (candidates[u]), in one pass: every
-        user's sequences through the upper layers once, all (user, candidate) pairs through the head."""
+        user's sequences through the upper layers once, each user's candidates through the head."""
+        return self._rank_many(users, candidates, top_k, history_counts)
+
+    def _rank_many(self, users, candidates, top_k, history_counts, label=None) -> list[Ranking]:
         check_top_k(top_k)
         sequences = parse_users(users, self.config)
         lists = parse_candidates(candidates, len(sequences))
@@ -197,13 +199,12 @@ class BAHEScorer:
         sizes = np.array([len(c) for c in lists], dtype=np.int64)
         pair_user = np.repeat(np.arange(len(lists)), sizes)
         flat = [text for c in lists for text in c]
-        if _label is None:
-            starts = np.concatenate([[0], np.cumsum(sizes)])
-            _label = lambda i: (lambda u: f"candidates[{u}][{i - starts[u]}]")(  # noqa: E731
-                int(np.searchsorted(starts, i, side="right")) - 1)
+        starts = np.cumsum(sizes) - sizes
+        if label is None:  # candidates[u][j] of flat index i
+            label = lambda i: f"candidates[{pair_user[i]}][{i - starts[pair_user[i]]}]"  # noqa: E731
         probs = (self._score_pairs(sequences, range(len(sequences)), user_counts[pair_user], pair_user, flat,
-                                   label=_label, per_user=True) if flat else np.empty(0, dtype=np.float32))
-        return [ranking(probs[lo:hi], top_k) for lo, hi in zip(np.cumsum(sizes) - sizes, np.cumsum(sizes))]
+                                   label=label, per_user=True) if flat else np.empty(0, dtype=np.float32))
+        return [ranking(probs[lo:lo + k], top_k) for lo, k in zip(starts, sizes)]
 
     def score_ids(self, behavior_rows: torch.Tensor, offsets: torch.Tensor, item_rows: torch.Tensor) -> np.ndarray:
         """Id-level API: behavior_rows (T,) int64 table rows; offsets (U*n+1,) int64 cumulative, user-major
