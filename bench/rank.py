@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
             "`score` path (each pair's user sequences + item through the upper layers), timed on the first "
             "'pairs timed' pairs and scaled to K. user cached: the user's pooled vectors in the LRU (lookups, stored "
             "item vectors and the head only). bf16: the same scorer opened with dtype='bfloat16'; max abs "
-            "difference of its K probabilities from fp32's.", "", *lines])
+            "difference of its K probabilities from fp32's (the benchmarks' scorer is untrained, its probabilities "
+            "near 0.5: a trained head's bf16 differences may be larger).", "", *lines])
     return rows
 
 
