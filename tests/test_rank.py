@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine import BAHEScorer, InputError
+from engine import BAHEScorer, InputError, ScoringConfig
 from engine.item_vectors import FINGERPRINT_KEY
 from tests.test_scorer import BEHAVIORS, ITEMS, make_scorer, random_users
 
@@ -298,3 +298,25 @@ def test_folded_head_is_the_head_over_materialized_features(project, cross, simi
         full = torch.cat([head_features(user[None].expand(k, n, d), item, similarity),
                           *([side_cols] if side else [])], dim=1)
         torch.testing.assert_close(head.forward_folded(user, item, cos, side_cols), head(full), rtol=1e-5, atol=1e-5)
+
+
+# ----- CUDA -------------------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rank_on_cuda_matches_the_cpu(tiny_checkpoints, tmp_path):
+    """Triton kernels (the fused CTR MLP over the user-folded weights among them) against the CPU path.
+    Not run yet: the device machine of the issue-14 session ran the main checkout, not this branch."""
+    cpu = make_scorer(tiny_checkpoints["llama"], tmp_path)
+    cpu.save_pretrained(tmp_path / "saved")
+    gpu = BAHEScorer.from_pretrained(tmp_path / "saved", device="cuda",
+                                     scoring=ScoringConfig(user_cache_bytes=1 << 20))
+    users = random_users(np.random.default_rng(11), 4)
+    for user in users:
+        np.testing.assert_allclose(gpu.rank(user, ITEMS * 3).scores, cpu.rank(user, ITEMS * 3).scores, atol=2e-3)
+    np.testing.assert_allclose(gpu.rank(users[0], ITEMS).scores, cpu.rank(users[0], ITEMS).scores, atol=2e-3)
+    assert gpu.cache_stats().hits >= 1
+    pairs = [users[i % 4] for i in range(12)]
+    np.testing.assert_allclose(gpu.score(pairs, ITEMS * 3), cpu.score(pairs, ITEMS * 3), atol=2e-3)
+    many = gpu.rank_many(users, [ITEMS, ["a brand new gadget"], ITEMS[:2], []])
+    for got, user, cands in zip(many, users, [ITEMS, ["a brand new gadget"], ITEMS[:2], []]):
+        if cands:
+            np.testing.assert_allclose(got.scores, cpu.rank(user, cands).scores, atol=2e-3)
