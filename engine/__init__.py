@@ -7,7 +7,7 @@ import importlib
 _EXPORTS = {
     "AtomicEncoder": "engine.abe",
     **{name: "engine.config" for name in ("EncoderConfig", "ModelConfig", "ScorerConfig", "ScoringConfig")},
-    "BAHEScorer": "engine.scorer", "InputError": "engine.inputs", "ScorerFormatError": "engine.scorer_folder",
+    "BAHEScorer": "engine.scorer", "Ranking": "engine.ranking", "InputError": "engine.inputs", "ScorerFormatError": "engine.scorer_folder",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -109,12 +109,14 @@ class ModelConfig:
 
 @dataclass
 class ScoringConfig:
-    """What `BAHEScorer.score` does with inputs it has not seen."""
+    """What `BAHEScorer.score` / `rank` do with inputs they have not seen, and how they batch and cache."""
     unknown_sequence: str = "error"     # a sequence name not in sequence_names: "error" or "ignore"
     unknown_behavior: str = "encode"    # a behavior text not in the table: "encode" (on the fly) or "error"
     append_unknown: bool = False        # also append on-the-fly encoded texts to the table files
     unknown_item: str = "encode"        # an item text not in the item table: "encode" or "error"
     batch_size: int = 512               # users per forward pass
+    dedupe_users: bool = True           # score: a user repeated in a batch runs the upper layers once
+    user_cache_bytes: int = 0           # LRU of pooled user vectors, bounded by bytes (0: off)
 
     def __post_init__(self) -> None:
         _check_fields(self, {})
@@ -124,6 +126,8 @@ class ScoringConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.user_cache_bytes < 0:
+            raise ValueError(f"user_cache_bytes must be >= 0, got {self.user_cache_bytes}")
 
 
 CONFIG_VERSION = 4  # the scorer.json format version this code writes

@@ -77,11 +77,16 @@ class CTRHead(nn.Module):
                                 norm.eps)
         return self.norm(features)
 
+    def _norm_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eval-mode BatchNorm as x * scale + shift, per feature."""
+        norm = self.norm
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        return scale, norm.bias - norm.running_mean * scale
+
     def folded_first_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W0, b0 of the first Linear with the eval-mode BatchNorm folded in."""
-        norm, first = self.norm, self.linears[0]
-        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-        shift = norm.bias - norm.running_mean * scale
+        first = self.linears[0]
+        scale, shift = self._norm_affine()
         return first.weight * scale[None, :], first.bias + first.weight @ shift
 
     def _mixed(self, features: torch.Tensor) -> torch.Tensor:
@@ -107,10 +112,52 @@ class CTRHead(nn.Module):
             x, (weight, bias) = self._mixed(features), (self.linears[0].weight, self.linears[0].bias)
         else:
             x, (weight, bias) = features, self.folded_first_layer()
+        return self._mlp(x, weight, bias)
+
+    def _mlp(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The MLP with (weight, bias) as its first layer, through the fused kernel's dispatch."""
         weights = [weight, *(m.weight for m in self.linears[1:])]
         biases = [bias, *(m.bias for m in self.linears[1:])]
         return ops.ctr_mlp(x, [w.to(x.dtype) for w in weights], [b.to(x.dtype) for b in biases],
                            activation=self.activation)
+
+    def forward_folded(self, user: torch.Tensor, item: torch.Tensor, cosines: torch.Tensor | None,
+                       side: torch.Tensor | None) -> torch.Tensor:
+        """Eval: one user (n, d) against K items (K, d) -> (K,) fp32 logits, the function `forward` computes on
+        [head_features(user, item), side] for each item, without materializing the K (2n+1) d features: the
+        first linear map of the text columns (the projection, or the first MLP layer, BatchNorm folded in) is
+        linear in [user, item, user * item], so the user folds into its weights once
+        (W_item + sum_s W_s * user_s, bias + W_user . user) and the K items meet a (d [+ n], out) matrix.
+        cosines (K, n) if the model has similarity features; side (K, S) the side columns."""
+        k, rest = item.shape[0], [t for t in (cosines, side) if t is not None]
+        if self.project is None and self.cross:  # crosses multiply the normalized features: no folding
+            features = torch.cat([user.reshape(1, -1).expand(k, -1), item, (user[None] * item[:, None]).flatten(1),
+                                  *rest], dim=1)
+            return self.forward(features)
+        if self.project is None:
+            weight, bias = _fold_user(*self.folded_first_layer(), user)
+            return self._mlp(torch.cat([item, *rest], dim=1), weight.to(item.dtype), bias.to(item.dtype))
+        width, (scale, shift) = self.project.in_features, self._norm_affine()
+        weight = self.project.weight * scale[None, :width]
+        weight, bias = _fold_user(weight, self.project.bias + self.project.weight @ shift[:width], user)
+        text = torch.cat([item, cosines], dim=1) if cosines is not None else item
+        x0 = F.linear(text, weight.to(item.dtype), bias.to(item.dtype))
+        if side is not None:
+            x0 = torch.cat([x0, side * scale[width:].to(side.dtype) + shift[width:].to(side.dtype)], dim=1)
+        x = x0
+        for layer in self.cross:
+            x = layer(x0, x)
+        return self._mlp(x, self.linears[0].weight, self.linears[0].bias)
+
+
+def _fold_user(weight: torch.Tensor, bias: torch.Tensor, user: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (out, F) over [user (n d), item (d), user * item (n d), rest...] columns, bias (out,), user (n, d)
+    -> (out, d + rest) over [item, rest...] and (out,): the same map with the user's columns applied (fp32)."""
+    n, d = user.shape
+    weight, bias, user = weight.float(), bias.float(), user.float()
+    per_sequence = weight[:, n * d + d:2 * n * d + d].reshape(-1, n, d)
+    item_weight = weight[:, n * d:n * d + d] + (per_sequence * user[None]).sum(1)
+    return torch.cat([item_weight, weight[:, 2 * n * d + d:]], dim=1), bias + weight[:, :n * d] @ user.flatten()
 
 
 class SideInputs(nn.Module):

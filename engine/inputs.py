@@ -118,7 +118,8 @@ def parse_items(items: object, num_users: int) -> list[str]:
 
 
 def lookup_texts(table: BehaviorTable, texts: list[str], what: str, lengths: np.ndarray | None = None,
-                 names: Sequence[str] = ()) -> np.ndarray:
+                 names: Sequence[str] = (), users: Sequence[int] | None = None,
+                 label: Callable[[int], str] | None = None) -> np.ndarray:
     """table.lookup(texts, on_missing='mark'); a malformed text (not a str, blank, no visible content, a lone
     surrogate) is an InputError that locates it (see `locate_bad_text`); table errors (corrupt file, hash
     collision) pass through as they are."""
@@ -127,26 +128,29 @@ def lookup_texts(table: BehaviorTable, texts: list[str], what: str, lengths: np.
     except TableError:
         raise
     except (TypeError, ValueError) as err:
-        located = locate_bad_text(texts, normalize_text, lengths, names)
+        located = locate_bad_text(texts, normalize_text, lengths, names, users, label)
         raise InputError(located or f"{what} texts: {err}") from None
     if any(_INVISIBLE.fullmatch(text) for text in texts):
-        raise InputError(locate_bad_text(texts, check_visible, lengths, names))
+        raise InputError(locate_bad_text(texts, check_visible, lengths, names, users, label))
     return rows
 
 
 def locate_bad_text(texts: list[str], check: Callable[[object], object], lengths: np.ndarray | None = None,
-                    names: Sequence[str] = ()) -> str | None:
-    """'users[u][name] behavior j: <why>' (or 'items[i]: <why>') for the first text `check` refuses.
-    Item texts: lengths None. Behavior texts: user-major, sequence s of user u holds lengths[u*S+s] texts,
-    S = len(names) in config order."""
+                    names: Sequence[str] = (), users: Sequence[int] | None = None,
+                    label: Callable[[int], str] | None = None) -> str | None:
+    """'users[u][name] behavior j: <why>' (or 'items[i]: <why>', `label(i)` if given) for the first text `check`
+    refuses. Item texts: lengths None. Behavior texts: user-major, sequence s of user u holds lengths[u*S+s]
+    texts, S = len(names) in config order; `users[u]` is the caller's index of user u (repeated users
+    scored once), u itself if None."""
     for i, text in enumerate(texts):
         try:
             check(text)
         except (TypeError, ValueError) as bad:
             if lengths is None:
-                return f"items[{i}]: {bad}"
+                return f"{label(i) if label else f'items[{i}]'}: {bad}"
             seq_index = int(np.searchsorted(np.cumsum(lengths), i, side="right"))
             user, seq = divmod(seq_index, len(names))
+            user = users[user] if users is not None else user
             position = i - int(np.sum(lengths[:seq_index]))
             return f"users[{user}][{names[seq]!r}] behavior {position} (after truncation to the most recent): {bad}"
     return None

@@ -162,6 +162,32 @@ class BAHEModel(nn.Module):
         cos = (unit_rows(rows) * unit_rows(items)[owner]).sum(dim=1)
         return segment_sums(similarity_weights(cos, temperatures), batch.offsets).view(users, n, len(temperatures))
 
+    def user_states(self, behavior_table: torch.Tensor, behavior_rows: torch.Tensor, offsets: torch.Tensor,
+                    max_len: int, behavior_extra: torch.Tensor | None = None) -> torch.Tensor:
+        """The user tower alone: U users' n sequences, packed as in `PackedBatch` (offsets (U*n+1,) int64,
+        cumulative, user-major; max_len a host int) -> (U, n, d) pooled states. It does not depend on the
+        item: a ranking request runs it once for all of its candidates."""
+        users = (offsets.numel() - 1) // self.num_sequences
+        with stage("gather"):
+            x = _gather(behavior_table, behavior_extra, behavior_rows, offsets, self.behavior_pos, max_len,
+                        self.compute_dtype)
+        with stage("upper_layers"):
+            states = self.upper.forward_packed(x, offsets, max_len)
+        with stage("pooling"):
+            empty = self.empty_sequence.repeat(users, 1).to(states.dtype)
+            return ops.jagged_mean(states, offsets, empty=empty).view(users, self.num_sequences, -1)
+
+    def item_states(self, item_table: torch.Tensor, item_rows: torch.Tensor,
+                    item_extra: torch.Tensor | None = None) -> torch.Tensor:
+        """The item tower alone: K item rows as one-behavior sequences through the upper layers -> (K, d)
+        (the mean over one behavior is its state). It depends on nothing but the item's table row, so a
+        scorer computes it once per item (engine.item_vectors)."""
+        k = item_rows.numel()
+        x = _gather(item_table, item_extra, item_rows, None, None, None, self.compute_dtype)
+        if k == 0:
+            return x
+        return self.upper.forward_packed(x, torch.arange(k + 1, device=x.device), 1)
+
     def logits(self, user: torch.Tensor, item: torch.Tensor, item_rows: torch.Tensor,
                dense: torch.Tensor | None, similar: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled towers (U, n, d), (U, d) + side inputs -> (U,) fp32 click logits."""

@@ -18,10 +18,14 @@ from engine.abe import AtomicEncoder, ReusingEncoder
 from engine.config import ScorerConfig, ScoringConfig
 from engine.inputs import (InputError, locate_bad_text, lookup_texts, parse_history_counts, parse_items, parse_users,
                            text_list)
+from engine.item_vectors import ItemVectors
+from engine.ranking import Ranking, check_top_k, distinct_users, parse_candidates, ranking
+from engine.towers import dense_features, item_states, pair_logits, pair_similar, per_user_logits, user_states
+from engine.user_cache import CacheStats, UserStateCache
 from engine.model import BAHEModel, PackedBatch
 from engine.scorer_folder import (BEHAVIORS_FILE, ITEMS_FILE, ScorerFormatError, open_folder, scorer_json_stamp,
                                   write_folder)
-from engine.side_features import count_features, recent_counts
+from engine.side_features import recent_counts
 from engine.stages import stage
 from kernels import ops
 from weights.checkpoint import Checkpoint
@@ -97,6 +101,8 @@ class BAHEScorer:
         self.encoder.device = self.device
         self._tables_lock = threading.Lock()
         self._placed: dict[str, tuple[int, torch.Tensor]] = {}
+        self._item_vectors = ItemVectors()
+        self._user_cache = UserStateCache(config.scoring.user_cache_bytes)
 
     # ----- loading and saving -------------------------------------------------------------
     @classmethod
@@ -151,8 +157,12 @@ class BAHEScorer:
         model.to(EMBEDDING_DTYPES[dtype])
         behaviors = BehaviorTable.open(files["behaviors"], encoder)
         items = BehaviorTable.open(files["items"], encoder)
-        return cls(config=config, checkpoint=ckpt, encoder=encoder, model=model, behaviors=behaviors, items=items,
-                   device=device, kernels=kernels)
+        scorer = cls(config=config, checkpoint=ckpt, encoder=encoder, model=model, behaviors=behaviors, items=items,
+                     device=device, kernels=kernels)
+        if "item_vectors" not in files or not scorer._item_vectors.load(files["item_vectors"], scorer.model, items):
+            with scorer._tables_lock:  # an older folder, or a stale file: computed now, never read stale
+                scorer._tables()
+        return scorer
 
     @classmethod
     def create(cls, model: str | Path, *, behavior_texts: Sequence[str], item_texts: Sequence[str],
@@ -180,33 +190,59 @@ class BAHEScorer:
         """Write the scorer folder crash-safely: a crash at any moment leaves the old or the new scorer,
         never a mix (engine.scorer_folder). What the folder keeps is decided from its files at commit
         time: saving an out-of-date scorer over a folder writes this scorer whole."""
-        write_folder(Path(path), config=self.config, checkpoint=self.checkpoint, encoder=self.encoder,
-                     model=self.model, behaviors=self.behaviors, items=self.items)
+        with self._tables_lock:
+            items = self.table_rows("items")
+            write_folder(Path(path), config=self.config, checkpoint=self.checkpoint, encoder=self.encoder,
+                         model=self.model, behaviors=self.behaviors, items=self.items,
+                         item_vectors=lambda target: self._item_vectors.save(target, self.model, self.items, items))
 
     # ----- scoring ------------------------------------------------------------------------
     def score(self, users: Sequence[dict[str, Sequence[str]]], items: Sequence[str], *,
               history_counts: Sequence[dict[str, int] | None] | None = None) -> np.ndarray:
         """(B,) float32 click probabilities in (0, 1) of users[i] clicking items[i]. The count features see
         each sequence's length as passed, or history_counts[i][name] (the user's total, for callers that pass
-        only the most recent behaviors)."""
+        only the most recent behaviors). A user repeated in the batch (the same texts in every sequence) runs
+        the upper layers once (`ScoringConfig.dedupe_users`); known items take their stored item vectors."""
         sequences = parse_users(users, self.config)
         item_texts = parse_items(items, len(sequences))
         user_counts = parse_history_counts(history_counts, users, self.config.model.sequence_names)
         if not sequences:
             return np.empty(0, dtype=np.float32)
-        n = len(self.config.model.sequence_names)
-        flat = [text for user in sequences for seq in user for text in seq]
-        lengths = np.fromiter((len(seq) for user in sequences for seq in user), dtype=np.int64,
-                              count=len(sequences) * n)
-        with self._tables_lock, stage("lookup"), kernel_path(self.kernels):  # unknown texts: ABE on the fly
-            behavior_rows, behavior_extra = self._rows(self.behaviors, flat, self.config.scoring.unknown_behavior,
-                                                       "behavior", lengths)
-            item_rows, item_extra = self._rows(self.items, item_texts, self.config.scoring.unknown_item, "item")
-            behavior_table, item_table = self.table_rows("behaviors"), self.table_rows("items")
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        dense = self._dense(user_counts, sequences, item_rows)
-        return self._score_packed(behavior_table, item_table, behavior_rows, offsets, item_rows,
-                                  behavior_extra, item_extra, dense)
+        if self.config.scoring.dedupe_users:
+            first, pair_user = distinct_users(sequences)
+        else:
+            first, pair_user = list(range(len(sequences))), np.arange(len(sequences))
+        return self._score_pairs([sequences[u] for u in first], first, user_counts, pair_user, item_texts)
+
+    def rank(self, user: dict[str, Sequence[str]], candidates: Sequence[str], *, top_k: int | None = None,
+             history_counts: dict[str, int] | None = None) -> Ranking:
+        """One user against K candidate item texts: its sequences run through the upper layers once, the head
+        over the K candidates in one batch. -> Ranking(scores (K,) float32 in candidate order, order (top_k or
+        K,) best first). Inputs are checked as `score`'s (InputError naming `candidates[i]`)."""
+        counts = None if history_counts is None else [history_counts]
+        return self._rank_many([user], [candidates], top_k, counts, label=lambda i: f"candidates[{i}]")[0]
+
+    def rank_many(self, users: Sequence[dict[str, Sequence[str]]], candidates: Sequence[Sequence[str]], *,
+                  top_k: int | None = None,
+                  history_counts: Sequence[dict[str, int] | None] | None = None) -> list[Ranking]:
+        """`rank` for many users, each with its own candidate list (candidates[u]), in one pass: every
+        user's sequences through the upper layers once, each user's candidates through the head."""
+        return self._rank_many(users, candidates, top_k, history_counts)
+
+    def _rank_many(self, users, candidates, top_k, history_counts, label=None) -> list[Ranking]:
+        check_top_k(top_k)
+        sequences = parse_users(users, self.config)
+        lists = parse_candidates(candidates, len(sequences))
+        user_counts = parse_history_counts(history_counts, users, self.config.model.sequence_names)
+        sizes = np.array([len(c) for c in lists], dtype=np.int64)
+        pair_user = np.repeat(np.arange(len(lists)), sizes)
+        flat = [text for c in lists for text in c]
+        starts = np.cumsum(sizes) - sizes
+        if label is None:  # candidates[u][j] of flat index i
+            label = lambda i: f"candidates[{pair_user[i]}][{i - starts[pair_user[i]]}]"  # noqa: E731
+        probs = (self._score_pairs(sequences, range(len(sequences)), user_counts[pair_user], pair_user, flat,
+                                   label=label, per_user=True) if flat else np.empty(0, dtype=np.float32))
+        return [ranking(probs[lo:lo + k], top_k) for lo, k in zip(starts, sizes)]
 
     def score_ids(self, behavior_rows: torch.Tensor, offsets: torch.Tensor, item_rows: torch.Tensor) -> np.ndarray:
         """Id-level API: behavior_rows (T,) int64 table rows; offsets (U*n+1,) int64 cumulative, user-major
@@ -222,45 +258,68 @@ class BAHEScorer:
         offsets_np, rows_np, items_np = offsets.cpu().numpy(), behavior_rows.cpu().numpy(), item_rows.cpu().numpy()
         sequences = [[rows_np[offsets_np[u * n + s]:offsets_np[u * n + s + 1]].tolist() for s in range(n)]
                      for u in range(items_np.size)]
-        dense = self._dense(np.diff(offsets_np).reshape(-1, n), sequences, items_np)
-        return self._score_packed(self.table_rows("behaviors"), self.table_rows("items"), rows_np, offsets_np,
-                                  items_np, dense=dense)
+        with self._tables_lock:
+            tables = self._tables()
+        return self._score_rows(tables, rows_np, offsets_np, None, items_np, None, sequences,
+                                np.diff(offsets_np).reshape(-1, n), np.arange(items_np.size))
 
-    def _score_packed(self, behavior_table: torch.Tensor, item_table: torch.Tensor, behavior_rows: np.ndarray,
-                      offsets: np.ndarray, item_rows: np.ndarray, behavior_extra: torch.Tensor | None = None,
-                      item_extra: torch.Tensor | None = None, dense: np.ndarray | None = None) -> np.ndarray:
-        n, users = len(self.config.model.sequence_names), item_rows.shape[0]
-        out = np.empty(users, dtype=np.float32)
-        step = self.config.scoring.batch_size
+    def cache_stats(self) -> CacheStats:
+        """Hits, misses, entries and bytes of the pooled-user-vector LRU (ScoringConfig.user_cache_bytes)."""
+        return self._user_cache.stats()
+
+    def _score_pairs(self, sequences: list[list[list[str]]], originals: Sequence[int], user_counts: np.ndarray,
+                     pair_user: np.ndarray, item_texts: list[str], label=None, per_user: bool = False) -> np.ndarray:
+        """(P,) probabilities of pairs (sequences[pair_user[p]], item_texts[p]); user_counts (P, n) per pair;
+        originals[u]: the caller's index of distinct user u (for errors)."""
+        n = len(self.config.model.sequence_names)
+        flat = [text for user in sequences for seq in user for text in seq]
+        lengths = np.fromiter((len(seq) for user in sequences for seq in user), dtype=np.int64,
+                              count=len(sequences) * n)
+        scoring = self.config.scoring
+        with self._tables_lock, stage("lookup"), kernel_path(self.kernels):  # unknown texts: ABE on the fly
+            behavior_rows, behavior_extra = self._rows(self.behaviors, flat, scoring.unknown_behavior, "behavior",
+                                                       lengths, users=originals)
+            item_rows, item_extra = self._rows(self.items, item_texts, scoring.unknown_item, "item", label=label)
+            tables = self._tables()
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        return self._score_rows(tables, behavior_rows, offsets, behavior_extra, item_rows, item_extra, sequences,
+                                user_counts, pair_user, per_user)
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(behavior rows, item rows, item vectors) for the tables as they are now; call under the tables lock."""
+        with kernel_path(self.kernels):
+            items = self.table_rows("items")
+            return self.table_rows("behaviors"), items, self._item_vectors.get(self.model, self.items, items)
+
+    def _score_rows(self, tables: tuple[torch.Tensor, ...], behavior_rows: np.ndarray, offsets: np.ndarray,
+                    behavior_extra: torch.Tensor | None, item_rows: np.ndarray, item_extra: torch.Tensor | None,
+                    sequences: list[list], user_counts: np.ndarray, pair_user: np.ndarray,
+                    per_user: bool = False) -> np.ndarray:
+        """Users (packed rows, U*n+1 offsets) through the user tower once each, pairs' items from the stored
+        vectors (on the fly for rows past them), then the head: over the P pairs, or (per_user: each user's
+        pairs contiguous, as rank_many lays them out) over each user's candidates with the user folded into
+        the head's first layer (engine.towers.per_user_logits)."""
+        behavior_table, item_table, vectors = tables
+        config, pairs = self.config.model, item_rows.shape[0]
+        out = np.empty(pairs, dtype=np.float32)
+        recent = (recent_counts(sequences, config.recent_events, len(config.sequence_names))
+                  if config.count_features and config.recent_events else None)
+        dense = dense_features(self.model, user_counts, None if recent is None else recent[pair_user], item_rows)
         with torch.inference_mode(), kernel_path(self.kernels):
-            for start in range(0, users, step):
-                stop = min(start + step, users)
-                lo, hi = offsets[start * n], offsets[stop * n]
-                chunk = offsets[start * n:stop * n + 1] - lo
-                longest = int(np.diff(chunk).max()) if chunk.size > 1 else 0  # on the host: the forward reads no device value
-                batch = PackedBatch(torch.from_numpy(behavior_rows[lo:hi]), torch.from_numpy(chunk),
-                                    torch.from_numpy(item_rows[start:stop]), behavior_extra, item_extra,
-                                    None if dense is None else torch.from_numpy(dense[start:stop]), longest).to(self.device)
-                logits = self.model(behavior_table, item_table, batch)
-                out[start:stop] = torch.sigmoid(logits).float().cpu().numpy()
+            user = user_states(self.model, behavior_table, behavior_rows, offsets, behavior_extra, self._user_cache,
+                               self.config.scoring.batch_size)
+            item = item_states(self.model, vectors, item_rows, item_extra)
+            with stage("head"):
+                similar = pair_similar(self.model, behavior_table, behavior_rows, offsets, behavior_extra, item_table,
+                                       item_rows, item_extra, pair_user)
+                logits = (per_user_logits if per_user else pair_logits)(self.model, user, item, pair_user, item_rows,
+                                                                        dense, similar)
+            out[:] = torch.sigmoid(logits).float().cpu().numpy()
         if not np.isfinite(out).all():
             raise FloatingPointError("the model produced a non-finite score; the scorer's weights may be corrupt")
         return np.clip(out, PROB_EPS, 1 - PROB_EPS)
 
     # ----- helpers --------------------------------------------------------------------------
-    def _dense(self, user_counts: np.ndarray, sequences: list[list[list]], item_rows: np.ndarray) -> np.ndarray | None:
-        """(U, F) count features: the user's history lengths, the recent shares of its sequences (texts or rows,
-        as passed), the item's stored training-log counts (zero for items the model was not trained with)."""
-        config = self.config.model
-        if not config.count_features:
-            return None
-        stored = self.model.item_counts.cpu().numpy()
-        known = item_rows < stored.shape[0]
-        item_counts = np.zeros((item_rows.size, stored.shape[1]), dtype=np.int64)
-        item_counts[known] = stored[item_rows[known]]
-        recent = recent_counts(sequences, config.recent_events, len(config.sequence_names)) if config.recent_events else None
-        return count_features(user_counts, item_counts, recent)
-
     def table_rows(self, which: str) -> torch.Tensor:
         """(N, d) rows of the 'behaviors' or 'items' table where the model runs: on CUDA placed once
         per table size (on the device, or pinned host memory when it does not fit); mmapped on CPU."""
@@ -276,13 +335,13 @@ class BAHEScorer:
         self._placed[which] = (len(table), rows)
         return rows
 
-    def _rows(self, table: BehaviorTable, texts: list[str], policy: str, what: str,
-              lengths: np.ndarray | None = None) -> tuple[np.ndarray, torch.Tensor | None]:
+    def _rows(self, table: BehaviorTable, texts: list[str], policy: str, what: str, lengths: np.ndarray | None = None,
+              users: Sequence[int] | None = None, label=None) -> tuple[np.ndarray, torch.Tensor | None]:
         """Table rows of texts; unknown texts encoded on the fly (ids >= N, returned as extra rows),
         appended to the table, or refused, per policy. Locates malformed texts for the error; table
         errors (corrupt file, hash collision) pass through as they are."""
         names = self.config.model.sequence_names
-        rows = lookup_texts(table, texts, what, lengths, names)
+        rows = lookup_texts(table, texts, what, lengths, names, users, label)
         missing = np.nonzero(rows == MISSING)[0]
         if not missing.size:
             return rows, None
@@ -300,7 +359,7 @@ class BAHEScorer:
         except TableError:
             raise
         except ValueError:  # a text the tokenizer turns into no tokens at all
-            located = locate_bad_text(texts, self._check_encodable, lengths, names)
+            located = locate_bad_text(texts, self._check_encodable, lengths, names, users, label)
             if located is None:
                 raise
             raise InputError(located) from None

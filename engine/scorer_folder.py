@@ -6,6 +6,8 @@ Folder layout (written by `write_folder`):
   model.safetensors      trained upper layers, behavior positions, empty-sequence vectors, CTR head
   behaviors.safetensors  behavior table (one row per unique behavior text)
   items.safetensors      item table
+  item_vectors.safetensors  the item tower's output per item-table row, signed (engine.item_vectors); optional:
+                         folders written before format 4 lack it and compute the vectors on load
 Each part has a second name (`backbone.1`, `model.1.safetensors`, ...). Saving over a scorer writes
 every part under the name the current scorer.json does not use, then replaces scorer.json (temp file,
 fsync, rename): that rename commits the save, so a crash at any moment leaves the old or the new
@@ -28,6 +30,8 @@ import os
 import shutil
 from pathlib import Path
 
+from collections.abc import Callable
+
 import torch
 
 from engine.abe import AtomicEncoder
@@ -39,12 +43,15 @@ from weights.checkpoint import Checkpoint
 from weights.safetensors_io import source_of, write_safetensors
 from weights.table import BehaviorTable, TableError
 
-FORMAT_VERSION = 4  # 2: scorer.json names its parts ("files"); 3, 4: model keys (config.INTRODUCED_MODEL_KEYS)
+FORMAT_VERSION = 4  # 2: scorer.json names its parts ("files"); 3, 4: model keys (config.INTRODUCED_MODEL_KEYS);
+                    # 4: also the optional item_vectors part
 SCORER_FILE, MODEL_FILE, BACKBONE = "scorer.json", "model.safetensors", "backbone"
-BEHAVIORS_FILE, ITEMS_FILE = "behaviors.safetensors", "items.safetensors"
+BEHAVIORS_FILE, ITEMS_FILE, ITEM_VECTORS_FILE = "behaviors.safetensors", "items.safetensors", "item_vectors.safetensors"
 PARTS = {"backbone": (BACKBONE, "backbone.1"), "model": (MODEL_FILE, "model.1.safetensors"),
-         "behaviors": (BEHAVIORS_FILE, "behaviors.1.safetensors"), "items": (ITEMS_FILE, "items.1.safetensors")}
-FIRST_NAMES = {part: names[0] for part, names in PARTS.items()}
+         "behaviors": (BEHAVIORS_FILE, "behaviors.1.safetensors"), "items": (ITEMS_FILE, "items.1.safetensors"),
+         "item_vectors": (ITEM_VECTORS_FILE, "item_vectors.1.safetensors")}
+OPTIONAL = {"item_vectors"}
+FIRST_NAMES = {part: names[0] for part, names in PARTS.items() if part not in OPTIONAL}
 MAX_SCORER_JSON_BYTES = 1 << 20
 
 
@@ -87,10 +94,10 @@ def read_scorer_json(path: Path) -> tuple[ScorerConfig, dict[str, str]]:
     except (ValueError, TypeError) as err:
         raise ScorerFormatError(f"{meta_path}: bad config ({err})") from None
     files = meta.get("files", FIRST_NAMES) if version >= 2 else FIRST_NAMES
-    if not isinstance(files, dict) or set(files) != set(PARTS) or any(
-            not isinstance(files[part], str) or files[part] not in names for part, names in PARTS.items()):
-        raise ScorerFormatError(f"{meta_path}: files {files!r} must name each of {sorted(PARTS)} by one of "
-                                f"its names {PARTS}")
+    if not isinstance(files, dict) or not set(FIRST_NAMES) <= set(files) <= set(PARTS) or any(
+            not isinstance(files[part], str) or files[part] not in PARTS[part] for part in files):
+        raise ScorerFormatError(f"{meta_path}: files {files!r} must name each of {sorted(FIRST_NAMES)} (and "
+                                f"may name {sorted(OPTIONAL)}) by one of its names {PARTS}")
     return config, dict(files)
 
 
@@ -125,11 +132,13 @@ def _refuse_outside_links(folder: Path, part: Path) -> None:
 
 
 def write_folder(path: Path, *, config: ScorerConfig, checkpoint: Checkpoint, encoder: AtomicEncoder,
-                 model: torch.nn.Module, behaviors: BehaviorTable, items: BehaviorTable) -> None:
+                 model: torch.nn.Module, behaviors: BehaviorTable, items: BehaviorTable,
+                 item_vectors: Callable[[Path], None] | None = None) -> None:
     """Write the scorer folder crash-safely (see the module docstring): every part under the name the
     current scorer.json does not use, each file by temp file + fsync + rename, then scorer.json, which
     commits the save. A part the folder already holds for this scorer (saved over itself) is kept; what
-    to keep is read from the folder under its lock."""
+    to keep is read from the folder under its lock. `item_vectors(target)` writes that part (atomically),
+    if given; it is always written afresh."""
     path.mkdir(parents=True, exist_ok=True)
     tables = {"behaviors": behaviors, "items": items}
     with contextlib.ExitStack() as locks:
@@ -140,6 +149,8 @@ def write_folder(path: Path, *, config: ScorerConfig, checkpoint: Checkpoint, en
         live, live_signature = _live_parts(path)
         files = {}
         for part, names in PARTS.items():
+            if part == "item_vectors" and item_vectors is None:
+                continue
             if _keeps(path, part, live.get(part), live_signature, checkpoint, encoder, tables.get(part)):
                 files[part] = live[part]
                 continue
@@ -149,6 +160,8 @@ def write_folder(path: Path, *, config: ScorerConfig, checkpoint: Checkpoint, en
             remove_stale_temps(target)
             if part == "backbone":
                 save_lower_checkpoint(checkpoint, encoder.lower, target)
+            elif part == "item_vectors":
+                item_vectors(target)
             elif part == "model":
                 state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
                 with atomic_write(target) as handle:
@@ -162,7 +175,7 @@ def write_folder(path: Path, *, config: ScorerConfig, checkpoint: Checkpoint, en
             handle.write(json.dumps(meta, indent=2).encode())
         for part, names in PARTS.items():  # committed: drop the parts of the previous save
             for name in names:
-                if name != files[part]:
+                if name != files.get(part):
                     _remove(path / name)
                     remove_stale_temps(path / name)
 

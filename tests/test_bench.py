@@ -38,3 +38,15 @@ def test_compare_and_profile_end_to_end(tmp_path, tiny_checkpoints):
     cli.main(["profile", *common, "--users", "2", "--m", "4", "--out", str(trace)])
     names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
     assert {"bahe.lookup", "bahe.gather", "bahe.upper_layers", "bahe.pooling", "bahe.head"} <= names
+
+
+def test_rank_bench_end_to_end(tmp_path, tiny_checkpoints):
+    from bench import rank
+    results_md = tmp_path / "RESULTS.md"
+    rows = rank.main(["--model", str(tiny_checkpoints["llama"]), "--data", str(FIXTURE), "--lower-layers", "2",
+                      "--work-dir", str(tmp_path / "work"), "--ks", "2", "5", "--ms", "3", "--repeats", "2",
+                      "--results", str(results_md)])
+    assert [(r.m, r.k) for r in rows] == [(3, 2), (3, 5)]
+    assert all(r.p50_ms > 0 and r.per_pair_ms > 0 and r.bf16_max_diff < 0.05 for r in rows)
+    text = results_md.read_text()
+    assert text.count("<!-- bench:rank:") == 1 and "| 3 | 5 |" in text

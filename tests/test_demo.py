@@ -17,7 +17,7 @@ def test_demo_runs_end_to_end_and_writes_its_section(tiny_checkpoints, tmp_path,
     config = DemoConfig(model=str(tiny_checkpoints["bert"]), data=str(FIXTURE), out=tmp_path / "demo",
                         results=results, num_lower_layers=2, max_behaviors=64, id_only_behaviors=5, epochs=1,
                         raw_train_examples=40, raw_test_examples=30, raw_behaviors=3, raw_tokens=64,
-                        users_to_show=2, candidates_per_user=10, batch_size=64)
+                        users_to_show=2, batch_size=64)
     rows = run_demo(config)
     assert [(r.split, r.name) for r in rows] == [
         *(("per-user", name) for name in SPLIT_MODELS), *(("time", name) for name in SPLIT_MODELS),
@@ -28,6 +28,7 @@ def test_demo_runs_end_to_end_and_writes_its_section(tiny_checkpoints, tmp_path,
     assert [r.train_examples for r in rows][-2:] == [40, 40]
     out = capsys.readouterr().out
     assert "unique rows" in out and "| split | model | train examples | test AUC" in out and "Top movies" in out
+    assert "ranked against all" in out
     assert out.count("AUC(BAHE) - AUC(") == 4
     text = results.read_text()
     assert "kept text" in text and text.count("| raw-token LLM |") == 1

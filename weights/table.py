@@ -203,6 +203,11 @@ class BehaviorTable:
     def dim(self) -> int:
         return self._snap.embeddings.shape[1]
 
+    @property
+    def keys(self) -> np.ndarray:
+        """(N,) int64 64-bit text key of each row, in row order (memory-mapped, read-only use)."""
+        return self._snap.keys
+
     def text(self, row: int) -> str:
         """The normalized text stored at `row`."""
         return self._snap.text(row, self.path)

@@ -56,8 +56,7 @@ class DemoConfig:
     raw_test_examples: int = 1000
     raw_behaviors: int = 10
     raw_tokens: int = 256
-    users_to_show: int = 3
-    candidates_per_user: int = 200
+    users_to_show: int = 3               # "top movies": users ranked against the whole item table
     extra_baselines: bool = True         # logistic regression and id-only too (off: the headline rows alone)
 
     @classmethod
@@ -287,20 +286,21 @@ def _paired(rows: list[DemoRow], data, test_rows: dict[str, np.ndarray]) -> list
 
 
 def _show_users(scorer: BAHEScorer, data, test_rows: np.ndarray, config: DemoConfig) -> list[str]:
-    """Top movies for a few real test users, scored with the saved-and-reloaded scorer."""
+    """Top movies for a few real test users: each user ranked against the whole item table (`BAHEScorer.rank`,
+    the user's sequences through the upper layers once, the stored item vectors), the 5 best it has not rated."""
     rng = np.random.default_rng(1)
+    ids = data.item_ids
+    texts = [data.item_texts[int(i)] for i in ids]
     lines = []
     for row in rng.choice(test_rows, config.users_to_show, replace=False):
         user = data.sequence_texts([row], None)[0]
         seen = set(data.item[(data.user == data.user[row])].tolist())
-        unseen = np.array([i for i in data.item_ids if i not in seen])
-        candidates = rng.choice(unseen, min(config.candidates_per_user, unseen.size), replace=False)
-        texts = [data.item_texts[int(i)] for i in candidates]
-        probs = scorer.score([user] * len(texts), texts)
-        top = np.argsort(-probs)[:5]
+        ranked = scorer.rank(user, texts)
+        top = [int(i) for i in ranked.order if int(ids[i]) not in seen][:5]
         liked = user.get("liked", [])[-3:]
-        lines.append(f"user {data.user[row]} (recently liked: {'; '.join(liked) or '-'})")
-        lines += [f"    {probs[i]:.3f}  {texts[i]}" for i in top]
+        lines.append(f"user {data.user[row]} (recently liked: {'; '.join(liked) or '-'}), ranked against all "
+                     f"{len(texts):,} movies")
+        lines += [f"    {ranked.scores[i]:.3f}  {texts[i]}" for i in top]
     return lines
 
 
