@@ -79,6 +79,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from engine.config import EncoderConfig, ModelConfig, ScorerConfig
     from engine.training.ctr_models import BAHECTR
     from engine.training.experiment import SampleConfig, build_scorer, load_data, sample_split, train_and_test
+    from engine.training.features import log_categorical_features
     from engine.training.data.log_schema import LogFormatError
     from engine.training.train import TrainConfig
     try:
@@ -89,8 +90,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     rows = sample_split(split, SampleConfig(args.train_examples, args.val_examples, args.test_examples, args.seed))
     print(json.dumps({k: {"examples": int(v.size), "positive_rate": round(float(data.label[v].mean()), 4)}
                       for k, v in rows.items()}))
+    try:
+        categorical = log_categorical_features(args.categorical, data)
+    except ValueError as err:
+        raise SystemExit(f"bahe train: --categorical: {err}") from None
     config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=args.lower_layers, max_tokens=args.max_tokens),
-                          model=ModelConfig(sequence_names=data.sequence_names, max_behaviors=args.max_behaviors))
+                          model=ModelConfig(sequence_names=data.sequence_names, max_behaviors=args.max_behaviors,
+                                            categorical_features=categorical))
     out = Path(args.out)
     scorer, report = build_scorer(args.model, data, config, out / "tables", device=args.device)
     print(f"tables: {report.behavior_events} behavior events -> {report.unique_behaviors} unique rows "
@@ -115,14 +121,14 @@ def cmd_score(args: argparse.Namespace) -> None:
     source = "<stdin>" if args.input == "-" else args.input
     try:
         data = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
-        users, items, lines = read_requests(data, source)
+        users, items, sides, lines = read_requests(data, source)
     except OSError as err:
         raise SystemExit(f"bahe score: {source}: {err.strerror or err}") from None
     except InputError as err:
         raise SystemExit(f"bahe score: {err}") from None
     scorer = BAHEScorer.from_pretrained(args.scorer, device=args.device, kernels=args.kernels or "auto")
     try:
-        probs = scorer.score(users, items)
+        probs = scorer.score(users, items, side_features=sides if any(s is not None for s in sides) else None)
     except (InputError, UnknownTextError) as err:
         raise SystemExit(f"bahe score: {source}: {at_line(str(err), lines)}") from None
     sys.stdout.write("".join(json.dumps({"item": item, "p_click": round(float(p), 6)}) + "\n"
@@ -186,12 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune BAHE (upper layers + head) on a click log, save a scorer")
     p.add_argument("--data", default="movielens", help="'movielens' or a CSV/parquet log "
-                   "(user_id, item_id, timestamp, label, item_text[, sequence])")
+                   "(user_id, item_id, timestamp, label, item_text[, sequence][, cat_<name> ...])")
     p.add_argument("--model", default="minilm")
     p.add_argument("--out", required=True)
     p.add_argument("--lower-layers", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-behaviors", type=int, default=1024)
+    p.add_argument("--categorical", default="all", help="categorical side features: 'all' (user_id and every "
+                   "cat_<name> column of the log), 'none', or names joined by ','")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=256, help="targets per batch (timeline batches: a few users)")
     p.add_argument("--lr", type=float, default=1e-3)

@@ -81,17 +81,23 @@ class ModelConfig:
     item_id_dim: int = 16           # learned item-id embedding width, keyed by item-table row (0: none)
     similarity_temperatures: tuple[float, ...] = (0.02, 0.05, 0.1)  # soft counts of behaviors like the item
                                     # per sequence and temperature, from the ABE rows (engine.similarity; (): none)
+    categorical_features: tuple[str, ...] = ()  # hashed categorical side features, e.g. ("user_id", "gender")
+    categorical_buckets: int = 65536  # hash buckets shared by them (+1 row for values unseen in training)
+    categorical_dim: int = 8        # embedding width per categorical feature (engine.categorical)
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
         _check_fields(self, {"max_behaviors": ("min", 1), "head_hidden": ("min", 1), "head_cross_layers": ("min", 0),
                              "head_cross_rank": ("min", 1), "head_text_dim": ("min", 0), "recent_events": ("min", 0),
-                             "item_id_dim": ("min", 0), "dropout": ("min", 0.0),
+                             "item_id_dim": ("min", 0), "dropout": ("min", 0.0), "categorical_buckets": ("min", 1),
+                             "categorical_dim": ("min", 1),
                              "head_activation": ("choice", HEAD_ACTIVATIONS)})
         if not self.dropout < 1:
             raise ValueError(f"dropout must be < 1, got {self.dropout}")
         if not all(t > 0 for t in self.similarity_temperatures):
             raise ValueError(f"similarity_temperatures must be > 0, got {self.similarity_temperatures}")
+        if not all(self.categorical_features) or len(set(self.categorical_features)) != len(self.categorical_features):
+            raise ValueError(f"categorical_features must be distinct non-empty names, got {self.categorical_features}")
         if not all(self.sequence_names):
             raise ValueError(f"sequence_names must be non-empty strings, got {self.sequence_names}")
         if not self.sequence_names or len(set(self.sequence_names)) != len(self.sequence_names):
@@ -104,7 +110,7 @@ class ModelConfig:
     def text_only(self) -> ModelConfig:
         """This model's text part alone (no side features, MLP head): what the raw-token baseline has."""
         return replace(self, count_features=False, recent_events=0, item_id_dim=0, head_cross_layers=0,
-                       similarity_features=False, head_text_dim=0, similarity_temperatures=())
+                       similarity_features=False, head_text_dim=0, similarity_temperatures=(), categorical_features=())
 
 
 @dataclass
@@ -135,7 +141,7 @@ CONFIG_VERSION = 4  # the scorer.json format version this code writes
 INTRODUCED_MODEL_KEYS = {
     3: {"attention": "family", "similarity_features": False, "head_text_dim": 0, "head_cross_layers": 0,
         "count_features": False, "recent_events": 0, "item_id_dim": 0},
-    4: {"similarity_temperatures": ()},
+    4: {"similarity_temperatures": (), "categorical_features": ()},
 }
 
 

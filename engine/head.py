@@ -162,7 +162,8 @@ def _fold_user(weight: torch.Tensor, bias: torch.Tensor, user: torch.Tensor) -> 
 
 class SideInputs(nn.Module):
     """The CTR model's columns beside the text: dense count features (`engine.side_features`), the
-    similarity-weighted counts of the item among each sequence (`engine.similarity`) and a learned item-id embedding keyed by item-table row (rows past the `num_items` trained ones share one
+    similarity-weighted counts of the item among each sequence (`engine.similarity`), hashed categorical
+    features (`engine.categorical`) and a learned item-id embedding keyed by item-table row (rows past the `num_items` trained ones share one
     unseen bucket, so items appended after training still score)."""
 
     def __init__(self, config: ModelConfig, num_items: int) -> None:
@@ -170,17 +171,26 @@ class SideInputs(nn.Module):
         names = count_feature_names(config.sequence_names, recent=config.recent_events > 0)
         self.counts = len(names) if config.count_features else 0
         self.similar = len(similarity_feature_names(config.sequence_names, config.similarity_temperatures))
+        self.categories = len(config.categorical_features)
+        self.category = nn.Embedding(config.categorical_buckets + 1, config.categorical_dim) if self.categories else None
+        if self.category is not None:
+            nn.init.normal_(self.category.weight, std=0.05)
+        # which hash buckets training saw (engine.categorical); values in other buckets take the last row
+        self.register_buffer("category_seen", torch.zeros(config.categorical_buckets if self.categories else 0,
+                                                          dtype=torch.bool), persistent=bool(self.categories))
         self.item_id = nn.Embedding(num_items + 1, config.item_id_dim) if config.item_id_dim else None
         if self.item_id is not None:
             nn.init.normal_(self.item_id.weight, std=0.05)
 
     @property
     def width(self) -> int:
-        return self.counts + self.similar + (self.item_id.embedding_dim if self.item_id is not None else 0)
+        categories = self.categories * self.category.embedding_dim if self.category is not None else 0
+        return self.counts + self.similar + categories + (self.item_id.embedding_dim if self.item_id is not None else 0)
 
     def forward(self, item_rows: torch.Tensor, dense: torch.Tensor | None, dtype: torch.dtype,
-                similar: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """The side columns of a batch; `similar`: (B, S, k) soft counts (`engine.similarity`), for a model that
+                similar: torch.Tensor | None = None, categories: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The side columns of a batch; `similar`: (B, S, k) soft counts (`engine.similarity`), `categories`:
+        (B, F) embedding rows of the categorical features (`engine.categorical.category_rows`), for a model that
         takes them."""
         out = []
         if self.counts:
@@ -192,6 +202,11 @@ class SideInputs(nn.Module):
             if similar is None:
                 raise ValueError(f"this model takes {self.similar} similarity features per example, got none")
             out.append(similarity_features(similar).to(dtype))
+        if self.category is not None:
+            if categories is None or categories.shape[1:] != (self.categories,):
+                raise ValueError(f"this model takes {self.categories} categorical features per example, got "
+                                 f"{None if categories is None else tuple(categories.shape)}")
+            out.append(self.category(categories).flatten(1).to(dtype))
         if self.item_id is not None:
             unseen = self.item_id.num_embeddings - 1
             out.append(self.item_id(torch.where(item_rows < unseen, item_rows, unseen)).to(dtype))

@@ -156,12 +156,12 @@ def locate_bad_text(texts: list[str], check: Callable[[object], object], lengths
     return None
 
 
-def read_requests(data: bytes, source: str) -> tuple[list[object], list[object], list[int]]:
-    """`bahe score` input: JSON lines {"user": {...}, "item": "..."} -> users, items and the line number of
-    each (1-based; blank lines are skipped). InputError naming the source and line for bytes that are not
+def read_requests(data: bytes, source: str) -> tuple[list[object], list[object], list[object], list[int]]:
+    """`bahe score` input: JSON lines {"user": {...}, "item": "..."[, "side_features": {...}]} -> users, items,
+    side features (None where a line has none) and the line number of each (1-based; blank lines are skipped). InputError naming the source and line for bytes that are not
     UTF-8 (a byte order mark included), a line that is not one JSON object (truncated, trailing garbage,
     `null`), or a missing key. The values are checked by `score` (see `at_line` for its errors)."""
-    users, items, numbers = [], [], []
+    users, items, sides, numbers = [], [], [], []
     for number, raw in enumerate(data.split(b"\n"), 1):
         if not raw.strip():
             continue
@@ -184,13 +184,45 @@ def read_requests(data: bytes, source: str) -> tuple[list[object], list[object],
             raise InputError(f"{where}: missing key(s) {missing}; expected {{\"user\": {{...}}, \"item\": \"...\"}}")
         users.append(record["user"])
         items.append(record["item"])
+        sides.append(record.get("side_features"))
         numbers.append(number)
-    return users, items, numbers
+    return users, items, sides, numbers
 
 
 def at_line(message: str, numbers: Sequence[int]) -> str:
-    """A `score` error about users[i] or items[i] retold for request lines: 'line N: user...' / 'line N: item...'."""
-    found = re.match(r"(users|items)\[(\d+)\]", message)
+    """A `score` error about users[i], items[i] or side_features[i] retold for request lines: 'line N: user...',
+    'line N: item...', 'line N: side_features...'."""
+    found = re.match(r"(users|items|side_features)\[(\d+)\]", message)
     if found is None or int(found.group(2)) >= len(numbers):
         return message
-    return f"line {numbers[int(found.group(2))]}: {found.group(1)[:-1]}{message[found.end():]}"
+    key = found.group(1) if found.group(1) == "side_features" else found.group(1)[:-1]
+    return f"line {numbers[int(found.group(2))]}: {key}{message[found.end():]}"
+
+
+def parse_side_features(side_features: object, count: int, names: tuple[str, ...], unit: str) -> list[list]:
+    """Per categorical feature (in `names` order) the `count` values of `side_features`: None (every value
+    unknown) or a list with one dict (or None) per `unit` of feature name -> str, int or None (unknown); a name
+    left out is unknown. InputError naming the entry and feature for anything else."""
+    columns: list[list] = [[None] * count for _ in names]
+    if side_features is None:
+        return columns
+    if not isinstance(side_features, (list, tuple)) or len(side_features) != count:
+        got = f" of {len(side_features)}" if isinstance(side_features, (list, tuple)) else ""
+        raise InputError(f"side_features must be a list with one dict (or None) per {unit} ({count}), got "
+                         f"{type(side_features).__name__}{got}")
+    for i, features in enumerate(side_features):
+        if features is None:
+            continue
+        if not isinstance(features, dict):
+            raise InputError(f"side_features[{i}] must be a dict of feature name -> value, got {type(features).__name__}")
+        unknown = set(features) - set(names)
+        if unknown:
+            raise InputError(f"side_features[{i}] has unknown feature(s) {sorted(map(str, unknown))}; this model "
+                             f"takes {list(names)}")
+        for f, name in enumerate(names):
+            value = features.get(name)
+            if isinstance(value, bool) or not isinstance(value, (str, int, np.integer, type(None))):
+                raise InputError(f"side_features[{i}][{name!r}] must be a str, an int or None, got "
+                                 f"{type(value).__name__}")
+            columns[f][i] = int(value) if isinstance(value, np.integer) else value
+    return columns

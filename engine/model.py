@@ -24,6 +24,7 @@ class PackedBatch:
     item_rows (U,) int64 into the item table (ids >= N index `item_extra`).
     *_extra: (X, d) rows encoded on the fly for texts not (yet) in the tables;
     dense: (U, F) float32 side features (`engine.side_features.count_features`), for a model that takes them;
+    categories: (U, C) int64 embedding rows of categorical features (`engine.categorical`), likewise;
     max_len: the longest sequence, a host int. Computed from the offsets when the batch is built
     on the host (CPU offsets, no device involved) and carried by `to`, so the model's forward
     never reads a device value; a batch built from device offsets must pass it."""
@@ -34,6 +35,7 @@ class PackedBatch:
     item_extra: torch.Tensor | None = None
     dense: torch.Tensor | None = None
     max_len: int | None = None
+    categories: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.max_len is None and isinstance(self.offsets, torch.Tensor) and self.offsets.device.type == "cpu" \
@@ -47,7 +49,8 @@ class PackedBatch:
     def to(self, device: torch.device) -> PackedBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return PackedBatch(move(self.behavior_rows), move(self.offsets), move(self.item_rows),
-                           move(self.behavior_extra), move(self.item_extra), move(self.dense), self.max_len)
+                           move(self.behavior_extra), move(self.item_extra), move(self.dense), self.max_len,
+                           move(self.categories))
 
     def validate(self, num_sequences: int, behavior_table_rows: int, item_table_rows: int) -> None:
         """Raise a clear error for ids out of range, bad dtypes or bad offsets (the id-level API):
@@ -188,15 +191,16 @@ class BAHEModel(nn.Module):
             return x
         return self.upper.forward_packed(x, torch.arange(k + 1, device=x.device), 1)
 
-    def logits(self, user: torch.Tensor, item: torch.Tensor, item_rows: torch.Tensor,
-               dense: torch.Tensor | None, similar: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, user: torch.Tensor, item: torch.Tensor, item_rows: torch.Tensor, dense: torch.Tensor | None,
+               similar: torch.Tensor | None = None, categories: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled towers (U, n, d), (U, d) + side inputs -> (U,) fp32 click logits."""
         text = head_features(user, item, self.config.similarity_features)
-        return self.head(torch.cat([text, *self.side(item_rows, dense, self.compute_dtype, similar)], dim=1))
+        side = self.side(item_rows, dense, self.compute_dtype, similar, categories)
+        return self.head(torch.cat([text, *side], dim=1))
 
     def forward(self, behavior_table: torch.Tensor, item_table: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """-> (U,) fp32 click logits."""
         user, item = self.towers(behavior_table, item_table, batch)
         with stage("head"):
             similar = self.similar(behavior_table, item_table, batch)
-            return self.logits(user, item, batch.item_rows, batch.dense, similar)
+            return self.logits(user, item, batch.item_rows, batch.dense, similar, batch.categories)

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from engine.abe import AtomicEncoder, ReusingEncoder
 from engine.config import ScorerConfig, ScoringConfig
 from engine.inputs import (InputError, locate_bad_text, lookup_texts, parse_history_counts, parse_items, parse_users,
-                           text_list)
+                           parse_side_features, text_list)
+from engine.categorical import category_buckets, category_rows
 from engine.item_vectors import ItemVectors
 from engine.ranking import Ranking, check_top_k, distinct_users, parse_candidates, ranking
 from engine.towers import dense_features, item_states, pair_logits, pair_similar, per_user_logits, user_states
@@ -198,42 +199,50 @@ class BAHEScorer:
 
     # ----- scoring ------------------------------------------------------------------------
     def score(self, users: Sequence[dict[str, Sequence[str]]], items: Sequence[str], *,
-              history_counts: Sequence[dict[str, int] | None] | None = None) -> np.ndarray:
+              history_counts: Sequence[dict[str, int] | None] | None = None,
+              side_features: Sequence[dict | None] | None = None) -> np.ndarray:
         """(B,) float32 click probabilities in (0, 1) of users[i] clicking items[i]. The count features see
         each sequence's length as passed, or history_counts[i][name] (the user's total, for callers that pass
-        only the most recent behaviors). A user repeated in the batch (the same texts in every sequence) runs
-        the upper layers once (`ScoringConfig.dedupe_users`); known items take their stored item vectors."""
+        only the most recent behaviors). side_features[i]: the pair's categorical features, name -> value
+        (`ModelConfig.categorical_features`; left out: unknown). A user repeated in the batch (the same texts in
+        every sequence) runs the upper layers once (`ScoringConfig.dedupe_users`); known items take their stored
+        item vectors."""
         sequences = parse_users(users, self.config)
         item_texts = parse_items(items, len(sequences))
         user_counts = parse_history_counts(history_counts, users, self.config.model.sequence_names)
+        categories = self._categories(side_features, len(sequences), "pair")
         if not sequences:
             return np.empty(0, dtype=np.float32)
         if self.config.scoring.dedupe_users:
             first, pair_user = distinct_users(sequences)
         else:
             first, pair_user = list(range(len(sequences))), np.arange(len(sequences))
-        return self._score_pairs([sequences[u] for u in first], first, user_counts, pair_user, item_texts)
+        return self._score_pairs([sequences[u] for u in first], first, user_counts, pair_user, item_texts,
+                                 categories=categories)
 
     def rank(self, user: dict[str, Sequence[str]], candidates: Sequence[str], *, top_k: int | None = None,
-             history_counts: dict[str, int] | None = None) -> Ranking:
+             history_counts: dict[str, int] | None = None, side_features: dict | None = None) -> Ranking:
         """One user against K candidate item texts: its sequences run through the upper layers once, the head
         over the K candidates in one batch. -> Ranking(scores (K,) float32 in candidate order, order (top_k or
         K,) best first). Inputs are checked as `score`'s (InputError naming `candidates[i]`)."""
         counts = None if history_counts is None else [history_counts]
-        return self._rank_many([user], [candidates], top_k, counts, label=lambda i: f"candidates[{i}]")[0]
+        side = None if side_features is None else [side_features]
+        return self._rank_many([user], [candidates], top_k, counts, side, label=lambda i: f"candidates[{i}]")[0]
 
     def rank_many(self, users: Sequence[dict[str, Sequence[str]]], candidates: Sequence[Sequence[str]], *,
                   top_k: int | None = None,
-                  history_counts: Sequence[dict[str, int] | None] | None = None) -> list[Ranking]:
-        """`rank` for many users, each with its own candidate list (candidates[u]), in one pass: every
-        user's sequences through the upper layers once, each user's candidates through the head."""
-        return self._rank_many(users, candidates, top_k, history_counts)
+                  history_counts: Sequence[dict[str, int] | None] | None = None,
+                  side_features: Sequence[dict | None] | None = None) -> list[Ranking]:
+        """`rank` for many users, each with its own candidate list (candidates[u]) and side features, in one
+        pass: every user's sequences through the upper layers once, each user's candidates through the head."""
+        return self._rank_many(users, candidates, top_k, history_counts, side_features)
 
-    def _rank_many(self, users, candidates, top_k, history_counts, label=None) -> list[Ranking]:
+    def _rank_many(self, users, candidates, top_k, history_counts, side_features, label=None) -> list[Ranking]:
         check_top_k(top_k)
         sequences = parse_users(users, self.config)
         lists = parse_candidates(candidates, len(sequences))
         user_counts = parse_history_counts(history_counts, users, self.config.model.sequence_names)
+        categories = self._categories(side_features, len(sequences), "user")
         sizes = np.array([len(c) for c in lists], dtype=np.int64)
         pair_user = np.repeat(np.arange(len(lists)), sizes)
         flat = [text for c in lists for text in c]
@@ -241,7 +250,8 @@ class BAHEScorer:
         if label is None:  # candidates[u][j] of flat index i
             label = lambda i: f"candidates[{pair_user[i]}][{i - starts[pair_user[i]]}]"  # noqa: E731
         probs = (self._score_pairs(sequences, range(len(sequences)), user_counts[pair_user], pair_user, flat,
-                                   label=label, per_user=True) if flat else np.empty(0, dtype=np.float32))
+                                   label=label, per_user=True, categories=None if categories is None else
+                                   categories[pair_user]) if flat else np.empty(0, dtype=np.float32))
         return [ranking(probs[lo:lo + k], top_k) for lo, k in zip(starts, sizes)]
 
     def score_ids(self, behavior_rows: torch.Tensor, offsets: torch.Tensor, item_rows: torch.Tensor) -> np.ndarray:
@@ -268,9 +278,10 @@ class BAHEScorer:
         return self._user_cache.stats()
 
     def _score_pairs(self, sequences: list[list[list[str]]], originals: Sequence[int], user_counts: np.ndarray,
-                     pair_user: np.ndarray, item_texts: list[str], label=None, per_user: bool = False) -> np.ndarray:
-        """(P,) probabilities of pairs (sequences[pair_user[p]], item_texts[p]); user_counts (P, n) per pair;
-        originals[u]: the caller's index of distinct user u (for errors)."""
+                     pair_user: np.ndarray, item_texts: list[str], label=None, per_user: bool = False,
+                     categories: np.ndarray | None = None) -> np.ndarray:
+        """(P,) probabilities of pairs (sequences[pair_user[p]], item_texts[p]); user_counts (P, n) and
+        categorical feature rows (P, F) per pair; originals[u]: the caller's index of distinct user u (for errors)."""
         n = len(self.config.model.sequence_names)
         flat = [text for user in sequences for seq in user for text in seq]
         lengths = np.fromiter((len(seq) for user in sequences for seq in user), dtype=np.int64,
@@ -283,7 +294,7 @@ class BAHEScorer:
             tables = self._tables()
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         return self._score_rows(tables, behavior_rows, offsets, behavior_extra, item_rows, item_extra, sequences,
-                                user_counts, pair_user, per_user)
+                                user_counts, pair_user, per_user, categories)
 
     def _tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(behavior rows, item rows, item vectors) for the tables as they are now; call under the tables lock."""
@@ -294,7 +305,7 @@ class BAHEScorer:
     def _score_rows(self, tables: tuple[torch.Tensor, ...], behavior_rows: np.ndarray, offsets: np.ndarray,
                     behavior_extra: torch.Tensor | None, item_rows: np.ndarray, item_extra: torch.Tensor | None,
                     sequences: list[list], user_counts: np.ndarray, pair_user: np.ndarray,
-                    per_user: bool = False) -> np.ndarray:
+                    per_user: bool = False, categories: np.ndarray | None = None) -> np.ndarray:
         """Users (packed rows, U*n+1 offsets) through the user tower once each, pairs' items from the stored
         vectors (on the fly for rows past them), then the head: over the P pairs, or (per_user: each user's
         pairs contiguous, as rank_many lays them out) over each user's candidates with the user folded into
@@ -313,13 +324,22 @@ class BAHEScorer:
                 similar = pair_similar(self.model, behavior_table, behavior_rows, offsets, behavior_extra, item_table,
                                        item_rows, item_extra, pair_user)
                 logits = (per_user_logits if per_user else pair_logits)(self.model, user, item, pair_user, item_rows,
-                                                                        dense, similar)
+                                                                        dense, similar, categories)
             out[:] = torch.sigmoid(logits).float().cpu().numpy()
         if not np.isfinite(out).all():
             raise FloatingPointError("the model produced a non-finite score; the scorer's weights may be corrupt")
         return np.clip(out, PROB_EPS, 1 - PROB_EPS)
 
     # ----- helpers --------------------------------------------------------------------------
+    def _categories(self, side_features: object, count: int, unit: str) -> np.ndarray | None:
+        """(count, F) embedding rows of the categorical features (engine.categorical), None without any."""
+        names, config = self.config.model.categorical_features, self.config.model
+        columns = parse_side_features(side_features, count, names, unit)
+        if not names:
+            return None
+        buckets = category_buckets(names, columns, config.categorical_buckets)
+        return category_rows(buckets, self.model.side.category_seen.cpu().numpy())
+
     def table_rows(self, which: str) -> torch.Tensor:
         """(N, d) rows of the 'behaviors' or 'items' table where the model runs: on CUDA placed once
         per table size (on the device, or pinned host memory when it does not fit); mmapped on CPU."""

@@ -111,15 +111,20 @@ def pair_similar(model: BAHEModel, behavior_table: torch.Tensor, rows: np.ndarra
     return out
 
 
-def _side(model: BAHEModel, item_rows: np.ndarray, dense: np.ndarray | None,
-          similar: torch.Tensor | None) -> list[torch.Tensor]:
+def _tensor(array: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
+    return None if array is None else torch.from_numpy(array).to(device)
+
+
+def _side(model: BAHEModel, item_rows: np.ndarray, dense: np.ndarray | None, similar: torch.Tensor | None,
+          categories: np.ndarray | None) -> list[torch.Tensor]:
     device = _device(model)
-    return model.side(torch.from_numpy(item_rows).to(device),
-                      None if dense is None else torch.from_numpy(dense).to(device), model.compute_dtype, similar)
+    return model.side(torch.from_numpy(item_rows).to(device), _tensor(dense, device), model.compute_dtype, similar,
+                      _tensor(categories, device))
 
 
 def pair_logits(model: BAHEModel, user: torch.Tensor, item: torch.Tensor, pair_user: np.ndarray,
-                item_rows: np.ndarray, dense: np.ndarray | None, similar: torch.Tensor | None = None) -> torch.Tensor:
+                item_rows: np.ndarray, dense: np.ndarray | None, similar: torch.Tensor | None = None,
+                categories: np.ndarray | None = None) -> torch.Tensor:
     """(P,) logits of pairs (user[pair_user[p]], item[p]): the head over materialized pair features."""
     out = []
     for lo in range(0, item_rows.size, HEAD_BATCH):
@@ -127,12 +132,14 @@ def pair_logits(model: BAHEModel, user: torch.Tensor, item: torch.Tensor, pair_u
         users = user[torch.from_numpy(pair_user[lo:hi]).to(user.device)]
         out.append(model.logits(users, item[lo:hi], torch.from_numpy(item_rows[lo:hi]).to(user.device),
                                 None if dense is None else torch.from_numpy(dense[lo:hi]).to(user.device),
-                                None if similar is None else similar[lo:hi]))
+                                None if similar is None else similar[lo:hi],
+                                _tensor(None if categories is None else categories[lo:hi], user.device)))
     return torch.cat(out) if out else torch.empty(0)
 
 
 def per_user_logits(model: BAHEModel, user: torch.Tensor, item: torch.Tensor, pair_user: np.ndarray,
-                    item_rows: np.ndarray, dense: np.ndarray | None, similar: torch.Tensor | None = None) -> torch.Tensor:
+                    item_rows: np.ndarray, dense: np.ndarray | None, similar: torch.Tensor | None = None,
+                    categories: np.ndarray | None = None) -> torch.Tensor:
     """`pair_logits` for pairs laid out user by user (pair_user non-decreasing): each user's candidates in one
     head call with the user folded into the first layer, so the K candidates cost a (K, d) product instead of
     a (K, (2n+1) d) one. Same function; rounding differs from `pair_logits` (~1e-6)."""
@@ -146,6 +153,6 @@ def per_user_logits(model: BAHEModel, user: torch.Tensor, item: torch.Tensor, pa
         cos = (F.cosine_similarity(user[u][None], cand[:, None, :], dim=-1) if model.config.similarity_features
                else None)
         side = _side(model, item_rows[lo:hi], None if dense is None else dense[lo:hi],
-                     None if similar is None else similar[lo:hi])
+                     None if similar is None else similar[lo:hi], None if categories is None else categories[lo:hi])
         out.append(model.head.forward_folded(user[u], cand, cos, torch.cat(side, 1) if side else None))
     return torch.cat(out) if out else torch.empty(0)

@@ -36,6 +36,9 @@ def assert_same_log(a: BehaviorLog, b: BehaviorLog) -> None:
     assert a.item_texts == b.item_texts
     assert a.sequence_names == b.sequence_names
     assert a.min_history == b.min_history
+    assert a.categorical.keys() == b.categorical.keys()
+    for name in a.categorical:
+        np.testing.assert_array_equal(a.categorical[name], b.categorical[name], err_msg=name)
 
 
 def test_sizes_and_texts(log, ratings):
@@ -111,8 +114,14 @@ def test_generic_file_round_trip(log, tmp_path):
     write_movielens(path)
     assert_same_log(load_log(path), log)
     frame = pd.read_parquet(path)
-    assert list(frame.columns) == ["user_id", "item_id", "timestamp", "label", "item_text", "sequence"]
+    assert list(frame.columns) == ["user_id", "item_id", "timestamp", "label", "item_text", "sequence", "cat_gender",
+                                   "cat_occupation", "cat_age"]
     assert set(frame["sequence"]) == {"liked|watched", "disliked|watched", "watched"}
+    assert set(frame["cat_gender"]) == {"M", "F"} and frame["cat_occupation"].nunique() == 21
+    assert set(frame["cat_age"]) == {"under 18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+"}
+    user = log.user == 1  # MovieLens' user 1: a 24-year-old technician
+    assert set(log.category_values("occupation", np.flatnonzero(user))) == {"technician"}
+    assert set(log.category_values("age", np.flatnonzero(user))) == {"18-24"}
 
 
 def test_csv_round_trip_of_a_few_users(tmp_path):

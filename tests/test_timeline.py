@@ -13,7 +13,7 @@ from engine.side_features import recent_counts as recent_counts_from_texts
 from engine.training.batching import interleave
 from engine.training.ctr_models import BAHECTR, rows_by_user
 from engine.training.data import load_log
-from engine.training.features import past_counts, recent_counts
+from engine.training.features import category_batch, past_counts, recent_counts
 from engine.training.timeline import prefix_similar
 
 FIXTURE = Path(__file__).parent / "fixtures" / "movielens_tiny.parquet"
@@ -26,7 +26,8 @@ def log():
 
 def _scorer(folder, tmp_path, log, max_behaviors):
     config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=2),
-                          model=ModelConfig(sequence_names=log.sequence_names, max_behaviors=max_behaviors))
+                          model=ModelConfig(sequence_names=log.sequence_names, max_behaviors=max_behaviors,
+                                            categorical_features=("user_id", "gender"), categorical_buckets=512))
     torch.manual_seed(0)
     texts = log.item_id_texts
     scorer = BAHEScorer.create(folder, behavior_texts=texts, item_texts=texts, tables_dir=tmp_path / "tables",
@@ -35,6 +36,7 @@ def _scorer(folder, tmp_path, log, max_behaviors):
         for p in scorer.model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
         scorer.model.item_counts.copy_(torch.randint(0, 50, scorer.model.item_counts.shape))
+        scorer.model.side.category_seen[::2] = True  # some values seen in training, others not
     return scorer
 
 
@@ -49,7 +51,8 @@ def _per_example(ctr: BAHECTR, log, rows: np.ndarray) -> torch.Tensor:
         recent = recent_counts(log, np.array([row]), config.recent_events)
         batch = PackedBatch(torch.from_numpy(ctr.behavior_row[values]), torch.from_numpy(offsets),
                             torch.from_numpy(ctr.item_row[log.item[[row]]]),
-                            dense=torch.from_numpy(count_features(user_counts, item_counts, recent)))
+                            dense=torch.from_numpy(count_features(user_counts, item_counts, recent)),
+                            categories=category_batch(ctr.model.side, config, log, np.array([row]), training=False))
         out.append(ctr.model(ctr.behavior_table, ctr.item_table, batch))
     return torch.cat(out)
 

@@ -23,7 +23,7 @@ from engine.config import ModelConfig
 from engine.training.data.log import BehaviorLog
 from engine.training.timeline import TimelineBatch, timeline_batch, timeline_logits
 from engine.head import CTRHead, SideInputs, head_features, user_item_head
-from engine.training.features import PastCounts, dense_features, item_count_table
+from engine.training.features import PastCounts, category_batch, dense_features, item_count_table
 from engine.model import PackedBatch, pool_user_item
 from engine.scorer import BAHEScorer
 from kernels import ops
@@ -56,8 +56,9 @@ class BAHECTR(nn.Module):
 
     def prepare(self, log: BehaviorLog, rows: np.ndarray) -> TimelineBatch:
         config = self.scorer.config.model
+        categories = category_batch(self.model.side, config, log, rows, self.training)
         return timeline_batch(log, rows, config.sequence_names, config.max_behaviors, self.behavior_row,
-                              self.item_row, self.counts, config.count_features)
+                              self.item_row, self.counts, config.count_features, categories)
 
     def forward(self, batch: TimelineBatch) -> torch.Tensor:
         return timeline_logits(self.model, self.behavior_table, self.item_table, batch)
@@ -194,12 +195,14 @@ class IdOnlyCTR(nn.Module):
 
 @dataclass
 class SideBatch:
-    """Side inputs only: item rows (B,) and dense count features (B, F)."""
+    """Side inputs only: item rows (B,), dense count features (B, F), categorical feature rows (B, C)."""
     item_rows: torch.Tensor
     dense: torch.Tensor | None
+    categories: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> SideBatch:
-        return SideBatch(self.item_rows.to(device), None if self.dense is None else self.dense.to(device))
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return SideBatch(move(self.item_rows), move(self.dense), move(self.categories))
 
 
 class SideOnlyCTR(nn.Module):
@@ -221,10 +224,12 @@ class SideOnlyCTR(nn.Module):
     def prepare(self, log: BehaviorLog, rows: np.ndarray) -> SideBatch:
         names = self.config.sequence_names
         dense = dense_features(self.counts, log, rows, names) if self.config.count_features else None
-        return SideBatch(torch.from_numpy(self.row[log.item[rows]]), None if dense is None else torch.from_numpy(dense))
+        return SideBatch(torch.from_numpy(self.row[log.item[rows]]), None if dense is None else torch.from_numpy(dense),
+                         category_batch(self.side, self.config, log, rows, self.training))
 
     def forward(self, batch: SideBatch) -> torch.Tensor:
-        return self.head(torch.cat(self.side(batch.item_rows, batch.dense, torch.float32), dim=1))
+        side = self.side(batch.item_rows, batch.dense, torch.float32, categories=batch.categories)
+        return self.head(torch.cat(side, dim=1))
 
     def pretrained_parameters(self) -> list[nn.Parameter]:
         return []

@@ -26,6 +26,7 @@ from engine.scorer import BAHEScorer
 from engine.training.classic import fit_classic
 from engine.training.ctr_models import BAHECTR, IdOnlyCTR, RawTokenCTR, SideOnlyCTR
 from engine.training.experiment import TableReport, build_scorer, load_data
+from engine.training.features import log_categorical_features
 from engine.training.metrics import Interval, auc_interval, log_loss, paired_auc_difference
 from engine.training.report import machine, write_section
 from engine.training.splits import per_user_split
@@ -56,6 +57,7 @@ class DemoConfig:
     raw_test_examples: int = 1000
     raw_behaviors: int = 10
     raw_tokens: int = 256
+    categorical: bool = True             # user id + the log's cat_ columns as categorical side features
     users_to_show: int = 3               # "top movies": users ranked against the whole item table
     extra_baselines: bool = True         # logistic regression and id-only too (off: the headline rows alone)
 
@@ -179,7 +181,9 @@ def demo_scorer(config: DemoConfig, data) -> tuple[BAHEScorer, TableReport]:
     scorer_config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=config.num_lower_layers,
                                                        max_tokens=config.max_tokens),
                                  model=ModelConfig(sequence_names=data.sequence_names,
-                                                   max_behaviors=config.max_behaviors))
+                                                   max_behaviors=config.max_behaviors,
+                                                   categorical_features=log_categorical_features(
+                                                       "all" if config.categorical else "none", data)))
     return _seeded(config.seed, lambda: build_scorer(config.model, data, scorer_config, config.out / "tables",
                                                      device="cpu"))
 

@@ -1,4 +1,5 @@
-"""Past-only event counts of the log's examples: the inputs of engine.side_features.count_features.
+"""Past-only event counts of the log's examples: the inputs of engine.side_features.count_features; and the
+examples' categorical feature rows (engine.categorical).
 
 Every statistic of an example counts only events with timestamp strictly before the target's, the rule that
 defines histories in BehaviorLog: events sharing the target's moment (the target itself included) never count,
@@ -9,11 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
+from engine.categorical import USER_ID, category_buckets, category_rows
+from engine.config import ModelConfig
+from engine.head import SideInputs
 from engine.side_features import count_features
 from engine.training.data.log import BehaviorLog
 
-__all__ = ["counts_before", "past_counts", "item_count_table"]
+__all__ = ["counts_before", "past_counts", "item_count_table", "category_batch", "log_categorical_features"]
 
 
 def counts_before(keys: np.ndarray, times: np.ndarray, values: np.ndarray, query_keys: np.ndarray,
@@ -92,3 +97,33 @@ def dense_features(counts: PastCounts, log: BehaviorLog, rows: np.ndarray, names
     user, item, recent = counts(log, rows)
     order = [log.sequence_names.index(name) for name in names]
     return count_features(user[:, order], item[:, order], None if recent is None else recent[:, order])
+
+
+def category_batch(side: SideInputs, config: ModelConfig, log: BehaviorLog, rows: np.ndarray,
+                   training: bool) -> torch.Tensor | None:
+    """(B, F) embedding rows of the model's categorical features at `rows` (engine.categorical); a training
+    batch first marks its buckets as seen, so the unseen row stands for exactly the values training never had.
+    None for a model without categorical features."""
+    names = config.categorical_features
+    if not names:
+        return None
+    buckets = category_buckets(names, [log.category_values(name, rows) for name in names], config.categorical_buckets)
+    if training:
+        seen = side.category_seen
+        seen[torch.from_numpy(np.unique(buckets[buckets >= 0])).to(seen.device)] = True
+    return torch.from_numpy(category_rows(buckets, side.category_seen.cpu().numpy()))
+
+
+def log_categorical_features(spec: str, log: BehaviorLog) -> tuple[str, ...]:
+    """The categorical features to train with: 'all' (the user id and every cat_ column of the log), 'none', or
+    names joined by ',' (ValueError naming one the log does not have)."""
+    available = (USER_ID, *log.categorical)
+    if spec == "all":
+        return available
+    if spec == "none":
+        return ()
+    names = tuple(name.strip() for name in spec.split(","))
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise ValueError(f"categorical features {missing} are not in the log, which has {list(available)}")
+    return names

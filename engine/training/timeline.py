@@ -38,11 +38,12 @@ class TimelineBatch:
     dense: torch.Tensor | None
     max_len: int  # the longest packed sequence, known on the host
     pairs: int
+    categories: torch.Tensor | None = None  # (B, F) categorical feature rows (engine.categorical)
 
     def to(self, device: torch.device) -> TimelineBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return TimelineBatch(move(self.behavior_rows), move(self.offsets), move(self.sequence), move(self.prefix),
-                             move(self.item_rows), move(self.dense), self.max_len, self.pairs)
+                             move(self.item_rows), move(self.dense), self.max_len, self.pairs, move(self.categories))
 
 
 def _pack(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +54,7 @@ def _pack(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 def timeline_batch(log: BehaviorLog, rows: np.ndarray, names: tuple[str, ...], max_behaviors: int,
                    behavior_row: np.ndarray, item_row: np.ndarray, counts: PastCounts,
-                   with_dense: bool) -> TimelineBatch:
+                   with_dense: bool, categories: torch.Tensor | None = None) -> TimelineBatch:
     """The timeline batch of example `rows` (ascending: a user's targets are contiguous). Item ids map to
     table rows through `behavior_row` / `item_row` (dense lookup arrays); `counts` gives the prefix lengths
     and, `with_dense`, the dense side features."""
@@ -80,7 +81,7 @@ def timeline_batch(log: BehaviorLog, rows: np.ndarray, names: tuple[str, ...], m
     return TimelineBatch(torch.from_numpy(behavior_row[values]), torch.from_numpy(offsets),
                          torch.from_numpy(sequence), torch.from_numpy(prefix),
                          torch.from_numpy(item_row[log.item[rows]]), dense, int(np.diff(offsets).max(initial=0)),
-                         int(prefix.sum()))
+                         int(prefix.sum()), categories)
 
 
 def prefix_means(states: torch.Tensor, offsets: torch.Tensor, sequence: torch.Tensor, prefix: torch.Tensor,
@@ -127,4 +128,5 @@ def timeline_logits(model: BAHEModel, behavior_table: torch.Tensor, item_table: 
     behaviors = batch.behavior_rows.numel()
     user = prefix_means(states[:behaviors], batch.offsets, batch.sequence, batch.prefix, model.empty_sequence)
     similar = prefix_similar(model, behavior_table, item_table, batch)
-    return model.logits(user, states[behaviors:behaviors + targets], batch.item_rows, batch.dense, similar)
+    return model.logits(user, states[behaviors:behaviors + targets], batch.item_rows, batch.dense, similar,
+                        batch.categories)

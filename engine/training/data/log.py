@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from engine.training.data.log_schema import SEQUENCE_COLUMN, SEQUENCE_SEPARATOR, LogFormatError, validate_frame
+from engine.categorical import USER_ID
+from engine.training.data.log_schema import (CATEGORY_PREFIX, SEQUENCE_COLUMN, SEQUENCE_SEPARATOR, LogFormatError,
+                                              validate_frame)
 
 __all__ = ["Ragged", "TimeSplit", "BehaviorLog"]
 
@@ -70,7 +72,9 @@ class BehaviorLog:
 
     user, item, timestamp: (N,) int64; label: (N,) int8 0/1;
     membership: (N, S) bool, membership[i, s] = event i belongs to sequence_names[s];
-    item_texts: item id -> text, covering every item in `item`.
+    item_texts: item id -> text, covering every item in `item`;
+    categorical: feature name -> (N,) object array of the event's value (str, or None: unknown), from the
+    file's cat_<name> columns (engine.categorical; the user id is always there as `category_values("user_id")`).
     """
 
     user: np.ndarray
@@ -81,6 +85,7 @@ class BehaviorLog:
     item_texts: dict[int, str]
     sequence_names: tuple[str, ...]
     min_history: int = 1
+    categorical: dict[str, np.ndarray] = field(default_factory=dict)
 
     # Derived indexes (built in __post_init__).
     _user_start: np.ndarray = field(init=False, repr=False)  # (N,) first row of the event's user
@@ -126,6 +131,13 @@ class BehaviorLog:
         self.membership = np.asarray(self.membership, dtype=bool)
         self.sequence_names = tuple(self.sequence_names)
         self.item_texts = {int(k): str(v) for k, v in self.item_texts.items()}
+        self.categorical = {str(name): np.asarray(values, dtype=object) for name, values in self.categorical.items()}
+        if USER_ID in self.categorical:
+            raise ValueError(f"categorical feature {USER_ID!r} is the log's user column; do not pass it")
+        for name, values in self.categorical.items():
+            if values.shape != (self.user.size,):
+                raise ValueError(f"categorical[{name!r}] must have shape ({self.user.size},) like user, got "
+                                 f"{values.shape}")
         n = self.user.size
         for name in ("user", "item", "timestamp", "label"):
             arr = getattr(self, name)
@@ -148,6 +160,7 @@ class BehaviorLog:
         if n and (np.diff(order) != 1).any():
             for name in ("user", "item", "timestamp", "label", "membership"):
                 setattr(self, name, getattr(self, name)[order])
+            self.categorical = {name: values[order] for name, values in self.categorical.items()}
 
     # ----- construction ---------------------------------------------------------------------
     @classmethod
@@ -157,7 +170,8 @@ class BehaviorLog:
         the order of the sequences (it must name every sequence in the table; listed names that never
         occur are kept, empty); by default they come in order of first appearance. `source` names the
         table in error messages."""
-        return cls(*validate_frame(frame, sequence_names, source), min_history)
+        *columns, categorical = validate_frame(frame, sequence_names, source)
+        return cls(*columns, min_history, categorical)
 
     def to_frame(self) -> pd.DataFrame:
         """The log in the file schema, rows in (user, timestamp) order, with a `sequence` column."""
@@ -169,7 +183,17 @@ class BehaviorLog:
         cells = np.array([SEQUENCE_SEPARATOR.join(names[c]) for c in combos], dtype=object)
         return pd.DataFrame({"user_id": self.user, "item_id": self.item, "timestamp": self.timestamp,
                              "label": self.label.astype(np.int64), "item_text": self._text_of[self._event_item_row],
-                             SEQUENCE_COLUMN: cells[combo_of.reshape(-1)]})
+                             SEQUENCE_COLUMN: cells[combo_of.reshape(-1)],
+                             **{CATEGORY_PREFIX + name: values for name, values in self.categorical.items()}})
+
+    def category_values(self, name: str, rows: np.ndarray) -> list:
+        """Feature `name`'s values (str, or None: unknown) at event `rows`: the user id for "user_id", else the
+        log's cat_<name> column; KeyError naming the features the log has."""
+        if name == USER_ID:
+            return self.user[rows].tolist()
+        if name not in self.categorical:
+            raise KeyError(f"the log has no categorical feature {name!r}; it has {[USER_ID, *self.categorical]}")
+        return self.categorical[name][rows].tolist()
 
     # ----- sizes ------------------------------------------------------------------------------
     @property

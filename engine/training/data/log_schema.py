@@ -8,6 +8,8 @@ per event:
     item_text  non-empty string; every row of one item_id carries the same text
     sequence   optional: the name of the sequence the event belongs to, or several names
                joined by '|' (e.g. "liked|watched")
+    cat_<name> optional, any number: a categorical feature of the event (e.g. cat_gender, cat_occupation):
+               strings or integers, empty for unknown (engine.categorical)
 
 Without a `sequence` column every event is in `all`, and in `positive` (label 1) or `negative` (label 0).
 """
@@ -29,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp", "label", "item_text")
 SEQUENCE_COLUMN = "sequence"
+CATEGORY_PREFIX = "cat_"
 SEQUENCE_SEPARATOR = "|"
 DEFAULT_SEQUENCES = ("positive", "negative", "all")
 
@@ -49,7 +52,13 @@ def validate_frame(frame: pd.DataFrame, sequence_names: Sequence[str] | None, so
                              f"(+ optional {SEQUENCE_COLUMN!r}), got {list(frame.columns)}")
     if len(frame) == 0:
         raise LogFormatError(f"{source}: the table has no rows")
-    extra = [c for c in frame.columns if c not in REQUIRED_COLUMNS and c != SEQUENCE_COLUMN]
+    categorical = {str(c)[len(CATEGORY_PREFIX):]: _category_column(frame[c], str(c), source) for c in frame.columns
+                   if str(c).startswith(CATEGORY_PREFIX)}
+    if "" in categorical or "user_id" in categorical:
+        raise LogFormatError(f"{source}: a categorical column must be named cat_<name>, <name> not empty nor "
+                             f"'user_id' (the user column is that feature already)")
+    extra = [c for c in frame.columns if c not in REQUIRED_COLUMNS and c != SEQUENCE_COLUMN
+             and not str(c).startswith(CATEGORY_PREFIX)]
     if extra:
         logger.debug("%s: ignoring extra columns %s", source, extra)
     frame = frame.reset_index(drop=True)
@@ -67,7 +76,23 @@ def validate_frame(frame: pd.DataFrame, sequence_names: Sequence[str] | None, so
         if sequence_names is not None and tuple(sequence_names) != DEFAULT_SEQUENCES:
             raise LogFormatError(f"{source}: without a {SEQUENCE_COLUMN!r} column the sequences are "
                                  f"{DEFAULT_SEQUENCES}, got sequence_names={tuple(sequence_names)}")
-    return user, item, timestamp, label, membership, item_texts, names
+    return user, item, timestamp, label, membership, item_texts, names, categorical
+
+
+def _category_column(values: pd.Series, column: str, source: str) -> np.ndarray:
+    """(N,) object: each cell as text (integers, integral floats as their decimal digits), None where empty;
+    LogFormatError naming the row of any other value."""
+    out = np.empty(len(values), dtype=object)
+    for i, cell in enumerate(values.tolist()):
+        if cell is None or (isinstance(cell, float) and math.isnan(cell)) or (isinstance(cell, str) and not cell.strip()):
+            out[i] = None
+        elif isinstance(cell, str):
+            out[i] = cell
+        elif (number := _exact_integer(cell)) is not None:
+            out[i] = str(number)
+        else:
+            raise LogFormatError(f"{source}: column {column!r} must hold strings or integers, row {i} holds {_show(cell)}")
+    return out
 
 
 def _show(value: Any) -> str:

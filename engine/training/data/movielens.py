@@ -3,7 +3,9 @@
 
 Event = one rating; item text = "<title> | <genres joined by ', '>" (genre 'unknown' skipped, the
 title alone when no other genre), e.g. "Toy Story (1995) | Animation, Children's, Comedy";
-label = rating >= 4 (a "click"); sequences, in this order:
+label = rating >= 4 (a "click"); categorical features of the rating's user (engine.categorical): gender,
+occupation and age group (MovieLens-1M's: under 18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+);
+sequences, in this order:
     liked     rating >= 4
     disliked  rating <= 2
     watched   every rating
@@ -38,6 +40,8 @@ TINY_USERS = (2, 24, 41, 54, 76, 112, 117, 121)
 
 _RATINGS = "MovieLens100k_data.parquet.brotli"
 _ITEMS = "MovieLens100k_items.parquet.brotli"
+_USERS = "MovieLens100k_users.parquet.brotli"
+AGE_GROUPS = ((18, "under 18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"), (56, "50-55"))
 
 
 def movielens_dir() -> str:
@@ -56,7 +60,8 @@ def _item_text(titles: pd.Series, genres: pd.DataFrame) -> pd.Series:
 
 def movielens_frame(data_dir: str | None = None, users: Sequence[int] | None = None) -> pd.DataFrame:
     """MovieLens-100K in the generic log schema (user_id, item_id, timestamp, label, item_text,
-    sequence), rows in the ratings file's order; `users` keeps only those users' ratings."""
+    sequence, cat_gender, cat_occupation, cat_age), rows in the ratings file's order; `users` keeps only those
+    users' ratings."""
     data_dir = movielens_dir() if data_dir is None else data_dir
     ratings = pd.read_parquet(os.path.join(data_dir, _RATINGS), columns=["user_id", "movie_id", "rating", "timestamp"])
     items = pd.read_parquet(os.path.join(data_dir, _ITEMS), columns=["movie_id", "movie_title", *GENRES])
@@ -66,6 +71,8 @@ def movielens_frame(data_dir: str | None = None, users: Sequence[int] | None = N
     missing = ~ratings["movie_id"].isin(texts.index)
     if missing.any():
         raise ValueError(f"{_RATINGS}: movie_id {int(ratings['movie_id'][missing].iloc[0])} has no entry in {_ITEMS}")
+    people = pd.read_parquet(os.path.join(data_dir, _USERS), columns=["user_id", "age", "gender", "occupation"])
+    people = people.set_index("user_id").loc[ratings["user_id"].to_numpy()]
     rating = ratings["rating"].to_numpy()
     liked, disliked = rating >= LIKED_MIN_RATING, rating <= DISLIKED_MAX_RATING
     cells = np.where(
@@ -81,8 +88,15 @@ def movielens_frame(data_dir: str | None = None, users: Sequence[int] | None = N
             "label": liked.astype(np.int64),
             "item_text": texts.loc[ratings["movie_id"].to_numpy()].to_numpy(),
             "sequence": cells,
+            "cat_gender": people["gender"].to_numpy(dtype=object),
+            "cat_occupation": people["occupation"].to_numpy(dtype=object),
+            "cat_age": np.array([_age_group(a) for a in people["age"].tolist()], dtype=object),
         }
     )
+
+
+def _age_group(age: int) -> str:
+    return next((label for below, label in AGE_GROUPS if age < below), "56+")
 
 
 def load_movielens(
