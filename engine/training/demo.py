@@ -150,11 +150,11 @@ def run_split(split: str, data, rows: dict, scorer: BAHEScorer, initial: dict, c
     scorer.model.load_state_dict(initial)
     train = config.train()
     bahe = BAHECTR(scorer, data)
-    out = [neural_row(bahe, data, rows, train, split, "text + counts + item id; timeline training, whole histories")]
+    out = [neural_row(bahe, data, rows, train, split, "text + counts + similarity counts + item id + categorical; timeline training, whole histories")]
     bahe.store_item_counts(data, int(data.timestamp[rows["test"]].min()))
     model_config = scorer.config.model
     ablation = _seeded(config.seed, lambda: SideOnlyCTR(model_config, data))
-    out.append(neural_row(ablation, data, rows, train, split, "the same CTR model without the text vectors (ablation)"))
+    out.append(neural_row(ablation, data, rows, train, split, "the same CTR model without the LLM part: no text vectors, no similarity counts (ablation)"))
     out.append(_classic("gbdt", data, rows, split, config.seed))
     if not config.extra_baselines:
         return out

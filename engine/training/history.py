@@ -1,6 +1,6 @@
 """Test AUC as the behaviors per sequence M grow, on the global time split (`python -m bench.history`).
 
-At each M: BAHE's full CTR model (the demo's: text + counts + item id, timeline training) with
+At each M: BAHE's full CTR model (the demo's: text + counts + similarity counts + item id + categorical, timeline training) with
 `max_behaviors = M`, trained on every training example and tested on the whole test set; and, while
 the concatenated tokens of M behaviors fit the backbone's positions (BERT: 512 per sequence), the
 raw-token LLM beside BAHE's text part (`ModelConfig.text_only()`, the same M) on one fixed subset of
