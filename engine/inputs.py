@@ -6,7 +6,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -75,6 +75,25 @@ def parse_users(users: object, config: ScorerConfig) -> list[list[list[str]]]:
     return parsed
 
 
+def _keyed_entries(value: object, count: int, names: Sequence[str], what: str, unit: str, mapping: str,
+                   unknown_kind: str, expected: str) -> Iterator[tuple[int, dict]]:
+    """(i, dict) for each entry of `value`, a list with one dict (or None, skipped) per `unit` whose keys are
+    some of `names`; InputError naming `what` (and the entry) otherwise."""
+    if not isinstance(value, (list, tuple)) or len(value) != count:
+        got = f" of {len(value)}" if isinstance(value, (list, tuple)) else ""
+        raise InputError(f"{what} must be a list with one dict (or None) per {unit} ({count}), got "
+                         f"{type(value).__name__}{got}")
+    for i, entry in enumerate(value):
+        if entry is None:
+            continue
+        if not isinstance(entry, dict):
+            raise InputError(f"{what}[{i}] must be a dict of {mapping}, got {type(entry).__name__}")
+        unknown = set(entry) - set(names)
+        if unknown:
+            raise InputError(f"{what}[{i}] has unknown {unknown_kind} {sorted(map(str, unknown))}; {expected}")
+        yield i, entry
+
+
 def parse_history_counts(history_counts: object, users: Sequence[dict], names: tuple[str, ...]) -> np.ndarray:
     """(U, n) int64 past-event counts per user and sequence, the count features' input: the length of each
     sequence passed, or, where `history_counts[u][name]` is given, that total (a caller that sends only the
@@ -83,19 +102,8 @@ def parse_history_counts(history_counts: object, users: Sequence[dict], names: t
     given = given.reshape(len(users), len(names))
     if history_counts is None:
         return given
-    if not isinstance(history_counts, (list, tuple)) or len(history_counts) != len(users):
-        raise InputError(f"history_counts must be a list with one dict (or None) per user ({len(users)}), got "
-                         f"{type(history_counts).__name__}"
-                         f"{f' of {len(history_counts)}' if isinstance(history_counts, (list, tuple)) else ''}")
-    for u, counts in enumerate(history_counts):
-        if counts is None:
-            continue
-        if not isinstance(counts, dict):
-            raise InputError(f"history_counts[{u}] must be a dict of sequence name -> count, got {type(counts).__name__}")
-        unknown = set(counts) - set(names)
-        if unknown:
-            raise InputError(f"history_counts[{u}] has unknown sequence name(s) {sorted(map(str, unknown))}; "
-                             f"expected some of {list(names)}")
+    for u, counts in _keyed_entries(history_counts, len(users), names, "history_counts", "user",
+                                    "sequence name -> count", "sequence name(s)", f"expected some of {list(names)}"):
         for s, name in enumerate(names):
             if name not in counts:
                 continue
@@ -206,19 +214,8 @@ def parse_side_features(side_features: object, count: int, names: tuple[str, ...
     columns: list[list] = [[None] * count for _ in names]
     if side_features is None:
         return columns
-    if not isinstance(side_features, (list, tuple)) or len(side_features) != count:
-        got = f" of {len(side_features)}" if isinstance(side_features, (list, tuple)) else ""
-        raise InputError(f"side_features must be a list with one dict (or None) per {unit} ({count}), got "
-                         f"{type(side_features).__name__}{got}")
-    for i, features in enumerate(side_features):
-        if features is None:
-            continue
-        if not isinstance(features, dict):
-            raise InputError(f"side_features[{i}] must be a dict of feature name -> value, got {type(features).__name__}")
-        unknown = set(features) - set(names)
-        if unknown:
-            raise InputError(f"side_features[{i}] has unknown feature(s) {sorted(map(str, unknown))}; this model "
-                             f"takes {list(names)}")
+    for i, features in _keyed_entries(side_features, count, names, "side_features", unit, "feature name -> value",
+                                      "feature(s)", f"this model takes {list(names)}"):
         for f, name in enumerate(names):
             value = features.get(name)
             if isinstance(value, bool) or not isinstance(value, (str, int, np.integer, type(None))):
