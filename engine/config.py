@@ -6,6 +6,10 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 
+import numpy as np
+
+from engine.history_window import window_start
+
 POOLINGS = ("mean", "mean_after_first")
 HEAD_ACTIVATIONS = ("relu", "gelu", "silu")  # the keys of kernels.ctr_mlp.ACTIVATIONS
 TABLE_DTYPES = ("float32", "float16", "bfloat16")  # the keys of weights.table_format.EMBEDDING_DTYPES
@@ -66,7 +70,9 @@ class EncoderConfig:
 class ModelConfig:
     """Behavior Aggregation + CTR head (online, trainable)."""
     sequence_names: tuple[str, ...] = ("click", "buy", "search")
-    max_behaviors: int = 1024       # M: the most recent M behaviors of each sequence are kept (MovieLens: all)
+    max_behaviors: int = 1024       # M: at most the M most recent behaviors of each sequence are read (MovieLens: all)
+    window_step: int = 0            # S: a longer history's window starts at a multiple of S (engine.history_window);
+                                    # 0: max(1, M // 4), so a window holds between 3M/4 and M behaviors
     behavior_positions: str = "learned"  # "learned": a (M, d) embedding added at the gather; or "none"
     attention: str = "causal"       # upper layers: "causal" (every family; what timeline training needs)
                                     # or "family" (the family's own: BERT bidirectional, decoders causal)
@@ -92,6 +98,8 @@ class ModelConfig:
                              "item_id_dim": ("min", 0), "dropout": ("min", 0.0), "categorical_buckets": ("min", 1),
                              "categorical_dim": ("min", 1),
                              "head_activation": ("choice", HEAD_ACTIVATIONS)})
+        if not 0 <= self.window_step <= self.max_behaviors:
+            raise ValueError(f"window_step must be in [0, max_behaviors={self.max_behaviors}], got {self.window_step}")
         if not self.dropout < 1:
             raise ValueError(f"dropout must be < 1, got {self.dropout}")
         if not all(t > 0 for t in self.similarity_temperatures):
@@ -106,6 +114,15 @@ class ModelConfig:
             raise ValueError(f"behavior_positions must be 'learned' or 'none', got {self.behavior_positions!r}")
         if self.attention not in ("causal", "family"):
             raise ValueError(f"attention must be 'causal' or 'family', got {self.attention!r}")
+
+    @property
+    def history_step(self) -> int:
+        """The window step S in use (window_step, or its default for this max_behaviors)."""
+        return self.window_step or max(1, self.max_behaviors // 4)
+
+    def window_start(self, lengths: int | np.ndarray) -> int | np.ndarray:
+        """First behavior read of histories of `lengths` behaviors (engine.history_window)."""
+        return window_start(lengths, self.max_behaviors, self.history_step)
 
     def text_only(self) -> ModelConfig:
         """This model's text part alone (no side features, MLP head): what the raw-token baseline has."""
@@ -136,12 +153,13 @@ class ScoringConfig:
             raise ValueError(f"user_cache_bytes must be >= 0, got {self.user_cache_bytes}")
 
 
-CONFIG_VERSION = 4  # the scorer.json format version this code writes
+CONFIG_VERSION = 5  # the scorer.json format version this code writes
 # Model keys introduced by a scorer.json format version, with the meaning a file of an older version had.
 INTRODUCED_MODEL_KEYS = {
     3: {"attention": "family", "similarity_features": False, "head_text_dim": 0, "head_cross_layers": 0,
         "count_features": False, "recent_events": 0, "item_id_dim": 0},
     4: {"similarity_temperatures": (), "categorical_features": ()},
+    5: {"window_step": 1},  # before 5 a long history was read as its last M behaviors
 }
 
 

@@ -51,10 +51,11 @@ def text_list(texts: object, what: str) -> list:
 
 
 def parse_users(users: object, config: ScorerConfig) -> list[list[list[str]]]:
-    """users -> per user, per sequence name (config order), the most recent max_behaviors texts."""
+    """users -> per user, per sequence name (config order), the list of texts as passed (whole histories:
+    counts and recent events read them; `read_windows` cuts what the upper layers read)."""
     if not isinstance(users, (list, tuple)):
         raise InputError(f"users must be a list of dicts, got {type(users).__name__}")
-    names, limit = config.model.sequence_names, config.model.max_behaviors
+    names = config.model.sequence_names
     known = set(names)
     parsed = []
     for i, user in enumerate(users):
@@ -70,9 +71,28 @@ def parse_users(users: object, config: ScorerConfig) -> list[list[list[str]]]:
             seq = user.get(name, ())
             if isinstance(seq, (str, bytes)) or not isinstance(seq, (list, tuple)):
                 raise InputError(f"users[{i}][{name!r}] must be a list of behavior texts, got {type(seq).__name__}")
-            row.append(list(seq[-limit:]))
+            row.append(list(seq))
         parsed.append(row)
     return parsed
+
+
+def read_windows(users: list[list[list]], config: ScorerConfig, originals: Sequence[int]) -> list[list[list]]:
+    """Each sequence of each user from its window start on (`ModelConfig.window_start`): at most
+    max_behaviors, the most recent, the part the upper layers read. Of the behaviors before it, the last
+    recent_events are read by the recent counts, so they must be texts: InputError naming one that is not (the
+    lookup checks the window's); older ones are never read. originals[u] is the caller's index of user u."""
+    names, model, out = config.model.sequence_names, config.model, []
+    recent = model.recent_events if model.count_features else 0
+    for u, user in enumerate(users):
+        starts = [model.window_start(len(seq)) for seq in user]
+        for name, seq, start in zip(names, user, starts):
+            read = max(len(seq) - recent, 0)
+            bad = next((j for j, text in enumerate(seq[read:start], read) if not isinstance(text, str)), None)
+            if bad is not None:
+                raise InputError(f"users[{originals[u]}][{name!r}] behavior {bad} (before the window the model "
+                                 f"reads): behavior text must be a str, got {type(seq[bad]).__name__}")
+        out.append([seq[start:] for seq, start in zip(user, starts)])
+    return out
 
 
 def _keyed_entries(value: object, count: int, names: Sequence[str], what: str, unit: str, mapping: str,
@@ -160,7 +180,7 @@ def locate_bad_text(texts: list[str], check: Callable[[object], object], lengths
             user, seq = divmod(seq_index, len(names))
             user = users[user] if users is not None else user
             position = i - int(np.sum(lengths[:seq_index]))
-            return f"users[{user}][{names[seq]!r}] behavior {position} (after truncation to the most recent): {bad}"
+            return f"users[{user}][{names[seq]!r}] behavior {position} of its window: {bad}"
     return None
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from engine.abe import AtomicEncoder, ReusingEncoder
 from engine.config import ScorerConfig, ScoringConfig
 from engine.inputs import (InputError, locate_bad_text, lookup_texts, parse_history_counts, parse_items, parse_users,
-                           parse_side_features, text_list)
+                           parse_side_features, read_windows, text_list)
 from engine.categorical import category_buckets, category_rows
 from engine.item_vectors import ItemVectors
 from engine.ranking import Ranking, check_top_k, distinct_users, parse_candidates, ranking
@@ -84,8 +84,8 @@ class BAHEScorer:
     """Scores (user, item) pairs: p = sigmoid(head(BA(user's sequences), item)).
 
     A user is a dict mapping sequence names (config.model.sequence_names) to behavior texts, oldest
-    first; only the most recent `max_behaviors` of each sequence are used (longer ones are truncated
-    by design). Behavior and item texts not in the tables are encoded on the fly with the frozen
+    first; the upper layers read each sequence from its window start (at most `max_behaviors`, the most
+    recent: engine.history_window), counts read the whole. Behavior and item texts not in the tables are encoded on the fly with the frozen
     lower layers (or refused, per ScoringConfig). Safe to call from several threads."""
 
     def __init__(self, *, config: ScorerConfig, checkpoint: Checkpoint, encoder: AtomicEncoder, model: BAHEModel,
@@ -264,13 +264,16 @@ class BAHEScorer:
         longest = batch.max_len
         if longest > self.config.model.max_behaviors:
             raise ValueError(f"a sequence holds {longest} behaviors, more than max_behaviors "
-                             f"{self.config.model.max_behaviors}; keep the most recent ones")
+                             f"{self.config.model.max_behaviors}; pass its window (ModelConfig.window_start)")
         offsets_np, rows_np, items_np = offsets.cpu().numpy(), behavior_rows.cpu().numpy(), item_rows.cpu().numpy()
         sequences = [[rows_np[offsets_np[u * n + s]:offsets_np[u * n + s + 1]].tolist() for s in range(n)]
                      for u in range(items_np.size)]
         with self._tables_lock:
             tables = self._tables()
-        return self._score_rows(tables, rows_np, offsets_np, None, items_np, None, sequences,
+        config = self.config.model
+        recent = (recent_counts(sequences, config.recent_events, n) if config.count_features and config.recent_events
+                  else None)
+        return self._score_rows(tables, rows_np, offsets_np, None, items_np, None, recent,
                                 np.diff(offsets_np).reshape(-1, n), np.arange(items_np.size))
 
     def cache_stats(self) -> CacheStats:
@@ -282,7 +285,8 @@ class BAHEScorer:
                      categories: np.ndarray | None = None) -> np.ndarray:
         """(P,) probabilities of pairs (sequences[pair_user[p]], item_texts[p]); user_counts (P, n) and
         categorical feature rows (P, F) per pair; originals[u]: the caller's index of distinct user u (for errors)."""
-        n = len(self.config.model.sequence_names)
+        n, config, whole = len(self.config.model.sequence_names), self.config.model, sequences
+        sequences = read_windows(whole, self.config, originals)
         flat = [text for user in sequences for seq in user for text in seq]
         lengths = np.fromiter((len(seq) for user in sequences for seq in user), dtype=np.int64,
                               count=len(sequences) * n)
@@ -292,8 +296,10 @@ class BAHEScorer:
                                                        lengths, users=originals)
             item_rows, item_extra = self._rows(self.items, item_texts, scoring.unknown_item, "item", label=label)
             tables = self._tables()
+        recent = (recent_counts(whole, config.recent_events, n)  # of whole histories, as in training
+                  if config.count_features and config.recent_events else None)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        return self._score_rows(tables, behavior_rows, offsets, behavior_extra, item_rows, item_extra, sequences,
+        return self._score_rows(tables, behavior_rows, offsets, behavior_extra, item_rows, item_extra, recent,
                                 user_counts, pair_user, per_user, categories)
 
     def _tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -304,7 +310,7 @@ class BAHEScorer:
 
     def _score_rows(self, tables: tuple[torch.Tensor, ...], behavior_rows: np.ndarray, offsets: np.ndarray,
                     behavior_extra: torch.Tensor | None, item_rows: np.ndarray, item_extra: torch.Tensor | None,
-                    sequences: list[list], user_counts: np.ndarray, pair_user: np.ndarray,
+                    recent: np.ndarray | None, user_counts: np.ndarray, pair_user: np.ndarray,
                     per_user: bool = False, categories: np.ndarray | None = None) -> np.ndarray:
         """Users (packed rows, U*n+1 offsets) through the user tower once each, pairs' items from the stored
         vectors (on the fly for rows past them), then the head: over the P pairs, or (per_user: each user's
@@ -313,8 +319,6 @@ class BAHEScorer:
         behavior_table, item_table, vectors = tables
         config, pairs = self.config.model, item_rows.shape[0]
         out = np.empty(pairs, dtype=np.float32)
-        recent = (recent_counts(sequences, config.recent_events, len(config.sequence_names))
-                  if config.count_features and config.recent_events else None)
         dense = dense_features(self.model, user_counts, None if recent is None else recent[pair_user], item_rows)
         with torch.inference_mode(), kernel_path(self.kernels):
             user = user_states(self.model, behavior_table, behavior_rows, offsets, behavior_extra, self._user_cache,

@@ -36,15 +36,15 @@ import torch
 
 from engine.abe import AtomicEncoder
 from engine.backbone.split import save_lower_checkpoint
-from engine.config import ScorerConfig
+from engine.config import CONFIG_VERSION, ScorerConfig
 from weights import bounded_json
 from weights.atomic import atomic_write, file_lock, remove_stale_temps
 from weights.checkpoint import Checkpoint
 from weights.safetensors_io import source_of, write_safetensors
 from weights.table import BehaviorTable, TableError
 
-FORMAT_VERSION = 4  # 2: scorer.json names its parts ("files"); 3, 4: model keys (config.INTRODUCED_MODEL_KEYS);
-                    # 4: also the optional item_vectors part
+FORMAT_VERSION = CONFIG_VERSION  # 2: scorer.json names its parts ("files"); 3-5: model keys
+                                 # (config.INTRODUCED_MODEL_KEYS); 4: also the optional item_vectors part
 SCORER_FILE, MODEL_FILE, BACKBONE = "scorer.json", "model.safetensors", "backbone"
 BEHAVIORS_FILE, ITEMS_FILE, ITEM_VECTORS_FILE = "behaviors.safetensors", "items.safetensors", "item_vectors.safetensors"
 PARTS = {"backbone": (BACKBONE, "backbone.1"), "model": (MODEL_FILE, "model.1.safetensors"),

@@ -79,12 +79,14 @@ def count_features(user_counts: np.ndarray, item_counts: np.ndarray, recent: np.
 
 def recent_counts(sequences: Sequence[Sequence[Sequence]], window: int, num_sequences: int) -> np.ndarray:
     """(U, S) int64: for each user (a list of S = num_sequences sequences of texts or ids, oldest first), how
-    many of the last `window` behaviors of the widest sequence (the first of the longest) each sequence holds."""
+    many of the last `window` behaviors of the widest sequence (the first of the longest) each sequence holds
+    among its own last `window` (all a sequence of the widest one's events can share with them), so nothing
+    older than the last `window` behaviors of a sequence is read."""
     out = np.zeros((len(sequences), num_sequences), dtype=np.int64)
     for u, user in enumerate(sequences):
         widest = max(range(len(user)), key=lambda s: len(user[s])) if user else 0
         latest = list(user[widest][-window:]) if window > 0 and user else []
         for s, seq in enumerate(user):
-            held = set(seq)
+            held = set(seq[-window:]) if window > 0 else set()
             out[u, s] = sum(x in held for x in latest)
     return out

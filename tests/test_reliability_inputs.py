@@ -93,9 +93,9 @@ def test_malformed_containers_are_named(scorer, users, items, match):
 
 
 def test_bad_texts_past_the_truncation_window_are_never_read(scorer):
-    """Only the most recent max_behaviors (6) behaviors are read, by design; older ones are not looked at
-    (they count only in the history length the count features see)."""
-    recent = BEHAVIORS[:6]
+    """Only the window (the most recent max_behaviors, 6) and the last recent_events (10) behaviors are read,
+    by design; older ones are not looked at (they count only in the history length the count features see)."""
+    recent = BEHAVIORS[:10]
     np.testing.assert_array_equal(scorer.score([{"click": [None, "  ", *recent]}], ["coffee"]),
                                   scorer.score([{"click": [BEHAVIORS[7], BEHAVIORS[8], *recent]}], ["coffee"]))
 

@@ -28,11 +28,11 @@ def require_sequences(log: BehaviorLog, names: tuple[str, ...]) -> None:
 
 
 def packed_histories(log: BehaviorLog, rows: np.ndarray, names: tuple[str, ...],
-                     max_behaviors: int) -> tuple[np.ndarray, np.ndarray]:
+                     max_behaviors: int, window_step: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Item ids of the examples' histories in the model's sequence order, packed user-major
-    (see `interleave`), each the `max_behaviors` most recent, oldest first."""
+    (see `interleave`), each its window (`BehaviorLog.sequences`), oldest first."""
     require_sequences(log, names)
-    seqs = log.sequences(rows, max_behaviors)
+    seqs = log.sequences(rows, max_behaviors, window_step)
     return interleave([seqs[name] for name in names])
 
 

@@ -57,7 +57,7 @@ class BAHECTR(nn.Module):
     def prepare(self, log: BehaviorLog, rows: np.ndarray) -> TimelineBatch:
         config = self.scorer.config.model
         categories = category_batch(self.model.side, config, log, rows, self.training)
-        return timeline_batch(log, rows, config.sequence_names, config.max_behaviors, self.behavior_row,
+        return timeline_batch(log, rows, config.sequence_names, config.max_behaviors, config.history_step, self.behavior_row,
                               self.item_row, self.counts, config.count_features, categories)
 
     def forward(self, batch: TimelineBatch) -> torch.Tensor:
@@ -136,7 +136,7 @@ class RawTokenCTR(nn.Module):
 
     def prepare(self, log: BehaviorLog, rows: np.ndarray) -> TokenBatch:
         require_sequences(log, self.config.sequence_names)
-        return self.pack(log.sequence_texts(rows, self.config.max_behaviors), log.target_texts(rows))
+        return self.pack(log.sequence_texts(rows, self.config.max_behaviors, self.config.history_step), log.target_texts(rows))
 
     def pack(self, users: Sequence[dict[str, list[str]]], item_texts: Sequence[str],
              max_tokens: int | None = None) -> TokenBatch:
@@ -178,7 +178,8 @@ class IdOnlyCTR(nn.Module):
         self.empty_sequence, self.head = user_item_head(config, dim)
 
     def prepare(self, log: BehaviorLog, rows: np.ndarray) -> PackedBatch:
-        values, offsets = packed_histories(log, rows, self.config.sequence_names, self.config.max_behaviors)
+        values, offsets = packed_histories(log, rows, self.config.sequence_names, self.config.max_behaviors,
+                                           self.config.history_step)
         return PackedBatch(torch.from_numpy(self.row[values]), torch.from_numpy(offsets),
                            torch.from_numpy(self.row[log.item[rows]]))
 

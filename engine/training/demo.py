@@ -227,7 +227,7 @@ def longest_sequence_tokens(raw: RawTokenCTR, data, rows: np.ndarray, chunk: int
     n, longest = len(raw.config.sequence_names), 0
     for start in range(0, rows.size, chunk):
         part = rows[start:start + chunk]
-        batch = raw.pack(data.sequence_texts(part, raw.config.max_behaviors), data.target_texts(part),
+        batch = raw.pack(data.sequence_texts(part, raw.config.max_behaviors, raw.config.history_step), data.target_texts(part),
                          max_tokens=raw.max_tokens + 1)
         lengths = np.diff(batch.offsets[:part.size * n + 1].numpy())
         longest = max(longest, int(lengths.max(initial=0)))

@@ -6,10 +6,12 @@ of behaviors strictly before its timestamp, pooled as the mean of the causal sta
 prefix (a difference of cumulative sums). With causal layers the state at position j depends on
 behaviors 0..j alone, so this equals the per-example forward on that prefix exactly (tested).
 
-Rule for histories longer than `max_behaviors`: a target whose prefix in some sequence exceeds M is
-served with the most recent M behaviors (the scorer's truncation), whose positions start at 0 again;
-such a target gets its own "window" sequences in the same packed forward (the per-example path),
-so training and serving compute the same function for every target.
+Histories longer than `max_behaviors` M: a target reads each sequence from its window start
+(engine.history_window, the scorer's rule), positions from 0 at that start. Every distinct (user, sequence,
+window start) of the batch is one packed sequence, the window's first M behaviors, and each target reads
+its prefix of its window; starts move in steps of S, so a window serves up to S targets' prefixes and a
+long history costs about M / S windows of work per behavior, not one window per target. Training and
+serving compute the same function for every target (tested).
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.history_window import window_start
 from engine.model import BAHEModel, PackedBatch
 from engine.similarity import segment_sums, similarity_weights, unit_rows
+from engine.training.batching import interleave
 from engine.training.data.log import BehaviorLog
 from engine.training.features import PastCounts, dense_features
 
@@ -46,37 +50,29 @@ class TimelineBatch:
                              move(self.item_rows), move(self.dense), self.max_len, self.pairs, move(self.categories))
 
 
-def _pack(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.array([x.size for x in lists], dtype=np.int64)
-    values = np.concatenate(lists) if lists else np.empty(0, dtype=np.int64)
-    return values.astype(np.int64), np.concatenate([[0], np.cumsum(lengths)])
-
-
 def timeline_batch(log: BehaviorLog, rows: np.ndarray, names: tuple[str, ...], max_behaviors: int,
-                   behavior_row: np.ndarray, item_row: np.ndarray, counts: PastCounts,
+                   window_step: int, behavior_row: np.ndarray, item_row: np.ndarray, counts: PastCounts,
                    with_dense: bool, categories: torch.Tensor | None = None) -> TimelineBatch:
     """The timeline batch of example `rows` (ascending: a user's targets are contiguous). Item ids map to
     table rows through `behavior_row` / `item_row` (dense lookup arrays); `counts` gives the prefix lengths
     and, `with_dense`, the dense side features."""
     order = [log.sequence_names.index(name) for name in names]
-    prefix = counts(log, rows)[0][:, order]
+    before = counts(log, rows)[0][:, order]                               # (B, n) behaviors before each target
     users = log.user[rows]
     last_of_user = np.flatnonzero(np.r_[users[1:] != users[:-1], True])  # each user's latest target
     group = np.cumsum(np.r_[0, users[1:] != users[:-1]])                  # (B,) index of the target's user
-    whole = log.sequences(rows[last_of_user], None)
-    sequences = []
-    for g in range(last_of_user.size):
-        sequences += [whole[name][g][:max_behaviors] for name in names]
+    whole = log.sequences(rows[last_of_user], None)                       # holds every earlier target's history
+    history_values, history_offsets = interleave([whole[name] for name in names])  # history h = user * n + s
     n = len(names)
-    sequence = group[:, None] * n + np.arange(n)[None, :]
-    windowed = np.flatnonzero((prefix > max_behaviors).any(axis=1))
-    if windowed.size:
-        recent = log.sequences(rows[windowed], max_behaviors)
-        for i, b in enumerate(windowed):
-            sequence[b] = len(sequences) + np.arange(n)
-            sequences += [recent[name][i] for name in names]
-            prefix[b] = [recent[name].lengths[i] for name in names]
-    values, offsets = _pack(sequences)
+    start = window_start(before, max_behaviors, window_step)
+    history = group[:, None] * n + np.arange(n)[None, :]
+    windows, sequence = np.unique(np.stack([history.ravel(), start.ravel()], axis=1), axis=0, return_inverse=True)
+    window_history, window_first = windows[:, 0], windows[:, 1]
+    lengths = np.minimum(np.diff(history_offsets)[window_history] - window_first, max_behaviors)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    first = history_offsets[window_history] + window_first
+    values = history_values[np.repeat(first - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)]
+    sequence, prefix = sequence.reshape(before.shape), before - start
     dense = torch.from_numpy(dense_features(counts, log, rows, names)) if with_dense else None
     return TimelineBatch(torch.from_numpy(behavior_row[values]), torch.from_numpy(offsets),
                          torch.from_numpy(sequence), torch.from_numpy(prefix),

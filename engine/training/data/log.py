@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from engine.categorical import USER_ID
+from engine.history_window import window_start
 from engine.training.data.log_schema import (CATEGORY_PREFIX, SEQUENCE_COLUMN, SEQUENCE_SEPARATOR, LogFormatError,
                                               validate_frame)
 
@@ -241,11 +242,12 @@ class BehaviorLog:
             raise IndexError(f"example row {bad} is outside the log's {self.num_events} events")
         return rows
 
-    def _sequence_event_rows(self, rows: np.ndarray, max_behaviors: int | None) -> list[Ragged]:
+    def _sequence_event_rows(self, rows: np.ndarray, max_behaviors: int | None, window_step: int) -> list[Ragged]:
         """Histories as event rows of this log, per sequence: Ragged rows over the batch, each example's
-        at most `max_behaviors` (None: all) most recent events of that sequence strictly before it, oldest
-        first. Each history is a slice of the sequence's row list between the user's prefix counts, so
-        the cost is O(B * S) plus the output size."""
+        events of that sequence strictly before it, oldest first, from the window start of
+        engine.history_window (`max_behaviors` None: all; `window_step` 1: the most recent max_behaviors).
+        Each history is a slice of the sequence's row list between the user's prefix counts, so the cost is
+        O(B * S) plus the output size."""
         if max_behaviors is not None and max_behaviors < 0:
             raise ValueError(f"max_behaviors must be >= 0 or None, got {max_behaviors}")
         start, end = self._user_start[rows], self._history_end[rows]
@@ -253,8 +255,10 @@ class BehaviorLog:
         for s in range(self.num_sequences):
             hi = self._seq_cum[s, end]
             lo = self._seq_cum[s, start]
-            if max_behaviors is not None:
-                lo = np.maximum(lo, hi - max_behaviors)
+            if max_behaviors == 0:
+                lo = hi
+            elif max_behaviors is not None:
+                lo = lo + window_start(hi - lo, max_behaviors, window_step)
             lengths = hi - lo
             offsets = np.zeros(rows.size + 1, dtype=np.int64)
             np.cumsum(lengths, out=offsets[1:])
@@ -263,19 +267,21 @@ class BehaviorLog:
             out.append(Ragged(self._seq_rows[s][positions], offsets))
         return out
 
-    def sequences(self, rows: Any, max_behaviors: int | None = None) -> dict[str, Ragged]:
+    def sequences(self, rows: Any, max_behaviors: int | None = None, window_step: int = 1) -> dict[str, Ragged]:
         """Id-level histories of the examples at `rows`: sequence name -> Ragged item ids over the
-        batch, each example's at most `max_behaviors` (None: all) most recent, oldest first."""
+        batch, oldest first; each example's whole (`max_behaviors` None) or its window (engine.history_window:
+        at most max_behaviors, the most recent; `window_step` 1: exactly the last max_behaviors)."""
         rows = self._check_rows(rows)
         return {name: Ragged(self.item[r.values], r.offsets)
-                for name, r in zip(self.sequence_names, self._sequence_event_rows(rows, max_behaviors))}
+                for name, r in zip(self.sequence_names, self._sequence_event_rows(rows, max_behaviors, window_step))}
 
-    def sequence_texts(self, rows: Any, max_behaviors: int | None = None) -> list[dict[str, list[str]]]:
+    def sequence_texts(self, rows: Any, max_behaviors: int | None = None,
+                       window_step: int = 1) -> list[dict[str, list[str]]]:
         """Text-level histories: for each example at `rows`, sequence name -> behavior texts,
         the same behaviors as `sequences`."""
         rows = self._check_rows(rows)
         columns = []
-        for r in self._sequence_event_rows(rows, max_behaviors):
+        for r in self._sequence_event_rows(rows, max_behaviors, window_step):
             flat = self._text_of[self._event_item_row[r.values]].tolist()
             bounds = r.offsets.tolist()
             columns.append([flat[bounds[b]:bounds[b + 1]] for b in range(rows.size)])
