@@ -278,10 +278,11 @@ def test_scorer_saved_with_separate_projections_loads_and_scores_the_same(family
 
 
 def test_history_counts_stand_for_behaviors_not_sent(scorer):
-    """A caller sending only the most recent behaviors states the user's totals: the score equals sending them all."""
+    """A caller sending only the most recent behaviors (the window, 6, and the last recent_events, 10) states the
+    user's totals: the score equals sending them all."""
     long = [BEHAVIORS[i % len(BEHAVIORS)] for i in range(20)]
     whole = scorer.score([{"click": long, "buy": long[:3]}], ["coffee"])
-    recent = scorer.score([{"click": long[-6:], "buy": long[:3]}], ["coffee"], history_counts=[{"click": 20}])
+    recent = scorer.score([{"click": long[-10:], "buy": long[:3]}], ["coffee"], history_counts=[{"click": 20}])
     np.testing.assert_allclose(recent, whole, rtol=1e-6, atol=1e-7)
     same = scorer.score([{"click": long[-6:]}], ["coffee"], history_counts=[{"click": 6, "buy": 0}])
     np.testing.assert_array_equal(same, scorer.score([{"click": long[-6:]}], ["coffee"]))
