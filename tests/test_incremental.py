@@ -20,9 +20,10 @@ def _windows_pooled(scorer, user):
     windows = [seq[config.window_start(len(seq)):] for seq in seqs]
     flat = [t for w in windows for t in w]
     rows, extra = scorer._rows(scorer.behaviors, flat, "encode", "behavior")
-    offsets = torch.tensor(np.concatenate([[0], np.cumsum([len(w) for w in windows])]))
+    offsets = torch.tensor(np.concatenate([[0], np.cumsum([len(w) for w in windows])]), device=scorer.device)
     with torch.inference_mode():
-        return scorer.model.user_states(scorer.table_rows("behaviors"), torch.from_numpy(rows), offsets,
+        return scorer.model.user_states(scorer.table_rows("behaviors"), torch.from_numpy(rows).to(scorer.device),
+                                        offsets,
                                         max(max(len(w) for w in windows), 1), extra)[0]
 
 
@@ -190,3 +191,23 @@ def test_the_benchmark_runs(tiny_checkpoints, tmp_path):
     scorer = make_scorer(tiny_checkpoints["llama"], tmp_path, max_behaviors=M)
     figures = measure(scorer, 6, repeats=1)  # checks the appended state against the recompute itself
     assert figures["bytes"] > 0 and all(figures[key] > 0 for key in ("recompute", "append", "rank_state", "build"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["bert", "llama", "qwen2"])
+def test_appends_on_cuda_agree_with_the_kernel_path(tiny_checkpoints, tmp_path, family):
+    """On CUDA the whole user runs through the Triton kernels and a state through the reference attention
+    (plain PyTorch): the two agree, fp32, across window-start moves."""
+    make_scorer(tiny_checkpoints[family], tmp_path, max_behaviors=M).save_pretrained(tmp_path / "saved")
+    scorer = BAHEScorer.from_pretrained(tmp_path / "saved", device="cuda")
+    rng = np.random.default_rng(2)
+    user = {"click": [BEHAVIORS[i] for i in rng.integers(0, len(BEHAVIORS), 3)]}
+    state = scorer.user_state(user)
+    for step in range(8):
+        new = {name: [BEHAVIORS[i] for i in rng.integers(0, len(BEHAVIORS), int(rng.integers(0, 4)))]
+               for name in ("click", "buy")}
+        state = scorer.extend_user(state, new)
+        for name, texts in new.items():
+            user[name] = list(user.get(name, [])) + texts
+        _assert_same(scorer, state, user, rng)
+    assert state.sequences[0].start > 0 and state.sequences[0].keys[0].is_cuda
