@@ -143,10 +143,10 @@ def append_window(model: BAHEModel, behavior_table: torch.Tensor, rows: torch.Te
 
 
 def _empty_window(model: BAHEModel, device: torch.device) -> tuple[tuple[torch.Tensor, ...], ...]:
-    shape = lambda a: (0, a.kv_heads, a.head_dim)  # noqa: E731
-    layers = model.upper.layers
-    return (tuple(torch.empty(shape(l.attn), dtype=model.compute_dtype, device=device) for l in layers),  # noqa: E741
-            tuple(torch.empty(shape(l.attn), dtype=model.compute_dtype, device=device) for l in layers))  # noqa: E741
+    """Per layer (0, Hkv, Dh) keys and values: a window with nothing cached."""
+    empty = tuple(torch.empty(0, layer.attn.kv_heads, layer.attn.head_dim, dtype=model.compute_dtype, device=device)
+                  for layer in model.upper.layers)
+    return empty, empty
 
 
 def _recent_kept(scorer) -> int:
