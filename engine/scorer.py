@@ -3,7 +3,6 @@ engine.scorer_folder, input parsing and error location in engine.inputs; their e
 `InputError`) are importable from here too."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -19,11 +18,13 @@ from engine.config import ScorerConfig, ScoringConfig
 from engine.inputs import (InputError, locate_bad_text, lookup_texts, parse_history_counts, parse_items, parse_users,
                            parse_side_features, read_windows, text_list)
 from engine.categorical import category_buckets, category_rows
+from engine.incremental import UserState, build_state, extend_state, rank_state
 from engine.item_vectors import ItemVectors
 from engine.ranking import Ranking, check_top_k, distinct_users, parse_candidates, ranking
 from engine.towers import dense_features, item_states, pair_logits, pair_similar, per_user_logits, user_states
 from engine.user_cache import CacheStats, UserStateCache
 from engine.model import BAHEModel, PackedBatch
+from engine.scorer_setup import build_encoder, kernel_path, open_or_build_table, resolve_device, trained_items
 from engine.scorer_folder import (BEHAVIORS_FILE, ITEMS_FILE, ScorerFormatError, open_folder, scorer_json_stamp,
                                   write_folder)
 from engine.side_features import recent_counts
@@ -32,7 +33,7 @@ from kernels import ops
 from weights.checkpoint import Checkpoint
 from weights.registry import resolve_model
 from engine.backbone.split import UpperEncoder
-from weights.table import (EMBEDDING_DTYPES, MISSING, BehaviorTable, NonFiniteRowError, TableError, TextEncoder, UnknownTextError,
+from weights.table import (EMBEDDING_DTYPES, MISSING, BehaviorTable, NonFiniteRowError, TableError, UnknownTextError,
                            first_nonfinite_row)
 from weights.text_key import normalize_text
 
@@ -40,44 +41,6 @@ log = logging.getLogger(__name__)
 
 LOAD_TRIES = 3
 PROB_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps]: always strictly inside (0, 1)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' -> CUDA when present, else CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def kernel_path(kernels: str) -> contextlib.AbstractContextManager:
-    """The block's kernel path: `kernels` when 'torch' or 'triton'; under 'auto', whatever the caller chose:
-    an enclosing `ops.use_backend`, else $BAHE_KERNELS (read at each call), else the kernel on CUDA."""
-    return contextlib.nullcontext() if kernels == "auto" else ops.use_backend(kernels)
-
-
-def _encoder(ckpt: Checkpoint, config: ScorerConfig, device: torch.device | str, progress: bool) -> AtomicEncoder:
-    settings = config.encoder
-    return AtomicEncoder.from_checkpoint(ckpt, settings.num_lower_layers, max_tokens=settings.max_tokens,
-                                         token_budget=settings.token_budget, pooling=settings.pooling, device=device,
-                                         progress=progress)
-
-
-def _trained_items(state: dict[str, torch.Tensor]) -> int:
-    """How many item-table rows a saved model was trained with (its id embedding / item statistics)."""
-    if "side.item_id.weight" in state:
-        return state["side.item_id.weight"].shape[0] - 1
-    return state["item_counts"].shape[0] if "item_counts" in state else 0
-
-
-def open_or_build_table(path: Path, texts: Sequence[str], encoder: TextEncoder, dtype: str,
-                        kind: str) -> BehaviorTable:
-    """Open the table at `path` (it must come from the same model split) and append the texts it
-    lacks, or build it when absent."""
-    if path.exists():
-        table = BehaviorTable.open(path, encoder)
-        table.append(texts)
-        return table
-    return BehaviorTable.build(path, texts, encoder, dtype=dtype, kind=kind)
 
 
 class BAHEScorer:
@@ -139,7 +102,7 @@ class BAHEScorer:
         if lower_layers > ckpt.num_layers:
             raise ScorerFormatError(f"{path}: encoder.num_lower_layers {lower_layers} is more than the "
                                     f"{ckpt.num_layers} layers of its backbone")
-        encoder = _encoder(ckpt, config, "cpu", progress=True)
+        encoder = build_encoder(ckpt, config, "cpu", progress=True)
         model_path = files["model"]
         try:
             state = load_file(str(model_path))
@@ -148,7 +111,7 @@ class BAHEScorer:
             def build() -> BAHEModel:
                 upper = UpperEncoder(ckpt.config, lower_layers, UpperEncoder.has_bias_from_state(
                     list(state), "upper.layers.", num_upper), causal=config.model.attention == "causal")
-                return BAHEModel(upper, config.model, num_items=_trained_items(state))
+                return BAHEModel(upper, config.model, num_items=trained_items(state))
             with torch.device("meta"):  # shapes checked against the weights before any memory is taken:
                 build().load_state_dict(state, assign=True)  # an absurd config is refused without allocating for it
             model = build()
@@ -176,7 +139,7 @@ class BAHEScorer:
         behavior_texts, item_texts = text_list(behavior_texts, "behavior_texts"), text_list(item_texts, "item_texts")
         ckpt = Checkpoint(resolve_model(model))
         lower_layers = config.encoder.num_lower_layers
-        encoder = _encoder(ckpt, config, resolve_device(device), progress)
+        encoder = build_encoder(ckpt, config, resolve_device(device), progress)
         tables_dir = Path(tables_dir)
         dtype = config.encoder.table_dtype
         behaviors = open_or_build_table(tables_dir / BEHAVIORS_FILE, behavior_texts, encoder, dtype, "behavior")
@@ -220,11 +183,17 @@ class BAHEScorer:
         return self._score_pairs([sequences[u] for u in first], first, user_counts, pair_user, item_texts,
                                  categories=categories)
 
-    def rank(self, user: dict[str, Sequence[str]], candidates: Sequence[str], *, top_k: int | None = None,
-             history_counts: dict[str, int] | None = None, side_features: dict | None = None) -> Ranking:
+    def rank(self, user: dict[str, Sequence[str]] | UserState, candidates: Sequence[str], *,
+             top_k: int | None = None, history_counts: dict[str, int] | None = None,
+             side_features: dict | None = None) -> Ranking:
         """One user against K candidate item texts: its sequences run through the upper layers once, the head
         over the K candidates in one batch. -> Ranking(scores (K,) float32 in candidate order, order (top_k or
-        K,) best first). Inputs are checked as `score`'s (InputError naming `candidates[i]`)."""
+        K,) best first). Inputs are checked as `score`'s (InputError naming `candidates[i]`). `user` may be a
+        `UserState` (`user_state`, `extend_user`): no upper layer runs, the same scores as its whole user's."""
+        if isinstance(user, UserState):
+            if history_counts is not None:
+                raise InputError("a UserState carries its counts: pass history_counts to user_state, not rank")
+            return rank_state(self, user, candidates, top_k, side_features)
         counts = None if history_counts is None else [history_counts]
         side = None if side_features is None else [side_features]
         return self._rank_many([user], [candidates], top_k, counts, side, label=lambda i: f"candidates[{i}]")[0]
@@ -253,6 +222,16 @@ class BAHEScorer:
                                    label=label, per_user=True, categories=None if categories is None else
                                    categories[pair_user]) if flat else np.empty(0, dtype=np.float32))
         return [ranking(probs[lo:lo + k], top_k) for lo, k in zip(starts, sizes)]
+
+    def user_state(self, user: dict[str, Sequence[str]], *, history_counts: dict[str, int] | None = None) -> UserState:
+        """A user's upper-layer keys/values kept (engine.incremental), for `extend_user` and `rank`. Costs one
+        `rank` of the user's upper layers; needs causal upper layers (ValueError otherwise)."""
+        return build_state(self, user, history_counts)
+
+    def extend_user(self, state: UserState, behaviors: dict[str, Sequence[str]]) -> UserState:
+        """`state` with new behaviors appended (sequence name -> texts, oldest first): O(k M) for k new behaviors
+        while a window start stands, the sequence's window rebuilt when it moves. A new state; `state` stays valid."""
+        return extend_state(self, state, behaviors)
 
     def score_ids(self, behavior_rows: torch.Tensor, offsets: torch.Tensor, item_rows: torch.Tensor) -> np.ndarray:
         """Id-level API: behavior_rows (T,) int64 table rows; offsets (U*n+1,) int64 cumulative, user-major
@@ -311,18 +290,20 @@ class BAHEScorer:
     def _score_rows(self, tables: tuple[torch.Tensor, ...], behavior_rows: np.ndarray, offsets: np.ndarray,
                     behavior_extra: torch.Tensor | None, item_rows: np.ndarray, item_extra: torch.Tensor | None,
                     recent: np.ndarray | None, user_counts: np.ndarray, pair_user: np.ndarray,
-                    per_user: bool = False, categories: np.ndarray | None = None) -> np.ndarray:
-        """Users (packed rows, U*n+1 offsets) through the user tower once each, pairs' items from the stored
-        vectors (on the fly for rows past them), then the head: over the P pairs, or (per_user: each user's
-        pairs contiguous, as rank_many lays them out) over each user's candidates with the user folded into
-        the head's first layer (engine.towers.per_user_logits)."""
+                    per_user: bool = False, categories: np.ndarray | None = None,
+                    user: torch.Tensor | None = None) -> np.ndarray:
+        """Users (packed rows, U*n+1 offsets) through the user tower once each (or their pooled states `user`
+        (U, n, d) given: a UserState's), pairs' items from the stored vectors (on the fly for rows past them),
+        then the head: over the P pairs, or (per_user: each user's pairs contiguous, as rank_many lays them out)
+        over each user's candidates with the user folded into the head's first layer (towers.per_user_logits)."""
         behavior_table, item_table, vectors = tables
         config, pairs = self.config.model, item_rows.shape[0]
         out = np.empty(pairs, dtype=np.float32)
         dense = dense_features(self.model, user_counts, None if recent is None else recent[pair_user], item_rows)
         with torch.inference_mode(), kernel_path(self.kernels):
-            user = user_states(self.model, behavior_table, behavior_rows, offsets, behavior_extra, self._user_cache,
-                               self.config.scoring.batch_size)
+            if user is None:
+                user = user_states(self.model, behavior_table, behavior_rows, offsets, behavior_extra,
+                                   self._user_cache, self.config.scoring.batch_size)
             item = item_states(self.model, vectors, item_rows, item_extra)
             with stage("head"):
                 similar = pair_similar(self.model, behavior_table, behavior_rows, offsets, behavior_extra, item_table,

@@ -77,14 +77,17 @@ def count_features(user_counts: np.ndarray, item_counts: np.ndarray, recent: np.
     return np.concatenate(columns, axis=1).astype(np.float32)
 
 
-def recent_counts(sequences: Sequence[Sequence[Sequence]], window: int, num_sequences: int) -> np.ndarray:
+def recent_counts(sequences: Sequence[Sequence[Sequence]], window: int, num_sequences: int,
+                  lengths: np.ndarray | None = None) -> np.ndarray:
     """(U, S) int64: for each user (a list of S = num_sequences sequences of texts or ids, oldest first), how
     many of the last `window` behaviors of the widest sequence (the first of the longest) each sequence holds
     among its own last `window` (all a sequence of the widest one's events can share with them), so nothing
-    older than the last `window` behaviors of a sequence is read."""
+    older than the last `window` behaviors of a sequence is read. lengths (U, S): the sequences' whole lengths,
+    for sequences passed as their last behaviors only (at least the last `window` of each); default: as passed."""
     out = np.zeros((len(sequences), num_sequences), dtype=np.int64)
     for u, user in enumerate(sequences):
-        widest = max(range(len(user)), key=lambda s: len(user[s])) if user else 0
+        size = (lambda s: len(user[s])) if lengths is None else (lambda s: int(lengths[u][s]))  # noqa: E731
+        widest = max(range(len(user)), key=size) if user else 0
         latest = list(user[widest][-window:]) if window > 0 and user else []
         for s, seq in enumerate(user):
             held = set(seq[-window:]) if window > 0 else set()

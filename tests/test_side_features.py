@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.side_features import count_feature_names, count_features
+from engine.side_features import count_feature_names, count_features, recent_counts
 
 
 def test_known_values():
@@ -34,6 +34,18 @@ def test_random_counts_with_a_catch_all_sequence(seed):
         total = c[:, -1:]
         np.testing.assert_allclose(share, (c + 1) / (total + 2), rtol=1e-6)
         assert ((share > 0) & (share < 1)).all()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_recent_counts_of_last_behaviors_with_whole_lengths(seed):
+    """Sequences cut to their last `window` (or more) behaviors, with their whole lengths: the counts of the
+    whole sequences (what a cached user state keeps, engine.incremental)."""
+    rng = np.random.default_rng(seed)
+    window = int(rng.integers(1, 6))
+    users = [[list(rng.integers(0, 8, int(rng.integers(0, 15)))) for _ in range(3)] for _ in range(20)]
+    cut = [[seq[max(len(seq) - window - int(rng.integers(0, 3)), 0):] for seq in user] for user in users]
+    lengths = np.array([[len(seq) for seq in user] for user in users])
+    np.testing.assert_array_equal(recent_counts(cut, window, 3, lengths=lengths), recent_counts(users, window, 3))
 
 
 def test_names_follow_columns():

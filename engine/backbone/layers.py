@@ -14,6 +14,7 @@ so no layer reads a device value."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -105,17 +106,28 @@ class PackedAttention(nn.Module):
         self.o = nn.Linear(heads * head_dim, hidden, bias=o_bias)
         self.register_load_state_dict_pre_hook(_fuse_legacy_qkv)
 
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.head_dim)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (T, hidden) -> q (T, H, Dh), k, v (T, Hkv, Dh): views of one fused GEMM's output, before RoPE."""
+        heads, kv_heads = self.heads, self.kv_heads
+        qkv = self.qkv(x).view(x.shape[0], heads + 2 * kv_heads, self.head_dim)
+        return qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output (T, H, Dh) -> (T, hidden)."""
+        return self.o(out.reshape(out.shape[0], self.heads * self.head_dim))
+
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, rotary: RotaryTable | None,
                 max_len: int) -> torch.Tensor:
-        total, heads, kv_heads = x.shape[0], self.heads, self.kv_heads
-        qkv = self.qkv(x).view(total, heads + 2 * kv_heads, self.head_dim)
-        q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+        q, k, v = self.project(x)
         if rotary is not None:
             cos, sin = rotary.tables(max_len, x.device)
             q, k = ops.rope(q, k, offsets, cos, sin, max_len=max_len)
-        out = ops.varlen_attention(q, k, v, offsets, causal=self.causal, max_len=max_len,
-                                   scale=1.0 / math.sqrt(self.head_dim))
-        return self.o(out.reshape(total, heads * self.head_dim))
+        out = ops.varlen_attention(q, k, v, offsets, causal=self.causal, max_len=max_len, scale=self.scale)
+        return self.output(out)
 
 
 class BertLayer(nn.Module):
@@ -134,7 +146,12 @@ class BertLayer(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, rotary: RotaryTable | None, max_len: int) -> torch.Tensor:
-        x = self.attn_norm(x + self.dropout(self.attn(x, offsets, rotary, max_len)))
+        return self.forward_with(x, lambda h: self.attn(h, offsets, rotary, max_len))
+
+    def forward_with(self, x: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The layer with attention given: `attend` maps the attention input (T, d) to its output (T, d)
+        (engine.incremental attends over cached keys/values; everything else is this layer's own)."""
+        x = self.attn_norm(x + self.dropout(attend(x)))
         return self.ffn_norm(x + self.dropout(self.ffn_out(self.act(self.ffn_in(x)))))
 
 
@@ -159,7 +176,11 @@ class DecoderLayer(nn.Module):
         self.register_load_state_dict_pre_hook(_fuse_legacy_gate_up)
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, rotary: RotaryTable | None, max_len: int) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), offsets, rotary, max_len)
+        return self.forward_with(x, lambda h: self.attn(h, offsets, rotary, max_len))
+
+    def forward_with(self, x: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The layer with attention given (see `BertLayer.forward_with`)."""
+        x = x + attend(self.attn_norm(x))
         gate_up = self.gate_up(self.ffn_norm(x))
         return x + self.down(self.act(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:])
 
