@@ -28,9 +28,10 @@ caller's thread (the merged `rank_many` runs without it).
 Results equal sequential calls to float rounding, not bit for bit: a merged batch gives the upper layers (and
 the on-the-fly encoder, for unknown texts) other GEMM row counts and another padded length, and the scorer's
 rounding depends on those (its own batch-independence bound is 1e-5, tests/test_scorer.py). Measured on the
-CPU, on one thread and on two: merged and direct probabilities differ by up to ~1.2e-7 (a float32 ulp near
-0.5); tests/test_request_queue.py checks 1e-6 and equal rank orders (distinct candidates: a near-tie could
-still swap).
+CPU, on one thread and on two, with the tiny test models and with the trained demo scorer (8 users x 100
+candidates): merged and direct probabilities differ by up to ~1.2e-7 (a float32 ulp near 0.5), rank orders
+equal; tests/test_request_queue.py checks 1e-6 and equal orders (distinct candidates: a near-tie could still
+swap).
 
 Closing: `close()` refuses new calls (`QueueClosedError`), lets every request already queued complete, and
 joins the workers; calls after it raise `QueueClosedError`. If a worker ever dies (only a BaseException such
