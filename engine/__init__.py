@@ -6,7 +6,9 @@ import importlib
 
 _EXPORTS = {
     "AtomicEncoder": "engine.abe",
-    **{name: "engine.config" for name in ("EncoderConfig", "ModelConfig", "ScorerConfig", "ScoringConfig")},
+    **{name: "engine.config" for name in ("EncoderConfig", "ModelConfig", "QueueConfig", "ScorerConfig",
+                                         "ScoringConfig")},
+    "BatchingScorer": "engine.request_queue", "QueueClosedError": "engine.request_queue",
     "BAHEScorer": "engine.scorer", "Ranking": "engine.ranking", "InputError": "engine.inputs", "ScorerFormatError": "engine.scorer_folder",
 }
 __all__ = sorted(_EXPORTS)

@@ -153,6 +153,19 @@ class ScoringConfig:
             raise ValueError(f"user_cache_bytes must be >= 0, got {self.user_cache_bytes}")
 
 
+@dataclass
+class QueueConfig:
+    """`BatchingScorer` (engine.request_queue): how concurrent `score` / `rank` calls are coalesced. A serving
+    setting, not part of a saved scorer (never written to scorer.json)."""
+    max_batch: int = 32                 # most requests (calls, not pairs) merged into one batched scorer call
+    max_wait_ms: float = 2.0            # how long the first request of a batch waits for others to join it
+    workers: int = 1                    # worker threads, each gathering and running its own batches (> 1: one
+                                        # batch's host work overlaps another's compute)
+
+    def __post_init__(self) -> None:
+        _check_fields(self, {"max_batch": ("min", 1), "max_wait_ms": ("min", 0.0), "workers": ("min", 1)})
+
+
 CONFIG_VERSION = 5  # the scorer.json format version this code writes
 # Model keys introduced by a scorer.json format version, with the meaning a file of an older version had.
 INTRODUCED_MODEL_KEYS = {

@@ -50,3 +50,17 @@ def test_rank_bench_end_to_end(tmp_path, tiny_checkpoints):
     assert all(r.p50_ms > 0 and r.per_pair_ms > 0 and r.bf16_max_diff < 0.05 for r in rows)
     text = results_md.read_text()
     assert text.count("<!-- bench:rank:") == 1 and "| 3 | 5 |" in text
+
+
+def test_queue_bench_end_to_end(tmp_path, tiny_checkpoints):
+    from bench import queue
+    from tests.test_scorer import make_scorer
+    make_scorer(tiny_checkpoints["llama"], tmp_path).save_pretrained(tmp_path / "scorer")
+    results_md = tmp_path / "RESULTS.md"
+    cells = queue.main(["--scorer", str(tmp_path / "scorer"), "--data", str(FIXTURE), "--clients", "1", "2",
+                        "--seconds", "0.4", "--m", "3", "--k", "2", "--results", str(results_md)])
+    assert sorted((c.kind, c.clients, c.workers) for c in cells) == [
+        (kind, clients, workers) for kind in ("rank", "score") for clients in (1, 2) for workers in (0, 1, 2)]
+    assert all(c.requests > 0 and c.rps > 0 and c.per_cpu_second > 0 and c.per_call >= 1 for c in cells)
+    text = results_md.read_text()
+    assert text.count("<!-- bench:queue:") == 1 and "| rank | 2 |" in text and "| score | 1 |" in text
