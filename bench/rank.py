@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from engine.model import PackedBatch
+from engine.config import ScoringConfig
 from engine.scorer import BAHEScorer
 from engine.training.experiment import ScorerSetup, cpu_threads, load_data
 from engine.training.report import machine, write_section
@@ -88,13 +89,42 @@ def _interleaved(calls: dict[int, object], repeats: int) -> dict[int, np.ndarray
     return {k: np.array(v) * 1e3 for k, v in out.items()}
 
 
-def run(setup: ScorerSetup, repeats: int, pair_budget: int, ks=KS, ms=MS) -> list[Row]:
+def describe(folder: Path) -> str:
+    """The layers and features of a saved scorer, in a few words."""
+    config = BAHEScorer.from_pretrained(folder, device="cpu").config
+    m = config.model
+    return (f"{config.encoder.num_lower_layers} lower layers, count features {m.count_features}, similarity "
+            f"temperatures {list(m.similarity_temperatures)}, item id dim {m.item_id_dim}, categorical "
+            f"{list(m.categorical_features)}")
+
+
+def pairs_through_score(folder: Path, device: str):
+    """The per-pair baseline of a saved scorer with any features: `score` on K copies of the user, repeated
+    users not deduplicated and no cache, so every pair runs its user's sequences through the upper layers."""
+    scorer = BAHEScorer.from_pretrained(folder, device=device,
+                                        scoring=ScoringConfig(dedupe_users=False, user_cache_bytes=0, batch_size=64))
+
+    def seconds(user: dict[str, list[str]], items: list[str]) -> float:
+        start = time.perf_counter()
+        scorer.score([user] * len(items), items)
+        return time.perf_counter() - start
+    return seconds
+
+
+def run(setup: ScorerSetup, repeats: int, pair_budget: int, ks=KS, ms=MS, saved: Path | None = None) -> list[Row]:
+    """`saved`: time this saved scorer (e.g. the demo's full CTR model) instead of ScorerSetup's text part."""
     data = load_data(setup.data)
     texts = data.item_id_texts
-    scorer = setup.scorer(data, max_behaviors=max(ms), batch_size=64)
+    if saved is not None:
+        scorer = BAHEScorer.from_pretrained(saved, device=setup.device, scoring=ScoringConfig(batch_size=64))
+        per_pair = pairs_through_score(saved, setup.device)
+    else:
+        scorer = setup.scorer(data, max_behaviors=max(ms), batch_size=64)
+        per_pair = lambda user, items: per_pair_seconds(scorer, user, items)  # noqa: E731
     with tempfile.TemporaryDirectory() as folder:
-        scorer.save_pretrained(folder)
-        bf16 = BAHEScorer.from_pretrained(folder, device=setup.device, dtype="bfloat16")
+        if saved is None:
+            scorer.save_pretrained(folder)
+        bf16 = BAHEScorer.from_pretrained(saved or folder, device=setup.device, dtype="bfloat16")
         names = scorer.config.model.sequence_names
         rng = np.random.default_rng(setup.seed)
         unique = list(dict.fromkeys(texts))
@@ -111,11 +141,11 @@ def run(setup: ScorerSetup, repeats: int, pair_budget: int, ks=KS, ms=MS) -> lis
             for k, candidates in cands.items():
                 diff = float(np.abs(bf16.rank(user, candidates).scores - scorer.rank(user, candidates).scores).max())
                 timed = int(min(k, max(2, pair_budget // (m * len(names)))))
-                per_pair = per_pair_seconds(scorer, user, candidates[:timed]) * 1e3 * k / timed
+                pair_ms = per_pair(user, candidates[:timed]) * 1e3 * k / timed
                 rows.append(Row(m, k, float(np.percentile(fp32[k], 50)), float(np.percentile(fp32[k], 99)),
                                 float(np.percentile(cached[k], 50)), float(np.percentile(half[k], 50)), diff, timed,
-                                per_pair))
-                logging.info("M=%d K=%d: rank p50 %.1f ms, per-pair %.0f ms", m, k, rows[-1].p50_ms, per_pair)
+                                pair_ms))
+                logging.info("M=%d K=%d: rank p50 %.1f ms, per-pair %.0f ms", m, k, rows[-1].p50_ms, pair_ms)
     return rows
 
 
@@ -137,30 +167,40 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--pair-budget", type=int, default=6000, help="behaviors per per-pair timing (sets its subset)")
     p.add_argument("--results", type=Path, default=None, help="write the section of this markdown file")
     p.add_argument("--note", default="", help="a line for the results section (e.g. the machine was shared)")
+    p.add_argument("--scorer", type=Path, default=None,
+                   help="a saved scorer to time (e.g. artifacts/demo/minilm/scorer, the full CTR model) instead of "
+                        "ScorerSetup's text part; its per-pair side: `score` without dedupe or cache")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     setup = ScorerSetup(**ScorerSetup.options(args))
     started = time.perf_counter()
     with cpu_threads(setup.threads):
-        rows = run(setup, args.repeats, args.pair_budget, tuple(args.ks), tuple(args.ms))
+        rows = run(setup, args.repeats, args.pair_budget, tuple(args.ks), tuple(args.ms), args.scorer)
         where = machine()
     lines = table(rows)
     print("\n".join(lines))
     if args.results is not None:
-        command = "python -m bench.rank" + (f" --threads {setup.threads}" if setup.threads else "")
-        write_section(args.results, f"bench:rank:{setup.model}:threads-{setup.threads or 'default'}", [
+        command = "python -m bench.rank" + (f" --threads {setup.threads}" if setup.threads else "") + (
+            f" --scorer {args.scorer}" if args.scorer else "")
+        what = (f"The saved scorer {args.scorer} (its full CTR model: {describe(args.scorer)})" if args.scorer else
+                "ScorerSetup's scorer (3 lower + 3 upper layers, text part of the CTR model)")
+        baseline = ("`score` on K copies of the user without dedupe or cache (each pair's user sequences through "
+                    "the upper layers, known items from the stored vectors)" if args.scorer else
+                    "the pre-ranking `score` path (each pair's user sequences + item through the upper layers)")
+        model = "saved" if args.scorer else setup.model
+        write_section(args.results, f"bench:rank:{model}:threads-{setup.threads or 'default'}", [
             f"### Ranking one user against K candidates vs per-pair scoring ({setup.model})", "",
             f"`{command}` on {datetime.date.today().isoformat()}, {where}; "
             f"{(time.perf_counter() - started) / 60:.1f} min in all. {args.note}".rstrip(), "",
-            "ScorerSetup's scorer (3 lower + 3 upper layers, text part of the CTR model), n = 3 sequences of M "
+            f"{what}, n = 3 sequences of M "
             "behaviors drawn from the MovieLens texts, K distinct candidate movies. rank: p50 / p99 over "
             f"{args.repeats} requests ({max(args.repeats // 3, 5)} at M = 1000), the K of one M timed round-robin "
-            "(load drift hits them alike); user cached and bf16 likewise (bf16: half the requests). per-pair: the pre-ranking "
-            "`score` path (each pair's user sequences + item through the upper layers), timed on the first "
+            "(load drift hits them alike); user cached and bf16 likewise (bf16: half the requests). per-pair: "
+            f"{baseline}, timed on the first "
             "'pairs timed' pairs and scaled to K. user cached: the user's pooled vectors in the LRU (lookups, stored "
             "item vectors and the head only). bf16: the same scorer opened with dtype='bfloat16'; max abs "
-            "difference of its K probabilities from fp32's (the benchmarks' scorer is untrained, its probabilities "
-            "near 0.5: a trained head's bf16 differences may be larger).", "", *lines])
+            "difference of its K probabilities from fp32's" + ("." if args.scorer else " (the benchmarks' scorer is "
+            "untrained, its probabilities near 0.5: a trained head's bf16 differences may be larger)."), "", *lines])
     return rows
 
 
