@@ -1,0 +1,126 @@
+"""Distributed ABE (engine.abe_sharded, `bahe encode --distributed`): texts sharded by key over gloo CPU ranks,
+rank 0 writing; the table equals a single-process build whatever the number of ranks, and a rank that dies
+leaves the old table as it was."""
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from engine import cli
+from engine.abe import AtomicEncoder
+from engine.abe_sharded import build_or_append, shard_of
+from engine.distributed import Launch, LaunchError, check_not_launched, launch_from_env
+from tests.multiprocess import torchrun
+from tests.test_table import HashEncoder
+from weights.checkpoint import Checkpoint
+from weights.table import BehaviorTable
+from weights.text_key import text_keys
+
+WORDS = "bought searched clicked watched liked latte coffee shoes running movie toy story comedy drama star".split()
+TEXTS = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(1 + i % 9)) + f" {i % 37}" for i in range(120)]
+
+
+def test_shards_cover_every_rank_and_depend_only_on_the_key():
+    keys = text_keys(TEXTS)
+    for world in (1, 2, 3, 5):
+        owner = shard_of(keys, world)
+        assert owner.min() >= 0 and owner.max() < world and np.unique(owner).size == world
+        assert np.array_equal(owner, shard_of(keys[::-1].copy(), world)[::-1])
+    with pytest.raises(ValueError, match="world_size"):
+        shard_of(keys, 0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DyingEncoder(HashEncoder):
+    """Rank `dies`' encoder: the process exits in the middle of its shard."""
+
+    def __init__(self, dies: bool):
+        super().__init__()
+        self.dies = dies
+
+    def encode(self, texts):
+        if self.dies:
+            os._exit(3)
+        return super().encode(texts)
+
+
+def _rank(rank, world, port, path, texts, dying_rank):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    build_or_append(path, texts, DyingEncoder(rank == dying_rank), Launch(rank, world, rank))
+    dist.destroy_process_group()
+
+
+def _spawn(world, path, texts, dying_rank=-1):
+    # fork: the children start from this process (everything imported), in well under a second each
+    mp.start_processes(_rank, args=(world, _free_port(), str(path), texts, dying_rank), nprocs=world, join=True,
+                       start_method="fork")
+
+
+def test_three_ranks_equal_one_and_a_dead_rank_leaves_the_old_table(tmp_path):
+    single = BehaviorTable.build(tmp_path / "one.safetensors", TEXTS[:80] + TEXTS, HashEncoder())
+    single.append(TEXTS + ["new text a", "new text b"])
+    path = tmp_path / "t.safetensors"
+    _spawn(3, path, TEXTS[:80] + TEXTS)
+    before = path.read_bytes()
+    with pytest.raises(mp.ProcessExitedException):
+        _spawn(2, path, TEXTS + ["new text a", "new text b"], dying_rank=1)
+    assert path.read_bytes() == before  # untouched: rank 0 never reached the write
+    _spawn(2, path, TEXTS + ["new text a", "new text b"])  # the re-run starts cleanly
+    table = BehaviorTable.open(path)
+    assert [table.text(i) for i in range(len(table))] == [single.text(i) for i in range(len(single))]
+    assert np.array_equal(table.keys, single.keys) and torch.equal(table.embeddings, single.embeddings)
+    table.verify()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_torchrun_encode_build_and_append_equal_a_single_process(tiny_checkpoints, tmp_path):
+    model = str(tiny_checkpoints["llama"])
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("\n".join(TEXTS[:90]) + "\n")
+    second.write_text("\n".join(TEXTS[60:] + ["liked star wars", "watched the comedy"]) + "\n")
+    out = tmp_path / "two.safetensors"
+    for source, said in ((first, "built"), (second, "appended")):
+        done = torchrun(2, ["engine.cli", "encode", str(source), "--model", model, "--lower-layers", "2",
+                            "--out", str(out), "--distributed"])
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"{said} {out} over 2 ranks" in done.stdout
+    encoder = AtomicEncoder.from_checkpoint(Checkpoint(model), 2, progress=False)
+    single = BehaviorTable.build(tmp_path / "one.safetensors", TEXTS[:90], encoder)
+    single.append(TEXTS[60:] + ["liked star wars", "watched the comedy"])
+    table = BehaviorTable.open(out, encoder, verify=True)
+    assert [table.text(i) for i in range(len(table))] == [single.text(i) for i in range(len(single))]
+    scale = single.embeddings.abs().amax(dim=1, keepdim=True)
+    assert bool(((table.embeddings - single.embeddings).abs() <= 1e-6 * scale).all())
+
+
+def test_distributed_flag_and_environment_must_agree(tiny_checkpoints, tmp_path, monkeypatch):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("bought latte\n")
+    args = ["encode", str(texts), "--model", str(tiny_checkpoints["bert"]), "--out", str(tmp_path / "t.safetensors")]
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit, match="must be started by torchrun.*RANK, WORLD_SIZE"):
+        cli.main(args + ["--distributed"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="WORLD_SIZE=2: pass --distributed"):
+        cli.main(args)
+    assert not (tmp_path / "t.safetensors").exists()
+    check_not_launched("x", {"WORLD_SIZE": "1"})  # a one-process torchrun job may run without the flag
+    env = {"MASTER_ADDR": "localhost", "MASTER_PORT": "1"}
+    for bad, message in (({"RANK": "0", "WORLD_SIZE": "0", "LOCAL_RANK": "0"}, "WORLD_SIZE must be >= 1"),
+                         ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, r"RANK must be in \[0, WORLD_SIZE=2\)"),
+                         ({"RANK": "1", "WORLD_SIZE": "two", "LOCAL_RANK": "0"}, "WORLD_SIZE='two' is not an integer"),
+                         ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, r"LOCAL_RANK must be in \[0, RANK=0\]")):
+        with pytest.raises(LaunchError, match=message):
+            launch_from_env({**env, **bad})
+    assert launch_from_env({**env, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == Launch(1, 2, 1)
