@@ -83,24 +83,35 @@ def test_three_ranks_equal_one_and_a_dead_rank_leaves_the_old_table(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
-def test_torchrun_encode_build_and_append_equal_a_single_process(tiny_checkpoints, tmp_path):
+def test_torchrun_build_then_append_equal_a_single_process(tiny_checkpoints, tmp_path):
+    """The command under torchrun builds; an append over two ranks with the real encoder follows (forked)."""
     model = str(tiny_checkpoints["llama"])
-    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first = tmp_path / "first.txt"
     first.write_text("\n".join(TEXTS[:90]) + "\n")
-    second.write_text("\n".join(TEXTS[60:] + ["liked star wars", "watched the comedy"]) + "\n")
     out = tmp_path / "two.safetensors"
-    for source, said in ((first, "built"), (second, "appended")):
-        done = torchrun(2, ["engine.cli", "encode", str(source), "--model", model, "--lower-layers", "2",
-                            "--out", str(out), "--distributed"])
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert f"{said} {out} over 2 ranks" in done.stdout
+    done = torchrun(2, ["engine.cli", "encode", str(first), "--model", model, "--lower-layers", "2", "--out", str(out),
+                        "--distributed"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"built {out} over 2 ranks: 90 new rows" in done.stdout
     encoder = AtomicEncoder.from_checkpoint(Checkpoint(model), 2, progress=False)
+    more = TEXTS[60:] + ["liked star wars", "watched the comedy"]
+    mp.start_processes(_append_rank, args=(_free_port(), str(out), more, encoder), nprocs=2, join=True,
+                       start_method="fork")
     single = BehaviorTable.build(tmp_path / "one.safetensors", TEXTS[:90], encoder)
-    single.append(TEXTS[60:] + ["liked star wars", "watched the comedy"])
+    single.append(more)
     table = BehaviorTable.open(out, encoder, verify=True)
+    assert len(table) == 122
     assert [table.text(i) for i in range(len(table))] == [single.text(i) for i in range(len(single))]
     scale = single.embeddings.abs().amax(dim=1, keepdim=True)
     assert bool(((table.embeddings - single.embeddings).abs() <= 1e-6 * scale).all())
+
+
+def _append_rank(rank, port, path, texts, encoder):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    action, added, _ = build_or_append(path, texts, encoder, Launch(rank, 2, rank))
+    assert action == "appended" and (added == 32 or rank != 0)
+    dist.destroy_process_group()
 
 
 def test_distributed_flag_and_environment_must_agree(tiny_checkpoints, tmp_path, monkeypatch):
