@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -69,15 +70,18 @@ def cmd_encode(args: argparse.Namespace) -> None:
                                             max_tokens=args.max_tokens, device=device,
                                             progress=launch is None or launch.is_writer)
     out = Path(args.out)
+    start = time.perf_counter()  # the encoding and the write, not the model's loading
     if launch is not None:
         _encode_distributed(out, texts, encoder, launch, args)
     elif out.exists():
         table = BehaviorTable.open(out, encoder)
         added = table.append(texts)
-        print(f"appended {added} new rows to {out} (now {len(table)} rows; {len(texts)} texts given)")
+        print(f"appended {added} new rows to {out} (now {len(table)} rows; {len(texts)} texts given) "
+              f"in {time.perf_counter() - start:.2f} s")
     else:
         table = BehaviorTable.build(out, texts, encoder, dtype=args.dtype, kind=args.kind)
-        print(f"built {out}: {len(texts)} texts -> {len(table)} unique rows, dim {table.dim}, {args.dtype}")
+        print(f"built {out}: {len(texts)} texts -> {len(table)} unique rows, dim {table.dim}, {args.dtype} "
+              f"in {time.perf_counter() - start:.2f} s")
 
 
 def _launch(command: str, distributed: bool):
@@ -97,6 +101,7 @@ def _encode_distributed(out: Path, texts: list[str], encoder, launch, args: argp
     from engine import distributed
     from engine.abe_sharded import build_or_append
     distributed.start(launch, encoder.device)
+    start = time.perf_counter()
     try:
         action, added, table = build_or_append(out, texts, encoder, launch, dtype=args.dtype, kind=args.kind)
     except Exception as err:  # noqa: BLE001 - one line per rank, as in a single-process run
@@ -105,7 +110,7 @@ def _encode_distributed(out: Path, texts: list[str], encoder, launch, args: argp
         distributed.stop()
     if table is not None:
         print(f"{action} {out} over {launch.world_size} ranks: {added} new rows (now {len(table)} rows; "
-              f"{len(texts)} texts given)")
+              f"{len(texts)} texts given) in {time.perf_counter() - start:.2f} s")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -146,7 +151,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     bahe.store_item_counts(data, split.test_start)  # the item statistics served: the training period's
     scorer.save_pretrained(out / "scorer")
     print(f"test AUC {result.test['auc']:.4f}, log loss {result.test['logloss']:.4f}, best epoch "
-          f"{result.fit.best_epoch}, {sum(result.fit.epoch_seconds) / len(result.fit.epoch_seconds):.1f} s/epoch; "
+          f"{result.fit.best_epoch}, {sum(result.fit.epoch_seconds) / len(result.fit.epoch_seconds):.1f} s/epoch, "
+          f"{len(result.fit.epoch_seconds) * rows['train'].size / max(sum(result.fit.epoch_seconds), 1e-9):.0f} "
+          "train examples/s; "
           f"scorer saved to {out / 'scorer'}")
 
 
