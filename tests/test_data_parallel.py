@@ -108,3 +108,35 @@ def test_distributed_training_needs_torchrun(monkeypatch, tmp_path):
         DataParallel(2, 2)
     with pytest.raises(RuntimeError, match="needs a started process group"):
         DataParallel(0, 2)
+
+
+def _cli_rank(rank, port, argv, out):
+    import contextlib
+    import io
+    import os
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        cli.main(argv)
+    (out / f"stdout.{rank}").write_text(printed.getvalue())
+
+
+def test_train_command_on_two_ranks_saves_one_scorer(tiny_checkpoints, tmp_path):
+    """`bahe train --distributed` as torchrun runs it (its environment set per rank; forked, not launched)."""
+    from engine.scorer import BAHEScorer
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(FIXTURE), "--model", str(tiny_checkpoints["llama"]), "--out", str(out),
+            "--lower-layers", "2", "--max-behaviors", "8", "--epochs", "1", "--batch-size", "64", "--train-examples",
+            "150", "--val-examples", "60", "--test-examples", "60", "--device", "cpu", "--distributed"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_cli_rank, args=(port, argv, tmp_path), nprocs=2, join=True, start_method="fork")
+    said = (tmp_path / "stdout.0").read_text()
+    assert "2 ranks; test AUC" in said and "train examples/s" in said
+    assert (tmp_path / "stdout.1").read_text() == ""  # rank 0 alone reports and saves
+    scorer = BAHEScorer.from_pretrained(out / "scorer", device="cpu")
+    p = scorer.score([{"liked": ["Toy Story (1995) | Animation, Children's, Comedy"]}],
+                     ["Heat (1995) | Action, Crime, Thriller"])
+    assert p.shape == (1,) and 0 < float(p[0]) < 1
