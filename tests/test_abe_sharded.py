@@ -135,3 +135,27 @@ def test_distributed_flag_and_environment_must_agree(tiny_checkpoints, tmp_path,
         with pytest.raises(LaunchError, match=message):
             launch_from_env({**env, **bad})
     assert launch_from_env({**env, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == Launch(1, 2, 1)
+
+
+class NaNEncoder(HashEncoder):
+    def encode(self, texts):
+        return torch.full((len(texts), self.signature.hidden_size), float("nan"))
+
+
+def _failing_rank(rank, port, path, report):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:  # rank 1's rows are NaN: rank 0's write refuses them, and rank 1 must hear of it
+        build_or_append(path, TEXTS, NaNEncoder() if rank == 1 else HashEncoder(), Launch(rank, 2, rank))
+    except Exception as err:  # noqa: BLE001
+        (report / f"rank{rank}").write_text(f"{type(err).__name__}: {err}")
+    dist.destroy_process_group()
+
+
+def test_an_error_on_the_writer_fails_every_rank(tmp_path):
+    path = tmp_path / "t.safetensors"
+    mp.start_processes(_failing_rank, args=(_free_port(), str(path), tmp_path), nprocs=2, join=True,
+                       start_method="fork")
+    assert (tmp_path / "rank0").read_text().startswith("NonFiniteRowError")
+    assert (tmp_path / "rank1").read_text().startswith("LaunchError: rank 0 failed: NonFiniteRowError")
+    assert not path.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
