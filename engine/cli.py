@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -62,17 +63,54 @@ def cmd_encode(args: argparse.Namespace) -> None:
     from weights.checkpoint import Checkpoint
     from weights.registry import resolve_model
     from weights.table import BehaviorTable
+    launch = _launch("bahe encode", args.distributed)
     texts = _read_texts(args.texts, args.column)
+    device = launch.device() if launch else "cpu"
     encoder = AtomicEncoder.from_checkpoint(Checkpoint(resolve_model(args.model)), args.lower_layers,
-                                            max_tokens=args.max_tokens)
+                                            max_tokens=args.max_tokens, device=device,
+                                            progress=launch is None or launch.is_writer)
     out = Path(args.out)
-    if out.exists():
+    start = time.perf_counter()  # the encoding and the write, not the model's loading
+    if launch is not None:
+        _encode_distributed(out, texts, encoder, launch, args)
+    elif out.exists():
         table = BehaviorTable.open(out, encoder)
         added = table.append(texts)
-        print(f"appended {added} new rows to {out} (now {len(table)} rows; {len(texts)} texts given)")
+        print(f"appended {added} new rows to {out} (now {len(table)} rows; {len(texts)} texts given) "
+              f"in {time.perf_counter() - start:.2f} s")
     else:
         table = BehaviorTable.build(out, texts, encoder, dtype=args.dtype, kind=args.kind)
-        print(f"built {out}: {len(texts)} texts -> {len(table)} unique rows, dim {table.dim}, {args.dtype}")
+        print(f"built {out}: {len(texts)} texts -> {len(table)} unique rows, dim {table.dim}, {args.dtype} "
+              f"in {time.perf_counter() - start:.2f} s")
+
+
+def _launch(command: str, distributed: bool):
+    """This process's torchrun Launch with --distributed (None without); SystemExit with one line when the
+    flag and the environment disagree."""
+    from engine.distributed import LaunchError, check_not_launched, launch_from_env
+    try:
+        if not distributed:
+            check_not_launched(command)
+            return None
+        return launch_from_env(command=command)
+    except LaunchError as err:
+        raise SystemExit(f"{command}: {err}") from None
+
+
+def _encode_distributed(out: Path, texts: list[str], encoder, launch, args: argparse.Namespace) -> None:
+    from engine import distributed
+    from engine.abe_sharded import build_or_append
+    distributed.start(launch, encoder.device)
+    start = time.perf_counter()
+    try:
+        action, added, table = build_or_append(out, texts, encoder, launch, dtype=args.dtype, kind=args.kind)
+    except Exception as err:  # noqa: BLE001 - one line per rank, as in a single-process run
+        raise SystemExit(f"bahe encode: rank {launch.rank}: {err}") from None
+    finally:
+        distributed.stop()
+    if table is not None:
+        print(f"{action} {out} over {launch.world_size} ranks: {added} new rows (now {len(table)} rows; "
+              f"{len(texts)} texts given) in {time.perf_counter() - start:.2f} s")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -82,14 +120,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     from engine.training.features import log_categorical_features
     from engine.training.data.log_schema import LogFormatError
     from engine.training.train import TrainConfig
+    launch = _launch("bahe train", args.distributed)
     try:
         data = load_data(args.data)
     except (LogFormatError, OSError) as err:
         raise SystemExit(f"bahe train: {err}") from None
     split = data.split()
     rows = sample_split(split, SampleConfig(args.train_examples, args.val_examples, args.test_examples, args.seed))
-    print(json.dumps({k: {"examples": int(v.size), "positive_rate": round(float(data.label[v].mean()), 4)}
-                      for k, v in rows.items()}))
+    say = print if launch is None or launch.is_writer else (lambda *a, **k: None)
+    say(json.dumps({k: {"examples": int(v.size), "positive_rate": round(float(data.label[v].mean()), 4)}
+                    for k, v in rows.items()}))
     try:
         categorical = log_categorical_features(args.categorical, data)
     except ValueError as err:
@@ -98,6 +138,9 @@ def cmd_train(args: argparse.Namespace) -> None:
                           model=ModelConfig(sequence_names=data.sequence_names, max_behaviors=args.max_behaviors,
                                             categorical_features=categorical))
     out = Path(args.out)
+    if launch is not None:
+        _train_distributed(launch, args, data, split, rows, config)
+        return
     scorer, report = build_scorer(args.model, data, config, out / "tables", device=args.device)
     print(f"tables: {report.behavior_events} behavior events -> {report.unique_behaviors} unique rows "
           f"({report.dedup_ratio:.0f}x dedup) in {report.seconds:.1f} s")
@@ -108,8 +151,53 @@ def cmd_train(args: argparse.Namespace) -> None:
     bahe.store_item_counts(data, split.test_start)  # the item statistics served: the training period's
     scorer.save_pretrained(out / "scorer")
     print(f"test AUC {result.test['auc']:.4f}, log loss {result.test['logloss']:.4f}, best epoch "
-          f"{result.fit.best_epoch}, {sum(result.fit.epoch_seconds) / len(result.fit.epoch_seconds):.1f} s/epoch; "
+          f"{result.fit.best_epoch}, {sum(result.fit.epoch_seconds) / len(result.fit.epoch_seconds):.1f} s/epoch, "
+          f"{len(result.fit.epoch_seconds) * rows['train'].size / max(sum(result.fit.epoch_seconds), 1e-9):.0f} "
+          "train examples/s; "
           f"scorer saved to {out / 'scorer'}")
+
+
+def _train_distributed(launch, args: argparse.Namespace, data, split, rows, config) -> None:
+    """`bahe train --distributed`: every rank trains its users' share under DDP; rank 0 saves the scorer."""
+    from engine import distributed
+    from engine.training.ctr_models import BAHECTR
+    from engine.training.data_parallel import DataParallel
+    from engine.training.experiment import train_and_test
+    from engine.training.parallel_setup import parallel_scorer
+    from engine.training.train import TrainConfig
+    out = Path(args.out)
+    try:
+        device = launch.device(args.device)
+    except distributed.LaunchError as err:
+        raise SystemExit(f"bahe train: {err}") from None
+    distributed.start(launch, device)
+    try:
+        scorer, report = parallel_scorer(args.model, data, config, out / "tables", launch, str(device))
+        bahe = BAHECTR(scorer, data)
+        result = train_and_test(bahe, data, rows, TrainConfig(
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr, seed=args.seed,
+            progress=launch.is_writer), device=str(device), parallel=DataParallel.from_process_group())
+        bahe.store_item_counts(data, split.test_start)
+        error = None
+        if launch.is_writer:
+            try:
+                scorer.save_pretrained(out / "scorer")
+            except Exception as err:  # noqa: BLE001 - every rank exits non-zero with it
+                error = err
+        distributed.broadcast_outcome(error)
+        if error is not None:
+            raise error
+    except Exception as err:  # noqa: BLE001
+        raise SystemExit(f"bahe train: rank {launch.rank}: {err}") from None
+    finally:
+        distributed.stop()
+    if launch.is_writer:
+        seconds = sum(result.fit.epoch_seconds)
+        print(f"tables: {report.unique_behaviors} unique rows; {launch.world_size} ranks; test AUC "
+              f"{result.test['auc']:.4f}, log loss {result.test['logloss']:.4f}, best epoch {result.fit.best_epoch}, "
+              f"{seconds / len(result.fit.epoch_seconds):.1f} s/epoch, "
+              f"{len(result.fit.epoch_seconds) * rows['train'].size / max(seconds, 1e-9):.0f} train examples/s; "
+              f"scorer saved to {out / 'scorer'}")
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -188,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--kind", default="behavior", choices=["behavior", "item"])
     p.add_argument("--out", required=True, help="table file (.safetensors); appended to if it exists")
+    p.add_argument("--distributed", action="store_true", help="under torchrun: each rank encodes the texts whose "
+                   "key falls on it (on cuda:LOCAL_RANK, else the CPU), rank 0 writes the table")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("train", help="fine-tune BAHE (upper layers + head) on a click log, save a scorer")
@@ -209,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-examples", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--distributed", action="store_true", help="under torchrun: data-parallel (DDP) training, each "
+                   "rank on cuda:LOCAL_RANK (else the CPU, gloo) takes its users' share of every batch; rank 0 saves")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("score", help="score JSON lines {\"user\": {...}, \"item\": \"...\"} with a saved scorer")

@@ -20,6 +20,7 @@ from engine.training.data.log import BehaviorLog, TimeSplit
 from engine.training.data.log_files import load_log
 from engine.training.data.movielens import load_movielens
 from engine.scorer import BAHEScorer
+from engine.training.data_parallel import DataParallel
 from engine.training.train import FitResult, TrainConfig, evaluate, fit
 from weights.registry import resolve_model
 
@@ -154,8 +155,10 @@ class ModelReport:
 
 
 def train_and_test(model, data: BehaviorLog, rows: dict[str, np.ndarray], config: TrainConfig,
-                   device: str = "cpu") -> ModelReport:
-    result = fit(model, data, rows["train"], rows["val"], config, device=device)
-    test = evaluate(model, data, rows["test"], batch_size=config.eval_batch_size, device=device)
+                   device: str = "cpu", parallel: DataParallel | None = None) -> ModelReport:
+    """Fit on rows['train'] (early stopping on rows['val']), then test; `parallel`: this rank's part of a
+    data-parallel run (engine.training.data_parallel)."""
+    result = fit(model, data, rows["train"], rows["val"], config, device=device, parallel=parallel)
+    test = evaluate(model, data, rows["test"], batch_size=config.eval_batch_size, device=device, parallel=parallel)
     log.info("%s: test AUC %.4f, log loss %.4f", model.name, test["auc"], test["logloss"])
     return ModelReport(model.name, result, test)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from engine.head import CTRHead
 from engine.training.data.log import BehaviorLog
+from engine.training.data_parallel import DataParallel, split_users
 from engine.training.memory import PeakMemory
 from engine.training.metrics import log_loss, roc_auc
 
@@ -70,22 +71,34 @@ def predict(model: nn.Module, data: BehaviorLog, rows: np.ndarray, *, batch_size
 
 
 def evaluate(model: nn.Module, data: BehaviorLog, rows: np.ndarray, *, batch_size: int = 256,
-             device: torch.device | str = "cpu") -> dict[str, float]:
-    """AUC and log loss on `rows`, with the prediction time per 1,000 examples."""
+             device: torch.device | str = "cpu", parallel: DataParallel | None = None) -> dict[str, float]:
+    """AUC and log loss on `rows`, with the prediction time per 1,000 examples. With `parallel`, each rank
+    predicts its users' rows and rank 0 computes the metrics once on every rank's scores (all ranks get them)."""
     start = time.perf_counter()
-    probs = predict(model, data, rows, batch_size=batch_size, device=device)
-    seconds = time.perf_counter() - start
-    labels = data.label[rows]
-    return {"auc": roc_auc(labels, probs), "logloss": log_loss(labels, probs),
-            "seconds_per_1k": 1000 * seconds / max(rows.size, 1)}
+    if parallel is not None and parallel.world_size > 1:
+        mine = split_users(rows, data, parallel.world_size)[parallel.rank]
+        gathered = parallel.gather_predictions(mine, predict(model, data, mine, batch_size=batch_size, device=device))
+        metrics = None if gathered is None else _metrics(data.label[gathered[0]], gathered[1])
+        metrics = parallel.broadcast(metrics)
+    else:
+        metrics = _metrics(data.label[rows], predict(model, data, rows, batch_size=batch_size, device=device))
+    return {**metrics, "seconds_per_1k": 1000 * (time.perf_counter() - start) / max(rows.size, 1)}
 
 
-def calibrate_norms(model: nn.Module, data: BehaviorLog, chunks: list[np.ndarray], device: torch.device) -> None:
+def _metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    return {"auc": roc_auc(labels, probs), "logloss": log_loss(labels, probs)}
+
+
+def calibrate_norms(model: nn.Module, data: BehaviorLog, chunks: list[np.ndarray], device: torch.device,
+                    parallel: DataParallel | None = None) -> None:
     """Accumulate every CTR head's BatchNorm statistics over `chunks` (an equal average), then freeze them
-    (CTRHead.freeze_norm): the same per-feature standardization for every batch of training and for inference."""
+    (CTRHead.freeze_norm): the same per-feature standardization for every batch of training and for inference.
+    With `parallel` each rank runs its share of the chunks and the statistics are averaged over the ranks."""
     heads = [m for m in model.modules() if isinstance(m, CTRHead)]
     if not heads or not chunks:
         return
+    shared = parallel is not None and parallel.world_size > 1
+    chunks = parallel.calibration_share(chunks) if shared else chunks
     for head in heads:
         head.norm_frozen = False   # a model trained before (another split, another seed) calibrates afresh
         head.norm.reset_running_stats()
@@ -94,30 +107,53 @@ def calibrate_norms(model: nn.Module, data: BehaviorLog, chunks: list[np.ndarray
     with torch.no_grad():
         for chunk in chunks:
             model(model.prepare(data, chunk).to(device))
+    if shared:
+        parallel.sync_norms(model)
     for head in heads:
         head.freeze_norm()
 
 
+def _step_loss(model: nn.Module, runner: nn.Module, data: BehaviorLog, chunk: np.ndarray, device: torch.device,
+               parallel: DataParallel | None) -> tuple[torch.Tensor, float]:
+    """The loss to back-propagate for the global batch `chunk`, and its sum of per-example BCE on this rank.
+    One process: the batch mean. Data-parallel: this rank's users, sum * world / len(chunk), so that DDP's
+    average over ranks is the gradient of the whole batch's mean (engine.training.data_parallel)."""
+    if parallel is None or parallel.world_size == 1:
+        labels = torch.from_numpy(data.label[chunk].astype(np.float32)).to(device)
+        loss = nn.functional.binary_cross_entropy_with_logits(runner(model.prepare(data, chunk).to(device)), labels)
+        return loss, loss.item() * chunk.size
+    rows, weights = parallel.local_rows(chunk, data)
+    labels = torch.from_numpy(data.label[rows].astype(np.float32)).to(device)
+    summed = nn.functional.binary_cross_entropy_with_logits(
+        runner(model.prepare(data, rows).to(device)), labels, weight=torch.from_numpy(weights).to(device),
+        reduction="sum")
+    return summed * (parallel.world_size / chunk.size), summed.item()
+
+
 def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: np.ndarray, config: TrainConfig,
-        *, device: torch.device | str = "cpu") -> FitResult:
-    """Train `model` (BAHECTR, RawTokenCTR or IdOnlyCTR) in place; returns timing, memory and AUCs."""
+        *, device: torch.device | str = "cpu", parallel: DataParallel | None = None) -> FitResult:
+    """Train `model` (BAHECTR, RawTokenCTR or IdOnlyCTR) in place; returns timing, memory and AUCs. With
+    `parallel` (one per rank of a torchrun job, engine.training.data_parallel) every rank calls fit with the same
+    arguments and trains its users' share of each batch under DDP; every rank ends with the same model."""
     device = torch.device(device)
     model.to(device)
-    torch.manual_seed(config.seed)
+    shared = parallel is not None and parallel.world_size > 1
+    torch.manual_seed(config.seed + (parallel.rank if shared else 0))  # dropout masks differ across ranks
     rng = np.random.default_rng(config.seed)
     pretrained = {id(p) for p in model.pretrained_parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if id(p) in pretrained], "lr": config.backbone_lr},
               {"params": [p for p in trainable if id(p) not in pretrained], "lr": config.lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
-    loss_fn = nn.BCEWithLogitsLoss()
+    runner = parallel.wrap(model) if shared else model  # DDP: rank 0's parameters and buffers, everywhere
     result = FitResult(best_val_auc=-1.0, best_epoch=-1)
     best_state, stale = None, 0
     # What the best epoch restores: every trained parameter and every buffer (BatchNorm running statistics).
     kept = {name for name, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
     with PeakMemory(device) as peak:
         calibration = _order(model, data, train_rows, np.random.default_rng(config.seed + 1))
-        calibrate_norms(model, data, list(_batches(calibration, config.batch_size))[:config.norm_batches], device)
+        calibrate_norms(model, data, list(_batches(calibration, config.batch_size))[:config.norm_batches], device,
+                        parallel)
         for epoch in range(config.epochs):
             model.train()
             order = _order(model, data, train_rows, rng)
@@ -125,18 +161,18 @@ def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: n
             bar = tqdm(list(_batches(order, config.batch_size)), desc=f"{model.name} epoch {epoch + 1}",
                        disable=not config.progress, leave=False)
             for chunk in bar:
-                batch = model.prepare(data, chunk).to(device)
-                labels = torch.from_numpy(data.label[chunk].astype(np.float32)).to(device)
-                loss = loss_fn(model(batch), labels)
+                loss, summed = _step_loss(model, runner, data, chunk, device, parallel)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
-                step_loss = loss.item()
-                total_loss += step_loss * chunk.size
-                bar.set_postfix(loss=f"{step_loss:.4f}")
+                total_loss += summed
+                bar.set_postfix(loss=f"{summed / chunk.size:.4f}")
+            if shared:
+                total_loss = parallel.sum_float(total_loss)
+                parallel.sync_seen(model)
             result.epoch_seconds.append(time.perf_counter() - start)
-            val = evaluate(model, data, val_rows, batch_size=config.eval_batch_size, device=device)
+            val = evaluate(model, data, val_rows, batch_size=config.eval_batch_size, device=device, parallel=parallel)
             result.history.append({"epoch": epoch + 1, "train_loss": total_loss / max(train_rows.size, 1),
                                    "val_auc": val["auc"], "val_logloss": val["logloss"]})
             log.info("%s epoch %d: train loss %.4f, val AUC %.4f, %.1f s", model.name, epoch + 1,
