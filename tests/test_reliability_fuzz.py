@@ -46,7 +46,8 @@ def _refused(scorer, text):
 @given(pairs=st.lists(st.tuples(users, texts), max_size=4))
 def test_scores_of_random_users(lenient, pairs):
     batch, items = [u for u, _ in pairs], [i for _, i in pairs]
-    used = [t for u in batch for name in NAMES for t in u.get(name, [])[-MAX_BEHAVIORS:]] + items
+    window = lenient.config.model.window_start  # the texts read: each sequence's window (at most MAX_BEHAVIORS)
+    used = [t for u in batch for name in NAMES for t in u.get(name, [])[window(len(u.get(name, []))):]] + items
     try:
         p = lenient.score(batch, items)
     except InputError:
