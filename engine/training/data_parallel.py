@@ -21,6 +21,8 @@ when several processes (ranks) train one model.
 - Dropout draws from torch's generator seeded with seed + rank (ranks draw different masks)."""
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -28,6 +30,12 @@ from torch import nn
 
 from engine.head import CTRHead
 from engine.training.data.log import BehaviorLog
+
+# Buffers are not re-broadcast before each forward (the BatchNorm statistics are averaged explicitly): torch
+# 2.13's keyword for it, or the older one (2.11 on the GPU machines has only broadcast_buffers).
+NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})
 
 
 def user_groups(rows: np.ndarray, log: BehaviorLog) -> list[np.ndarray]:
@@ -69,7 +77,7 @@ class DataParallel:
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """DDP over `model` (its parameters and buffers broadcast from rank 0 now, so every rank starts equal)."""
-        return nn.parallel.DistributedDataParallel(model, device_ids=None, forward_sync_buffers=False)
+        return nn.parallel.DistributedDataParallel(model, device_ids=None, **NO_FORWARD_BUFFER_SYNC)
 
     def local_rows(self, rows: np.ndarray, log: BehaviorLog) -> tuple[np.ndarray, np.ndarray]:
         """This rank's rows of the global batch `rows` and their loss weights (1; or one row of weight 0 when
