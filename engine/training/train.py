@@ -98,6 +98,15 @@ def calibrate_norms(model: nn.Module, data: BehaviorLog, chunks: list[np.ndarray
         head.freeze_norm()
 
 
+def make_optimizer(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
+    """AdamW over the trainable parameters, the pretrained ones at `backbone_lr`; and those parameters."""
+    pretrained = {id(p) for p in model.pretrained_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) in pretrained], "lr": config.backbone_lr},
+              {"params": [p for p in trainable if id(p) not in pretrained], "lr": config.lr}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay), trainable
+
+
 def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: np.ndarray, config: TrainConfig,
         *, device: torch.device | str = "cpu") -> FitResult:
     """Train `model` (BAHECTR, RawTokenCTR or IdOnlyCTR) in place; returns timing, memory and AUCs."""
@@ -105,11 +114,7 @@ def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: n
     model.to(device)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    pretrained = {id(p) for p in model.pretrained_parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if id(p) in pretrained], "lr": config.backbone_lr},
-              {"params": [p for p in trainable if id(p) not in pretrained], "lr": config.lr}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
+    optimizer, trainable = make_optimizer(model, config)
     loss_fn = nn.BCEWithLogitsLoss()
     result = FitResult(best_val_auc=-1.0, best_epoch=-1)
     best_state, stale = None, 0
