@@ -82,6 +82,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from engine.training.features import log_categorical_features
     from engine.training.data.log_schema import LogFormatError
     from engine.training.train import TrainConfig
+    if args.stream:
+        return _train_streamed(args)
     try:
         data = load_data(args.data)
     except (LogFormatError, OSError) as err:
@@ -109,6 +111,52 @@ def cmd_train(args: argparse.Namespace) -> None:
     scorer.save_pretrained(out / "scorer")
     print(f"test AUC {result.test['auc']:.4f}, log loss {result.test['logloss']:.4f}, best epoch "
           f"{result.fit.best_epoch}, {sum(result.fit.epoch_seconds) / len(result.fit.epoch_seconds):.1f} s/epoch; "
+          f"scorer saved to {out / 'scorer'}")
+
+
+def _train_streamed(args: argparse.Namespace) -> None:
+    """`bahe train --stream WORK`: the log laid out under WORK (engine.training.data.stream), trained shard by
+    shard (engine.training.stream_train); memory holds one shard, not the log."""
+    from engine.config import EncoderConfig, ModelConfig, ScorerConfig
+    from engine.training.ctr_models import BAHECTR
+    from engine.training.data.log_schema import LogFormatError
+    from engine.training.data.stream import StreamConfig, prepare_stream
+    from engine.training.experiment import build_scorer
+    from engine.training.features import log_categorical_features
+    from engine.training.stream_train import StreamBudget, catalog_log, evaluate_stream, fit_stream
+    from engine.training.train import TrainConfig
+    if args.data == "movielens":
+        raise SystemExit("bahe train: --stream reads a CSV/parquet log file; give its path as --data")
+    if (args.train_examples, args.val_examples, args.test_examples) != (None, None, None):
+        raise SystemExit("bahe train: --train/--val/--test-examples do not apply to --stream; cap the work with "
+                         "--steps-per-shard and --eval-per-shard")
+    try:
+        stream = prepare_stream(args.data, args.stream, StreamConfig(shards=args.shards, time_buckets=args.shards))
+    except (LogFormatError, OSError) as err:
+        raise SystemExit(f"bahe train: {err}") from None
+    print(json.dumps({"events": stream.events, "shards": stream.shards, "largest_shard": max(stream.shard_events),
+                      "val_start": stream.val_start, "test_start": stream.test_start}))
+    catalog = catalog_log(stream)
+    try:
+        categorical = log_categorical_features(args.categorical, catalog)
+    except ValueError as err:
+        raise SystemExit(f"bahe train: --categorical: {err}") from None
+    config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=args.lower_layers, max_tokens=args.max_tokens),
+                          model=ModelConfig(sequence_names=stream.sequence_names, max_behaviors=args.max_behaviors,
+                                            categorical_features=categorical))
+    out = Path(args.out)
+    scorer, report = build_scorer(args.model, catalog, config, out / "tables", device=args.device)
+    print(f"tables: {report.items} item texts -> {report.unique_behaviors} unique rows in {report.seconds:.1f} s")
+    bahe, device = BAHECTR(scorer, catalog), str(scorer.device)
+    budget = StreamBudget(args.steps_per_shard, args.eval_per_shard, args.seed)
+    result = fit_stream(bahe, stream, TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                                  backbone_lr=args.backbone_lr, seed=args.seed),
+                        budget=budget, device=device)
+    test = evaluate_stream(bahe, stream, "test", device=device, budget=budget)
+    bahe.set_item_counts(stream.item_ids, stream.item_counts_before[stream.test_start], stream.sequence_names)
+    scorer.save_pretrained(out / "scorer")
+    print(f"test AUC {test['auc']:.4f}, log loss {test['logloss']:.4f} ({test['examples']} examples), best epoch "
+          f"{result.best_epoch}, {sum(result.epoch_seconds) / len(result.epoch_seconds):.1f} s/epoch; "
           f"scorer saved to {out / 'scorer'}")
 
 
@@ -209,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-examples", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--stream", metavar="WORK", help="a log bigger than memory: lay it out as user shards in the "
+                   "folder WORK (emptied first) and train shard by shard, one in memory at a time")
+    p.add_argument("--shards", type=int, default=16, help="with --stream: user shards (and item-count time buckets)")
+    p.add_argument("--steps-per-shard", type=int, help="with --stream: optimizer steps per shard per epoch (all)")
+    p.add_argument("--eval-per-shard", type=int, help="with --stream: val / test examples per shard (all)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("score", help="score JSON lines {\"user\": {...}, \"item\": \"...\"} with a saved scorer")

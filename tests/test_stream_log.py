@@ -182,3 +182,21 @@ def test_training_visits_every_shard_within_the_budget(tmp_path):
     assert whole.history[0]["examples"] == train and math.isfinite(whole.history[0]["train_loss"])
     capped = fit_stream(_model(catalog_log(stream)), stream, config, budget=StreamBudget(steps_per_shard=2))
     assert capped.history[0]["examples"] == 3 * 2 * 64
+
+
+def test_bahe_train_stream_trains_and_saves_a_scorer(tiny_checkpoints, tmp_path, capsys):
+    from engine import cli
+
+    out = tmp_path / "run"
+    cli.main(["train", "--data", str(FIXTURE), "--model", str(tiny_checkpoints["llama"]), "--out", str(out),
+              "--lower-layers", "2", "--max-behaviors", "8", "--epochs", "1", "--device", "cpu", "--stream",
+              str(tmp_path / "work"), "--shards", "3", "--steps-per-shard", "2", "--eval-per-shard", "20"])
+    printed = capsys.readouterr().out
+    assert '"events": 535' in printed and "test AUC" in printed and (out / "scorer" / "scorer.json").is_file()
+    bad = tmp_path / "bad.csv"
+    _frame().drop(columns=["item_text"]).to_csv(bad, index=False)
+    with pytest.raises(SystemExit, match=r"bad.csv: missing column\(s\) \['item_text'\]"):
+        cli.main(["train", "--data", str(bad), "--out", str(out), "--stream", str(tmp_path / "work2")])
+    with pytest.raises(SystemExit, match="--steps-per-shard"):
+        cli.main(["train", "--data", str(FIXTURE), "--out", str(out), "--stream", str(tmp_path / "w"),
+                  "--train-examples", "10"])
