@@ -132,7 +132,7 @@ def _train_streamed(args: argparse.Namespace) -> None:
                          "--steps-per-shard and --eval-per-shard")
     try:
         stream = prepare_stream(args.data, args.stream, StreamConfig(shards=args.shards, time_buckets=args.shards))
-    except (LogFormatError, OSError) as err:
+    except (LogFormatError, OSError, ValueError) as err:
         raise SystemExit(f"bahe train: {err}") from None
     print(json.dumps({"events": stream.events, "shards": stream.shards, "largest_shard": max(stream.shard_events),
                       "val_start": stream.val_start, "test_start": stream.test_start}))
@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--stream", metavar="WORK", help="a log bigger than memory: lay it out as user shards in the "
-                   "folder WORK (emptied first) and train shard by shard, one in memory at a time")
+                   "folder WORK (new, empty, or made by an earlier --stream: emptied first) and train shard by shard, one "
+                   "in memory at a time")
     p.add_argument("--shards", type=int, default=16, help="with --stream: user shards (and item-count time buckets)")
     p.add_argument("--steps-per-shard", type=int, help="with --stream: optimizer steps per shard per epoch (all)")
     p.add_argument("--eval-per-shard", type=int, help="with --stream: val / test examples per shard (all)")

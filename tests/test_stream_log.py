@@ -200,3 +200,12 @@ def test_bahe_train_stream_trains_and_saves_a_scorer(tiny_checkpoints, tmp_path,
     with pytest.raises(SystemExit, match="--steps-per-shard"):
         cli.main(["train", "--data", str(FIXTURE), "--out", str(out), "--stream", str(tmp_path / "w"),
                   "--train-examples", "10"])
+
+
+def test_a_folder_with_other_files_is_never_emptied(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a stream folder"):
+        prepare_stream(FIXTURE, tmp_path, StreamConfig(shards=2))
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+    prepare_stream(FIXTURE, tmp_path / "work", StreamConfig(shards=2))
+    assert prepare_stream(FIXTURE, tmp_path / "work", StreamConfig(shards=3)).shards == 3  # its own: redone

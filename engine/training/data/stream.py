@@ -43,6 +43,7 @@ from engine.training.data.stream_time import histogram, order_statistics, to_key
 __all__ = ["StreamConfig", "StreamedLog", "Shard", "prepare_stream", "record_batches"]
 
 _MAX_SEQUENCES = 63  # membership is stored as an int64 bit mask
+_MARKER = "stream.json"  # marks a folder prepare_stream made, so it may empty it again
 
 
 @dataclass
@@ -173,16 +174,20 @@ def _shard_of(user: np.ndarray, shards: int) -> np.ndarray:
 
 def prepare_stream(path: str | os.PathLike, folder: str | os.PathLike, config: StreamConfig = StreamConfig(),
                    sequence_names: Sequence[str] | None = None) -> StreamedLog:
-    """Lay the log at `path` out under `folder` (emptied first) for streaming: user shards, item counts per
-    event, split cut points. Errors as load_log's: LogFormatError naming the file and row."""
+    """Lay the log at `path` out under `folder` for streaming: user shards, item counts per event, split cut
+    points. `folder` must be new, empty, or one this function made (it is emptied first); ValueError for any
+    other. Errors in the log as load_log's: LogFormatError naming the file and row."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if config.shards < 1 or config.time_buckets < 1 or config.batch_rows < 1:
         raise ValueError(f"shards, time_buckets and batch_rows must be >= 1, got {config}")
     path, folder = os.fspath(path), Path(folder)
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / _MARKER).is_file():
+        raise ValueError(f"{folder}: not empty and not a stream folder (no {_MARKER}); give an empty or new folder")
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    (folder / _MARKER).write_text(json.dumps({"log": os.path.abspath(path), "shards": config.shards}))
     metadata, batches = record_batches(path, config.batch_rows)
     if sequence_names is None and _PARQUET_ORDER_KEY in metadata:
         sequence_names = json.loads(metadata[_PARQUET_ORDER_KEY])
