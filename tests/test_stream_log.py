@@ -209,3 +209,13 @@ def test_a_folder_with_other_files_is_never_emptied(tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "mine"
     prepare_stream(FIXTURE, tmp_path / "work", StreamConfig(shards=2))
     assert prepare_stream(FIXTURE, tmp_path / "work", StreamConfig(shards=3)).shards == 3  # its own: redone
+
+
+def test_shards_no_user_hashed_to_load_empty_and_training_skips_them(tmp_path):
+    stream = prepare_stream(FIXTURE, tmp_path / "work", StreamConfig(shards=16, time_buckets=16))
+    assert 0 in stream.shard_events and sum(stream.shard_events) == 535  # 8 users over 16 shards
+    empty = stream.load(stream.shard_events.index(0))
+    assert empty.log.num_events == 0 and empty.split.train.size == 0 and empty.item_counts.shape == (0, 3)
+    config = TrainConfig(epochs=1, batch_size=32, norm_batches=2, progress=False)
+    result = fit_stream(_model(catalog_log(stream)), stream, config)
+    assert result.history[0]["examples"] == sum(shard.split.train.size for shard in stream)
