@@ -141,13 +141,18 @@ def test_bad_logs_fail_naming_the_problem_and_the_file_row(tmp_path, break_it, m
     assert message in str(err.value)
 
 
-def test_a_csv_cell_of_the_wrong_type_in_a_later_block_fails(tmp_path):
-    frame = _frame(2000).astype({"timestamp": object})
-    frame.loc[1900, "timestamp"] = "soon"
+@pytest.mark.parametrize("rows,message", [
+    (2000, "log.csv: column 'timestamp' must hold integers, row 1900 holds 'soon'"),  # the file's row, not the batch's
+    (200_000, "invalid value 'soon'"),  # past pyarrow's first block, whose types it inferred: its own message
+])
+def test_a_csv_cell_of_the_wrong_type_fails_naming_it(tmp_path, rows, message):
+    frame = _frame(rows).astype({"timestamp": object})
+    frame.loc[rows - 100, "timestamp"] = "soon"
     path = tmp_path / "log.csv"
     frame.to_csv(path, index=False)
-    with pytest.raises(LogFormatError, match="log.csv"):
-        prepare_stream(path, tmp_path / "work", StreamConfig(shards=2, batch_rows=100))
+    with pytest.raises(LogFormatError, match="log.csv") as err:
+        prepare_stream(path, tmp_path / "work", StreamConfig(shards=2, batch_rows=100 if rows < 10_000 else 5000))
+    assert message in str(err.value)
     with pytest.raises(FileNotFoundError):
         prepare_stream(tmp_path / "absent.csv", tmp_path / "work")
 

@@ -9,6 +9,9 @@ With one shard it IS the in-memory loop: the same batches in the same order, the
 shards the order differs (users shuffled within a shard, shards shuffled), not the examples nor their features.
 
 Peak memory: the model plus the largest shard (its log, counts, one batch), not the log.
+
+Data-parallel training fits the same unit: a rank can take the shards p with p % world_size == rank (whole
+users each, so no user's timeline is split across ranks) and feed its batches to a DDP-wrapped model.
 """
 from __future__ import annotations
 
