@@ -104,7 +104,8 @@ def _section(args: argparse.Namespace, figures: dict) -> list[str]:
     f = figures
     return [f"### Logs bigger than memory: streaming a {f['events']:,}-event log", "",
             f"`python -m bench.stream_log --events {args.events} --small-events {args.small_events} --shards "
-            f"{args.shards} --steps-per-shard {args.steps_per_shard} --eval-per-shard {args.eval_per_shard}` on "
+            f"{args.shards} --steps-per-shard {args.steps_per_shard} --eval-per-shard {args.eval_per_shard} --threads "
+            f"{args.threads}` on "
             f"{datetime.date.today()}, {f['machine']}; the machine was shared with another job (timings are upper "
             f"bounds). Model: {args.model}, {args.lower_layers} lower layers, max_behaviors {args.max_behaviors}, "
             f"batch {args.batch_size}; one epoch visiting all {args.shards} shards, {args.steps_per_shard} steps "
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         v = figures["in_memory"]
         write_section(args.out, "stream-log-in-memory", [
             f"The same {args.events:,}-event log loaded whole (`python -m bench.stream_log --in-memory-only --events "
-            f"{args.events}`, {datetime.date.today()}, same machine, shared): {v['seconds']} s, peak RSS "
+            f"{args.events} --threads {args.threads}`, {datetime.date.today()}, same machine, shared): {v['seconds']} s, peak RSS "
             f"{v['peak_rss_mib']} MiB (RSS at start {v['rss_at_start_mib']} MiB)."])
     else:
         write_section(args.out, "stream-log", _section(args, figures))
