@@ -121,6 +121,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     from engine.training.data.log_schema import LogFormatError
     from engine.training.train import TrainConfig
     launch = _launch("bahe train", args.distributed)
+    if args.stream:
+        if args.distributed:
+            raise SystemExit("bahe train: --stream runs in one process; --distributed with it is not built yet")
+        from engine.training.train_commands import train_streamed
+        return train_streamed(args)
     try:
         data = load_data(args.data)
     except (LogFormatError, OSError) as err:
@@ -139,7 +144,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                                             categorical_features=categorical))
     out = Path(args.out)
     if launch is not None:
-        _train_distributed(launch, args, data, split, rows, config)
+        from engine.training.train_commands import train_distributed
+        train_distributed(launch, args, data, split, rows, config)
         return
     scorer, report = build_scorer(args.model, data, config, out / "tables", device=args.device)
     print(f"tables: {report.behavior_events} behavior events -> {report.unique_behaviors} unique rows "
@@ -157,47 +163,6 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"scorer saved to {out / 'scorer'}")
 
 
-def _train_distributed(launch, args: argparse.Namespace, data, split, rows, config) -> None:
-    """`bahe train --distributed`: every rank trains its users' share under DDP; rank 0 saves the scorer."""
-    from engine import distributed
-    from engine.training.ctr_models import BAHECTR
-    from engine.training.data_parallel import DataParallel
-    from engine.training.experiment import train_and_test
-    from engine.training.parallel_setup import parallel_scorer
-    from engine.training.train import TrainConfig
-    out = Path(args.out)
-    try:
-        device = launch.device(args.device)
-    except distributed.LaunchError as err:
-        raise SystemExit(f"bahe train: {err}") from None
-    distributed.start(launch, device)
-    try:
-        scorer, report = parallel_scorer(args.model, data, config, out / "tables", launch, str(device))
-        bahe = BAHECTR(scorer, data)
-        result = train_and_test(bahe, data, rows, TrainConfig(
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr, seed=args.seed,
-            progress=launch.is_writer), device=str(device), parallel=DataParallel.from_process_group())
-        bahe.store_item_counts(data, split.test_start)
-        error = None
-        if launch.is_writer:
-            try:
-                scorer.save_pretrained(out / "scorer")
-            except Exception as err:  # noqa: BLE001 - every rank exits non-zero with it
-                error = err
-        distributed.broadcast_outcome(error)
-        if error is not None:
-            raise error
-    except Exception as err:  # noqa: BLE001
-        raise SystemExit(f"bahe train: rank {launch.rank}: {err}") from None
-    finally:
-        distributed.stop()
-    if launch.is_writer:
-        seconds = sum(result.fit.epoch_seconds)
-        print(f"tables: {report.unique_behaviors} unique rows; {launch.world_size} ranks; test AUC "
-              f"{result.test['auc']:.4f}, log loss {result.test['logloss']:.4f}, best epoch {result.fit.best_epoch}, "
-              f"{seconds / len(result.fit.epoch_seconds):.1f} s/epoch, "
-              f"{len(result.fit.epoch_seconds) * rows['train'].size / max(seconds, 1e-9):.0f} train examples/s; "
-              f"scorer saved to {out / 'scorer'}")
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -301,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--distributed", action="store_true", help="under torchrun: data-parallel (DDP) training, each "
                    "rank on cuda:LOCAL_RANK (else the CPU, gloo) takes its users' share of every batch; rank 0 saves")
+    p.add_argument("--stream", metavar="WORK", help="a log bigger than memory: lay it out as user shards in the "
+                   "folder WORK (new, empty, or made by an earlier --stream: emptied first) and train shard by shard, one "
+                   "in memory at a time")
+    p.add_argument("--shards", type=int, default=16, help="with --stream: user shards (and item-count time buckets)")
+    p.add_argument("--steps-per-shard", type=int, help="with --stream: optimizer steps per shard per epoch (all)")
+    p.add_argument("--eval-per-shard", type=int, help="with --stream: val / test examples per shard (all)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("score", help="score JSON lines {\"user\": {...}, \"item\": \"...\"} with a saved scorer")

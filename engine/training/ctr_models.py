@@ -69,8 +69,12 @@ class BAHECTR(nn.Module):
     def store_item_counts(self, log: BehaviorLog, before: int) -> None:
         """The item statistics the scorer serves with: each item-table row's events per sequence with
         timestamp < before (the end of the training period: nothing from the evaluated future)."""
-        ids, by_item = item_count_table(log, before)
-        order = [log.sequence_names.index(name) for name in self.scorer.config.model.sequence_names]
+        self.set_item_counts(*item_count_table(log, before), log.sequence_names)
+
+    def set_item_counts(self, ids: np.ndarray, by_item: np.ndarray, sequence_names: Sequence[str]) -> None:
+        """Store item counts `by_item` (I, S) of item `ids` (I,), sequences in the order `sequence_names`, as the
+        statistics the scorer serves with (a streamed log computes them without a BehaviorLog)."""
+        order = [list(sequence_names).index(name) for name in self.scorer.config.model.sequence_names]
         counts = np.zeros(tuple(self.model.item_counts.shape), dtype=np.int64)
         counts[self.item_row[ids]] = by_item[:, order]
         self.model.item_counts.copy_(torch.from_numpy(counts))

@@ -113,6 +113,15 @@ def calibrate_norms(model: nn.Module, data: BehaviorLog, chunks: list[np.ndarray
         head.freeze_norm()
 
 
+def make_optimizer(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
+    """AdamW over the trainable parameters, the pretrained ones at `backbone_lr`; and those parameters."""
+    pretrained = {id(p) for p in model.pretrained_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) in pretrained], "lr": config.backbone_lr},
+              {"params": [p for p in trainable if id(p) not in pretrained], "lr": config.lr}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay), trainable
+
+
 def _step_loss(model: nn.Module, runner: nn.Module, data: BehaviorLog, chunk: np.ndarray, device: torch.device,
                parallel: DataParallel | None) -> tuple[torch.Tensor, float]:
     """The loss to back-propagate for the global batch `chunk`, and its sum of per-example BCE on this rank.
@@ -140,11 +149,7 @@ def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: n
     shared = parallel is not None and parallel.world_size > 1
     torch.manual_seed(config.seed + (parallel.rank if shared else 0))  # dropout masks differ across ranks
     rng = np.random.default_rng(config.seed)
-    pretrained = {id(p) for p in model.pretrained_parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if id(p) in pretrained], "lr": config.backbone_lr},
-              {"params": [p for p in trainable if id(p) not in pretrained], "lr": config.lr}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
+    optimizer, trainable = make_optimizer(model, config)
     runner = parallel.wrap(model) if shared else model  # DDP: rank 0's parameters and buffers, everywhere
     result = FitResult(best_val_auc=-1.0, best_epoch=-1)
     best_state, stale = None, 0

@@ -65,6 +65,14 @@ class TimeSplit:
         return [("train", self.train), ("val", self.val), ("test", self.test)]
 
 
+def cut_ranks(n: int, train: float, val: float) -> tuple[int, int]:
+    """The 0-based ranks, among a log's n timestamps in ascending order, of the first validation and the
+    first test timestamp of `BehaviorLog.split` (a rank of n or more: past the last timestamp)."""
+    if not (0.0 <= train and 0.0 <= val and train + val <= 1.0):
+        raise ValueError(f"split fractions must satisfy 0 <= train, 0 <= val, train + val <= 1, got {train}, {val}")
+    return int(round(train * n)), int(round((train + val) * n))
+
+
 @dataclass(eq=False)
 class BehaviorLog:
     """Events sorted by (user, timestamp) stably, with per-user prefix indexes so that an example's
@@ -295,18 +303,20 @@ class BehaviorLog:
         the rest (test). Cuts fall on timestamp values, so events sharing a timestamp share a split
         and train timestamps < val timestamps < test timestamps; with many ties the fractions are
         approximate. Returns the example rows (`examples`) of each split."""
-        if not (0.0 <= train and 0.0 <= val and train + val <= 1.0):
-            raise ValueError(f"split fractions must satisfy 0 <= train, 0 <= val, train + val <= 1, got {train}, {val}")
         ordered = np.sort(self.timestamp)
         n = ordered.size
 
-        def cut(fraction: float) -> int:  # first timestamp after the first `fraction` of events
-            k = int(round(fraction * n))
+        def cut(k: int) -> int:  # the k-th smallest timestamp (0-based); past the end: the last one + 1
             if k < n:
                 return int(ordered[k])
             return int(ordered[-1]) + 1 if n else 0
 
-        val_start, test_start = cut(train), cut(train + val)
+        val_rank, test_rank = cut_ranks(n, train, val)
+        return self.split_at(cut(val_rank), cut(test_rank))
+
+    def split_at(self, val_start: int, test_start: int) -> TimeSplit:
+        """The example rows of each part of the time cut at `val_start` and `test_start` (from `split`, or from
+        a streaming pass over a bigger log: engine.training.data.stream)."""
         examples = self.examples
         t = self.timestamp[examples]
         return TimeSplit(train=examples[t < val_start], val=examples[(t >= val_start) & (t < test_start)],

@@ -1,0 +1,268 @@
+"""Behavior logs bigger than memory: `prepare_stream` reads a CSV/parquet log as a stream of record batches
+(pyarrow datasets) and lays it out on disk so that training holds one user shard at a time.
+
+Why this layout. Every feature of an example is past-only (features.py), and all but one are per user:
+histories, user counts, recent counts, `examples` (min_history) depend on the user's own events only, so
+partitioning events by a hash of the user id into P shards keeps each of them exact inside a shard, computed
+by the tested in-memory code (a shard is an ordinary BehaviorLog). The exception is the item count: the
+target item's events of ALL users strictly before the target's time. It cannot be computed per user shard,
+and an item shard would not be bounded either (under a Zipf law one item can hold a tenth of the log). So
+item counts are computed over time buckets instead: events are cut into B time ranges of about equal size
+(from a timestamp histogram); inside a bucket `counts_before` counts the bucket's earlier events, and a
+carried (items x sequences) total adds every earlier bucket's. Buckets never split a timestamp, so "strictly
+before" is the same rule. The per-event result travels back to its user shard by event id (its row in the
+file). Memory: the largest user shard or time bucket (about N / P, N / B) plus items x sequences counters.
+
+The global time split needs the k-th smallest timestamp (BehaviorLog.split): exact order statistics by
+repeated histogram passes over the timestamp column (stream_time), no sort of the whole column.
+
+Passes over the data: 1. read + validate each record batch (log_schema.validate_frame, the in-memory
+checks; cross-batch checks for item texts and sequence names), write user shards; 2. timestamp histograms
+(one pass, plus one or two narrowing passes for the cut points); 3. user shards -> time buckets; 4. each
+bucket's item counts -> per-shard files. Order inside a shard file is file order, so a shard's BehaviorLog
+breaks timestamp ties exactly as the in-memory log does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engine.training.data.log import BehaviorLog, TimeSplit, cut_ranks
+from engine.training.data.log_files import _PARQUET_ORDER_KEY, _suffix
+from engine.training.data.log_schema import CATEGORY_PREFIX, LogFormatError, validate_frame
+from engine.training.data.stream_items import item_count_pass
+from engine.training.data.stream_time import histogram, order_statistics, to_key
+
+__all__ = ["StreamConfig", "StreamedLog", "Shard", "prepare_stream", "record_batches"]
+
+_MAX_SEQUENCES = 63  # membership is stored as an int64 bit mask
+_MARKER = "stream.json"  # marks a folder prepare_stream made, so it may empty it again
+
+
+@dataclass
+class StreamConfig:
+    """How a log is laid out for streaming: `shards` user shards, `time_buckets` item-count buckets (each about
+    1 / that of the log in memory at once), `batch_rows` records per read batch."""
+    shards: int = 16
+    time_buckets: int = 16
+    batch_rows: int = 1 << 17
+    min_history: int = 1
+    train: float = 0.8
+    val: float = 0.1
+
+
+@dataclass
+class Shard:
+    """One user shard in memory: its log (rows sorted by (user, timestamp) like any BehaviorLog), each row's
+    global event id (its row in the file) and item counts (N_p, S) over all users, and its part of the split."""
+    log: BehaviorLog
+    events: np.ndarray
+    item_counts: np.ndarray
+    split: TimeSplit
+
+
+@dataclass
+class StreamedLog:
+    """A prepared log: the shards on disk and what is global (item catalog, sequences, split cut points)."""
+    folder: Path
+    shards: int
+    events: int
+    sequence_names: tuple[str, ...]
+    categorical: tuple[str, ...]
+    item_texts: dict[int, str]
+    val_start: int
+    test_start: int
+    min_history: int
+    item_counts_before: dict[int, np.ndarray] = field(repr=False, default_factory=dict)  # cut -> (I, S)
+    shard_events: list[int] = field(default_factory=list)
+
+    @property
+    def item_ids(self) -> np.ndarray:
+        return np.array(sorted(self.item_texts), dtype=np.int64)
+
+    def load(self, p: int) -> Shard:
+        """User shard p as a BehaviorLog with its item counts and split."""
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(self.folder / f"users-{p}.parquet")
+        counts = pq.read_table(self.folder / f"items-{p}.parquet")
+        events = table["event"].to_numpy()
+        user, timestamp = table["user_id"].to_numpy(), table["timestamp"].to_numpy()
+        order = np.lexsort((timestamp, user))  # stable: file order breaks ties, as in BehaviorLog
+        counted = counts["event"].to_numpy()  # in bucket order: align by event id
+        by_event = np.argsort(counted, kind="stable")
+        at = by_event[np.searchsorted(counted[by_event], events[order])]
+        item_counts = np.stack([counts[f"s{s}"].to_numpy()[at] for s in range(len(self.sequence_names))], axis=1)
+        item_counts = item_counts.reshape(len(order), len(self.sequence_names))
+        item = table["item_id"].to_numpy()[order]
+        log = BehaviorLog(user[order], item, timestamp[order], table["label"].to_numpy()[order],
+                          unpack_membership(table["membership"].to_numpy()[order], len(self.sequence_names)),
+                          {int(i): self.item_texts[int(i)] for i in np.unique(item)}, self.sequence_names,
+                          self.min_history,
+                          {name: table[CATEGORY_PREFIX + name].to_numpy(zero_copy_only=False)[order].astype(object)
+                           for name in self.categorical})
+        return Shard(log, events[order], item_counts, log.split_at(self.val_start, self.test_start))
+
+    def __iter__(self) -> Iterator[Shard]:
+        for p in range(self.shards):
+            yield self.load(p)
+
+
+def unpack_membership(mask: np.ndarray, sequences: int) -> np.ndarray:
+    """(N,) int64 bit masks -> (N, S) bool."""
+    return ((mask[:, None] >> np.arange(sequences, dtype=np.int64)[None, :]) & 1).astype(bool)
+
+
+def record_batches(path: str | os.PathLike, batch_rows: int, columns: Sequence[str] | None = None):
+    """(the dataset's schema metadata, an iterator of pyarrow record batches of at most `batch_rows` rows);
+    read ahead one batch at a time, so memory holds about one batch, not the file."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.dataset as ds
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
+    if _suffix(path) == "csv":  # texts verbatim, as load_log reads them: never null, "NA" stays "NA"
+        fmt = ds.CsvFileFormat(convert_options=pacsv.ConvertOptions(
+            column_types={"item_text": pa.string(), "sequence": pa.string()}, strings_can_be_null=False))
+    else:
+        fmt = ds.ParquetFileFormat()
+    try:
+        dataset = ds.dataset(path, format=fmt)
+        schema = dataset.schema
+    except (pa.ArrowException, OSError) as err:
+        raise LogFormatError(f"{path}: not a readable {_suffix(path)} file ({err})") from None
+    names = [c for c in columns if c in schema.names] if columns is not None else None
+    batches = dataset.to_batches(columns=names, batch_size=batch_rows, batch_readahead=1, fragment_readahead=1,
+                                 use_threads=False)
+    return schema.metadata or {}, _guarded(batches, path)
+
+
+def _guarded(batches, path: str):
+    import pyarrow as pa
+
+    try:
+        yield from batches
+    except (pa.ArrowException, OSError) as err:  # a CSV cell that does not parse as its column's type
+        raise LogFormatError(f"{path}: {err}") from None
+
+
+_ROW = re.compile(r"\brow (\d+)")
+
+
+def _validated(batch, offset: int, sequence_names, source: str):
+    """validate_frame on one record batch, its error naming the row of the file."""
+    try:
+        return validate_frame(batch.to_pandas(), sequence_names, source)
+    except LogFormatError as err:
+        raise LogFormatError(_ROW.sub(lambda m: f"row {int(m.group(1)) + offset}", str(err))) from None
+
+
+def _shard_of(user: np.ndarray, shards: int) -> np.ndarray:
+    """(N,) shard of each user id: a multiplicative hash, so consecutive ids spread."""
+    mixed = user.astype(np.int64).view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return ((mixed >> np.uint64(32)) % np.uint64(shards)).astype(np.int64)
+
+
+def prepare_stream(path: str | os.PathLike, folder: str | os.PathLike, config: StreamConfig = StreamConfig(),
+                   sequence_names: Sequence[str] | None = None) -> StreamedLog:
+    """Lay the log at `path` out under `folder` for streaming: user shards, item counts per event, split cut
+    points. `folder` must be new, empty, or one this function made (it is emptied first); ValueError for any
+    other. Errors in the log as load_log's: LogFormatError naming the file and row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if config.shards < 1 or config.time_buckets < 1 or config.batch_rows < 1:
+        raise ValueError(f"shards, time_buckets and batch_rows must be >= 1, got {config}")
+    path, folder = os.fspath(path), Path(folder)
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / _MARKER).is_file():
+        raise ValueError(f"{folder}: not empty and not a stream folder (no {_MARKER}); give an empty or new folder")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    (folder / _MARKER).write_text(json.dumps({"log": os.path.abspath(path), "shards": config.shards}))
+    metadata, batches = record_batches(path, config.batch_rows)
+    if sequence_names is None and _PARQUET_ORDER_KEY in metadata:
+        sequence_names = json.loads(metadata[_PARQUET_ORDER_KEY])
+    names: list[str] = list(sequence_names) if sequence_names is not None else []
+    texts: dict[int, str] = {}
+    categorical: tuple[str, ...] | None = None
+    writers: list = [None] * config.shards
+    shard_events = [0] * config.shards
+    n, lo, hi = 0, None, None
+    try:
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            user, item, timestamp, label, member, batch_texts, batch_names, cats = _validated(
+                batch, n, sequence_names, path)
+            _merge_texts(texts, batch_texts, path, n)
+            mask = _mask(member, batch_names, names, path)
+            if categorical is None:
+                categorical = tuple(cats)
+            keys = to_key(timestamp)
+            lo = int(keys.min()) if lo is None else min(lo, int(keys.min()))
+            hi = int(keys.max()) if hi is None else max(hi, int(keys.max()))
+            columns = {"event": np.arange(n, n + user.size, dtype=np.int64), "user_id": user, "item_id": item,
+                       "timestamp": timestamp, "label": label.astype(np.int8), "membership": mask}
+            table = pa.table({**columns, **{CATEGORY_PREFIX + k: pa.array(cats[k], pa.string()) for k in categorical}})
+            shard = _shard_of(user, config.shards)
+            for p in np.unique(shard).tolist():
+                part = table.filter(pa.array(shard == p))
+                if writers[p] is None:
+                    writers[p] = pq.ParquetWriter(folder / f"users-{p}.parquet", part.schema)
+                writers[p].write_table(part)
+                shard_events[p] += part.num_rows
+            n += user.size
+    finally:
+        for w in writers:
+            if w is not None:
+                w.close()
+    if n == 0:
+        raise LogFormatError(f"{path}: the table has no rows")
+    if len(names) > _MAX_SEQUENCES:
+        raise LogFormatError(f"{path}: {len(names)} sequences; streaming supports at most {_MAX_SEQUENCES}")
+    schema = next(w.schema for w in writers if w is not None)
+    for p in range(config.shards):  # a shard no user hashed to: an empty file, so every shard loads
+        if writers[p] is None:
+            pq.write_table(schema.empty_table(), folder / f"users-{p}.parquet")
+    stream = StreamedLog(folder, config.shards, n, tuple(names), categorical or (), texts, 0, 0,
+                         config.min_history, shard_events=shard_events)
+
+    def timestamps():
+        for p in range(config.shards):
+            for b in pq.ParquetFile(folder / f"users-{p}.parquet").iter_batches(config.batch_rows, columns=["timestamp"]):
+                yield b.column(0).to_numpy()
+
+    first = histogram(timestamps, lo, hi)
+    stream.val_start, stream.test_start = order_statistics(timestamps, cut_ranks(n, config.train, config.val), n,
+                                                           lo, hi, first=first)
+    stream.item_counts_before = item_count_pass(stream, first, lo, config)
+    return stream
+
+
+def _merge_texts(texts: dict[int, str], batch: dict[int, str], path: str, offset: int) -> None:
+    for item, text in batch.items():
+        known = texts.setdefault(item, text)
+        if known != text:
+            raise LogFormatError(f"{path}: item_id {item} has two different texts: {known!r} (before row {offset}) "
+                                 f"and {text!r} (rows from {offset} on)")
+
+
+def _mask(member: np.ndarray, batch_names: Sequence[str], names: list[str], path: str) -> np.ndarray:
+    """(N,) int64 bit masks in the global sequence order `names` (extended by names seen for the first time)."""
+    mask = np.zeros(member.shape[0], dtype=np.int64)
+    for j, name in enumerate(batch_names):
+        if name not in names:
+            names.append(name)
+        bit = names.index(name)
+        if bit < _MAX_SEQUENCES:
+            mask |= member[:, j].astype(np.int64) << bit
+    return mask
