@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import sys
 import time
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--chunk", type=int, default=256, help="pairs per score call")
     p.add_argument("--limit", type=int, default=None, help="first N test examples only (smoke runs)")
     p.add_argument("--results-md", default="bench/RESULTS.md", help="markdown file to update ('': skip)")
+    p.add_argument("--note", default="", help="a sentence for the results section (e.g. the machine was shared)")
     args = p.parse_args(argv)
     with cpu_threads(args.threads):
         host = machine()
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
              f"{aucs['timeline'].users} | | |", "",
              f"bf16 - fp32 AUC: {diff.value:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}] (paired over users); largest "
              f"probability difference {max_diff:.2e} over {rows.size:,} test examples."]
-    command = "python -m bench.serving_auc" + (f" {' '.join(argv)}" if argv else "")
+    given = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python -m bench.serving_auc", *given])
     print("\n".join(lines))
     if args.results_md:
         write_section(args.results_md, MARKER, [
@@ -80,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"`{command}` on {datetime.date.today().isoformat()}, {host}. The demo's saved scorer ({args.scorer}: "
             f"time split) scores the {rows.size:,} test examples of the time split with `BAHEScorer.score` (whole "
             "histories as texts, categorical side features; item statistics from the scorer's snapshot at the test "
-            "cut), opened in fp32 and with dtype='bfloat16'; 95% intervals resample users (1,000 resamples).", "",
+            "cut), opened in fp32 and with dtype='bfloat16'; 95% intervals resample users (1,000 resamples). "
+            f"{args.note}".rstrip(), "",
             *lines])
     return {"auc": {k: v.value for k, v in aucs.items()}, "bf16_minus_fp32": diff.value, "max_diff": max_diff}
 
