@@ -114,6 +114,7 @@ def _cli_rank(rank, port, argv, out):
     import contextlib
     import io
     import os
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (it hangs there)
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     printed = io.StringIO()
