@@ -114,17 +114,15 @@ def _encode_distributed(out: Path, texts: list[str], encoder, launch, args: argp
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from engine.config import EncoderConfig, ModelConfig, ScorerConfig
     from engine.training.ctr_models import BAHECTR
     from engine.training.experiment import SampleConfig, build_scorer, load_data, sample_split, train_and_test
-    from engine.training.features import log_categorical_features
     from engine.training.data.log_schema import LogFormatError
     from engine.training.train import TrainConfig
+    from engine.training.train_commands import scorer_config, train_distributed, train_streamed
     launch = _launch("bahe train", args.distributed)
     if args.stream:
         if args.distributed:
             raise SystemExit("bahe train: --stream runs in one process; --distributed with it is not built yet")
-        from engine.training.train_commands import train_streamed
         return train_streamed(args)
     try:
         data = load_data(args.data)
@@ -135,16 +133,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     say = print if launch is None or launch.is_writer else (lambda *a, **k: None)
     say(json.dumps({k: {"examples": int(v.size), "positive_rate": round(float(data.label[v].mean()), 4)}
                     for k, v in rows.items()}))
-    try:
-        categorical = log_categorical_features(args.categorical, data)
-    except ValueError as err:
-        raise SystemExit(f"bahe train: --categorical: {err}") from None
-    config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=args.lower_layers, max_tokens=args.max_tokens),
-                          model=ModelConfig(sequence_names=data.sequence_names, max_behaviors=args.max_behaviors,
-                                            categorical_features=categorical))
+    config = scorer_config(args, data)
     out = Path(args.out)
     if launch is not None:
-        from engine.training.train_commands import train_distributed
         train_distributed(launch, args, data, split, rows, config)
         return
     scorer, report = build_scorer(args.model, data, config, out / "tables", device=args.device)

@@ -29,7 +29,8 @@ from engine.training.data.stream import Shard, StreamedLog
 from engine.training.features import PastCounts, counts_before, recent_counts
 from engine.training.memory import PeakMemory
 from engine.training.metrics import log_loss, roc_auc
-from engine.training.train import FitResult, TrainConfig, _batches, _order, calibrate_norms, make_optimizer, predict
+from engine.training.train import (BestEpoch, FitResult, TrainConfig, _batches, _order, calibrate_norms, make_optimizer,
+                                   predict)
 
 __all__ = ["ShardCounts", "StreamBudget", "catalog_log", "use_shard", "evaluate_stream", "fit_stream"]
 
@@ -110,8 +111,7 @@ def fit_stream(model: nn.Module, stream: StreamedLog, config: TrainConfig, *, bu
     optimizer, trainable = make_optimizer(model, config)
     loss_fn = nn.BCEWithLogitsLoss()
     result = FitResult(best_val_auc=-1.0, best_epoch=-1)
-    best_state, stale = None, 0
-    kept = {name for name, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+    best = BestEpoch(model, result, config.patience)
     with PeakMemory(device) as peak:
         for shard in stream:  # the heads' norms: calibrated on the first shard with train examples
             if shard.split.train.size:
@@ -148,15 +148,9 @@ def fit_stream(model: nn.Module, stream: StreamedLog, config: TrainConfig, *, bu
                                    "val_auc": val["auc"], "val_logloss": val["logloss"], "examples": trained})
             log.info("%s epoch %d: %d examples, train loss %.4f, val AUC %.4f, %.1f s", model.name, epoch + 1, trained,
                      result.history[-1]["train_loss"], val["auc"], result.epoch_seconds[-1])
-            if val["auc"] > result.best_val_auc:
-                result.best_val_auc, result.best_epoch, stale = val["auc"], epoch + 1, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if k in kept}
-            else:
-                stale += 1
-                if stale >= config.patience:
-                    break
+            if best.stops_after(epoch + 1, val["auc"]):
+                break
     result.peak_memory_bytes, result.added_memory_bytes = peak.bytes, peak.added
-    if best_state is not None:
-        model.load_state_dict(best_state, strict=False)
+    best.restore()
     model.eval()
     return result

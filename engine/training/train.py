@@ -46,6 +46,29 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
+class BestEpoch:
+    """Early stopping on validation AUC: after each epoch, keep the model's state if the AUC is the best so far
+    (every trained parameter and every buffer, BatchNorm statistics too: the validated model, whole), say when
+    `patience` epochs passed without a better one; `restore` puts the best epoch's state back."""
+
+    def __init__(self, model: nn.Module, result: FitResult, patience: int) -> None:
+        self.model, self.result, self.patience, self.stale, self.state = model, result, patience, 0, None
+        self.kept = ({n for n, p in model.named_parameters() if p.requires_grad} |
+                     {n for n, _ in model.named_buffers()})
+
+    def stops_after(self, epoch: int, val_auc: float) -> bool:
+        if val_auc > self.result.best_val_auc:
+            self.result.best_val_auc, self.result.best_epoch, self.stale = val_auc, epoch, 0
+            self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k in self.kept}
+            return False
+        self.stale += 1
+        return self.stale >= self.patience
+
+    def restore(self) -> None:
+        if self.state is not None:
+            self.model.load_state_dict(self.state, strict=False)
+
+
 def _order(model: nn.Module, data: BehaviorLog, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """An epoch's example order: the model's own (timeline models keep a user's targets together) or shuffled."""
     return model.epoch_order(rows, data, rng) if hasattr(model, "epoch_order") else rng.permutation(rows)
@@ -152,9 +175,7 @@ def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: n
     optimizer, trainable = make_optimizer(model, config)
     runner = parallel.wrap(model) if shared else model  # DDP: rank 0's parameters and buffers, everywhere
     result = FitResult(best_val_auc=-1.0, best_epoch=-1)
-    best_state, stale = None, 0
-    # What the best epoch restores: every trained parameter and every buffer (BatchNorm running statistics).
-    kept = {name for name, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+    best = BestEpoch(model, result, config.patience)
     with PeakMemory(device) as peak:
         calibration = _order(model, data, train_rows, np.random.default_rng(config.seed + 1))
         calibrate_norms(model, data, list(_batches(calibration, config.batch_size))[:config.norm_batches], device,
@@ -182,15 +203,9 @@ def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: n
                                    "val_auc": val["auc"], "val_logloss": val["logloss"]})
             log.info("%s epoch %d: train loss %.4f, val AUC %.4f, %.1f s", model.name, epoch + 1,
                      result.history[-1]["train_loss"], val["auc"], result.epoch_seconds[-1])
-            if val["auc"] > result.best_val_auc:
-                result.best_val_auc, result.best_epoch, stale = val["auc"], epoch + 1, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if k in kept}
-            else:
-                stale += 1
-                if stale >= config.patience:
-                    break
+            if best.stops_after(epoch + 1, val["auc"]):
+                break
     result.peak_memory_bytes, result.added_memory_bytes = peak.bytes, peak.added
-    if best_state is not None:  # every parameter and buffer (BatchNorm statistics too) of the validated model
-        model.load_state_dict(best_state, strict=False)
+    best.restore()
     model.eval()
     return result

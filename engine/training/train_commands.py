@@ -7,6 +7,20 @@ import argparse
 import json
 from pathlib import Path
 
+from engine.config import EncoderConfig, ModelConfig, ScorerConfig
+from engine.training.features import log_categorical_features
+
+def scorer_config(args: argparse.Namespace, log) -> ScorerConfig:
+    """The scorer a `bahe train` run builds: its layers and max_behaviors, the log's sequences, the categorical
+    features asked for (SystemExit naming a bad --categorical)."""
+    try:
+        categorical = log_categorical_features(args.categorical, log)
+    except ValueError as err:
+        raise SystemExit(f"bahe train: --categorical: {err}") from None
+    return ScorerConfig(encoder=EncoderConfig(num_lower_layers=args.lower_layers, max_tokens=args.max_tokens),
+                        model=ModelConfig(sequence_names=log.sequence_names, max_behaviors=args.max_behaviors,
+                                          categorical_features=categorical))
+
 def train_distributed(launch, args: argparse.Namespace, data, split, rows, config) -> None:
     """`bahe train --distributed`: every rank trains its users' share under DDP; rank 0 saves the scorer."""
     from engine import distributed
@@ -53,12 +67,10 @@ def train_distributed(launch, args: argparse.Namespace, data, split, rows, confi
 def train_streamed(args: argparse.Namespace) -> None:
     """`bahe train --stream WORK`: the log laid out under WORK (engine.training.data.stream), trained shard by
     shard (engine.training.stream_train); memory holds one shard, not the log."""
-    from engine.config import EncoderConfig, ModelConfig, ScorerConfig
     from engine.training.ctr_models import BAHECTR
     from engine.training.data.log_schema import LogFormatError
     from engine.training.data.stream import StreamConfig, prepare_stream
     from engine.training.experiment import build_scorer
-    from engine.training.features import log_categorical_features
     from engine.training.stream_train import StreamBudget, catalog_log, evaluate_stream, fit_stream
     from engine.training.train import TrainConfig
     if args.data == "movielens":
@@ -73,13 +85,7 @@ def train_streamed(args: argparse.Namespace) -> None:
     print(json.dumps({"events": stream.events, "shards": stream.shards, "largest_shard": max(stream.shard_events),
                       "val_start": stream.val_start, "test_start": stream.test_start}))
     catalog = catalog_log(stream)
-    try:
-        categorical = log_categorical_features(args.categorical, catalog)
-    except ValueError as err:
-        raise SystemExit(f"bahe train: --categorical: {err}") from None
-    config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=args.lower_layers, max_tokens=args.max_tokens),
-                          model=ModelConfig(sequence_names=stream.sequence_names, max_behaviors=args.max_behaviors,
-                                            categorical_features=categorical))
+    config = scorer_config(args, catalog)
     out = Path(args.out)
     scorer, report = build_scorer(args.model, catalog, config, out / "tables", device=args.device)
     print(f"tables: {report.items} item texts -> {report.unique_behaviors} unique rows in {report.seconds:.1f} s")
