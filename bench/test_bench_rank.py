@@ -9,6 +9,8 @@ MovieLens texts, tables cached in artifacts/bench):
   bf16 (the scorer reopened with dtype='bfloat16').
 - `per-pair`: the same user scored with 10 candidates through `score` with repeated-user dedupe off (a user
   tower per pair; item vectors stored): the per-pair cost that ranking divides by K.
+- `concurrent rank`: 1, 2, 4, 8 client threads sending rank requests at once, direct vs through the request
+  queue (requests per second in extra_info; `python -m bench.queue` prints the side-by-side table).
 `python -m bench.rank` prints the side-by-side table (per-pair as `score` did before ranking, p50 / p99)."""
 import os
 
@@ -76,3 +78,26 @@ def test_per_pair(benchmark, setup, m):
         scorer.config.scoring.dedupe_users = True
     benchmark.extra_info.update(behaviors_per_sequence=m, pairs=len(candidates),
                                 ms_per_pair=1e3 * benchmark.stats.stats.median / len(candidates))
+
+
+@pytest.mark.benchmark(group="concurrent rank")
+@pytest.mark.parametrize("clients", [1, 2, 4, 8])
+@pytest.mark.parametrize("queued", [False, True], ids=["direct", "queue"])
+def test_concurrent_rank(benchmark, setup, clients, queued):
+    """`clients` threads each sending 4 rank requests (M = 100, K = 100) at once, straight to the shared scorer
+    or through a BatchingScorer (engine.request_queue); one round = all 4 x clients requests answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.config import QueueConfig
+    from engine.request_queue import BatchingScorer
+    scorers, texts = setup
+    user, candidates = _request(scorers, texts, 100, 100)
+    with BatchingScorer(scorers["float32"], QueueConfig()) as queue, ThreadPoolExecutor(clients) as pool:
+        target = queue if queued else scorers["float32"]
+
+        def client(_):
+            for _ in range(4):
+                target.rank(user, candidates)
+        benchmark.pedantic(lambda: list(pool.map(client, range(clients))), rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(clients=clients, queued=queued,
+                                requests_per_s=4 * clients / benchmark.stats.stats.median)

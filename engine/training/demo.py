@@ -159,7 +159,7 @@ def run_split(split: str, data, rows: dict, scorer: BAHEScorer, initial: dict, c
     if not config.extra_baselines:
         return out
     out.append(_classic("logistic", data, rows, split, config.seed))
-    id_config = replace(model_config, max_behaviors=config.id_only_behaviors)
+    id_config = replace(model_config, max_behaviors=config.id_only_behaviors, window_step=1)  # exactly its last M
     out.append(neural_row(_seeded(config.seed, lambda: IdOnlyCTR(id_config, data)), data, rows, train, split,
                           f"learned item-id embeddings, mean-pooled ({config.id_only_behaviors} most recent)"))
     return out
@@ -240,10 +240,11 @@ def raw_vs_text_part(data, subset: dict, scorer: BAHEScorer, raw: RawTokenCTR, c
     tested on the same examples `subset`, each from `config.seed`."""
     m = raw.config.max_behaviors
     out = [neural_row(raw, data, subset, config.train(epochs), split,
-                       f"all layers over the concatenated tokens of {m} behaviors/sequence")]
+                       f"all layers over the concatenated tokens of (at most) {m} behaviors/sequence, "
+                       "the window BAHE reads")]
     text_part = BAHECTR(model_variant(scorer, raw.config, config.seed), data)
     out.append(neural_row(text_part, data, subset, config.train(epochs), split,
-                          f"BAHE text part alone, {m} behaviors/sequence, same examples"))
+                          f"BAHE text part alone, (at most) {m} behaviors/sequence, same examples"))
     out[-1].name = "BAHE (text only)"
     return out
 
