@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.inputs import InputError, check_visible, parse_history_counts, parse_users, read_windows
+from engine.inputs import InputError, check_visible, parse_history_counts, parse_users, read_windows, user_sequences
 from engine.item_vectors import weights_version
 from engine.model import BAHEModel, _gather
 from engine.ranking import Ranking, check_top_k, parse_candidates, ranking
@@ -201,26 +201,14 @@ def build_state(scorer, user: dict[str, Sequence[str]], history_counts: dict[str
 
 def _new_behaviors(scorer, behaviors: object) -> list[list[str]]:
     """behaviors: dict sequence name -> list of behavior texts to append, oldest first (names left out: none)."""
-    names = scorer.config.model.sequence_names
-    if not isinstance(behaviors, dict):
-        raise InputError(f"behaviors must be a dict of sequence name -> list of new behavior texts, got "
-                         f"{type(behaviors).__name__}")
-    extra = set(behaviors) - set(names)
-    if extra and scorer.config.scoring.unknown_sequence == "error":
-        raise InputError(f"behaviors has unknown sequence name(s) {sorted(map(str, extra))}; expected {list(names)} "
-                         f"(set scoring.unknown_sequence='ignore' to skip them)")
-    out = []
-    for name in names:
-        texts = behaviors.get(name, ())
-        if isinstance(texts, (str, bytes)) or not isinstance(texts, (list, tuple)):
-            raise InputError(f"behaviors[{name!r}] must be a list of behavior texts, got {type(texts).__name__}")
+    out = user_sequences(behaviors, scorer.config, "behaviors", "new behavior texts")
+    for name, texts in zip(scorer.config.model.sequence_names, out):
         for j, text in enumerate(texts):
             try:
                 normalize_text(text)
                 check_visible(text)
             except (TypeError, ValueError) as err:
                 raise InputError(f"behaviors[{name!r}][{j}]: {err}") from None
-        out.append(list(texts))
     return out
 
 

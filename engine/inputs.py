@@ -55,25 +55,27 @@ def parse_users(users: object, config: ScorerConfig) -> list[list[list[str]]]:
     counts and recent events read them; `read_windows` cuts what the upper layers read)."""
     if not isinstance(users, (list, tuple)):
         raise InputError(f"users must be a list of dicts, got {type(users).__name__}")
+    return [user_sequences(user, config, f"users[{i}]") for i, user in enumerate(users)]
+
+
+def user_sequences(user: object, config: ScorerConfig, what: str, texts: str = "behavior texts") -> list[list]:
+    """One dict of sequence name -> list of `texts` (`what` names it in errors) -> its lists in config order
+    (names left out: empty); InputError for a non-dict, an unknown name (unless scoring.unknown_sequence is
+    'ignore') or a sequence that is not a list."""
     names = config.model.sequence_names
-    known = set(names)
-    parsed = []
-    for i, user in enumerate(users):
-        if not isinstance(user, dict):
-            raise InputError(f"users[{i}] must be a dict of sequence name -> list of behavior texts, got "
-                             f"{type(user).__name__}")
-        extra = set(user) - known
-        if extra and config.scoring.unknown_sequence == "error":
-            raise InputError(f"users[{i}] has unknown sequence name(s) {sorted(map(str, extra))}; expected "
-                             f"{list(names)} (set scoring.unknown_sequence='ignore' to skip them)")
-        row = []
-        for name in names:
-            seq = user.get(name, ())
-            if isinstance(seq, (str, bytes)) or not isinstance(seq, (list, tuple)):
-                raise InputError(f"users[{i}][{name!r}] must be a list of behavior texts, got {type(seq).__name__}")
-            row.append(list(seq))
-        parsed.append(row)
-    return parsed
+    if not isinstance(user, dict):
+        raise InputError(f"{what} must be a dict of sequence name -> list of {texts}, got {type(user).__name__}")
+    extra = set(user) - set(names)
+    if extra and config.scoring.unknown_sequence == "error":
+        raise InputError(f"{what} has unknown sequence name(s) {sorted(map(str, extra))}; expected "
+                         f"{list(names)} (set scoring.unknown_sequence='ignore' to skip them)")
+    out = []
+    for name in names:
+        seq = user.get(name, ())
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, (list, tuple)):
+            raise InputError(f"{what}[{name!r}] must be a list of behavior texts, got {type(seq).__name__}")
+        out.append(list(seq))
+    return out
 
 
 def read_windows(users: list[list[list]], config: ScorerConfig, originals: Sequence[int]) -> list[list[list]]:
