@@ -24,8 +24,8 @@ from transformers import BertConfig, LlamaConfig
 from engine.backbone.layers import BERT_LAYER_NAMES, DECODER_LAYER_NAMES
 from engine.backbone.split import UpperEncoder
 from engine.config import ModelConfig
-from engine.model import BAHEModel, PackedBatch
-from engine.training.report import machine
+from engine.model.bahe_model import BAHEModel, PackedBatch
+from engine.training.studies.results_sections import machine
 from kernels import ops
 
 SHAPES = {

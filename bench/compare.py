@@ -20,9 +20,9 @@ first on odd ones); ratios are raw / BAHE of medians from that run. The raw side
 M whose longest sequence needs more tokens than the model has positions (BERT: 512), or once a
 repetition takes longer than --raw-budget seconds; BAHE goes on to 10,000 behaviors per sequence.
 Users per batch shrink as M grows (at most --users, about --positions behavior positions per batch). The
-measurements live in engine.training.scaling; this script runs them and writes bench/report.py's outputs.
+measurements live in engine.training.studies.scaling; this script runs them and writes bench/report.py's outputs.
 
-Memory: engine.training.memory.PeakMemory, as in the demo: peak RSS during the call on the CPU
+Memory: engine.training.studies.memory.PeakMemory, as in the demo: peak RSS during the call on the CPU
 (tightened by the kernel's exact high-water mark where /proc/self/clear_refs allows resetting it;
 freed heap is returned to the OS with malloc_trim before each measurement);
 torch.cuda.max_memory_allocated on CUDA. 'added'
@@ -32,7 +32,7 @@ Offline cost: ABE encoding of every unique behavior text, its throughput, the de
 in the log vs unique table rows) and the break-even: after how many scored users the one-off ABE
 cost is repaid by the per-user saving (raw - BAHE) at each common M.
 
-Training: one epoch of `engine.training.train.fit` for BAHE and the raw-token baseline on the same fixed
+Training: one epoch of `engine.training.loops.train.fit` for BAHE and the raw-token baseline on the same fixed
 subset of the data set's train examples (the paper's own table compares training time and memory).
 
 Outputs (under --out-dir, default bench/results): compare.json (every number of the run),
@@ -56,10 +56,10 @@ from pathlib import Path
 import torch
 
 from bench.report import plot, report_lines, summary, write_csv
-from engine.scorer import resolve_device
-from engine.training.experiment import ScorerSetup, load_data
-from engine.training.report import machine as machine_label, write_section
-from engine.training.scaling import (RawTokenSide, ScalingConfig, break_even_users, compare_training, offline_cost,
+from engine.serving.scorer import resolve_device
+from engine.training.studies.experiment import ScorerSetup, load_data
+from engine.training.studies.results_sections import machine as machine_label, write_section
+from engine.training.studies.scaling import (RawTokenSide, ScalingConfig, break_even_users, compare_training, offline_cost,
                                      slopes, sweep)
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ MARKER = "bench:compare:{model}"  # the section <!-- bench:compare:<model> --> .
 
 @dataclass
 class CompareConfig(ScalingConfig):
-    """One benchmark run (engine.training.scaling.ScalingConfig) and where its outputs go."""
+    """One benchmark run (engine.training.studies.scaling.ScalingConfig) and where its outputs go."""
     out_dir: Path = Path("bench/results")
     results_md: Path | None = Path("bench/RESULTS.md")
     large: bool = False

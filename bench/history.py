@@ -1,6 +1,6 @@
 """Test AUC vs the behaviors per sequence M on the time split: BAHE's full model on every training
 example at each M, and the raw-token LLM beside BAHE's text part on a fixed subset while M behaviors'
-tokens fit the backbone's positions (engine.training.history).
+tokens fit the backbone's positions (engine.training.studies.length_sweep).
 
     python -m bench.history                          # minilm, M in 5 10 20 50 100 200 all, 2 epochs
     python -m bench.history --model smollm2 --ms 5 20 all --threads 2
@@ -18,11 +18,11 @@ import os
 import sys
 from pathlib import Path
 
-from engine.training.demo import DemoConfig
-from engine.training.experiment import cpu_threads
-from engine.training.history import (ALL_BEHAVIORS, DEFAULT_MS, parse_m, plot, raw_stop_line, run_history, summary,
+from engine.training.studies.demo import DemoConfig
+from engine.training.studies.experiment import cpu_threads
+from engine.training.studies.length_sweep import (ALL_BEHAVIORS, DEFAULT_MS, parse_m, plot, raw_stop_line, run_history, summary,
                                      table_lines)
-from engine.training.report import machine as machine_label, write_section
+from engine.training.studies.results_sections import machine as machine_label, write_section
 from weights.registry import EMBEDDED
 
 MARKER = "bench:history:{model}"  # the section <!-- bench:history:<model> --> ... <!-- /bench --> of RESULTS.md

@@ -1,4 +1,4 @@
-"""Appending to a cached user (`BAHEScorer.extend_user`, engine.incremental) vs recomputing it (`rank` of the
+"""Appending to a cached user (`BAHEScorer.extend_user`, engine.serving.incremental) vs recomputing it (`rank` of the
 whole user), on a trained scorer: one behavior appended to one sequence of a user holding M behaviors in each
 sequence, M in {100, 1000}; and ranking K candidates from the state vs from the whole user. Median of
 `--repeats` timings per figure; on a shared machine the figures are indicative.
@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from engine.scorer import BAHEScorer
-from engine.training.experiment import cpu_threads
-from engine.training.report import machine, write_section
+from engine.serving.scorer import BAHEScorer
+from engine.training.studies.experiment import cpu_threads
+from engine.training.studies.results_sections import machine, write_section
 
 MS, K = (100, 1000), 100
 

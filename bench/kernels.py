@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.training.report import append_csv, machine
+from engine.training.studies.results_sections import append_csv, machine
 from kernels import ctr_mlp, gather_mean, jagged_gather, jagged_mean, rope, varlen_attention
 from kernels._jagged import lengths_from_offsets, max_length, offsets_from_lengths, pad
 

@@ -5,7 +5,7 @@
 
 Builds the same scorer and synthetic users as `python -m bench.compare` (tables cached in the work
 dir), warms up, then profiles `BAHEScorer.score` on one batch of --users users with --m behaviors in
-each sequence. The engine wraps every stage in a named range (engine/stages.py: a
+each sequence. The engine wraps every stage in a named range (engine/model/stages.py: a
 torch.profiler.record_function, plus an NVTX range on CUDA for Nsight): bahe.lookup, bahe.gather,
 bahe.upper_layers, bahe.pooling, bahe.head. Writes a Chrome trace (open in chrome://tracing or
 https://ui.perfetto.dev; not committed) and prints each stage's share of the scoring call.
@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from engine.training.experiment import ScorerSetup, load_data
-from engine.training.report import machine
-from engine.training.scaling import synthetic_users
-from engine.stages import PREFIX, STAGES
+from engine.training.studies.experiment import ScorerSetup, load_data
+from engine.training.studies.results_sections import machine
+from engine.training.studies.scaling import synthetic_users
+from engine.model.stages import PREFIX, STAGES
 
 TOTAL = PREFIX + "score"
 

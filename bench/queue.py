@@ -6,7 +6,7 @@ latency per request, and requests per scorer call.
     python -m bench.queue [--threads N] [--seconds 4] [--results bench/RESULTS.md]
 
 Two request kinds, timed apart: rank (one user against K = 100 candidate movies) and score (one pair). Users
-have n sequences of M = 100 behaviors drawn from the MovieLens texts (engine.training.scaling.synthetic_users);
+have n sequences of M = 100 behaviors drawn from the MovieLens texts (engine.training.studies.scaling.synthetic_users);
 every request has its own user (a pool of distinct users, so neither the LRU nor `score`'s dedupe of repeated
 users helps either side). The sides of one (kind, C) are timed round-robin in `--rounds` slices, so load drift
 on a shared machine hits them alike."""
@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import QueueConfig
-from engine.request_queue import BatchingScorer
-from engine.scorer import BAHEScorer
-from engine.training.experiment import cpu_threads, load_data
-from engine.training.report import machine, write_section
-from engine.training.scaling import synthetic_users
+from engine.serving.request_queue import BatchingScorer
+from engine.serving.scorer import BAHEScorer
+from engine.training.studies.experiment import cpu_threads, load_data
+from engine.training.studies.results_sections import machine, write_section
+from engine.training.studies.scaling import synthetic_users
 
 DEFAULT_SCORER = Path("artifacts/demo/minilm/scorer")
 CLIENTS = (1, 2, 4, 8)

@@ -5,7 +5,7 @@ sequences and its item packed into one batch through the upper layers, `BAHEMode
 
     python -m bench.rank [--threads 1] [--results bench/RESULTS.md]
 
-The real scorer of the benchmarks (engine.training.experiment.ScorerSetup: all-MiniLM-L6-v2 3 + 3, the text
+The real scorer of the benchmarks (engine.training.studies.experiment.ScorerSetup: all-MiniLM-L6-v2 3 + 3, the text
 part of the CTR model, MovieLens-100K texts, tables cached in artifacts/bench). The per-pair side is timed on
 a subset of the pairs (`--pair-budget` behaviors per timing, at least 2 pairs) and scaled to K: its cost is
 linear in the pairs (one user tower per pair); the subset is stated in the output."""
@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.model import PackedBatch
+from engine.model.bahe_model import PackedBatch
 from engine.config import ScoringConfig
-from engine.scorer import BAHEScorer
-from engine.training.experiment import ScorerSetup, cpu_threads, load_data
-from engine.training.report import machine, write_section
-from engine.training.scaling import synthetic_users
-from engine.user_cache import UserStateCache
+from engine.serving.scorer import BAHEScorer
+from engine.training.studies.experiment import ScorerSetup, cpu_threads, load_data
+from engine.training.studies.results_sections import machine, write_section
+from engine.training.studies.scaling import synthetic_users
+from engine.serving.user_cache import UserStateCache
 from kernels import ops
 
 KS, MS = (10, 100, 1000), (10, 100, 1000)

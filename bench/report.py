@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from engine.training.report import append_csv
-from engine.training.scaling import MB, OfflineCost, Point, ScalingConfig, TrainRow, break_even_users, training_ratios
+from engine.training.studies.results_sections import append_csv
+from engine.training.studies.scaling import MB, OfflineCost, Point, ScalingConfig, TrainRow, break_even_users, training_ratios
 
 
 def plot(points: list[Point], path: Path, title: str) -> None:
@@ -122,7 +122,7 @@ def report_lines(config: ScalingConfig, command: str, machine: str, points: list
               "the table has paid for itself.", ""]
     if training:
         bahe, raw = training
-        lines += [f"**Training** (`engine.training.train.fit`, 1 epoch, the same {train_examples:,} {config.data} train "
+        lines += [f"**Training** (`engine.training.loops.train.fit`, 1 epoch, the same {train_examples:,} {config.data} train "
                   f"examples for both, at most {config.train_behaviors} behaviors per sequence, batch "
                   f"{config.train_batch_size}; raw sequences up to the model's positions; median of "
                   f"{config.train_reps} interleaved run(s)):", "",

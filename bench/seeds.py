@@ -1,6 +1,6 @@
 """The demo's headline rows over several seeds: BAHE's full model, its no-text ablation and gradient
 boosting on the time and per-user splits, per seed with 95% user-bootstrap intervals, mean ± sd over
-seeds and the paired differences per seed (engine.training.seeds).
+seeds and the paired differences per seed (engine.training.studies.seed_runs).
 
     python -m bench.seeds                            # minilm, seeds 0 1 2, both splits, 3 epochs
     python -m bench.seeds --splits time --seeds 0 1 2 3 4 --threads 2
@@ -17,10 +17,10 @@ import logging
 import sys
 from pathlib import Path
 
-from engine.training.demo import DemoConfig
-from engine.training.experiment import cpu_threads
-from engine.training.report import machine as machine_label, write_section
-from engine.training.seeds import run_seeds, summary, table_lines
+from engine.training.studies.demo import DemoConfig
+from engine.training.studies.experiment import cpu_threads
+from engine.training.studies.results_sections import machine as machine_label, write_section
+from engine.training.studies.seed_runs import run_seeds, summary, table_lines
 from weights.registry import EMBEDDED
 
 MARKER = "bench:seeds:{model}"  # the section <!-- bench:seeds:<model> --> ... <!-- /bench --> of RESULTS.md

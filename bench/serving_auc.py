@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.scorer import BAHEScorer
-from engine.training.ctr_models import BAHECTR
-from engine.training.experiment import cpu_threads, load_data
-from engine.training.metrics import auc_interval, paired_auc_difference
-from engine.training.report import machine, write_section
-from engine.training.train import predict
+from engine.serving.scorer import BAHEScorer
+from engine.training.loops.ctr_models import BAHECTR
+from engine.training.studies.experiment import cpu_threads, load_data
+from engine.training.studies.metrics import auc_interval, paired_auc_difference
+from engine.training.studies.results_sections import machine, write_section
+from engine.training.loops.train import predict
 
 MARKER = "bench:serving-auc"
 

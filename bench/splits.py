@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import EncoderConfig, ModelConfig, ScorerConfig
-from engine.training.ctr_models import BAHECTR
-from engine.training.report import machine, write_section
-from engine.training.experiment import SampleConfig, build_scorer, load_data, sample_split, train_and_test
-from engine.training.train import TrainConfig
+from engine.training.loops.ctr_models import BAHECTR
+from engine.training.studies.results_sections import machine, write_section
+from engine.training.studies.experiment import SampleConfig, build_scorer, load_data, sample_split, train_and_test
+from engine.training.loops.train import TrainConfig
 from weights.checkpoint import Checkpoint
 from weights.registry import resolve_model
 

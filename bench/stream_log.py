@@ -20,16 +20,16 @@ import time
 from pathlib import Path
 
 from engine.config import EncoderConfig, ModelConfig, ScorerConfig
-from engine.training.ctr_models import BAHECTR
+from engine.training.loops.ctr_models import BAHECTR
 from engine.training.data.log_files import load_log
 from engine.training.data.stream import StreamConfig, prepare_stream
 from engine.training.data.synthetic import SyntheticConfig, write_synthetic_log
-from engine.training.experiment import build_scorer, cpu_threads
-from engine.training.features import PastCounts
-from engine.training.memory import PeakMemory
-from engine.training.report import machine, write_section
-from engine.training.stream_train import StreamBudget, catalog_log, evaluate_stream, fit_stream
-from engine.training.train import TrainConfig
+from engine.training.studies.experiment import build_scorer, cpu_threads
+from engine.training.data.example_features import PastCounts
+from engine.training.studies.memory import PeakMemory
+from engine.training.studies.results_sections import machine, write_section
+from engine.training.loops.stream_train import StreamBudget, catalog_log, evaluate_stream, fit_stream
+from engine.training.loops.train import TrainConfig
 
 MIB = 1 << 20
 

@@ -24,8 +24,8 @@ import os
 import pytest
 import torch
 
-from engine.training.experiment import ScorerSetup, load_data
-from engine.training.scaling import synthetic_users
+from engine.training.studies.experiment import ScorerSetup, load_data
+from engine.training.studies.scaling import synthetic_users
 
 LARGE = os.environ.get("BAHE_BENCH_LARGE") == "1"
 SMALL_LIMIT = 4096  # B x M above this runs only with BAHE_BENCH_LARGE=1

@@ -5,11 +5,11 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "AtomicEncoder": "engine.abe",
+    "AtomicEncoder": "engine.encoding.abe",
     **{name: "engine.config" for name in ("EncoderConfig", "ModelConfig", "QueueConfig", "ScorerConfig",
                                          "ScoringConfig")},
-    "BatchingScorer": "engine.request_queue", "QueueClosedError": "engine.request_queue",
-    "BAHEScorer": "engine.scorer", "Ranking": "engine.ranking", "InputError": "engine.inputs", "ScorerFormatError": "engine.scorer_folder",
+    "BatchingScorer": "engine.serving.request_queue", "QueueClosedError": "engine.serving.request_queue",
+    "BAHEScorer": "engine.serving.scorer", "Ranking": "engine.serving.ranking", "InputError": "engine.serving.inputs", "ScorerFormatError": "engine.serving.scorer_folder",
 }
 __all__ = sorted(_EXPORTS)
 

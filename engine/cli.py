@@ -17,7 +17,7 @@ def _read_texts(path: str, column: str | None) -> list[str]:
     """The texts of a text file (one per line; blank lines skipped; a leading byte order mark dropped) or of
     a CSV/parquet column; SystemExit with one line naming the file and line (or row) of a text that is not
     UTF-8, blank in a column, of no visible content or holds a lone surrogate."""
-    from engine.inputs import check_visible
+    from engine.serving.inputs import check_visible
     from weights.text_key import normalize_text
     try:
         texts, places = _text_lines(path) if column is None else _column_texts(path, column)
@@ -59,7 +59,7 @@ def _column_texts(path: str, column: str) -> tuple[list[object], list[str]]:
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
-    from engine.abe import AtomicEncoder
+    from engine.encoding.abe import AtomicEncoder
     from weights.checkpoint import Checkpoint
     from weights.registry import resolve_model
     from weights.table import BehaviorTable
@@ -99,7 +99,7 @@ def _launch(command: str, distributed: bool):
 
 def _encode_distributed(out: Path, texts: list[str], encoder, launch, args: argparse.Namespace) -> None:
     from engine import distributed
-    from engine.abe_sharded import build_or_append
+    from engine.encoding.abe_sharded import build_or_append
     distributed.start(launch, encoder.device)
     start = time.perf_counter()
     try:
@@ -114,11 +114,11 @@ def _encode_distributed(out: Path, texts: list[str], encoder, launch, args: argp
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from engine.training.ctr_models import BAHECTR
-    from engine.training.experiment import SampleConfig, build_scorer, load_data, sample_split, train_and_test
+    from engine.training.loops.ctr_models import BAHECTR
+    from engine.training.studies.experiment import SampleConfig, build_scorer, load_data, sample_split, train_and_test
     from engine.training.data.log_schema import LogFormatError
-    from engine.training.train import TrainConfig
-    from engine.training.train_commands import scorer_config, train_distributed, train_streamed
+    from engine.training.loops.train import TrainConfig
+    from engine.training.loops.train_commands import scorer_config, train_distributed, train_streamed
     launch = _launch("bahe train", args.distributed)
     if args.stream:
         if args.distributed:
@@ -159,8 +159,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     """Reads and checks every request line before scoring and writes the output only once all are scored:
     a bad line is one line on stderr naming the file and line, and nothing on stdout."""
-    from engine.inputs import InputError, at_line, read_requests
-    from engine.scorer import BAHEScorer
+    from engine.serving.inputs import InputError, at_line, read_requests
+    from engine.serving.scorer import BAHEScorer
     from weights.table import UnknownTextError
     source = "<stdin>" if args.input == "-" else args.input
     try:
@@ -196,7 +196,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from engine.training.demo import DemoConfig, run_demo
+    from engine.training.studies.demo import DemoConfig, run_demo
     out = Path(args.out) if args.out else Path("artifacts/demo") / Path(args.model).name
     run_demo(DemoConfig.preset(args.model, out=out, results=Path(args.results)))
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 
-from engine.history_window import window_start
+from engine.features.history_window import window_start
 
 POOLINGS = ("mean", "mean_after_first")
 HEAD_ACTIVATIONS = ("relu", "gelu", "silu")  # the keys of kernels.ctr_mlp.ACTIVATIONS
@@ -57,7 +57,7 @@ class EncoderConfig:
     num_lower_layers: int = 3
     max_tokens: int = 32            # a behavior text is truncated to this many tokens
     pooling: str = "auto"           # "mean" over the text's tokens, or "mean_after_first" (skip a decoder's
-                                    # attention-sink first token); "auto": by family (engine.abe.default_pooling)
+                                    # attention-sink first token); "auto": by family (engine.encoding.abe.default_pooling)
     table_dtype: str = "float32"    # storage dtype of the behavior/item tables
     token_budget: int = 8192        # tokens per encoding batch (texts are sorted by length first)
 
@@ -71,7 +71,7 @@ class ModelConfig:
     """Behavior Aggregation + CTR head (online, trainable)."""
     sequence_names: tuple[str, ...] = ("click", "buy", "search")
     max_behaviors: int = 1024       # M: at most the M most recent behaviors of each sequence are read (MovieLens: all)
-    window_step: int = 0            # S: a longer history's window starts at a multiple of S (engine.history_window);
+    window_step: int = 0            # S: a longer history's window starts at a multiple of S (engine.features.history_window);
                                     # 0: max(1, M // 4), so a window holds between 3M/4 and M behaviors
     behavior_positions: str = "learned"  # "learned": a (M, d) embedding added at the gather; or "none"
     attention: str = "causal"       # upper layers: "causal" (every family; what timeline training needs)
@@ -86,10 +86,10 @@ class ModelConfig:
     recent_events: int = 10         # with count_features: shares of each sequence among the user's last events
     item_id_dim: int = 16           # learned item-id embedding width, keyed by item-table row (0: none)
     similarity_temperatures: tuple[float, ...] = (0.02, 0.05, 0.1)  # soft counts of behaviors like the item
-                                    # per sequence and temperature, from the ABE rows (engine.similarity; (): none)
+                                    # per sequence and temperature, from the ABE rows (engine.features.similarity; (): none)
     categorical_features: tuple[str, ...] = ()  # hashed categorical side features, e.g. ("user_id", "gender")
     categorical_buckets: int = 65536  # hash buckets shared by them (+1 row for values unseen in training)
-    categorical_dim: int = 8        # embedding width per categorical feature (engine.categorical)
+    categorical_dim: int = 8        # embedding width per categorical feature (engine.features.categorical)
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
@@ -121,7 +121,7 @@ class ModelConfig:
         return self.window_step or max(1, self.max_behaviors // 4)
 
     def window_start(self, lengths: int | np.ndarray) -> int | np.ndarray:
-        """First behavior read of histories of `lengths` behaviors (engine.history_window)."""
+        """First behavior read of histories of `lengths` behaviors (engine.features.history_window)."""
         return window_start(lengths, self.max_behaviors, self.history_step)
 
     def text_only(self) -> ModelConfig:
@@ -155,7 +155,7 @@ class ScoringConfig:
 
 @dataclass
 class QueueConfig:
-    """`BatchingScorer` (engine.request_queue): how concurrent `score` / `rank` calls are coalesced. A serving
+    """`BatchingScorer` (engine.serving.request_queue): how concurrent `score` / `rank` calls are coalesced. A serving
     setting, not part of a saved scorer (never written to scorer.json)."""
     max_batch: int = 32                 # most requests (calls, not pairs) merged into one batched scorer call
     max_wait_ms: float = 2.0            # how long the first request of a batch waits for others to join it

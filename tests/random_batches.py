@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from engine.model import PackedBatch
+from engine.model.bahe_model import PackedBatch
 
 
 def random_packed_batch(rng: np.random.Generator, users: int, num_sequences: int, max_behaviors: int,

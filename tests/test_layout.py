@@ -42,7 +42,7 @@ def _serving() -> list[str]:
 
 
 def test_serving_code_never_imports_the_harness_or_bench():
-    assert "engine.scorer" in _serving() and "engine.backbone.split" in _serving()
+    assert "engine.serving.scorer" in _serving() and "engine.backbone.split" in _serving()
     for name in _serving():
         bad = {m for m in _imports(MODULES[name]) if m.startswith(("engine.training", "bench"))}
         assert not bad, f"{name} imports {sorted(bad)}"

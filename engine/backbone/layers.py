@@ -150,7 +150,7 @@ class BertLayer(nn.Module):
 
     def forward_with(self, x: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The layer with attention given: `attend` maps the attention input (T, d) to its output (T, d)
-        (engine.incremental attends over cached keys/values; everything else is this layer's own)."""
+        (engine.serving.incremental attends over cached keys/values; everything else is this layer's own)."""
         x = self.attn_norm(x + self.dropout(attend(x)))
         return self.ffn_norm(x + self.dropout(self.ffn_out(self.act(self.ffn_in(x)))))
 

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from engine.categorical import USER_ID
-from engine.history_window import window_start
+from engine.features.categorical import USER_ID
+from engine.features.history_window import window_start
 from engine.training.data.log_schema import (CATEGORY_PREFIX, SEQUENCE_COLUMN, SEQUENCE_SEPARATOR, LogFormatError,
                                               validate_frame)
 
@@ -83,7 +83,7 @@ class BehaviorLog:
     membership: (N, S) bool, membership[i, s] = event i belongs to sequence_names[s];
     item_texts: item id -> text, covering every item in `item`;
     categorical: feature name -> (N,) object array of the event's value (str, or None: unknown), from the
-    file's cat_<name> columns (engine.categorical; the user id is always there as `category_values("user_id")`).
+    file's cat_<name> columns (engine.features.categorical; the user id is always there as `category_values("user_id")`).
     """
 
     user: np.ndarray
@@ -253,7 +253,7 @@ class BehaviorLog:
     def _sequence_event_rows(self, rows: np.ndarray, max_behaviors: int | None, window_step: int) -> list[Ragged]:
         """Histories as event rows of this log, per sequence: Ragged rows over the batch, each example's
         events of that sequence strictly before it, oldest first, from the window start of
-        engine.history_window (`max_behaviors` None: all; `window_step` 1: the most recent max_behaviors).
+        engine.features.history_window (`max_behaviors` None: all; `window_step` 1: the most recent max_behaviors).
         Each history is a slice of the sequence's row list between the user's prefix counts, so the cost is
         O(B * S) plus the output size."""
         if max_behaviors is not None and max_behaviors < 0:
@@ -277,7 +277,7 @@ class BehaviorLog:
 
     def sequences(self, rows: Any, max_behaviors: int | None = None, window_step: int = 1) -> dict[str, Ragged]:
         """Id-level histories of the examples at `rows`: sequence name -> Ragged item ids over the
-        batch, oldest first; each example's whole (`max_behaviors` None) or its window (engine.history_window:
+        batch, oldest first; each example's whole (`max_behaviors` None) or its window (engine.features.history_window:
         at most max_behaviors, the most recent; `window_step` 1: exactly the last max_behaviors)."""
         rows = self._check_rows(rows)
         return {name: Ragged(self.item[r.values], r.offsets)

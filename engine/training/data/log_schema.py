@@ -9,7 +9,7 @@ per event:
     sequence   optional: the name of the sequence the event belongs to, or several names
                joined by '|' (e.g. "liked|watched")
     cat_<name> optional, any number: a categorical feature of the event (e.g. cat_gender, cat_occupation):
-               strings or integers, empty for unknown (engine.categorical)
+               strings or integers, empty for unknown (engine.features.categorical)
 
 Without a `sequence` column every event is in `all`, and in `positive` (label 1) or `negative` (label 0).
 """
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from engine.inputs import has_no_visible_content
+from engine.serving.inputs import has_no_visible_content
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 
 Event = one rating; item text = "<title> | <genres joined by ', '>" (genre 'unknown' skipped, the
 title alone when no other genre), e.g. "Toy Story (1995) | Animation, Children's, Comedy";
-label = rating >= 4 (a "click"); categorical features of the rating's user (engine.categorical): gender,
+label = rating >= 4 (a "click"); categorical features of the rating's user (engine.features.categorical): gender,
 occupation and age group (MovieLens-1M's: under 18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+);
 sequences, in this order:
     liked     rating >= 4
@@ -11,7 +11,7 @@ sequences, in this order:
     watched   every rating
 
 The CI fixture tests/fixtures/movielens_tiny.parquet is `write_movielens(path, users=TINY_USERS)`;
-regenerate it with `python -m tests.test_data_movielens`.
+regenerate it with `python -m tests.training.test_data_movielens`.
 """
 from __future__ import annotations
 

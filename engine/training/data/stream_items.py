@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.training.data.stream_time import balanced_edges, to_key
-from engine.training.features import counts_before
+from engine.training.data.example_features import counts_before
 
 __all__ = ["item_count_pass"]
 

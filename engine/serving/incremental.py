@@ -1,0 +1,270 @@
+"""Incremental users: a served user's per-layer keys and values kept (`UserState`), so appending k behaviors
+to it costs O(k M) work instead of the O(M^2) of running its window through the upper layers again.
+
+With causal upper layers (`ModelConfig.attention == "causal"`, or a decoder family) the state at window
+position j depends on the window's behaviors 0..j alone. Appending k behaviors to a window of W therefore
+leaves the W states, and every layer's keys and values of those positions, as they were: per layer only the k
+new rows are projected, their queries attend over the W cached keys/values and their own (causal inside the
+new block), and their final states are added to the window's running sum, whose mean is the pooled sequence
+vector the head reads (`BAHEModel.user_states`). Positions continue from the window's: the learned behavior
+position W + i at the gather, RoPE position W + i for Llama/Qwen2. The layers run their own code with the
+attention given (`forward_with`), so residuals and norms (BERT post-LN, decoders pre-RMSNorm, final norm)
+are exactly the packed path's.
+
+Windows (engine.features.history_window): a sequence is read from `ModelConfig.window_start(length)`, a multiple of
+the step S. While appends leave the start where it was, the cached keys/values stay valid; when the start
+moves (the history crossed the next multiple of S past M), the sequence's new window (at most M behaviors,
+all held by the state) runs through the layers whole - once per S appends, so O(M^2 / S) = O(M) amortized
+per append at the default S = M / 4.
+
+What a state holds, per sequence: per upper layer the window's keys and values, 2 * W * Hkv * Dh values
+(Hkv * Dh = d for BERT and multi-head models, less with grouped-query attention), in the model's compute
+dtype; the float64 sum of the final states (d values); the texts still read (the window, and the last
+`recent_events` for the count features) and two counts. So a cached user takes about
+    bytes = sum over sequences of  L * 2 * W * Hkv * Dh * bytes_per_value  +  8 d
+(L upper layers, W <= max_behaviors its window's length), besides references to its texts; `UserState.nbytes`
+gives the exact tensor bytes. The texts are looked up again (hash lookups) at each `rank`: the similarity and
+count features read the ABE rows and texts, never the states.
+
+A state is immutable: `extend` returns a new one (sharing the unchanged sequences) and leaves the old valid,
+so states can be cached and read from several threads. It records the weights it was computed with and is
+refused after they change. Scoring through a state follows the reference attention (plain PyTorch), on the
+CPU and on CUDA alike; on CUDA the packed path takes the Triton kernels, so the two agree to rounding.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.serving.inputs import InputError, check_visible, parse_history_counts, parse_users, read_windows, user_sequences
+from engine.serving.item_vectors import weights_version
+from engine.model.bahe_model import BAHEModel, _gather
+from engine.serving.ranking import Ranking, check_top_k, parse_candidates, ranking
+from engine.features.side_features import recent_counts
+from engine.model.stages import stage
+from engine.serving.scorer_setup import kernel_path
+from kernels import ops
+from weights.text_key import normalize_text
+
+
+@dataclass(frozen=True)
+class SequenceState:
+    """One named sequence of a cached user.
+    texts: its last behaviors, oldest first: the window and, before it, those of the last `recent_events` it
+    lacks; total: how many behaviors the sequence has had (texts are the last of them); start: the window's
+    first behavior, ModelConfig.window_start(total); counted: the count features' value (total, or the
+    caller's history_counts); keys, values: per upper layer (W, Hkv, Dh), W = total - start, keys after RoPE;
+    state_sum: (d,) float64, the sum of the window's final states."""
+    texts: tuple[str, ...]
+    total: int
+    start: int
+    counted: int
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    state_sum: torch.Tensor
+
+    @property
+    def window(self) -> tuple[str, ...]:
+        """The behaviors the upper layers read (W of them)."""
+        return self.texts[self.start - (self.total - len(self.texts)):]
+
+
+@dataclass(frozen=True)
+class UserState:
+    """A user's cached upper-layer state (`BAHEScorer.user_state`, `extend_user`), usable by `rank`.
+    sequences: one per `ModelConfig.sequence_names`, in that order; owner: what it was computed with (the
+    model's weight version, compute dtype and sequence names)."""
+    sequences: tuple[SequenceState, ...]
+    owner: tuple
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the state's tensors (keys, values, sums); texts are references to the caller's strings."""
+        return sum(t.numel() * t.element_size() for s in self.sequences for t in (*s.keys, *s.values, s.state_sum))
+
+    @property
+    def lengths(self) -> dict[str, int]:
+        """Sequence name -> how many behaviors it has had (all appends included)."""
+        return {name: s.total for name, s in zip(self.owner[2], self.sequences)}
+
+
+def check_causal(model: BAHEModel) -> None:
+    """ValueError unless every upper layer is causal (a bidirectional layer's old states change with each
+    append: nothing can be kept)."""
+    if not all(layer.attn.causal for layer in model.upper.layers):
+        raise ValueError(f"incremental user states need causal upper layers; this scorer's {model.upper.family} "
+                         f"layers attend both ways (ModelConfig.attention={model.config.attention!r}); use "
+                         f"score/rank on the whole user, or a scorer built with attention='causal'")
+
+
+def _owner(model: BAHEModel) -> tuple:
+    return weights_version(model), model.compute_dtype, model.config.sequence_names
+
+
+def cached_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """k new queries q (k, H, Dh) at the last k of P positions, over keys, values (P, Hkv, Dh) (the cached
+    ones, then the k new ones): query i reads keys 0..P-k+i -> (k, H, Dh). Query head h reads key/value head
+    h // (H / Hkv). O(k P) scores."""
+    k, total = q.shape[0], keys.shape[0]
+    mask = torch.arange(total, device=q.device)[None, :] <= torch.arange(total - k, total, device=q.device)[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                                         values.transpose(0, 1)[None], attn_mask=mask[None, None], scale=scale,
+                                         enable_gqa=q.shape[1] != keys.shape[1])
+    return out[0].transpose(0, 1)
+
+
+def append_window(model: BAHEModel, behavior_table: torch.Tensor, rows: torch.Tensor, extra: torch.Tensor | None,
+                  keys: tuple[torch.Tensor, ...], values: tuple[torch.Tensor, ...],
+                  state_sum: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor]:
+    """Append k behaviors (table rows (k,) int64, ids >= N index `extra`) to a window of W cached positions
+    (keys, values: per layer (W, Hkv, Dh); state_sum (d,) float64) -> the W + k window's keys, values and sum.
+    Positions W..W+k-1 (behavior position embedding, RoPE). W = 0 builds a window from nothing."""
+    upper, k, position = model.upper, rows.numel(), keys[0].shape[0]
+    offsets = torch.tensor([0, k], device=rows.device)
+    pos = None if model.behavior_pos is None else model.behavior_pos[position:]
+    x = _gather(behavior_table, extra, rows, offsets, pos, k, model.compute_dtype)
+    new_keys, new_values = [], []
+    for layer, cached_k, cached_v in zip(upper.layers, keys, values):
+        def attend(h: torch.Tensor, attn=layer.attn, cached_k=cached_k, cached_v=cached_v) -> torch.Tensor:
+            q, key, value = attn.project(h)
+            if upper.rotary is not None:
+                cos, sin = upper.rotary.tables(position + k, h.device)
+                q, key = ops.rope(q, key, offsets, cos[position:], sin[position:], max_len=k)
+            new_keys.append(torch.cat([cached_k, key]))
+            new_values.append(torch.cat([cached_v, value]))
+            return attn.output(cached_attention(q, new_keys[-1], new_values[-1], attn.scale))
+        x = layer.forward_with(x, attend)
+    final = upper.norm(x) if upper.norm is not None else x
+    return tuple(new_keys), tuple(new_values), state_sum + final.double().sum(0)
+
+
+def _empty_window(model: BAHEModel, device: torch.device) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """Per layer (0, Hkv, Dh) keys and values: a window with nothing cached."""
+    empty = tuple(torch.empty(0, layer.attn.kv_heads, layer.attn.head_dim, dtype=model.compute_dtype, device=device)
+                  for layer in model.upper.layers)
+    return empty, empty
+
+
+def _recent_kept(scorer) -> int:
+    config = scorer.config.model
+    return config.recent_events if config.count_features else 0
+
+
+def _advance(scorer, previous: list[SequenceState | None], texts: list[list[str]], totals: list[int],
+             counted: list[int]) -> UserState:
+    """The state of sequences whose last behaviors are texts[s] (total totals[s]): previous[s] kept and extended
+    where given and its window start stands, the window built whole otherwise."""
+    model, device = scorer.model, scorer.device
+    starts = [int(scorer.config.model.window_start(t)) for t in totals]
+    windows = [seq[start - (total - len(seq)):] for seq, start, total in zip(texts, starts, totals)]
+    reuse = [p if p is not None and p.start == start else None for p, start in zip(previous, starts)]
+    fresh = [w[len(p.window):] if p is not None else w for w, p in zip(windows, reuse)]
+    lengths = np.array([len(f) for f in fresh], dtype=np.int64)
+    with scorer._tables_lock, stage("lookup"), kernel_path(scorer.kernels):
+        rows, extra = scorer._rows(scorer.behaviors, [t for f in fresh for t in f], scorer.config.scoring.unknown_behavior,
+                                   "behavior", lengths, users=[0])
+        table = scorer.table_rows("behaviors")
+    bounds, out, keep = np.concatenate([[0], np.cumsum(lengths)]), [], _recent_kept(scorer)
+    with torch.inference_mode(), kernel_path(scorer.kernels), stage("upper_layers"):
+        for s, (seq, total, start) in enumerate(zip(texts, totals, starts)):
+            if lengths[s] == 0 and reuse[s] is not None and reuse[s].total == total:
+                out.append(reuse[s])
+                continue
+            if reuse[s] is not None:
+                keys, values, state_sum = reuse[s].keys, reuse[s].values, reuse[s].state_sum
+            else:
+                keys, values = _empty_window(model, device)
+                state_sum = torch.zeros(model.upper.hidden_size, dtype=torch.float64, device=device)
+            if lengths[s]:
+                chunk = torch.from_numpy(rows[bounds[s]:bounds[s + 1]]).to(device)
+                keys, values, state_sum = append_window(model, table, chunk, extra, keys, values, state_sum)
+            first = min(start, max(total - keep, 0))  # the window and the last `recent_events`
+            out.append(SequenceState(tuple(seq[first - (total - len(seq)):]), total, start, counted[s], keys, values,
+                                     state_sum))
+    return UserState(tuple(out), _owner(model))
+
+
+def build_state(scorer, user: dict[str, Sequence[str]], history_counts: dict[str, int] | None) -> UserState:
+    """`BAHEScorer.user_state`: each sequence's window through the layers once, its keys/values kept."""
+    check_causal(scorer.model)
+    whole = parse_users([user], scorer.config)
+    counted = parse_history_counts(None if history_counts is None else [history_counts], [user],
+                                   scorer.config.model.sequence_names)[0]
+    read_windows(whole, scorer.config, [0])  # the texts read before the windows (recent counts) must be texts
+    sequences = whole[0]
+    return _advance(scorer, [None] * len(sequences), sequences, [len(s) for s in sequences], counted.tolist())
+
+
+def _new_behaviors(scorer, behaviors: object) -> list[list[str]]:
+    """behaviors: dict sequence name -> list of behavior texts to append, oldest first (names left out: none)."""
+    out = user_sequences(behaviors, scorer.config, "behaviors", "new behavior texts")
+    for name, texts in zip(scorer.config.model.sequence_names, out):
+        for j, text in enumerate(texts):
+            try:
+                normalize_text(text)
+                check_visible(text)
+            except (TypeError, ValueError) as err:
+                raise InputError(f"behaviors[{name!r}][{j}]: {err}") from None
+    return out
+
+
+def check_state(scorer, state: object) -> UserState:
+    if not isinstance(state, UserState):
+        raise InputError(f"expected a UserState (from BAHEScorer.user_state), got {type(state).__name__}")
+    check_causal(scorer.model)
+    if state.owner != _owner(scorer.model):
+        raise ValueError("this UserState was computed with other weights, dtype or sequence names than the "
+                         "scorer's model has now; build it again with scorer.user_state(user)")
+    return state
+
+
+def extend_state(scorer, state: UserState, behaviors: dict[str, Sequence[str]]) -> UserState:
+    """`BAHEScorer.extend_user`: k new behaviors per sequence, O(k M) while the window start stands."""
+    state = check_state(scorer, state)
+    new = _new_behaviors(scorer, behaviors)
+    old = state.sequences
+    return _advance(scorer, list(old), [list(s.texts) + n for s, n in zip(old, new)],
+                    [s.total + len(n) for s, n in zip(old, new)], [s.counted + len(n) for s, n in zip(old, new)])
+
+
+def pooled(model: BAHEModel, state: UserState) -> torch.Tensor:
+    """(1, n, d) pooled sequence vectors: each window's mean final state, or its name's empty vector."""
+    rows = [(s.state_sum / (s.total - s.start)).to(model.compute_dtype) if s.total > s.start
+            else model.empty_sequence[i] for i, s in enumerate(state.sequences)]
+    return torch.stack(rows)[None]
+
+
+def rank_state(scorer, state: UserState, candidates: Sequence[str], top_k: int | None,
+               side_features: dict | None) -> Ranking:
+    """`BAHEScorer.rank` of a UserState: its pooled vectors (no upper layer runs), the window texts and counts
+    for the side features, the head over the candidates."""
+    check_top_k(top_k)
+    state = check_state(scorer, state)
+    items = parse_candidates([candidates], 1)[0]
+    categories = scorer._categories(None if side_features is None else [side_features], 1, "user")
+    if not items:
+        return ranking(np.empty(0, dtype=np.float32), top_k)
+    windows = [s.window for s in state.sequences]
+    lengths = np.array([len(w) for w in windows], dtype=np.int64)
+    scoring, config, n = scorer.config.scoring, scorer.config.model, len(windows)
+    with scorer._tables_lock, stage("lookup"), kernel_path(scorer.kernels):
+        behavior_rows, behavior_extra = scorer._rows(scorer.behaviors, [t for w in windows for t in w],
+                                                     scoring.unknown_behavior, "behavior", lengths, users=[0])
+        item_rows, item_extra = scorer._rows(scorer.items, items, scoring.unknown_item, "item",
+                                             label=lambda i: f"candidates[{i}]")
+        tables = scorer._tables()
+    recent = (recent_counts([[list(s.texts) for s in state.sequences]], config.recent_events, n,
+                            lengths=np.array([[s.total for s in state.sequences]]))
+              if config.count_features and config.recent_events else None)
+    pair_user = np.zeros(len(items), dtype=np.int64)
+    user_counts = np.array([[s.counted for s in state.sequences]], dtype=np.int64)[pair_user]
+    with torch.inference_mode():
+        user = pooled(scorer.model, state)
+    probs = scorer._score_rows(tables, behavior_rows, np.concatenate([[0], np.cumsum(lengths)]), behavior_extra,
+                               item_rows, item_extra, recent, user_counts, pair_user, per_user=True,
+                               categories=None if categories is None else categories[pair_user], user=user)
+    return ranking(probs, top_k)

@@ -1,0 +1,45 @@
+"""Smoke test of `python -m bench.history` on a tiny random BERT (128 positions, so the raw-token side
+stops within a few behaviors) and the MovieLens fixture."""
+import json
+from pathlib import Path
+
+from bench import history
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "movielens_tiny.parquet"
+
+
+def test_history_sweep_writes_table_plot_and_json(tmp_path, tiny_checkpoints):
+    model = str(tiny_checkpoints["bert"])
+    results_md, out = tmp_path / "RESULTS.md", tmp_path / "results"
+    results_md.write_text("# Results\n\n<!-- demo:minilm:default -->\ndemo table\n<!-- /demo -->\n")
+    argv = ["--model", model, "--data", str(FIXTURE), "--lower-layers", "2", "--ms", "2", "4", "all", "--epochs", "1",
+            "--batch-size", "64", "--raw-train-examples", "40", "--raw-test-examples", "30", "--threads", "1",
+            "--work-dir", str(tmp_path / "work"), "--out-dir", str(out), "--results-md", str(results_md)]
+    summary = history.main(argv)
+
+    name = Path(model).name
+    assert (out / f"history-{name}.png").stat().st_size > 0
+    assert json.loads((out / f"history-{name}.json").read_text()) == json.loads(json.dumps(summary))
+    for row in summary["rows"]:
+        assert 0 <= row["auc_low"] <= row["auc"] <= row["auc_high"] <= 1 and row["test_users"] > 0
+        assert row["s_per_epoch"] > 0
+    full = [r for r in summary["rows"] if r["model"] == "BAHE"]
+    assert [r["m"] for r in full] == ["2", "4", "all"] and full[-1]["max_behaviors"] == 1024
+    assert all(r["train_examples"] == summary["train_examples"] for r in full)
+
+    order, positions, longest = ["2", "4", "all"], summary["raw_positions"], summary["raw_longest_tokens"]
+    assert positions == 128 and longest["2"] <= positions, "2 behaviors fit 128 positions"
+    stop = order.index(summary["raw_stop"])  # the first M that does not fit: 1024 behaviors never do
+    assert all(longest[m] <= positions for m in order[:stop]) and longest[order[stop]] > positions
+    assert set(longest) == set(order[:stop + 1]), "no M is checked after the raw side stops"
+    for i, m in enumerate(order):
+        pair = {r["model"] for r in summary["rows"] if r["m"] == m and r["subset"]}
+        assert pair == ({"raw-token LLM", "BAHE (text only)"} if i < stop else set()), m
+    assert all(r["train_examples"] == 40 for r in summary["rows"] if r["subset"])
+
+    text = results_md.read_text()
+    assert "demo table" in text and text.count(f"<!-- bench:history:{name} -->") == 1
+    assert f"](results/history-{name}.png)" in text and "| 4 | BAHE |" in text
+    assert "| 2 | raw-token LLM, subset | 40 |" in text and f"stops at M = {summary['raw_stop']}" in text
+    history.main(argv)  # a second run replaces its section
+    assert results_md.read_text().count(f"<!-- bench:history:{name} -->") == 1

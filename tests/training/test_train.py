@@ -1,0 +1,71 @@
+"""The training loop: the best epoch's model is the one returned (parameters and buffers, BatchNorm running
+statistics included), and the heads' BatchNorm is calibrated then frozen."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import ModelConfig
+from engine.training.loops import train as train_module
+from engine.training.loops.ctr_models import SideOnlyCTR
+from engine.training.data import load_log
+from engine.training.loops.train import TrainConfig, fit
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "movielens_tiny.parquet"
+
+
+@pytest.fixture(scope="module")
+def log():
+    return load_log(FIXTURE)
+
+
+def _model(log):
+    torch.manual_seed(0)
+    return SideOnlyCTR(ModelConfig(sequence_names=log.sequence_names, head_hidden=(16, 8)), log)
+
+
+@pytest.mark.parametrize("best_epoch", [1, 2])
+def test_the_best_epoch_is_restored_with_its_buffers(log, monkeypatch, best_epoch):
+    scripted = [0.6, 0.5, 0.4] if best_epoch == 1 else [0.5, 0.7, 0.6]
+    snapshots = []
+
+    def scripted_evaluate(model, data, rows, **kwargs):
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return {"auc": scripted[len(snapshots) - 1], "logloss": 0.6, "seconds_per_1k": 0.0}
+
+    monkeypatch.setattr(train_module, "evaluate", scripted_evaluate)
+    model = _model(log)
+    rows = log.examples
+    result = fit(model, log, rows[:300], rows[300:], TrainConfig(epochs=3, patience=3, batch_size=32,
+                                                                 norm_batches=0, progress=False))
+    assert result.best_epoch == best_epoch and len(snapshots) == 3
+    best, last = snapshots[best_epoch - 1], snapshots[-1]
+    assert not torch.equal(best["head.norm.running_mean"], last["head.norm.running_mean"])  # buffers moved on
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, best[name], rtol=0, atol=0, msg=name)
+
+
+def test_norm_statistics_are_calibrated_then_frozen(log):
+    model = _model(log)
+    rows = log.examples
+    fit(model, log, rows[:300], rows[300:], TrainConfig(epochs=1, batch_size=32, norm_batches=4, progress=False))
+    head = model.head
+    assert head.norm_frozen and head.norm.num_batches_tracked.item() == 4
+    frozen = head.norm.running_mean.clone()
+    model.train()
+    batch = model.prepare(log, np.sort(rows[:64]))
+    model(batch)
+    torch.testing.assert_close(head.norm.running_mean, frozen, rtol=0, atol=0)
+
+
+def test_a_second_fit_calibrates_afresh(log):
+    """A model trained once (the demo trains one scorer on two splits) gets new statistics from its new data."""
+    model = _model(log)
+    rows = log.examples
+    config = TrainConfig(epochs=1, batch_size=32, norm_batches=4, progress=False)
+    fit(model, log, rows[:200], rows[300:], config)
+    first = model.head.norm.running_mean.clone()
+    fit(model, log, rows[200:400], rows[400:], config)
+    assert model.head.norm.num_batches_tracked.item() == 4
+    assert not torch.allclose(model.head.norm.running_mean, first)
