@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -24,6 +25,8 @@ BASE_PREFIXES = ("", "model.", "bert.")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model")
 VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")  # one is needed
 SMALL_FILES = ("config.json", *TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json")
+# Tensors of numbered layers: BERT "encoder.layer.<i>.", Llama/Qwen2 "layers.<i>." (under a task-head prefix).
+LAYER_TENSOR = re.compile(r"^(?:model\.|bert\.)?(?:encoder\.layer|layers)\.(\d+)\.")
 # Config fields that change what the layers compute; they enter the fingerprint.
 FINGERPRINT_CONFIG = ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                       "hidden_act", "layer_norm_eps", "rms_norm_eps", "rope_parameters", "max_position_embeddings",
@@ -73,6 +76,7 @@ class Checkpoint:
             self._handles[path] = handle
             for name in handle.keys():
                 self._file_of[name] = path
+        self._check_layer_count()
         self.tokenizer = self._load_tokenizer()
 
     @property
@@ -106,6 +110,19 @@ class Checkpoint:
         if stored is None:
             raise CheckpointError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
         return self._handles[self._file_of[stored]].get_tensor(stored)
+
+    def _check_layer_count(self) -> None:
+        """CheckpointError when the weights hold layers past config.json's num_hidden_layers: they would be
+        ignored without a word. Fewer is allowed (a scorer's backbone/ keeps only its lower layers); a layer
+        the split needs and the weights lack is named when it is loaded."""
+        layers = getattr(self.config, "num_hidden_layers", None)
+        if not isinstance(layers, int) or isinstance(layers, bool) or layers < 0:
+            raise CheckpointError(f"{self.folder}: config.json num_hidden_layers must be an int >= 0, got {layers!r}")
+        found = [int(m.group(1)) for m in map(LAYER_TENSOR.match, self._file_of) if m]
+        if found and max(found) >= layers:
+            raise CheckpointError(f"{self.folder}: the weights hold {max(found) + 1} layers (layer {max(found)} "
+                                  f"is there), config.json names {layers} (num_hidden_layers): not this "
+                                  "checkpoint's config")
 
     def _load_tokenizer(self) -> PreTrainedTokenizerBase:
         """The folder's tokenizer; CheckpointError when it does not load or does not fit the model."""

@@ -101,8 +101,8 @@ def _family(ckpt: Checkpoint, num_lower_layers: int) -> Family:
     if getattr(ckpt.config, "use_sliding_window", False):
         raise CheckpointError(f"{ckpt.folder}: sliding-window attention layers are not supported")
     if not 0 <= num_lower_layers <= ckpt.num_layers:
-        raise ValueError(f"num_lower_layers must be in [0, {ckpt.num_layers}] for this {ckpt.num_layers}-layer "
-                         f"model, got {num_lower_layers}")
+        raise CheckpointError(f"{ckpt.folder}: num_lower_layers must be in [0, {ckpt.num_layers}] for the "
+                              f"{ckpt.num_layers} layers config.json names (num_hidden_layers), got {num_lower_layers}")
     return FAMILIES[ckpt.family]
 
 

@@ -204,6 +204,8 @@ def read_requests(data: bytes, source: str) -> tuple[list[object], list[object],
             raise InputError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})") from None
         except json.JSONDecodeError as err:
             raise InputError(f"{where}: not valid JSON: {err.msg} at column {err.colno}") from None
+        except ValueError as err:  # what the parser itself refuses: an integer of over 4300 digits
+            raise InputError(f"{where}: not valid JSON: {str(err).split(';')[0]}") from None
         except RecursionError:
             raise InputError(f"{where}: JSON nested too deeply") from None
         if not isinstance(record, dict):

@@ -53,3 +53,33 @@ def test_unsupported_family_lists_the_supported_ones(tiny_checkpoints, tmp_path)
 def test_missing_tensor_is_named(tiny_checkpoints):
     with pytest.raises(CheckpointError, match="'layers.9.self_attn.q_proj.weight' is missing"):
         Checkpoint(tiny_checkpoints["llama"]).tensor("layers.9.self_attn.q_proj.weight")
+
+
+def _with_layers(source, folder, layers: int):
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_weights_with_more_layers_than_the_config_names_are_refused(tiny_checkpoints, tmp_path, family):
+    folder = _with_layers(tiny_checkpoints[family], tmp_path / family, 2)  # the weights hold 4
+    with pytest.raises(CheckpointError, match=r"weights hold 4 layers .*config.json names 2 \(num_hidden_layers\)"):
+        Checkpoint(folder)
+
+
+def test_a_split_past_the_config_layers_is_a_checkpoint_error_naming_both(tiny_checkpoints):
+    from engine.backbone.split import LowerEncoder, UpperEncoder
+    ckpt = Checkpoint(tiny_checkpoints["llama"])
+    for build in (LowerEncoder, UpperEncoder.from_checkpoint):
+        with pytest.raises(CheckpointError, match=r"must be in \[0, 4\] for the 4 layers config.json names.*got 6"):
+            build(ckpt, 6)
+
+
+def test_a_config_naming_more_layers_than_the_weights_hold_names_the_missing_layer(tiny_checkpoints, tmp_path):
+    from engine.backbone.split import UpperEncoder
+    ckpt = Checkpoint(_with_layers(tiny_checkpoints["bert"], tmp_path / "six", 6))  # fewer weights: a lower-only copy
+    with pytest.raises(CheckpointError, match="layer 4 is missing"):
+        UpperEncoder.from_checkpoint(ckpt, 2)
