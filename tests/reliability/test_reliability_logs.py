@@ -36,17 +36,34 @@ def _with_cell(row: int, column: str, value: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ----- values: ids and timestamps are exact int64 or refused -------------------------------------
+# ----- values: timestamps are exact int64 or refused; ids are exact keys (strings or integers) ---------------
 @FILES
-@given(column=st.sampled_from(INTEGER_COLUMNS), row=st.integers(0, len(ROWS) - 1),
+@given(row=st.integers(0, len(ROWS) - 1),
        value=st.one_of(st.integers(INT64_MAX + 1, 2 ** 80), st.integers(-2 ** 80, INT64_MIN - 1)))
-def test_ids_and_timestamps_outside_int64_are_refused(tmp_path, column, row, value):
-    """Before: an id beyond int64 merged users into one (a numpy warning only); a timestamp of 2^63 wrapped
-    negative, so later events sorted first and histories saw the future."""
-    path = _write_csv(tmp_path, _with_cell(row, column, str(value)))
-    with pytest.raises(LogFormatError, match=rf"log.csv: column '{column}' row {row} holds {value}, outside the "
+def test_timestamps_outside_int64_are_refused(tmp_path, row, value):
+    """Before: a timestamp of 2^63 wrapped negative, so later events sorted first and histories saw the future."""
+    path = _write_csv(tmp_path, _with_cell(row, "timestamp", str(value)))
+    with pytest.raises(LogFormatError, match=rf"log.csv: line {row + 2}, column 'timestamp': {value} is outside the "
                                              r"int64 range"):
         load_log(path)
+
+
+@FILES
+@given(column=st.sampled_from(["user_id", "item_id"]), row=st.integers(0, len(ROWS) - 1),
+       value=st.one_of(st.integers(INT64_MAX + 1, 2 ** 80), st.integers(-2 ** 80, INT64_MIN - 1),
+                       st.floats(allow_nan=False, allow_infinity=False).filter(lambda f: f != int(f)),
+                       st.sampled_from(["nan", "inf", "1.5e0", "x", "0x10", "1_000", "true", "017", "+1", "1.0",
+                                        "9007199254740993.0", "u-\u00e9"])))
+def test_ids_beyond_int64_or_not_integers_are_kept_exactly(tmp_path, column, row, value):
+    """Before: an id beyond int64 merged users into one (a numpy warning only), and string ids were refused. Now
+    every cell is an exact key: equal keys share a code, different keys never do."""
+    path = _write_csv(tmp_path, _with_cell(row, column, str(value)))
+    log = load_log(path, min_history=0)
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    codes, keys = (log.user, log.user_keys) if column == "user_id" else (log.item, log.item_keys)
+    assert keys is not None  # str(value) is not a canonical int64: the column is keyed
+    assert sorted(keys[codes].tolist()) == sorted(frame[column].tolist())
+    assert len(set(codes.tolist())) == len(set(frame[column]))
 
 
 @FILES
@@ -58,25 +75,37 @@ def test_every_int64_id_and_timestamp_is_read_exactly(tmp_path, column, row, val
     log = load_log(path, min_history=0)
     field = {"user_id": log.user, "item_id": log.item, "timestamp": log.timestamp}[column]
     assert sorted(field.tolist()) == sorted(int(v) for v in frame[column])
+    assert log.user_keys is None and log.item_keys is None  # integer ids are their own codes
 
 
 @FILES
-@given(column=st.sampled_from(INTEGER_COLUMNS), row=st.integers(0, len(ROWS) - 1),
+@given(row=st.integers(0, len(ROWS) - 1),
        value=st.one_of(st.floats(allow_nan=False, allow_infinity=False).filter(lambda f: f != int(f)),
                        st.sampled_from(["nan", "inf", "-inf", "1.5e0", "x", "0x10", "1_000", "", "true"])))
-def test_non_integral_ids_and_timestamps_are_refused(tmp_path, column, row, value):
-    path = _write_csv(tmp_path, _with_cell(row, column, str(value)))
-    with pytest.raises(LogFormatError, match=rf"column '{column}' must hold integers, row {row} holds"):
+def test_non_integral_timestamps_are_refused(tmp_path, row, value):
+    path = _write_csv(tmp_path, _with_cell(row, "timestamp", str(value)))
+    with pytest.raises(LogFormatError, match=rf"line {row + 2}, column 'timestamp': must hold integers, got"):
         load_log(path)
 
 
-@pytest.mark.parametrize("value", ["9007199254740993.0", "9007199254740992.0", "-1.0e17"])
-def test_floats_too_large_to_be_exact_are_refused(tmp_path, value):
-    """A decimal point makes pandas read the whole column as float64, where 2^53 + 1 becomes 2^53."""
-    path = _write_csv(tmp_path, _with_cell(2, "user_id", value))
-    with pytest.raises(LogFormatError, match=r"column 'user_id' row 2 holds .*too large to be an exact integer"):
-        load_log(path)
-    assert load_log(_write_csv(tmp_path, _with_cell(2, "user_id", "12.0")), min_history=0).user.max() == 12
+@pytest.mark.parametrize("column", ["user_id", "item_id"])
+def test_an_empty_id_is_refused_naming_line_and_column(tmp_path, column):
+    with pytest.raises(LogFormatError, match=rf"log.csv: line 4, column '{column}': an id is empty"):
+        load_log(_write_csv(tmp_path, _with_cell(2, column, "")))
+
+
+def test_decimal_text_is_read_exactly_and_parquet_floats_past_2_53_are_refused(tmp_path):
+    """A CSV cell is read as its text: "9007199254740993.0" is that integer exactly (pandas made the column
+    float64, where 2^53 + 1 reads as 2^53). A float column of a parquet file past 2^53 is refused."""
+    log = load_log(_write_csv(tmp_path, _with_cell(2, "timestamp", "9007199254740993.0")), min_history=0)
+    assert log.timestamp.max() == 2 ** 53 + 1
+    frame = pd.read_csv(_write_csv(tmp_path, "\n".join([HEADER, *ROWS]) + "\n"), keep_default_na=False)
+    frame["timestamp"] = frame["timestamp"].astype(np.float64)
+    frame.loc[2, "timestamp"] = 2.0 ** 53 + 2
+    frame.to_parquet(tmp_path / "log.parquet")
+    with pytest.raises(LogFormatError, match=r"log.parquet: row 2, column 'timestamp': .* too large to be an exact "
+                                             r"integer"):
+        load_log(tmp_path / "log.parquet")
 
 
 def test_parquet_uint64_beyond_int64_is_refused(tmp_path):
@@ -84,7 +113,7 @@ def test_parquet_uint64_beyond_int64_is_refused(tmp_path):
     frame["timestamp"] = frame["timestamp"].astype(np.uint64)
     frame.loc[3, "timestamp"] = np.uint64(2 ** 63)
     frame.to_parquet(tmp_path / "log.parquet")
-    with pytest.raises(LogFormatError, match=r"log.parquet: column 'timestamp' row 3 holds 9223372036854775808, "
+    with pytest.raises(LogFormatError, match=r"log.parquet: row 3, column 'timestamp': 9223372036854775808 is "
                                              r"outside the int64 range"):
         load_log(tmp_path / "log.parquet")
 
@@ -172,3 +201,41 @@ def test_damaged_parquet_files_are_log_format_errors(tmp_path, cut, flip):
 def test_gzip_that_is_not_gzip(tmp_path):
     with pytest.raises(LogFormatError, match=r"log.csv.gz: not a readable CSV file \(BadGzipFile"):
         load_log(_write_csv(tmp_path, b"not gzip at all", "log.csv.gz"))
+
+
+# ----- strict CSV: a malformed field is an error naming its line, never a silent rewrite ----------------------
+@pytest.mark.parametrize("cell", ['"Heat" (1995)', '"Heat"(1995)', '"Heat" "x"'])
+def test_text_after_a_closing_quote_is_refused_naming_the_line(tmp_path, cell):
+    """pandas (and pyarrow) read `"Heat" (1995)` as `Heat (1995)` without a word."""
+    data = HEADER + "\n" + ROWS[0] + "\n\n" + f"3,13,170,1,{cell},liked\n"
+    with pytest.raises(LogFormatError, match=r"log.csv: line 4: a quoted field goes on after its closing quote"):
+        load_log(_write_csv(tmp_path, data))
+
+
+def test_quotes_inside_fields_and_line_breaks_inside_quotes_are_kept_and_lines_still_counted(tmp_path):
+    data = (HEADER + "\n" + '1,10,100,1,"The ""Heat"" (1995)\nsecond line",liked\n' + "\n"
+            + '1,11,200,0,He said "hi",watched\n' + "1,12,x,0,Big,watched\n")
+    with pytest.raises(LogFormatError, match=r"log.csv: line 6, column 'timestamp': must hold integers, got 'x'"):
+        load_log(_write_csv(tmp_path, data))
+    log = load_log(_write_csv(tmp_path, data.replace(",x,", ",300,")), min_history=0)
+    assert sorted(log.item_texts.values()) == ['Big', 'He said "hi"', 'The "Heat" (1995)\nsecond line']
+
+
+def test_a_header_naming_a_column_twice_is_refused(tmp_path):
+    with pytest.raises(LogFormatError, match=r"line 1: the header names column\(s\) \['label'\] more than once"):
+        load_log(_write_csv(tmp_path, HEADER + ",label\n" + ROWS[0] + ",1\n"))
+
+
+@pytest.mark.parametrize("column,value,want", [
+    ("label", "2", "column 'label': must be 0 or 1, got '2'"),
+    ("item_text", " ", r"column 'item_text': empty \(item_id 11\)"),
+    ("sequence", "x||y", "column 'sequence': must name one or more sequences"),
+])
+def test_value_errors_name_the_file_line_and_column(tmp_path, column, value, want):
+    lines = (HEADER + "\n" + "\n".join(ROWS) + "\n").split("\n")
+    data = "\n".join([*lines[:2], "", *lines[2:]])  # a blank line: rows below it sit one line lower
+    data = data.replace('1,11,200,0,"Up, the film",watched',
+                        {"label": '1,11,200,2,"Up, the film",watched',
+                         "item_text": "1,11,200,0, ,watched", "sequence": '1,11,200,0,"Up, the film",x||y'}[column])
+    with pytest.raises(LogFormatError, match=rf"log.csv: line 4, {want}"):
+        load_log(_write_csv(tmp_path, data))

@@ -251,21 +251,24 @@ def with_changes(column, values):
     [
         (good_frame().drop(columns="label"), r"missing column\(s\) \['label'\]"),
         (good_frame().iloc[:0], "no rows"),
-        (with_changes("user_id", [1, 1.5, 2]), "column 'user_id' must hold integers, row 1 holds 1.5"),
-        (with_changes("item_id", [10, "x", 10]), "column 'item_id' must hold integers, row 1 holds 'x'"),
-        (with_changes("timestamp", [100, None, 150]), "column 'timestamp' must hold integers, row 1"),
-        (with_changes("user_id", [True, False, True]), "column 'user_id' must hold integers, got booleans"),
-        (with_changes("label", [1, 2, 0]), "column 'label' must be 0 or 1, row 1 holds 2"),
-        (with_changes("item_text", ["a", "  ", "a"]), "column 'item_text' is empty at row 1 \\(item_id 11\\)"),
-        (with_changes("item_text", ["a", None, "a"]), "column 'item_text' is missing at row 1 \\(item_id 11\\)"),
-        (with_changes("item_text", ["a", 7, "a"]), "column 'item_text' must hold strings, row 1 holds 7"),
+        (with_changes("user_id", [1, 1.5, 2]), "row 1, column 'user_id': an id must be a string or an integer, got "
+                                               "the float 1.5"),
+        (with_changes("item_id", [10, None, 10]), "row 1, column 'item_id': the id is missing"),
+        (with_changes("item_id", [10, " ", 10]), r"row 1, column 'item_id': an id is blank \(' '\)"),
+        (with_changes("timestamp", [100, None, 150]), "row 1, column 'timestamp': must hold integers"),
+        (with_changes("user_id", [True, False, True]), "row 0, column 'user_id': an id must be a string or an "
+                                                       "integer, got True"),
+        (with_changes("label", [1, 2, 0]), "row 1, column 'label': must be 0 or 1, got 2"),
+        (with_changes("item_text", ["a", "  ", "a"]), "row 1, column 'item_text': empty \\(item_id 11\\)"),
+        (with_changes("item_text", ["a", None, "a"]), "row 1, column 'item_text': missing \\(item_id 11\\)"),
+        (with_changes("item_text", ["a", 7, "a"]), "row 1, column 'item_text': must hold strings, got 7"),
         (
             with_changes("item_text", ["a", "b", "c"]),
             r"item_id 10 has two different texts: 'a' \(row 0\) and 'c' \(row 2\)",
         ),
-        (with_changes("sequence", ["x", "", "y"]), "column 'sequence' must name one or more .* row 1 holds ''"),
-        (with_changes("sequence", ["x", "x||y", "y"]), "row 1 holds 'x||y'"),
-        (with_changes("sequence", ["x", None, "y"]), "column 'sequence' is missing at row 1"),
+        (with_changes("sequence", ["x", "", "y"]), "row 1, column 'sequence': must name one or more .* got ''"),
+        (with_changes("sequence", ["x", "x||y", "y"]), "row 1, column 'sequence': .* got 'x||y'"),
+        (with_changes("sequence", ["x", None, "y"]), "row 1, column 'sequence': missing"),
     ],
 )
 def test_bad_tables_name_column_and_row(frame, message):
@@ -278,10 +281,10 @@ def test_bad_files_and_arguments(tmp_path):
         load_log(tmp_path / "log.json")
     csv = tmp_path / "log.csv"
     good_frame().assign(user_id=["1", "", "2"]).to_csv(csv, index=False)
-    with pytest.raises(LogFormatError, match=r"log.csv: column 'user_id' must hold integers, row 1 holds ''"):
+    with pytest.raises(LogFormatError, match=r"log.csv: line 3, column 'user_id': an id is empty"):
         load_log(csv)
     good_frame().assign(item_text=["Heat (1995) | Action", "", "Heat (1995) | Action"]).to_csv(csv, index=False)
-    with pytest.raises(LogFormatError, match="column 'item_text' is empty at row 1"):
+    with pytest.raises(LogFormatError, match="log.csv: line 3, column 'item_text': empty"):
         load_log(csv)
     log = BehaviorLog.from_frame(good_frame())
     with pytest.raises(IndexError, match="example row 3 is outside the log's 3 events"):

@@ -128,7 +128,7 @@ def _frame(n: int = 30) -> pd.DataFrame:
 
 @pytest.mark.parametrize("break_it,message", [
     (lambda f: f.drop(columns=["label"]), "missing column(s) ['label']"),
-    (lambda f: f.assign(label=[*[0] * 25, 3, *[0] * 4]), "column 'label' must be 0 or 1, row 25 holds 3"),
+    (lambda f: f.assign(label=[*[0] * 25, 3, *[0] * 4]), "row 25, column 'label': must be 0 or 1, got 3"),
     (lambda f: f.assign(item_text=[*f["item_text"][:22], "other", *f["item_text"][23:]]),
      "item_id 2 has two different texts"),
     (lambda f: f.iloc[:0], "the table has no rows"),
@@ -142,7 +142,7 @@ def test_bad_logs_fail_naming_the_problem_and_the_file_row(tmp_path, break_it, m
 
 
 @pytest.mark.parametrize("rows,message", [
-    (2000, "log.csv: column 'timestamp' must hold integers, row 1900 holds 'soon'"),  # the file's row, not the batch's
+    (2000, "log.csv: row 1900, column 'timestamp': must hold integers, got 'soon'"),  # the file's row, not the batch's
     (200_000, "invalid value 'soon'"),  # past pyarrow's first block, whose types it inferred: its own message
 ])
 def test_a_csv_cell_of_the_wrong_type_fails_naming_it(tmp_path, rows, message):

@@ -21,6 +21,7 @@ import pandas as pd
 
 from engine.features.categorical import USER_ID
 from engine.features.history_window import window_start
+from engine.training.data.log_ids import keys_of
 from engine.training.data.log_schema import (CATEGORY_PREFIX, SEQUENCE_COLUMN, SEQUENCE_SEPARATOR, LogFormatError,
                                               validate_frame)
 
@@ -83,7 +84,9 @@ class BehaviorLog:
     membership: (N, S) bool, membership[i, s] = event i belongs to sequence_names[s];
     item_texts: item id -> text, covering every item in `item`;
     categorical: feature name -> (N,) object array of the event's value (str, or None: unknown), from the
-    file's cat_<name> columns (engine.features.categorical; the user id is always there as `category_values("user_id")`).
+    file's cat_<name> columns (engine.features.categorical; the user id is always there as `category_values("user_id")`);
+    user_keys, item_keys: the exact ids behind `user` and `item` (engine.training.data.log_ids): (K,) object
+    keys by code, or None when the codes are the integer ids themselves.
     """
 
     user: np.ndarray
@@ -95,6 +98,8 @@ class BehaviorLog:
     sequence_names: tuple[str, ...]
     min_history: int = 1
     categorical: dict[str, np.ndarray] = field(default_factory=dict)
+    user_keys: np.ndarray | None = None
+    item_keys: np.ndarray | None = None
 
     # Derived indexes (built in __post_init__).
     _user_start: np.ndarray = field(init=False, repr=False)  # (N,) first row of the event's user
@@ -152,6 +157,15 @@ class BehaviorLog:
             arr = getattr(self, name)
             if arr.shape != (n,):
                 raise ValueError(f"{name} must have shape ({n},) like user, got {arr.shape}")
+        for name in ("user", "item"):
+            keys = getattr(self, f"{name}_keys")
+            if keys is not None:
+                keys = np.asarray(keys, dtype=object)
+                setattr(self, f"{name}_keys", keys)
+                codes = getattr(self, name)
+                if codes.size and (codes.min() < 0 or codes.max() >= keys.size):
+                    raise ValueError(f"{name} codes must index {name}_keys ({keys.size} keys), got {int(codes.min())}.."
+                                     f"{int(codes.max())}")
         if not np.isin(self.label, (0, 1)).all():
             raise ValueError(f"label must hold 0 or 1, got values {np.unique(self.label)[:5].tolist()}")
         self.label = self.label.astype(np.int8)
@@ -174,13 +188,13 @@ class BehaviorLog:
     # ----- construction ---------------------------------------------------------------------
     @classmethod
     def from_frame(cls, frame: pd.DataFrame, *, min_history: int = 1, sequence_names: Sequence[str] | None = None,
-                   source: str = "log") -> BehaviorLog:
+                   source: str = "log", lines: np.ndarray | None = None) -> BehaviorLog:
         """Validate a table in the file schema (`log_schema`) and build the log. `sequence_names` fixes
         the order of the sequences (it must name every sequence in the table; listed names that never
         occur are kept, empty); by default they come in order of first appearance. `source` names the
-        table in error messages."""
-        *columns, categorical = validate_frame(frame, sequence_names, source)
-        return cls(*columns, min_history, categorical)
+        table in error messages, `lines` (a CSV file's line of each row) the places in them."""
+        *columns, categorical, ids = validate_frame(frame, sequence_names, source, lines)
+        return cls(*columns, min_history, categorical, ids["user"], ids["item"])
 
     def to_frame(self) -> pd.DataFrame:
         """The log in the file schema, rows in (user, timestamp) order, with a `sequence` column."""
@@ -190,7 +204,9 @@ class BehaviorLog:
             raise ValueError(f"every event must belong to a sequence to be written; row {row} belongs to none")
         combos, combo_of = np.unique(self.membership, axis=0, return_inverse=True)
         cells = np.array([SEQUENCE_SEPARATOR.join(names[c]) for c in combos], dtype=object)
-        return pd.DataFrame({"user_id": self.user, "item_id": self.item, "timestamp": self.timestamp,
+        user = self.user if self.user_keys is None else self.user_keys[self.user]
+        item = self.item if self.item_keys is None else self.item_keys[self.item]
+        return pd.DataFrame({"user_id": user, "item_id": item, "timestamp": self.timestamp,
                              "label": self.label.astype(np.int64), "item_text": self._text_of[self._event_item_row],
                              SEQUENCE_COLUMN: cells[combo_of.reshape(-1)],
                              **{CATEGORY_PREFIX + name: values for name, values in self.categorical.items()}})
@@ -198,8 +214,8 @@ class BehaviorLog:
     def category_values(self, name: str, rows: np.ndarray) -> list:
         """Feature `name`'s values (str, or None: unknown) at event `rows`: the user id for "user_id", else the
         log's cat_<name> column; KeyError naming the features the log has."""
-        if name == USER_ID:
-            return self.user[rows].tolist()
+        if name == USER_ID:  # its key: an integer id hashes as its decimal text, so ints serve as they are
+            return self.user[rows].tolist() if self.user_keys is None else self.user_keys[self.user[rows]].tolist()
         if name not in self.categorical:
             raise KeyError(f"the log has no categorical feature {name!r}; it has {[USER_ID, *self.categorical]}")
         return self.categorical[name][rows].tolist()
@@ -232,6 +248,14 @@ class BehaviorLog:
     def item_id_texts(self) -> list[str]:
         """(I,) the texts of `item_ids`, in the same order."""
         return self._text_of.tolist()
+
+    def user_key(self, codes: np.ndarray) -> list[str]:
+        """The exact ids (keys, `weights.id_vocabulary`) of user `codes`."""
+        return keys_of(np.asarray(codes, dtype=np.int64), self.user_keys)
+
+    def item_key(self, codes: np.ndarray) -> list[str]:
+        """The exact ids (keys) of item `codes` (e.g. `item_ids`)."""
+        return keys_of(np.asarray(codes, dtype=np.int64), self.item_keys)
 
     def target_texts(self, rows: Any) -> list[str]:
         """The texts of the target items of the examples at `rows`."""

@@ -6,15 +6,15 @@ import csv
 import gzip
 import json
 import os
-import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 
 from engine.training.data.log import BehaviorLog
-from engine.training.data.log_schema import SEQUENCE_COLUMN, LogFormatError
+from engine.training.data.log_schema import LogFormatError
 
-__all__ = ["load_log", "write_log"]
+__all__ = ["load_log", "read_csv_strict", "write_log"]
 
 _PARQUET_ORDER_KEY = b"bahe.sequence_names"  # parquet schema metadata: the sequence order, as JSON
 
@@ -31,38 +31,71 @@ def load_log(path: str | os.PathLike, *, min_history: int = 1,
              sequence_names: Sequence[str] | None = None) -> BehaviorLog:
     """Read and validate a behavior log file (CSV or parquet by extension). Sequence order:
     `sequence_names` if given, else the order stored by `write_log` in a parquet file, else first
-    appearance in the file. A file that is not a table in the schema is a LogFormatError naming the file
-    and, for a CSV file's structure (bytes that are not UTF-8, an open quote, a ragged row), the line."""
+    appearance in the file. A file that is not a table in the schema is a LogFormatError naming the file,
+    the place (CSV: the file line, header counted; parquet: the 0-based row) and the column."""
     path = os.fspath(path)
+    lines = None
     if _suffix(path) == "csv":
-        frame = _read_csv(path)
+        frame, lines = read_csv_strict(path)
     else:
         frame, stored = _read_parquet(path)
         sequence_names = stored if sequence_names is None else sequence_names
+    return BehaviorLog.from_frame(frame, min_history=min_history, sequence_names=sequence_names, source=path,
+                                  lines=lines)
+
+
+def read_csv_strict(path: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """(every cell as the exact string it holds, the file line each data row starts on). Python's csv reader in
+    strict mode, not pandas or pyarrow: both rewrite a field such as `"Heat" (1995)` (a closing quote followed
+    by more text) silently, and pyarrow lets an unclosed quote swallow the rest of the file. Refused with
+    LogFormatError naming the line: bytes that are not UTF-8, such a quote, a quote never closed, a row
+    with more or fewer fields than the header, a header naming a column twice, an empty file. Blank lines
+    are skipped; a quoted field may hold commas, doubled quotes and line breaks; a leading BOM is dropped."""
+    rows: list[list[str]] = []
+    starts: list[int] = []
+    header: list[str] | None = None
+    start = 1
     try:
-        return BehaviorLog.from_frame(frame, min_history=min_history, sequence_names=sequence_names, source=path)
-    except LogFormatError:
-        problem = _csv_problem(path) if _suffix(path) == "csv" else None  # a short row reads as empty cells
-        if problem is None:
+        with _open(path, "r", encoding="utf-8-sig", newline="") as text:
+            reader = csv.reader(text, strict=True)
+            try:
+                for record in reader:
+                    if record and header is None:
+                        header = record
+                    elif record:
+                        if len(record) != len(header):
+                            raise LogFormatError(f"{path}: line {start} has {len(record)} fields, but the header has "
+                                                 f"{len(header)}")
+                        rows.append(record)
+                        starts.append(start)
+                    start = reader.line_num + 1
+            except csv.Error as err:
+                raise LogFormatError(f"{path}: line {start}: {_csv_error(str(err))}") from None
+    except UnicodeDecodeError:
+        raise LogFormatError(f"{path}: {_not_utf8(path)}") from None
+    except (OSError, EOFError) as err:
+        if isinstance(err, FileNotFoundError):
             raise
-        raise LogFormatError(f"{path}: {problem}") from None
+        raise LogFormatError(f"{path}: not a readable CSV file ({type(err).__name__}: {err})") from None
+    if header is None:
+        raise LogFormatError(f"{path}: the file is empty: expected a header line naming the columns")
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:
+        raise LogFormatError(f"{path}: line 1: the header names column(s) {twice} more than once")
+    columns = list(zip(*rows)) if rows else [()] * len(header)
+    frame = pd.DataFrame({name: pd.Series(cells, dtype=object) for name, cells in zip(header, columns)})
+    return frame, np.array(starts, dtype=np.int64)
 
 
-def _read_csv(path: str) -> pd.DataFrame:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", pd.errors.ParserWarning)  # rows longer than the header: data dropped
-            # Texts verbatim: no "NA"/"null" -> NaN, and empty cells stay "" so errors can name them. No index
-            # column guessed from a header one field short: that would shift every column.
-            return pd.read_csv(path, keep_default_na=False, index_col=False,
-                               dtype={"item_text": str, SEQUENCE_COLUMN: str})
-    except pd.errors.EmptyDataError:
-        raise LogFormatError(f"{path}: the file is empty: expected a header line naming the columns") from None
-    except FileNotFoundError:
-        raise
-    except (ValueError, OSError, EOFError, pd.errors.ParserWarning) as err:  # ParserError, UnicodeDecodeError, gzip
-        problem = _csv_problem(path) if not isinstance(err, (OSError, EOFError)) else None
-        raise LogFormatError(f"{path}: {problem or f'not a readable CSV file ({type(err).__name__}: {err})'}") from None
+def _csv_error(message: str) -> str:
+    if "unexpected end of data" in message:
+        return "a quoted field is never closed"
+    if "expected after" in message:
+        return ("a quoted field goes on after its closing quote (a field holding a quote must be quoted whole, "
+                'its quotes doubled: "The ""Heat"" (1995)")')
+    if "field larger than field limit" in message:
+        return f"a field is longer than {csv.field_size_limit()} characters"
+    return message
 
 
 def _open(path: str, mode: str, **kwargs):
@@ -70,34 +103,15 @@ def _open(path: str, mode: str, **kwargs):
         else open(path, mode, **kwargs)
 
 
-def _csv_problem(path: str) -> str | None:
-    """'line L: what' for the first structural fault of a CSV file (bytes that are not UTF-8, a quote left
-    open, a row with more or fewer fields than the header), or None. Read only once something failed."""
-    try:
-        with _open(path, "rb") as raw:
-            for number, line in enumerate(raw, 1):
-                try:
-                    line.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    return f"line {number} is not UTF-8 text (byte 0x{line[err.start]:02x} at column {err.start + 1})"
-        with _open(path, "r", encoding="utf-8-sig", newline="") as text:
-            reader, fields, start = csv.reader(text, strict=True), None, 1
+def _not_utf8(path: str) -> str:
+    """'line L is not UTF-8 text (byte ... at column C)' for the first line of `path` that is not UTF-8."""
+    with _open(path, "rb") as raw:
+        for number, line in enumerate(raw, 1):
             try:
-                for record in reader:
-                    if record and fields is None:
-                        fields = len(record)
-                    elif record and len(record) != fields:
-                        return f"line {start} has {len(record)} fields, but the header has {fields}"
-                    start = reader.line_num + 1
-            except csv.Error as err:
-                if "field larger than field limit" in str(err):
-                    return None
-                if "unexpected end of data" in str(err):
-                    return f"line {start}: a quoted field is never closed"
-                return f"line {start}: {err}"
-    except (OSError, EOFError):
-        return None
-    return None
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return f"line {number} is not UTF-8 text (byte 0x{line[err.start]:02x} at column {err.start + 1})"
+    return "not UTF-8 text"
 
 
 def _read_parquet(path: str) -> tuple[pd.DataFrame, list[str] | None]:

@@ -201,8 +201,11 @@ def prepare_stream(path: str | os.PathLike, folder: str | os.PathLike, config: S
         for batch in batches:
             if batch.num_rows == 0:
                 continue
-            user, item, timestamp, label, member, batch_texts, batch_names, cats = _validated(
+            user, item, timestamp, label, member, batch_texts, batch_names, cats, ids = _validated(
                 batch, n, sequence_names, path)
+            if ids["user"] is not None or ids["item"] is not None:
+                raise LogFormatError(f"{path}: streaming reads integer user_id and item_id only, the rows from row {n} "
+                                     "on hold other ids (strings, or integers past int64); load the log whole instead")
             _merge_texts(texts, batch_texts, path, n)
             mask = _mask(member, batch_names, names, path)
             if categorical is None:
