@@ -118,7 +118,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from engine.training.studies.experiment import SampleConfig, build_scorer, load_data, sample_split, train_and_test
     from engine.training.data.log_schema import LogFormatError
     from engine.training.loops.train import TrainConfig
-    from engine.training.loops.train_commands import scorer_config, train_distributed, train_streamed
+    from engine.training.loops.train_commands import (bucket_report, id_vocabulary, scorer_config, train_distributed,
+                                                      train_streamed)
     launch = _launch("bahe train", args.distributed)
     if args.stream:
         if args.distributed:
@@ -135,6 +136,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                     for k, v in rows.items()}))
     config = scorer_config(args, data)
     out = Path(args.out)
+    id_vocabulary(data, out / "scorer", write=False)  # an item id whose stored text differs stops the run here
+    say(json.dumps({"hashed_buckets": bucket_report(data, config)}))
     if launch is not None:
         train_distributed(launch, args, data, split, rows, config)
         return
@@ -147,13 +150,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         device=str(scorer.device))
     bahe.store_item_counts(data, split.test_start)  # the item statistics served: the training period's
     scorer.save_pretrained(out / "scorer")
+    vocabulary = id_vocabulary(data, out / "scorer")
     print(f"test AUC {result.test['auc']:.4f}, log loss {result.test['logloss']:.4f}, best epoch "
           f"{result.fit.best_epoch}, {sum(result.fit.epoch_seconds) / len(result.fit.epoch_seconds):.1f} s/epoch, "
           f"{len(result.fit.epoch_seconds) * rows['train'].size / max(sum(result.fit.epoch_seconds), 1e-9):.0f} "
           "train examples/s; "
-          f"scorer saved to {out / 'scorer'}")
-
-
+          f"scorer saved to {out / 'scorer'} (ids.json: {len(vocabulary.users)} user ids, {len(vocabulary.items)} "
+          "item ids)")
 
 
 def cmd_score(args: argparse.Namespace) -> None:

@@ -126,10 +126,11 @@ class VocabularyFile:
 
     @classmethod
     def update(cls, path: str | Path, users: Iterable[str], items: Mapping[str, str],
-               lock_timeout: float | None = None) -> VocabularyFile:
+               lock_timeout: float | None = None, write: bool = True) -> VocabularyFile:
         """Extend the file at `path` (made if absent) with user keys `users` and items (key -> text), under its
         lock: stored keys keep their numbers and texts, new ones are appended. IdError naming the item when a
-        stored item comes with another text (nothing written)."""
+        stored item comes with another text (nothing written). `write=False`: only check (and return the
+        result)."""
         path = Path(path)
         with file_lock(path, lock_timeout):
             try:
@@ -145,5 +146,6 @@ class VocabularyFile:
             before = len(stored.items)
             stored.items.extend(items)
             stored.item_texts.extend(items[key] for key in stored.items.keys[before:])
-            stored.write(path)
+            if write:
+                stored.write(path)
         return stored

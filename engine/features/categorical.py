@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["USER_ID", "CategoryValue", "bucket_of", "category_buckets", "category_rows"]
+__all__ = ["USER_ID", "CategoryValue", "bucket_collisions", "bucket_of", "category_buckets", "category_rows"]
 
 USER_ID = "user_id"  # the feature a log supplies from its user column; others come from its cat_<name> columns
 CategoryValue = str | int | None
@@ -49,3 +49,13 @@ def category_rows(bucket_ids: np.ndarray, seen: np.ndarray) -> np.ndarray:
     known = bucket_ids >= 0
     known[known] = seen[bucket_ids[known]]
     return np.where(known, bucket_ids, unseen)
+
+
+def bucket_collisions(name: str, values: Sequence[CategoryValue], buckets: int) -> dict[str, float | int]:
+    """How feature `name`'s distinct known `values` share its hash buckets (collisions are accepted by design:
+    this measures them): {"values": V, "buckets": B used, "collision_rate": 1 - B / V, the share of values
+    that took a bucket another value already had}."""
+    keys = {f"{value}" for value in values if value is not None}
+    used = {bucket_of(name, key, buckets) for key in keys}
+    return {"values": len(keys), "buckets": len(used),
+            "collision_rate": round(1 - len(used) / len(keys), 6) if keys else 0.0}

@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 from engine.config import EncoderConfig, ModelConfig, ScorerConfig
 from engine.training.data.example_features import log_categorical_features
 
@@ -20,6 +22,27 @@ def scorer_config(args: argparse.Namespace, log) -> ScorerConfig:
     return ScorerConfig(encoder=EncoderConfig(num_lower_layers=args.lower_layers, max_tokens=args.max_tokens),
                         model=ModelConfig(sequence_names=log.sequence_names, max_behaviors=args.max_behaviors,
                                           categorical_features=categorical))
+
+def id_vocabulary(log, folder: Path, write: bool = True):
+    """Extend the append-only id vocabulary of the scorer `folder` (weights.id_vocabulary, `ids.json`) with the
+    log's user ids and item ids and texts; `write=False` checks only (run it before training, so a conflict stops
+    the run before anything is saved). SystemExit naming the item whose stored text differs."""
+    from weights.id_vocabulary import FILE_NAME, IdError, VocabularyFile
+    items = dict(zip(log.item_key(log.item_ids), log.item_id_texts))
+    try:
+        return VocabularyFile.update(folder / FILE_NAME, log.user_key(np.unique(log.user)), items, write=write)
+    except IdError as err:
+        raise SystemExit(f"bahe train: {err}") from None
+
+
+def bucket_report(log, config: ScorerConfig) -> dict[str, dict]:
+    """Per categorical feature trained with: its distinct values in the log, the hash buckets they use and the
+    collision rate (engine.features.categorical.bucket_collisions)."""
+    from engine.features.categorical import bucket_collisions
+    rows = np.arange(log.num_events)
+    return {name: bucket_collisions(name, log.category_values(name, rows), config.model.categorical_buckets)
+            for name in config.model.categorical_features}
+
 
 def train_distributed(launch, args: argparse.Namespace, data, split, rows, config) -> None:
     """`bahe train --distributed`: every rank trains its users' share under DDP; rank 0 saves the scorer."""
@@ -46,6 +69,7 @@ def train_distributed(launch, args: argparse.Namespace, data, split, rows, confi
         if launch.is_writer:
             try:
                 scorer.save_pretrained(out / "scorer")
+                id_vocabulary(data, out / "scorer")
             except Exception as err:  # noqa: BLE001 - every rank exits non-zero with it
                 error = err
         distributed.broadcast_outcome(error)

@@ -1,0 +1,123 @@
+"""String and integer ids in logs (engine.training.data.log_ids, weights.id_vocabulary): exact keys, the
+"17" vs 17 rule, the append-only vocabulary a scorer folder keeps, and the hashed buckets' collision report."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from engine import cli
+from engine.features.categorical import bucket_collisions, bucket_of
+from engine.training.data.log import BehaviorLog
+from engine.training.data.log_files import load_log, write_log
+from weights.id_vocabulary import FILE_NAME, IdError, IdVocabulary, VocabularyFile, id_key
+from tests.synthetic_logs import FIXTURE
+
+
+def _string_ids(frame: pd.DataFrame) -> pd.DataFrame:
+    """The same log keyed as real logs are: user UUID-like strings, item SKUs with leading zeros."""
+    return frame.assign(user_id=[f"user-{u:04x}-{u * 7919 % 65536:04x}" for u in frame["user_id"]],
+                        item_id=[f"SKU-{i:06d}" for i in frame["item_id"]])
+
+
+def test_a_log_keyed_by_strings_is_the_same_log_as_by_integers(tmp_path):
+    frame = pd.read_parquet(FIXTURE)
+    _string_ids(frame).to_csv(tmp_path / "log.csv", index=False)
+    by_int, by_str = load_log(FIXTURE), load_log(tmp_path / "log.csv")
+    assert by_int.user_keys is None and by_str.user_keys is not None and by_str.item_keys is not None
+    assert by_str.num_events == by_int.num_events and by_str.examples.size == by_int.examples.size
+    order = np.lexsort((by_str.timestamp, by_str.user_key(by_str.user)))  # both logs in (user, time) order...
+    rows_int = np.lexsort((by_int.timestamp, [f"user-{u:04x}-{u * 7919 % 65536:04x}" for u in by_int.user]))
+    assert by_str.sequence_texts(order, 8) == by_int.sequence_texts(rows_int, 8)  # ...have the same histories
+    assert by_str.target_texts(order) == by_int.target_texts(rows_int)
+    assert by_str.item_key(by_str.item[order]) == [f"SKU-{i:06d}" for i in by_int.item[rows_int]]
+    users = by_str.category_values("user_id", order)
+    assert users[0].startswith("user-") and len(set(users)) == np.unique(by_int.user).size
+    write_log(by_str, tmp_path / "again.parquet")  # keys written back, read back the same
+    again = load_log(tmp_path / "again.parquet")
+    assert sorted(again.user_key(again.user)) == sorted(by_str.user_key(by_str.user))
+
+
+def test_17_and_its_text_are_one_id_and_017_another(tmp_path):
+    """The rule: an integer and its decimal text are the same id; any other text (017, +17, 17.0, ' 17') is
+    another id. Across files (parquet integers, CSV text) and inside one column."""
+    rows = {"timestamp": [1, 2, 3, 4], "label": [1, 0, 1, 0], "item_text": ["a", "a", "b", "c"]}
+    mixed = pd.DataFrame({"user_id": [17, "17", "017", " 17"], "item_id": [5, 5, "05", 6], **rows})
+    log = BehaviorLog.from_frame(mixed, min_history=0)
+    assert sorted(log.user_key(np.unique(log.user))) == [" 17", "017", "17"]
+    assert sorted(log.item_key(log.item_ids)) == ["05", "5", "6"]
+    pd.DataFrame({"user_id": [17, 17], "item_id": [5, 6], **{k: v[:2] for k, v in rows.items()}}).to_parquet(
+        tmp_path / "a.parquet")
+    (tmp_path / "b.csv").write_text("user_id,item_id,timestamp,label,item_text\n17,5,1,1,a\n17,6,2,0,a\n")
+    a, b = load_log(tmp_path / "a.parquet"), load_log(tmp_path / "b.csv")
+    assert a.user_key(a.user) == b.user_key(b.user) == ["17", "17"]
+    assert id_key(17) == id_key("17") == id_key(np.int64(17)) == id_key(17.0) == "17" != id_key("017")
+    assert bucket_of("user_id", 17, 1 << 16) == bucket_of("user_id", "17", 1 << 16)  # hashed buckets: same rule
+
+
+@pytest.mark.parametrize("value,why", [(None, "string or an integer"), (True, "got True"), ("", "empty"),
+                                       ("  ", "blank"), (1.5, "float 1.5"), (float("nan"), "missing"),
+                                       (2.0 ** 60, "float"), ([1], "got list")])
+def test_what_is_not_an_id(value, why):
+    with pytest.raises(IdError, match=why):
+        id_key(value)
+
+
+def test_the_vocabulary_is_append_only_and_refuses_a_changed_text(tmp_path):
+    path = tmp_path / FILE_NAME
+    first = VocabularyFile.update(path, ["u1", "u2"], {"SKU-1": "Heat", "17": "Up"})
+    assert first.users.keys == ["u1", "u2"] and first.items.numbers(["17", "SKU-1", "x"]).tolist() == [1, 0, -1]
+    second = VocabularyFile.update(path, ["u3", "u1"], {"SKU-9": "Big", "17": "Up"})
+    again = VocabularyFile.read(path)
+    assert again.users.keys == ["u1", "u2", "u3"] and again.items.keys == ["SKU-1", "17", "SKU-9"]
+    assert again.text_of("SKU-9") == "Big" == second.text_of("SKU-9") and again.text_of("nope") is None
+    before = path.read_bytes()
+    with pytest.raises(IdError, match=r"item '17' has the text 'Up' in the vocabulary and 'Down' now"):
+        VocabularyFile.update(path, [], {"SKU-5": "New", "17": "Down"})
+    assert path.read_bytes() == before  # nothing written
+    vocabulary = IdVocabulary(["a"])
+    assert vocabulary.extend(["b", "a", "c", "b"]).tolist() == [1, 0, 2, 1] and len(vocabulary) == 3
+
+
+@pytest.mark.parametrize("body,why", [(b"{", "not an id vocabulary"), (b"[]", "format is not"),
+                                      (b'{"format": "bahe-ids", "format_version": 9}', "format_version 9"),
+                                      (b'{"format": "bahe-ids", "format_version": 1, "users": [1], "items": [], '
+                                       b'"item_texts": []}', "lists of strings"),
+                                      (b'{"format": "bahe-ids", "format_version": 1, "users": ["a", "a"], '
+                                       b'"items": [], "item_texts": []}', "listed twice")])
+def test_a_damaged_vocabulary_file_is_an_id_error(tmp_path, body, why):
+    (tmp_path / FILE_NAME).write_bytes(body)
+    with pytest.raises(IdError, match=why):
+        VocabularyFile.read(tmp_path / FILE_NAME)
+
+
+def test_bucket_collisions_count_values_sharing_a_bucket():
+    values = [f"u{i}" for i in range(50)] + [None, "u1", "u2"]
+    report = bucket_collisions("user_id", values, 8)
+    used = {bucket_of("user_id", f"u{i}", 8) for i in range(50)}
+    assert report == {"values": 50, "buckets": len(used), "collision_rate": round(1 - len(used) / 50, 6)}
+    assert report["collision_rate"] >= 1 - 8 / 50
+    assert bucket_collisions("user_id", [None], 8)["collision_rate"] == 0.0
+
+
+def test_train_on_string_ids_saves_the_vocabulary_and_reports_collisions(tiny_checkpoints, tmp_path, capsys):
+    log = tmp_path / "log.csv"
+    _string_ids(pd.read_parquet(FIXTURE)).to_csv(log, index=False)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(log), "--model", str(tiny_checkpoints["llama"]), "--out", str(out),
+            "--lower-layers", "2", "--max-behaviors", "8", "--epochs", "1", "--train-examples", "60",
+            "--val-examples", "20", "--test-examples", "30", "--device", "cpu"]
+    cli.main(args)
+    printed = capsys.readouterr().out
+    report = next(json.loads(x) for x in printed.splitlines() if x.startswith('{"hashed_buckets"'))["hashed_buckets"]
+    assert report["user_id"]["values"] == 8 and set(report) == {"user_id", "gender", "occupation", "age"}
+    vocabulary = VocabularyFile.read(out / "scorer" / FILE_NAME)
+    frame = _string_ids(pd.read_parquet(FIXTURE))
+    assert set(vocabulary.users.keys) == set(frame["user_id"]) and set(vocabulary.items.keys) == set(frame["item_id"])
+    first = frame.iloc[0]
+    assert vocabulary.text_of(first["item_id"]) == first["item_text"]
+    frame.loc[frame["item_id"] == first["item_id"], "item_text"] = "Another text"
+    frame.to_csv(log, index=False)
+    with pytest.raises(SystemExit, match=rf"bahe train: .*item '{first['item_id']}' has the text"):
+        cli.main(args)  # stopped before training: the saved scorer and its vocabulary stay as they were
+    assert VocabularyFile.read(out / "scorer" / FILE_NAME).text_of(first["item_id"]) == first["item_text"]
