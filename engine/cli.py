@@ -116,17 +116,23 @@ def _encode_distributed(out: Path, texts: list[str], encoder, launch, args: argp
 def cmd_train(args: argparse.Namespace) -> None:
     from engine.training.loops.ctr_models import BAHECTR
     from engine.training.studies.experiment import SampleConfig, build_scorer, load_data, sample_split, train_and_test
+    from engine.training.data.log_files import load_log
     from engine.training.data.log_schema import LogFormatError
     from engine.training.loops.train import TrainConfig
     from engine.training.loops.train_commands import (bucket_report, id_vocabulary, scorer_config, train_distributed,
                                                       train_streamed)
     launch = _launch("bahe train", args.distributed)
     if args.stream:
+        if args.catalog or args.timestamps != "auto":
+            raise SystemExit("bahe train: --catalog and --timestamps are not built for --stream yet")
         if args.distributed:
             raise SystemExit("bahe train: --stream runs in one process; --distributed with it is not built yet")
         return train_streamed(args)
     try:
-        data = load_data(args.data)
+        if args.data == "movielens" and (args.catalog or args.timestamps != "auto"):
+            raise SystemExit("bahe train: --catalog and --timestamps apply to a log file given as --data")
+        data = load_data(args.data) if args.data == "movielens" else load_log(
+            args.data, catalog=args.catalog, timestamps=args.timestamps)
     except (LogFormatError, OSError) as err:
         raise SystemExit(f"bahe train: {err}") from None
     split = data.split()
@@ -242,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune BAHE (upper layers + head) on a click log, save a scorer")
     p.add_argument("--data", default="movielens", help="'movielens' or a CSV/parquet log "
                    "(user_id, item_id, timestamp, label, item_text[, sequence][, cat_<name> ...])")
+    p.add_argument("--catalog", help="an item catalog file (item_id, item_text[, cat_<name> ...]): the events' "
+                   "item texts and item features, so the log need not repeat them")
+    p.add_argument("--timestamps", default="auto", choices=["auto", "integer", "iso8601"],
+                   help="the log's timestamps: integers (any unit), ISO-8601 times (read as epoch ms, UTC), or auto")
     p.add_argument("--model", default="minilm")
     p.add_argument("--out", required=True)
     p.add_argument("--lower-layers", type=int, default=3)

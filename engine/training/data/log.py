@@ -188,12 +188,13 @@ class BehaviorLog:
     # ----- construction ---------------------------------------------------------------------
     @classmethod
     def from_frame(cls, frame: pd.DataFrame, *, min_history: int = 1, sequence_names: Sequence[str] | None = None,
-                   source: str = "log", lines: np.ndarray | None = None) -> BehaviorLog:
+                   source: str = "log", lines: np.ndarray | None = None, timestamps: str = "auto") -> BehaviorLog:
         """Validate a table in the file schema (`log_schema`) and build the log. `sequence_names` fixes
         the order of the sequences (it must name every sequence in the table; listed names that never
         occur are kept, empty); by default they come in order of first appearance. `source` names the
-        table in error messages, `lines` (a CSV file's line of each row) the places in them."""
-        *columns, categorical, ids = validate_frame(frame, sequence_names, source, lines)
+        table in error messages, `lines` (a CSV file's line of each row) the places in them; `timestamps`:
+        'auto', 'integer' or 'iso8601' (engine.training.data.log_time)."""
+        *columns, categorical, ids = validate_frame(frame, sequence_names, source, lines, timestamps)
         return cls(*columns, min_history, categorical, ids["user"], ids["item"])
 
     def to_frame(self) -> pd.DataFrame:

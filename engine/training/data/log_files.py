@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from engine.training.data.log import BehaviorLog
+from engine.training.data.log_catalog import join_catalog
 from engine.training.data.log_schema import LogFormatError
 
 __all__ = ["load_log", "read_csv_strict", "write_log"]
@@ -27,21 +28,30 @@ def _suffix(path: str | os.PathLike) -> str:
     raise LogFormatError(f"{os.fspath(path)}: unknown file type; expected a .csv, .csv.gz, .parquet or .pq file")
 
 
-def load_log(path: str | os.PathLike, *, min_history: int = 1,
-             sequence_names: Sequence[str] | None = None) -> BehaviorLog:
+def load_log(path: str | os.PathLike, *, min_history: int = 1, sequence_names: Sequence[str] | None = None,
+             catalog: str | os.PathLike | None = None, timestamps: str = "auto") -> BehaviorLog:
     """Read and validate a behavior log file (CSV or parquet by extension). Sequence order:
     `sequence_names` if given, else the order stored by `write_log` in a parquet file, else first
-    appearance in the file. A file that is not a table in the schema is a LogFormatError naming the file,
-    the place (CSV: the file line, header counted; parquet: the 0-based row) and the column."""
+    appearance in the file. `catalog`: an item catalog file (item_id, item_text[, cat_<name>]) giving the
+    events' item texts (`log_catalog`); `timestamps`: 'auto', 'integer' or 'iso8601' (`log_time`). A file
+    that is not a table in the schema is a LogFormatError naming the file, the place (CSV: the file line,
+    header counted; parquet: the 0-based row) and the column."""
     path = os.fspath(path)
-    lines = None
-    if _suffix(path) == "csv":
-        frame, lines = read_csv_strict(path)
-    else:
-        frame, stored = _read_parquet(path)
-        sequence_names = stored if sequence_names is None else sequence_names
+    frame, lines, stored = _read_table(path)
+    sequence_names = stored if sequence_names is None else sequence_names
+    if catalog is not None:
+        items, item_lines, _ = _read_table(os.fspath(catalog))
+        frame = join_catalog(frame, lines, path, items, item_lines, os.fspath(catalog))
     return BehaviorLog.from_frame(frame, min_history=min_history, sequence_names=sequence_names, source=path,
-                                  lines=lines)
+                                  lines=lines, timestamps=timestamps)
+
+
+def _read_table(path: str) -> tuple[pd.DataFrame, np.ndarray | None, list[str] | None]:
+    """(table, the file line of each row (CSV) or None, the sequence order stored in a parquet file or None)."""
+    if _suffix(path) == "csv":
+        return (*read_csv_strict(path), None)
+    frame, stored = _read_parquet(path)
+    return frame, None, stored
 
 
 def read_csv_strict(path: str) -> tuple[pd.DataFrame, np.ndarray]:

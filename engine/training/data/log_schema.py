@@ -3,7 +3,8 @@ per event:
 
     user_id    string or integer id (weights.id_vocabulary: 17 and "17" are one id, "017" another)
     item_id    string or integer id
-    timestamp  integer (any unit; only the order matters)
+    timestamp  integer (any unit; only the order matters), or ISO-8601 time (read as epoch milliseconds, UTC):
+               `log_time`, detected per log or declared
     label      0 or 1 (clicked)
     item_text  non-empty string; every row of one item_id carries the same text
     sequence   optional: the name of the sequence the event belongs to, or several names
@@ -29,6 +30,7 @@ import pandas as pd
 
 from engine.serving.inputs import has_no_visible_content
 from engine.training.data.log_ids import id_codes, keys_of
+from engine.training.data.log_time import iso_milliseconds, timestamp_kind
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +54,13 @@ def row_places(lines: np.ndarray | None) -> Place:
 
 
 def validate_frame(frame: pd.DataFrame, sequence_names: Sequence[str] | None, source: str,
-                   lines: np.ndarray | None = None) -> tuple:
+                   lines: np.ndarray | None = None, timestamps: str = "auto") -> tuple:
     """(user, item, timestamp, label, membership, item_texts, sequence_names, categorical, ids) of a table in the
     file schema, in `BehaviorLog`'s field order (ids: {"user": keys or None, "item": keys or None}, see
     `log_ids`); LogFormatError naming the place (`lines[i]`: CSV file line of data row i; else the row) and
     column of the first violation. `sequence_names` fixes the order of the sequences (it must name every
-    sequence in the table); by default they come in order of first appearance. `source` names the table."""
+    sequence in the table); by default they come in order of first appearance. `source` names the table.
+    `timestamps`: 'auto', 'integer' or 'iso8601' (`log_time`)."""
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise LogFormatError(f"{source}: missing column(s) {missing}; expected {list(REQUIRED_COLUMNS)} "
@@ -78,7 +81,11 @@ def validate_frame(frame: pd.DataFrame, sequence_names: Sequence[str] | None, so
     where = lambda i: f"{source}: {at(i)}"  # noqa: E731
     user, user_keys = id_codes(frame["user_id"], "user_id", where, LogFormatError)
     item, item_keys = id_codes(frame["item_id"], "item_id", where, LogFormatError)
-    timestamp, label = (_integer_column(frame, c, source, at) for c in ("timestamp", "label"))
+    if timestamp_kind(frame["timestamp"], timestamps) == "integer":
+        timestamp = _integer_column(frame, "timestamp", source, at)
+    else:
+        timestamp = iso_milliseconds(frame["timestamp"], where, LogFormatError)
+    label = _integer_column(frame, "label", source, at)
     bad = np.flatnonzero((label != 0) & (label != 1))
     if bad.size:
         i = int(bad[0])
