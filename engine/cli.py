@@ -168,7 +168,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     """Reads and checks every request line before scoring and writes the output only once all are scored:
     a bad line is one line on stderr naming the file and line, and nothing on stdout."""
-    from engine.serving.inputs import InputError, at_line, read_requests
+    from engine.serving.catalog import ItemCatalog
+    from engine.serving.inputs import InputError, ItemById, at_line, read_requests
     from engine.serving.scorer import BAHEScorer
     from weights.table import UnknownTextError
     source = "<stdin>" if args.input == "-" else args.input
@@ -179,13 +180,23 @@ def cmd_score(args: argparse.Namespace) -> None:
         raise SystemExit(f"bahe score: {source}: {err.strerror or err}") from None
     except InputError as err:
         raise SystemExit(f"bahe score: {err}") from None
+    by_id = [i for i, item in enumerate(items) if isinstance(item, ItemById)]
+    ids = {i: items[i].id for i in by_id}
+    if by_id:  # item ids -> texts through the scorer folder's catalog (ids.json)
+        try:
+            catalog = ItemCatalog.open(args.scorer)
+            for i in by_id:
+                items[i] = catalog.text(ids[i], f"line {lines[i]}: item_id")
+        except InputError as err:
+            raise SystemExit(f"bahe score: {source}: {err}") from None
     scorer = BAHEScorer.from_pretrained(args.scorer, device=args.device, kernels=args.kernels or "auto")
     try:
         probs = scorer.score(users, items, side_features=sides if any(s is not None for s in sides) else None)
     except (InputError, UnknownTextError) as err:
         raise SystemExit(f"bahe score: {source}: {at_line(str(err), lines)}") from None
-    sys.stdout.write("".join(json.dumps({"item": item, "p_click": round(float(p), 6)}) + "\n"
-                             for item, p in zip(items, probs)))
+    sys.stdout.write("".join(json.dumps({**({"item_id": ids[i]} if i in ids else {}), "item": item,
+                                         "p_click": round(float(p), 6)}) + "\n"
+                             for i, (item, p) in enumerate(zip(items, probs))))
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -278,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-per-shard", type=int, help="with --stream: val / test examples per shard (all)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("score", help="score JSON lines {\"user\": {...}, \"item\": \"...\"} with a saved scorer")
+    p = sub.add_parser("score", help="score JSON lines {\"user\": {...}, \"item\": \"...\"} (or \"item_id\": an id "
+                       "of the scorer's catalog, ids.json) with a saved scorer")
     p.add_argument("--scorer", required=True)
     p.add_argument("--input", default="-")
     p.add_argument("--device", default="auto")

@@ -7,6 +7,7 @@ import codecs
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -186,6 +187,12 @@ def locate_bad_text(texts: list[str], check: Callable[[object], object], lengths
     return None
 
 
+@dataclass(frozen=True)
+class ItemById:
+    """A `bahe score` line's item given by id (`"item_id"`), to be looked up in the scorer's catalog."""
+    id: object
+
+
 def read_requests(data: bytes, source: str) -> tuple[list[object], list[object], list[object], list[int]]:
     """`bahe score` input: JSON lines {"user": {...}, "item": "..."[, "side_features": {...}]} -> users, items,
     side features (None where a line has none) and the line number of each (1-based; blank lines are skipped). InputError naming the source and line for bytes that are not
@@ -211,11 +218,14 @@ def read_requests(data: bytes, source: str) -> tuple[list[object], list[object],
         if not isinstance(record, dict):
             raise InputError(f"{where}: expected a JSON object {{\"user\": {{...}}, \"item\": \"...\"}}, got "
                              f"{json.dumps(record)[:40]}")
-        missing = [key for key in ("user", "item") if key not in record]
+        missing = [key for key in ("user", "item") if key not in record and (key == "user" or "item_id" not in record)]
         if missing:
-            raise InputError(f"{where}: missing key(s) {missing}; expected {{\"user\": {{...}}, \"item\": \"...\"}}")
+            raise InputError(f"{where}: missing key(s) {missing}; expected {{\"user\": {{...}}, \"item\": \"...\"}}"
+                             " (or \"item_id\" in place of \"item\")")
+        if "item" in record and "item_id" in record:
+            raise InputError(f"{where}: both \"item\" and \"item_id\"; give one")
         users.append(record["user"])
-        items.append(record["item"])
+        items.append(record["item"] if "item" in record else ItemById(record["item_id"]))
         sides.append(record.get("side_features"))
         numbers.append(number)
     return users, items, sides, numbers

@@ -45,7 +45,7 @@ def test_the_log_reads_cat_columns(tmp_path):
     with pytest.raises(KeyError, match="no categorical feature 'town'"):
         log.category_values("town", np.arange(3))
     bad = frame.assign(cat_level=[1.5, 2.0, 3.0])
-    with pytest.raises(LogFormatError, match="'cat_level' must hold strings or integers, row 0 holds 1.5"):
+    with pytest.raises(LogFormatError, match="row 0, column 'cat_level': must hold strings or integers, got 1.5"):
         BehaviorLog.from_frame(bad)
     with pytest.raises(LogFormatError, match="cat_<name>"):
         BehaviorLog.from_frame(frame.assign(cat_user_id=1))

@@ -1,0 +1,76 @@
+"""Scoring and ranking by item id (engine.serving.catalog) through the id vocabulary of a scorer folder, by the
+API and by `bahe score` lines with "item_id": the same scores as by text; unknown ids named."""
+import json
+
+import numpy as np
+import pytest
+
+from engine import cli
+from engine.serving.catalog import ItemCatalog, rank_items, score_items
+from engine.serving.inputs import InputError
+from engine.serving.scorer import BAHEScorer
+from tests.serving.test_scorer import BEHAVIORS, ITEMS, make_scorer
+from weights.id_vocabulary import FILE_NAME, VocabularyFile
+
+IDS = ["SKU-0001", 17, "u-\u00e9", "0017"]  # 17 is stored as "17": the key rule; "0017" is another item
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("catalog")
+    make_scorer(tiny_checkpoints["llama"], root).save_pretrained(root / "scorer")
+    VocabularyFile.update(root / "scorer" / FILE_NAME, ["u1"], {str(k): t for k, t in zip(IDS, ITEMS)})
+    return root / "scorer"
+
+
+def test_scores_and_ranks_by_id_equal_those_by_text(folder):
+    scorer, catalog = BAHEScorer.from_pretrained(folder, device="cpu"), ItemCatalog.open(folder)
+    users = [{"click": BEHAVIORS[:3]}, {"buy": BEHAVIORS[3:5]}, {}, {"click": BEHAVIORS[5:6]}]
+    np.testing.assert_array_equal(score_items(scorer, catalog, users, ["SKU-0001", "17", 17, "0017"]),
+                                  scorer.score(users, [ITEMS[0], ITEMS[1], ITEMS[1], ITEMS[3]]))
+    by_id = rank_items(scorer, catalog, users[0], IDS, top_k=2)
+    by_text = scorer.rank(users[0], ITEMS, top_k=2)
+    np.testing.assert_array_equal(by_id.scores, by_text.scores)
+    np.testing.assert_array_equal(by_id.order, by_text.order)
+
+
+@pytest.mark.parametrize("ids,want", [(["SKU-0001", "SKU-9"], r"items\[1\]: item id 'SKU-9' is not in the catalog"),
+                                      (["SKU-0001", 17.5], r"items\[1\]: an id must be a string or an integer"),
+                                      ([""], r"items\[0\]: an id is empty"), ("SKU-0001", "must be a list of item ids")])
+def test_unknown_or_bad_ids_are_named(folder, ids, want):
+    scorer, catalog = BAHEScorer.from_pretrained(folder, device="cpu"), ItemCatalog.open(folder)
+    with pytest.raises(InputError, match=want):
+        score_items(scorer, catalog, [{}] * len(ids), ids)
+
+
+def test_a_folder_without_a_catalog(tiny_checkpoints, tmp_path):
+    make_scorer(tiny_checkpoints["llama"], tmp_path).save_pretrained(tmp_path / "scorer")
+    with pytest.raises(InputError, match=r"no item catalog \(ids.json\); it is written by `bahe train`"):
+        ItemCatalog.open(tmp_path / "scorer")
+
+
+def _score(folder, tmp_path, lines: list[dict]) -> list[dict] | str:
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    try:
+        cli.main(["score", "--scorer", str(folder), "--input", str(path), "--device", "cpu"])
+    except SystemExit as stop:
+        return stop.code
+    return []
+
+
+def test_bahe_score_lines_may_give_item_ids(folder, tmp_path, capsys):
+    user = {"click": BEHAVIORS[:2]}
+    assert _score(folder, tmp_path, [{"user": user, "item_id": 17}, {"user": user, "item": ITEMS[1]},
+                                     {"user": user, "item_id": "SKU-0001"}]) == []
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x.get("item_id") for x in out] == [17, None, "SKU-0001"] and out[0]["item"] == ITEMS[1]
+    assert out[0]["p_click"] == out[1]["p_click"]
+    for lines, want in (([{"user": user, "item": "coffee"}, {"user": user, "item_id": "SKU-9"}],
+                         r"line 2: item_id: item id 'SKU-9' is not in the catalog"),
+                        ([{"user": user, "item_id": True}], r"line 1: item_id: an id must be a string or an integer"),
+                        ([{"user": user, "item": "coffee", "item_id": 17}], r"line 1: both \"item\" and \"item_id\"")):
+        code = _score(folder, tmp_path, lines)
+        assert isinstance(code, str) and "\n" not in code and code.startswith(f"bahe score: {tmp_path / 'in.jsonl'}: ")
+        assert __import__("re").search(want, code), code
+        assert capsys.readouterr().out == ""
