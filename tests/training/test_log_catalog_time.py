@@ -70,7 +70,9 @@ def test_iso_timestamps_are_epoch_milliseconds_utc(tmp_path):
 @pytest.mark.parametrize("cells,timestamps,want", [
     (["2024-05-01", "2024-13-01"], "auto", r"line 3, column 'timestamp': '2024-13-01' is not an ISO-8601 time"),
     (["2024-05-01", "soon"], "iso8601", r"line 3, column 'timestamp': 'soon' is not an ISO-8601 time"),
-    (["2024-05-01", "100"], "auto", r"line 2, column 'timestamp': must hold integers, got '2024-05-01'"),
+    (["2024-05-01", "100"], "auto", r"line 3, column 'timestamp': '100' is not an ISO-8601 time"),
+    (["100", "2024-05-01"], "auto", r"line 3, column 'timestamp': must hold integers, got '2024-05-01'"),
+    (["soon", "2024-05-01"], "auto", r"line 2, column 'timestamp': must hold integers, got 'soon'"),
     (["100", "200"], "iso8601", r"line 2, column 'timestamp': '100' is not an ISO-8601 time"),
     (["100", "2024-05-01"], "integer", r"line 3, column 'timestamp': must hold integers, got '2024-05-01'"),
 ])

@@ -2,8 +2,10 @@
 `log_schema`. Parquet files also record the sequence order."""
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -61,40 +63,78 @@ def read_csv_strict(path: str) -> tuple[pd.DataFrame, np.ndarray]:
     LogFormatError naming the line: bytes that are not UTF-8, such a quote, a quote never closed, a row
     with more or fewer fields than the header, a header naming a column twice, an empty file. Blank lines
     are skipped; a quoted field may hold commas, doubled quotes and line breaks; a leading BOM is dropped."""
+    try:
+        with _open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError) as err:
+        raise LogFormatError(f"{path}: not a readable CSV file ({type(err).__name__}: {err})") from None
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise LogFormatError(f"{path}: {_not_utf8(path)}") from None
+    parsed = _parse_fast(data, text)
+    header, rows, starts = parsed if parsed is not None else _parse_checked(text, path)
+    if header is None:
+        raise LogFormatError(f"{path}: the file is empty: expected a header line naming the columns")
+    ragged = np.flatnonzero(np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)) != len(header))
+    if ragged.size:
+        i = int(ragged[0])
+        raise LogFormatError(f"{path}: line {starts[i]} has {len(rows[i])} fields, but the header has {len(header)}")
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:
+        raise LogFormatError(f"{path}: line 1: the header names column(s) {twice} more than once")
+    cells = np.empty((len(rows), len(header)), dtype=object)  # rows are all header-long: one C-level copy
+    if rows:
+        cells[:] = rows
+    frame = pd.DataFrame({name: pd.Series(cells[:, j], dtype=object) for j, name in enumerate(header)})
+    return frame, np.asarray(starts, dtype=np.int64)
+
+
+def _parse_fast(data: bytes, text: str) -> tuple | None:
+    """(header, data rows, the line each starts on) read in one pass of the csv module, the lines found from
+    the newlines outside quotes (an even number of quotes before them: doubled quotes keep the parity); None
+    when the file needs the checked pass (a csv error to name, a lone carriage return, a count that differs)."""
+    if "\r" in text.replace("\r\n", ""):
+        return None
+    try:
+        records = list(csv.reader(io.StringIO(text, newline=""), strict=True))
+    except csv.Error:
+        return None
+    raw = np.frombuffer(data, dtype=np.uint8)
+    newlines, quotes = np.flatnonzero(raw == ord("\n")), np.flatnonzero(raw == ord('"'))
+    ends = newlines[np.searchsorted(quotes, newlines) % 2 == 0]  # record separators
+    lines = np.concatenate([[1], np.searchsorted(newlines, ends) + 2])  # line each segment starts on
+    segments = ends.size + (0 if ends.size and ends[-1] == raw.size - 1 else 1) if raw.size else 0
+    if len(records) != segments:
+        return None
+    filled = [i for i, record in enumerate(records) if record]
+    if not filled:
+        return None, [], []
+    body = filled[1:]
+    return records[filled[0]], [records[i] for i in body], lines[body]
+
+
+def _parse_checked(text: str, path: str) -> tuple:
+    """(header, data rows, the line each starts on) record by record, naming the line of a csv error."""
     rows: list[list[str]] = []
     starts: list[int] = []
     header: list[str] | None = None
     start = 1
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
-        with _open(path, "r", encoding="utf-8-sig", newline="") as text:
-            reader = csv.reader(text, strict=True)
-            try:
-                for record in reader:
-                    if record and header is None:
-                        header = record
-                    elif record:
-                        if len(record) != len(header):
-                            raise LogFormatError(f"{path}: line {start} has {len(record)} fields, but the header has "
-                                                 f"{len(header)}")
-                        rows.append(record)
-                        starts.append(start)
-                    start = reader.line_num + 1
-            except csv.Error as err:
-                raise LogFormatError(f"{path}: line {start}: {_csv_error(str(err))}") from None
-    except UnicodeDecodeError:
-        raise LogFormatError(f"{path}: {_not_utf8(path)}") from None
-    except (OSError, EOFError) as err:
-        if isinstance(err, FileNotFoundError):
-            raise
-        raise LogFormatError(f"{path}: not a readable CSV file ({type(err).__name__}: {err})") from None
-    if header is None:
-        raise LogFormatError(f"{path}: the file is empty: expected a header line naming the columns")
-    twice = sorted({name for name in header if header.count(name) > 1})
-    if twice:
-        raise LogFormatError(f"{path}: line 1: the header names column(s) {twice} more than once")
-    columns = list(zip(*rows)) if rows else [()] * len(header)
-    frame = pd.DataFrame({name: pd.Series(cells, dtype=object) for name, cells in zip(header, columns)})
-    return frame, np.array(starts, dtype=np.int64)
+        for record in reader:
+            if record and header is None:
+                header = record
+            elif record:
+                rows.append(record)
+                starts.append(start)
+            start = reader.line_num + 1
+    except csv.Error as err:
+        raise LogFormatError(f"{path}: line {start}: {_csv_error(str(err))}") from None
+    return header, rows, starts
 
 
 def _csv_error(message: str) -> str:

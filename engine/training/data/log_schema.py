@@ -146,13 +146,31 @@ def _integer_column(frame: pd.DataFrame, column: str, source: str, at: Place) ->
         if not ok.all():
             raise _bad_integer(values, column, int(np.flatnonzero(~ok)[0]), source, at)
         return as_float.astype(np.int64)
-    out = np.empty(len(values), dtype=np.int64)  # object or string cells (rare): one by one, exactly
+    fast = _integer_strings(values)
+    if fast is not None:
+        return fast
+    out = np.empty(len(values), dtype=np.int64)  # other object cells, or a bad one to name: one by one, exactly
     for i, cell in enumerate(values.tolist()):
         number = _exact_integer(cell)
         if number is None or not _INT64.min <= number <= _INT64.max:
             raise _bad_integer(values, column, i, source, at)
         out[i] = number
     return out
+
+
+def _integer_strings(values: pd.Series) -> np.ndarray | None:
+    """(N,) int64 of a column of strings that all hold plain ASCII integers (a CSV file's), vectorized; None
+    when a cell is anything else (then read one by one, which names it)."""
+    cells = values.to_numpy(dtype=object)
+    if not all(isinstance(c, str) for c in cells):
+        return None
+    joined = "".join(cells)
+    if not joined.isascii() or "_" in joined:  # numpy, like int(), would read "1_000" and non-ASCII digits
+        return None
+    try:
+        return np.asarray(cells, dtype=str).astype(np.int64)
+    except (ValueError, OverflowError):
+        return None
 
 
 _INT64 = np.iinfo(np.int64)
@@ -201,18 +219,16 @@ def _item_texts(frame: pd.DataFrame, item: np.ndarray, keys: np.ndarray | None, 
     def fail(i: int, what: str) -> LogFormatError:
         return LogFormatError(f"{source}: {at(i)}, column 'item_text': {what} (item_id {keys_of(item[i:i + 1], keys)[0]})")
 
-    missing = np.flatnonzero(texts.isna().to_numpy(dtype=bool))
-    if missing.size:
-        raise fail(int(missing[0]), "missing")
-    not_text = np.flatnonzero(~texts.map(lambda v: isinstance(v, str)).to_numpy(dtype=bool))
-    if not_text.size:
-        raise fail(int(not_text[0]), f"must hold strings, got {_show(texts.iloc[int(not_text[0])])}")
-    empty = np.flatnonzero(texts.str.strip().eq("").to_numpy(dtype=bool))
-    if empty.size:
-        raise fail(int(empty[0]), "empty")
-    invisible = np.flatnonzero(texts.map(has_no_visible_content).to_numpy(dtype=bool))
-    if invisible.size:
-        raise fail(int(invisible[0]), f"no visible content in {texts.iloc[int(invisible[0])]!r}")
+    codes, uniques = pd.factorize(texts.to_numpy(dtype=object), use_na_sentinel=True)  # each text checked once
+    if (codes < 0).any():
+        raise fail(int(np.flatnonzero(codes < 0)[0]), "missing")
+    problems = [None if isinstance(t, str) and t.strip() and not has_no_visible_content(t) else
+                f"must hold strings, got {_show(t)}" if not isinstance(t, str) else "empty" if not t.strip() else
+                f"no visible content in {t!r}" for t in uniques.tolist()]
+    bad = np.array([p is not None for p in problems], dtype=bool)
+    if bad.any():
+        i = int(np.flatnonzero(bad[codes])[0])
+        raise fail(i, problems[codes[i]])
     pairs = pd.DataFrame({"item_id": item, "item_text": texts.to_numpy(dtype=object)}).drop_duplicates()
     clash = pairs["item_id"].duplicated(keep=False).to_numpy()
     if clash.any():

@@ -5,11 +5,12 @@
 - `iso8601`: ISO-8601 strings (`2024-05-01`, `2024-05-01T12:30:00Z`, `2024-05-01 12:30:00.250+02:00`, or
   a parquet timestamp column) -> epoch milliseconds, UTC; a time without an offset is read as UTC. So an
   ISO log and a log of epoch-millisecond integers share one time line.
-- `auto` (default): `integer` when every cell is an integer, `iso8601` when none is; a column mixing the two
-  kinds is refused naming the first cell of the other kind.
+- `auto` (default): `iso8601` when the first row's timestamp is an ISO-8601 time, else `integer`; a cell of
+  the other kind is then refused naming its line (a log holds integers or ISO-8601 times, not both).
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -20,8 +21,8 @@ _INTEGER = r"\s*[+-]?[0-9]+(?:\.0*)?\s*"
 
 
 def timestamp_kind(values: pd.Series, declared: str) -> str:
-    """'integer' or 'iso8601': the `declared` kind, or for 'auto' 'integer' when any cell is an integer (the
-    integer reader then names any other cell) and 'iso8601' when none is (the ISO reader names a bad cell)."""
+    """'integer' or 'iso8601': the `declared` kind, or for 'auto' 'iso8601' when the first cell is an ISO-8601
+    time and 'integer' otherwise (the reader of that kind then names any other cell)."""
     if declared not in TIMESTAMP_KINDS:
         raise ValueError(f"timestamps must be one of {TIMESTAMP_KINDS}, got {declared!r}")
     if declared != "auto":
@@ -30,14 +31,11 @@ def timestamp_kind(values: pd.Series, declared: str) -> str:
         return "iso8601"
     if not (pd.api.types.is_object_dtype(values.dtype) or pd.api.types.is_string_dtype(values.dtype)):
         return "integer"  # numbers (or booleans: refused by the integer reader)
-    return "integer" if _integer_cells(values).any() else "iso8601"
-
-
-def _integer_cells(values: pd.Series) -> np.ndarray:
-    """(N,) bool: the cell is a number or a string holding an integer (vectorized over strings)."""
-    text = values.map(lambda v: v if isinstance(v, str) else None)
-    matched = text.str.fullmatch(_INTEGER)
-    return (text.isna() | matched.fillna(False).astype(bool)).to_numpy(dtype=bool)
+    first = values.iloc[0] if len(values) else None
+    if not isinstance(first, str) or re.fullmatch(_INTEGER, first):
+        return "integer"
+    parsed = pd.to_datetime(pd.Series([first.strip()]), format="ISO8601", utc=True, errors="coerce")
+    return "integer" if parsed.isna().iloc[0] else "iso8601"
 
 
 def iso_milliseconds(values: pd.Series, where: Callable[[int], str], error: type[ValueError]) -> np.ndarray:
