@@ -239,3 +239,30 @@ def test_value_errors_name_the_file_line_and_column(tmp_path, column, value, wan
                          "item_text": "1,11,200,0, ,watched", "sequence": '1,11,200,0,"Up, the film",x||y'}[column])
     with pytest.raises(LogFormatError, match=rf"log.csv: line 4, {want}"):
         load_log(_write_csv(tmp_path, data))
+
+
+@FILES
+@given(cells=st.lists(st.lists(st.sampled_from(["a", "", '"q,x"', '"two\nlines"', '"say ""hi"""', 'He"at', "1",
+                                                '"\r\n"', "b c"]), min_size=3, max_size=3), max_size=8),
+       blank=st.lists(st.booleans(), min_size=8, max_size=8), crlf=st.booleans())
+def test_row_lines_match_a_record_by_record_read(cells, blank, crlf):
+    """The one-pass reader finds each row's line from the newlines outside quotes; it agrees with the checked
+    record-by-record pass (csv's own line count) on quoted line breaks, doubled quotes, quotes inside unquoted
+    fields, blank lines and CRLF."""
+    import io
+    from engine.training.data import log_files
+    end = "\r\n" if crlf else "\n"
+    text = "x,y,z" + end + "".join(",".join(row) + end + (end if b else "") for row, b in zip(cells, blank))
+    fast = log_files._parse_fast(text.encode(), text)
+    checked = log_files._parse_checked(text, "log.csv")
+    if fast is not None:
+        assert fast[0] == checked[0] and fast[1] == checked[1] and list(fast[2]) == list(checked[2])
+    assert all(a < b for a, b in zip(checked[2], checked[2][1:]))
+
+
+def test_the_one_pass_reader_takes_quoted_line_breaks_and_doubled_quotes():
+    from engine.training.data import log_files
+    text = 'x,y\r\n"a\r\nb","say ""hi"""\r\n\r\n1,2\r\n'
+    header, rows, lines = log_files._parse_fast(text.encode(), text)
+    assert header == ["x", "y"] and rows == [["a\r\nb", 'say "hi"'], ["1", "2"]] and lines.tolist() == [2, 5]
+    assert log_files._parse_fast(b'x,y\n1,He"at\n', 'x,y\n1,He"at\n') is None  # left to the checked pass

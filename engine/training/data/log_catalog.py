@@ -20,14 +20,18 @@ from weights.id_vocabulary import IdError, id_key
 CATALOG_COLUMNS = ("item_id", "item_text")
 
 
-def _keys(values: pd.Series, where: Callable[[int], str], column: str) -> list[str]:
-    keys = []
-    for i, value in enumerate(values.tolist()):
+def _keys(values: pd.Series, where: Callable[[int], str], column: str) -> np.ndarray:
+    """(N,) object: the key of each cell (each distinct cell converted once); LogFormatError naming a non-id."""
+    codes, uniques = pd.factorize(values.to_numpy(dtype=object), use_na_sentinel=True)
+    if (codes < 0).any():
+        raise LogFormatError(f"{where(int(np.flatnonzero(codes < 0)[0]))}, column {column!r}: the id is missing")
+    keys = np.empty(len(uniques), dtype=object)
+    for u, value in enumerate(uniques.tolist()):
         try:
-            keys.append(id_key(value))
+            keys[u] = id_key(value)
         except IdError as err:
-            raise LogFormatError(f"{where(i)}, column {column!r}: {err}") from None
-    return keys
+            raise LogFormatError(f"{where(int(np.flatnonzero(codes == u)[0]))}, column {column!r}: {err}") from None
+    return keys[codes]
 
 
 def join_catalog(events: pd.DataFrame, events_lines: np.ndarray | None, source: str, catalog: pd.DataFrame,
@@ -41,7 +45,7 @@ def join_catalog(events: pd.DataFrame, events_lines: np.ndarray | None, source: 
     catalog = catalog.reset_index(drop=True)
     keys = _keys(catalog["item_id"], lambda i: f"{catalog_source}: {at_catalog(i)}", "item_id")
     row_of: dict[str, int] = {}
-    for i, key in enumerate(keys):
+    for i, key in enumerate(keys.tolist()):
         if key in row_of:
             raise LogFormatError(f"{catalog_source}: {at_catalog(i)}, column 'item_id': item {key!r} is listed twice "
                                  f"(first at {at_catalog(row_of[key])})")
@@ -55,13 +59,13 @@ def join_catalog(events: pd.DataFrame, events_lines: np.ndarray | None, source: 
     if "item_id" not in events.columns:
         raise LogFormatError(f"{source}: missing column 'item_id'")
     event_keys = _keys(events["item_id"], lambda i: f"{source}: {at_event(i)}", "item_id")
-    rows = np.empty(len(event_keys), dtype=np.int64)
-    for i, key in enumerate(event_keys):
-        row = row_of.get(key)
-        if row is None:
-            raise LogFormatError(f"{source}: {at_event(i)}, column 'item_id': item {key!r} is not in the catalog "
-                                 f"{catalog_source}")
-        rows[i] = row
+    distinct, inverse = np.unique(event_keys.astype(str), return_inverse=True)
+    found = np.array([row_of.get(key, -1) for key in distinct.tolist()], dtype=np.int64)
+    rows = found[inverse.reshape(-1)]
+    if (rows < 0).any():
+        i = int(np.flatnonzero(rows < 0)[0])
+        raise LogFormatError(f"{source}: {at_event(i)}, column 'item_id': item {event_keys[i]!r} is not in the "
+                             f"catalog {catalog_source}")
     joined = np.array(texts, dtype=object)[rows]
     if "item_text" in events.columns:
         given = events["item_text"].to_numpy(dtype=object)

@@ -105,6 +105,12 @@ def _parse_fast(data: bytes, text: str) -> tuple | None:
         return None
     raw = np.frombuffer(data, dtype=np.uint8)
     newlines, quotes = np.flatnonzero(raw == ord("\n")), np.flatnonzero(raw == ord('"'))
+    opening = quotes[::2]  # parity holds while every opening quote starts a field or doubles the quote before it
+    doubled = np.zeros(opening.size, dtype=bool)
+    doubled[1:] = quotes[1::2][:opening.size - 1] == opening[1:] - 1
+    starts_field = (opening == 0) | np.isin(raw[np.maximum(opening - 1, 0)], (ord(","), ord("\n")))
+    if not (starts_field | doubled).all():  # a quote inside an unquoted field (He"at): kept as text, breaks parity
+        return None
     ends = newlines[np.searchsorted(quotes, newlines) % 2 == 0]  # record separators
     lines = np.concatenate([[1], np.searchsorted(newlines, ends) + 2])  # line each segment starts on
     segments = ends.size + (0 if ends.size and ends[-1] == raw.size - 1 else 1) if raw.size else 0
