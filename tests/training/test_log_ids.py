@@ -8,6 +8,7 @@ import pytest
 
 from engine import cli
 from engine.features.categorical import bucket_collisions, bucket_of
+from engine.serving.scorer import BAHEScorer
 from engine.training.data.log import BehaviorLog
 from engine.training.data.log_files import load_log, write_log
 from weights.id_vocabulary import FILE_NAME, IdError, IdVocabulary, VocabularyFile, id_key
@@ -116,6 +117,17 @@ def test_train_on_string_ids_saves_the_vocabulary_and_reports_collisions(tiny_ch
     assert set(vocabulary.users.keys) == set(frame["user_id"]) and set(vocabulary.items.keys) == set(frame["item_id"])
     first = frame.iloc[0]
     assert vocabulary.text_of(first["item_id"]) == first["item_text"]
+    scorer = BAHEScorer.from_pretrained(out / "scorer", device="cpu")  # string user ids hashed as served
+    buckets = scorer.config.model.categorical_buckets
+    seen = scorer.model.side.category_seen
+    assert sum(bool(seen[bucket_of("user_id", u, buckets)]) for u in set(frame["user_id"])) >= 4  # trained users
+    assert not any(bool(seen[bucket_of("user_id", code, buckets)]) for code in range(8))  # not their codes
+    requests = tmp_path / "in.jsonl"
+    requests.write_text(json.dumps({"user": {}, "item_id": first["item_id"],
+                                    "side_features": {"user_id": first["user_id"]}}) + "\n")
+    cli.main(["score", "--scorer", str(out / "scorer"), "--input", str(requests), "--device", "cpu"])
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["item_id"] == first["item_id"] and scored["item"] == first["item_text"] and 0 < scored["p_click"] < 1
     frame.loc[frame["item_id"] == first["item_id"], "item_text"] = "Another text"
     frame.to_csv(log, index=False)
     with pytest.raises(SystemExit, match=rf"bahe train: .*item '{first['item_id']}' has the text"):
