@@ -3,8 +3,9 @@
 - `integer`: integers in whatever unit the log uses (seconds, milliseconds, a counter: only the order and the
   split's cut points depend on them), read exactly as int64 (`log_schema`).
 - `iso8601`: ISO-8601 strings (`2024-05-01`, `2024-05-01T12:30:00Z`, `2024-05-01 12:30:00.250+02:00`, or
-  a parquet timestamp column) -> epoch milliseconds, UTC; a time without an offset is read as UTC. So an
-  ISO log and a log of epoch-millisecond integers share one time line.
+  a parquet timestamp column) -> epoch milliseconds (UTC, finer digits dropped); a time without an offset is
+  read as UTC. So an ISO log and a log of epoch-millisecond integers share one time line. Years 1677-2262
+  (pandas' nanosecond range) are always read; a time outside them may be refused.
 - `auto` (default): `iso8601` when the first row's timestamp is an ISO-8601 time, else `integer`; a cell of
   the other kind is then refused naming its line (a log holds integers or ISO-8601 times, not both).
 """
@@ -49,5 +50,5 @@ def iso_milliseconds(values: pd.Series, where: Callable[[int], str], error: type
     if bad.size:
         i = int(bad[0])
         raise error(f"{where(i)}, column 'timestamp': {values.iloc[i]!r} is not an ISO-8601 time "
-                    "(such as 2024-05-01T12:30:00Z)")
+                    "(such as 2024-05-01T12:30:00Z) in the years 1677-2262")
     return parsed.dt.tz_convert("UTC").dt.as_unit("ms").astype("int64").to_numpy(dtype=np.int64)
