@@ -11,6 +11,7 @@ from engine.features.categorical import bucket_collisions, bucket_of
 from engine.serving.scorer import BAHEScorer
 from engine.training.data.log import BehaviorLog
 from engine.training.data.log_files import load_log, write_log
+from engine.training.data.log_schema import LogFormatError
 from weights.id_vocabulary import FILE_NAME, IdError, IdVocabulary, VocabularyFile, id_key
 from tests.synthetic_logs import FIXTURE
 
@@ -133,3 +134,53 @@ def test_train_on_string_ids_saves_the_vocabulary_and_reports_collisions(tiny_ch
     with pytest.raises(SystemExit, match=rf"bahe train: .*item '{first['item_id']}' has the text"):
         cli.main(args)  # stopped before training: the saved scorer and its vocabulary stay as they were
     assert VocabularyFile.read(out / "scorer" / FILE_NAME).text_of(first["item_id"]) == first["item_text"]
+
+
+def test_a_streamed_log_with_string_ids_gives_the_in_memory_log(tmp_path):
+    """prepare_stream numbers string ids through one vocabulary over all record batches: in file order of first
+    appearance, as load_log does, so every shard row matches the in-memory log's."""
+    from engine.training.data.stream import StreamConfig, prepare_stream
+    path = tmp_path / "log.parquet"
+    _string_ids(pd.read_parquet(FIXTURE)).to_parquet(path)
+    memory = load_log(path)
+    stream = prepare_stream(path, tmp_path / "work", StreamConfig(shards=3, time_buckets=4, batch_rows=97))
+    assert stream.user_keys.tolist() == memory.user_keys.tolist()
+    assert stream.item_keys.tolist() == memory.item_keys.tolist() and stream.item_texts == memory.item_texts
+    frame = pd.read_parquet(path)
+    code_of = {key: code for code, key in enumerate(memory.user_keys.tolist())}
+    order = np.lexsort((frame["timestamp"].to_numpy(), [code_of[k] for k in frame["user_id"]]))
+    row_of = np.empty_like(order)
+    row_of[order] = np.arange(order.size)
+    seen = []
+    for shard in stream:
+        rows, log = row_of[shard.events], shard.log
+        seen.append(rows)
+        assert log.user_key(log.user) == memory.user_key(memory.user[rows])
+        assert log.item_key(log.item) == memory.item_key(memory.item[rows])
+        assert log.category_values("user_id", np.arange(rows.size)) == memory.category_values("user_id", rows)
+        local = log.examples
+        assert log.sequence_texts(local, 8) == memory.sequence_texts(rows[local], 8)
+    assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(memory.num_events))
+
+
+def test_a_stream_whose_string_ids_start_late_is_refused(tmp_path):
+    from engine.training.data.stream import StreamConfig, prepare_stream
+    frame = pd.read_parquet(FIXTURE)
+    frame["user_id"] = [str(u) if i != 200 else "late" for i, u in enumerate(frame["user_id"])]  # "2" is the id 2
+    frame.to_parquet(tmp_path / "log.parquet")
+    with pytest.raises(LogFormatError, match=r"rows 0 to 193 hold integer ids only, the rows from row 194 on hold "
+                                             r"other ids"):
+        prepare_stream(tmp_path / "log.parquet", tmp_path / "work", StreamConfig(shards=2, batch_rows=97))
+
+
+def test_bahe_train_stream_on_string_ids_saves_their_vocabulary(tiny_checkpoints, tmp_path, capsys):
+    log = tmp_path / "log.csv"
+    frame = _string_ids(pd.read_parquet(FIXTURE))
+    frame.to_csv(log, index=False)
+    out = tmp_path / "run"
+    cli.main(["train", "--data", str(log), "--model", str(tiny_checkpoints["llama"]), "--out", str(out),
+              "--lower-layers", "2", "--max-behaviors", "8", "--epochs", "1", "--device", "cpu", "--stream",
+              str(tmp_path / "work"), "--shards", "2", "--steps-per-shard", "2", "--eval-per-shard", "20"])
+    assert "test AUC" in capsys.readouterr().out
+    vocabulary = VocabularyFile.read(out / "scorer" / FILE_NAME)
+    assert set(vocabulary.users.keys) == set(frame["user_id"]) and set(vocabulary.items.keys) == set(frame["item_id"])

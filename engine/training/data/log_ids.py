@@ -19,11 +19,12 @@ _CANONICAL_INT = re.compile(r"-?(?:0|[1-9][0-9]*)")
 _INT64 = np.iinfo(np.int64)
 
 
-def id_codes(values: pd.Series, column: str, where: Callable[[int], str],
-             error: type[ValueError]) -> tuple[np.ndarray, np.ndarray | None]:
+def id_codes(values: pd.Series, column: str, where: Callable[[int], str], error: type[ValueError],
+             vocabulary: IdVocabulary | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """((N,) int64 codes, (K,) object keys by code or None when the codes are the integer ids themselves);
-    `error` (LogFormatError) naming the line (`where(i)`) and column of a cell that is not an id."""
-    if pd.api.types.is_integer_dtype(values.dtype) and not pd.api.types.is_unsigned_integer_dtype(values.dtype) \
+    `error` (LogFormatError) naming the line (`where(i)`) and column of a cell that is not an id. With a
+    `vocabulary` (a log read in parts), every id is numbered through it (extending it), integers too."""
+    if vocabulary is None and pd.api.types.is_integer_dtype(values.dtype) and not pd.api.types.is_unsigned_integer_dtype(values.dtype) \
             and not values.isna().any():
         return values.to_numpy(dtype=np.int64), None
     codes, uniques = pd.factorize(values, use_na_sentinel=True)
@@ -37,9 +38,9 @@ def id_codes(values: pd.Series, column: str, where: Callable[[int], str],
         except IdError as err:
             i = int(np.flatnonzero(codes == u)[0])
             raise error(f"{where(i)}, column {column!r}: {err}") from None
-    if all(_CANONICAL_INT.fullmatch(k) and _INT64.min <= int(k) <= _INT64.max for k in keys):
+    if vocabulary is None and all(_CANONICAL_INT.fullmatch(k) and _INT64.min <= int(k) <= _INT64.max for k in keys):
         return np.array([int(k) for k in keys], dtype=np.int64)[codes], None
-    vocabulary = IdVocabulary()
+    vocabulary = IdVocabulary() if vocabulary is None else vocabulary
     numbers = vocabulary.extend(keys)  # a key can come twice (17 and "17"): same number
     return numbers[codes], np.array(vocabulary.keys, dtype=object)
 

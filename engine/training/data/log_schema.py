@@ -54,13 +54,15 @@ def row_places(lines: np.ndarray | None) -> Place:
 
 
 def validate_frame(frame: pd.DataFrame, sequence_names: Sequence[str] | None, source: str,
-                   lines: np.ndarray | None = None, timestamps: str = "auto") -> tuple:
+                   lines: np.ndarray | None = None, timestamps: str = "auto",
+                   vocabularies: dict | None = None) -> tuple:
     """(user, item, timestamp, label, membership, item_texts, sequence_names, categorical, ids) of a table in the
     file schema, in `BehaviorLog`'s field order (ids: {"user": keys or None, "item": keys or None}, see
     `log_ids`); LogFormatError naming the place (`lines[i]`: CSV file line of data row i; else the row) and
     column of the first violation. `sequence_names` fixes the order of the sequences (it must name every
     sequence in the table); by default they come in order of first appearance. `source` names the table.
-    `timestamps`: 'auto', 'integer' or 'iso8601' (`log_time`)."""
+    `timestamps`: 'auto', 'integer' or 'iso8601' (`log_time`); `vocabularies` ({"user": IdVocabulary,
+    "item": IdVocabulary}, a log read in parts): number every id through them (`log_ids.id_codes`)."""
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise LogFormatError(f"{source}: missing column(s) {missing}; expected {list(REQUIRED_COLUMNS)} "
@@ -79,8 +81,9 @@ def validate_frame(frame: pd.DataFrame, sequence_names: Sequence[str] | None, so
     if extra:
         logger.debug("%s: ignoring extra columns %s", source, extra)
     where = lambda i: f"{source}: {at(i)}"  # noqa: E731
-    user, user_keys = id_codes(frame["user_id"], "user_id", where, LogFormatError)
-    item, item_keys = id_codes(frame["item_id"], "item_id", where, LogFormatError)
+    shared = vocabularies or {}
+    user, user_keys = id_codes(frame["user_id"], "user_id", where, LogFormatError, shared.get("user"))
+    item, item_keys = id_codes(frame["item_id"], "item_id", where, LogFormatError, shared.get("item"))
     if timestamp_kind(frame["timestamp"], timestamps) == "integer":
         timestamp = _integer_column(frame, "timestamp", source, at)
     else:

@@ -39,6 +39,7 @@ from engine.training.data.log_files import _PARQUET_ORDER_KEY, _suffix
 from engine.training.data.log_schema import CATEGORY_PREFIX, LogFormatError, validate_frame
 from engine.training.data.stream_items import item_count_pass
 from engine.training.data.stream_time import histogram, order_statistics, to_key
+from weights.id_vocabulary import IdVocabulary
 
 __all__ = ["StreamConfig", "StreamedLog", "Shard", "prepare_stream", "record_batches"]
 
@@ -82,6 +83,8 @@ class StreamedLog:
     min_history: int
     item_counts_before: dict[int, np.ndarray] = field(repr=False, default_factory=dict)  # cut -> (I, S)
     shard_events: list[int] = field(default_factory=list)
+    user_keys: np.ndarray | None = field(repr=False, default=None)  # the ids behind the codes (log_ids), or None
+    item_keys: np.ndarray | None = field(repr=False, default=None)
 
     @property
     def item_ids(self) -> np.ndarray:
@@ -107,7 +110,7 @@ class StreamedLog:
                           {int(i): self.item_texts[int(i)] for i in np.unique(item)}, self.sequence_names,
                           self.min_history,
                           {name: table[CATEGORY_PREFIX + name].to_numpy(zero_copy_only=False)[order].astype(object)
-                           for name in self.categorical})
+                           for name in self.categorical}, self.user_keys, self.item_keys)
         return Shard(log, events[order], item_counts, log.split_at(self.val_start, self.test_start))
 
     def __iter__(self) -> Iterator[Shard]:
@@ -158,10 +161,10 @@ def _guarded(batches, path: str):
 _ROW = re.compile(r"\brow (\d+)")
 
 
-def _validated(batch, offset: int, sequence_names, source: str):
+def _validated(batch, offset: int, sequence_names, source: str, vocabularies: dict | None):
     """validate_frame on one record batch, its error naming the row of the file."""
     try:
-        return validate_frame(batch.to_pandas(), sequence_names, source)
+        return validate_frame(batch.to_pandas(), sequence_names, source, None, "auto", vocabularies)
     except LogFormatError as err:
         raise LogFormatError(_ROW.sub(lambda m: f"row {int(m.group(1)) + offset}", str(err))) from None
 
@@ -195,18 +198,23 @@ def prepare_stream(path: str | os.PathLike, folder: str | os.PathLike, config: S
     texts: dict[int, str] = {}
     categorical: tuple[str, ...] | None = None
     writers: list = [None] * config.shards
+    vocabularies: dict | None = None  # set once the log's ids turn out to be keys (strings ...)
     shard_events = [0] * config.shards
     n, lo, hi = 0, None, None
     try:
         for batch in batches:
             if batch.num_rows == 0:
                 continue
-            user, item, timestamp, label, member, batch_texts, batch_names, cats, ids = _validated(
-                batch, n, sequence_names, path)
-            if ids["user"] is not None or ids["item"] is not None:
-                raise LogFormatError(f"{path}: streaming reads integer user_id and item_id only, the rows from row {n} "
-                                     "on hold other ids (strings, or integers past int64); load the log whole instead")
-            _merge_texts(texts, batch_texts, path, n)
+            parts = _validated(batch, n, sequence_names, path, vocabularies)
+            if vocabularies is None and (parts[-1]["user"] is not None or parts[-1]["item"] is not None):
+                if n:  # integer ids so far were kept as they are: they cannot join a numbering now
+                    raise LogFormatError(f"{path}: rows 0 to {n - 1} hold integer ids only, the rows from row {n} "
+                                         "on hold other ids (strings, or integers past int64); put a string id among "
+                                         "the first rows, or load the log whole")
+                vocabularies = {"user": IdVocabulary(), "item": IdVocabulary()}  # string ids: numbered in one pass
+                parts = _validated(batch, n, sequence_names, path, vocabularies)
+            user, item, timestamp, label, member, batch_texts, batch_names, cats, _ = parts
+            _merge_texts(texts, batch_texts, path, n, None if vocabularies is None else vocabularies["item"])
             mask = _mask(member, batch_names, names, path)
             if categorical is None:
                 categorical = tuple(cats)
@@ -238,6 +246,8 @@ def prepare_stream(path: str | os.PathLike, folder: str | os.PathLike, config: S
             pq.write_table(schema.empty_table(), folder / f"users-{p}.parquet")
     stream = StreamedLog(folder, config.shards, n, tuple(names), categorical or (), texts, 0, 0,
                          config.min_history, shard_events=shard_events)
+    if vocabularies is not None:
+        stream.user_keys, stream.item_keys = (np.array(vocabularies[k].keys, dtype=object) for k in ("user", "item"))
 
     def timestamps():
         for p in range(config.shards):
@@ -251,11 +261,13 @@ def prepare_stream(path: str | os.PathLike, folder: str | os.PathLike, config: S
     return stream
 
 
-def _merge_texts(texts: dict[int, str], batch: dict[int, str], path: str, offset: int) -> None:
+def _merge_texts(texts: dict[int, str], batch: dict[int, str], path: str, offset: int,
+                 items: IdVocabulary | None) -> None:
     for item, text in batch.items():
         known = texts.setdefault(item, text)
         if known != text:
-            raise LogFormatError(f"{path}: item_id {item} has two different texts: {known!r} (before row {offset}) "
+            name = item if items is None else items.keys[item]
+            raise LogFormatError(f"{path}: item_id {name} has two different texts: {known!r} (before row {offset}) "
                                  f"and {text!r} (rows from {offset} on)")
 
 

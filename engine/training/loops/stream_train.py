@@ -66,7 +66,9 @@ def catalog_log(stream: StreamedLog) -> BehaviorLog:
     return BehaviorLog(np.zeros(ids.size, np.int64), ids, np.zeros(ids.size, np.int64), np.zeros(ids.size, np.int8),
                        np.zeros((ids.size, len(stream.sequence_names)), bool), stream.item_texts,
                        stream.sequence_names, stream.min_history,
-                       {name: np.full(ids.size, None, dtype=object) for name in stream.categorical})
+                       {name: np.full(ids.size, None, dtype=object) for name in stream.categorical},
+                       None if stream.user_keys is None or not stream.user_keys.size else stream.user_keys,
+                       stream.item_keys)
 
 
 def use_shard(model: nn.Module, shard: Shard) -> None:

@@ -23,16 +23,27 @@ def scorer_config(args: argparse.Namespace, log) -> ScorerConfig:
                         model=ModelConfig(sequence_names=log.sequence_names, max_behaviors=args.max_behaviors,
                                           categorical_features=categorical))
 
-def id_vocabulary(log, folder: Path, write: bool = True):
+def id_vocabulary(log, folder: Path, write: bool = True, users: list[str] | None = None):
     """Extend the append-only id vocabulary of the scorer `folder` (weights.id_vocabulary, `ids.json`) with the
-    log's user ids and item ids and texts; `write=False` checks only (run it before training, so a conflict stops
-    the run before anything is saved). SystemExit naming the item whose stored text differs."""
+    log's user ids (or `users`) and item ids and texts; `write=False` checks only (run it before training, so a
+    conflict stops the run before anything is saved). SystemExit naming the item whose stored text differs."""
     from weights.id_vocabulary import FILE_NAME, IdError, VocabularyFile
     items = dict(zip(log.item_key(log.item_ids), log.item_id_texts))
+    users = log.user_key(np.unique(log.user)) if users is None else users
     try:
-        return VocabularyFile.update(folder / FILE_NAME, log.user_key(np.unique(log.user)), items, write=write)
+        return VocabularyFile.update(folder / FILE_NAME, users, items, write=write)
     except IdError as err:
         raise SystemExit(f"bahe train: {err}") from None
+
+
+def stream_users(stream) -> list[str]:
+    """The user ids of a streamed log: its keys, or the integer ids of its shards (read column by column)."""
+    if stream.user_keys is not None:
+        return stream.user_keys.tolist()
+    import pyarrow.parquet as pq
+    ids = [pq.read_table(stream.folder / f"users-{p}.parquet", columns=["user_id"])["user_id"].to_numpy()
+           for p in range(stream.shards)]
+    return [str(u) for u in np.unique(np.concatenate(ids)).tolist()] if ids else []
 
 
 def bucket_report(log, config: ScorerConfig) -> dict[str, dict]:
@@ -111,6 +122,7 @@ def train_streamed(args: argparse.Namespace) -> None:
     catalog = catalog_log(stream)
     config = scorer_config(args, catalog)
     out = Path(args.out)
+    id_vocabulary(catalog, out / "scorer", write=False, users=[])
     scorer, report = build_scorer(args.model, catalog, config, out / "tables", device=args.device)
     print(f"tables: {report.items} item texts -> {report.unique_behaviors} unique rows in {report.seconds:.1f} s")
     bahe, device = BAHECTR(scorer, catalog), str(scorer.device)
@@ -121,6 +133,7 @@ def train_streamed(args: argparse.Namespace) -> None:
     test = evaluate_stream(bahe, stream, "test", device=device, budget=budget)
     bahe.set_item_counts(stream.item_ids, stream.item_counts_before[stream.test_start], stream.sequence_names)
     scorer.save_pretrained(out / "scorer")
+    id_vocabulary(catalog, out / "scorer", users=stream_users(stream))
     print(f"test AUC {test['auc']:.4f}, log loss {test['logloss']:.4f} ({test['examples']} examples), best epoch "
           f"{result.best_epoch}, {sum(result.epoch_seconds) / len(result.epoch_seconds):.1f} s/epoch; "
           f"scorer saved to {out / 'scorer'}")
