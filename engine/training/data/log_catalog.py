@@ -40,8 +40,8 @@ def join_catalog(events: pd.DataFrame, events_lines: np.ndarray | None, source: 
     at_catalog, at_event = row_places(catalog_lines), row_places(events_lines)
     missing = [c for c in CATALOG_COLUMNS if c not in catalog.columns]
     if missing:
-        raise LogFormatError(f"{catalog_source}: missing column(s) {missing}; an item catalog has {list(CATALOG_COLUMNS)}"
-                             f" (+ optional cat_<name>), got {list(catalog.columns)}")
+        raise LogFormatError(f"{catalog_source}: missing column(s) {missing}; an item catalog has "
+                             f"{list(CATALOG_COLUMNS)} (+ optional cat_<name>), got {list(catalog.columns)}")
     catalog = catalog.reset_index(drop=True)
     keys = _keys(catalog["item_id"], lambda i: f"{catalog_source}: {at_catalog(i)}", "item_id")
     row_of: dict[str, int] = {}
@@ -72,8 +72,8 @@ def join_catalog(events: pd.DataFrame, events_lines: np.ndarray | None, source: 
         differ = np.flatnonzero((given != joined) & pd.notna(given) & (given != ""))
         if differ.size:
             i = int(differ[0])
-            raise LogFormatError(f"{source}: {at_event(i)}, column 'item_text': {given[i]!r} differs from the catalog's "
-                                 f"text {joined[i]!r} for item {event_keys[i]!r}")
+            raise LogFormatError(f"{source}: {at_event(i)}, column 'item_text': {given[i]!r} differs from the "
+                                 f"catalog's text {joined[i]!r} for item {event_keys[i]!r}")
     shared = [c for c in catalog.columns if str(c).startswith(CATEGORY_PREFIX) and c in events.columns]
     if shared:
         raise LogFormatError(f"{source}: column(s) {shared} are in the catalog {catalog_source} too; keep each "

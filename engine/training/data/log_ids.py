@@ -24,8 +24,8 @@ def id_codes(values: pd.Series, column: str, where: Callable[[int], str], error:
     """((N,) int64 codes, (K,) object keys by code or None when the codes are the integer ids themselves);
     `error` (LogFormatError) naming the line (`where(i)`) and column of a cell that is not an id. With a
     `vocabulary` (a log read in parts), every id is numbered through it (extending it), integers too."""
-    if vocabulary is None and pd.api.types.is_integer_dtype(values.dtype) and not pd.api.types.is_unsigned_integer_dtype(values.dtype) \
-            and not values.isna().any():
+    signed_ints = pd.api.types.is_signed_integer_dtype(values.dtype) and not values.isna().any()
+    if vocabulary is None and signed_ints:
         return values.to_numpy(dtype=np.int64), None
     codes, uniques = pd.factorize(values, use_na_sentinel=True)
     if (codes < 0).any():

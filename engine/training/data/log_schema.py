@@ -220,7 +220,8 @@ def _item_texts(frame: pd.DataFrame, item: np.ndarray, keys: np.ndarray | None, 
     texts = frame["item_text"]
 
     def fail(i: int, what: str) -> LogFormatError:
-        return LogFormatError(f"{source}: {at(i)}, column 'item_text': {what} (item_id {keys_of(item[i:i + 1], keys)[0]})")
+        item_id = keys_of(item[i:i + 1], keys)[0]
+        return LogFormatError(f"{source}: {at(i)}, column 'item_text': {what} (item_id {item_id})")
 
     codes, uniques = pd.factorize(texts.to_numpy(dtype=object), use_na_sentinel=True)  # each text checked once
     if (codes < 0).any():
