@@ -180,16 +180,18 @@ def cmd_score(args: argparse.Namespace) -> None:
         raise SystemExit(f"bahe score: {source}: {err.strerror or err}") from None
     except InputError as err:
         raise SystemExit(f"bahe score: {err}") from None
+    scorer = BAHEScorer.from_pretrained(args.scorer, device=args.device, kernels=args.kernels or "auto")
     by_id = [i for i, item in enumerate(items) if isinstance(item, ItemById)]
     ids = {i: items[i].id for i in by_id}
-    if by_id:  # item ids -> texts through the scorer folder's catalog (ids.json)
+    if by_id:  # item ids -> texts (and the item's features, where a line gives none) through the catalog
         try:
             catalog = ItemCatalog.open(args.scorer)
             for i in by_id:
                 items[i] = catalog.text(ids[i], f"line {lines[i]}: item_id")
+            sides = catalog.with_features([ids.get(i) for i in range(len(items))], sides,
+                                          scorer.config.model.categorical_features)
         except InputError as err:
             raise SystemExit(f"bahe score: {source}: {err}") from None
-    scorer = BAHEScorer.from_pretrained(args.scorer, device=args.device, kernels=args.kernels or "auto")
     try:
         probs = scorer.score(users, items, side_features=sides if any(s is not None for s in sides) else None)
     except (InputError, UnknownTextError) as err:

@@ -84,12 +84,22 @@ class IdVocabulary:
 
 
 class VocabularyFile:
-    """`ids.json` of a scorer folder: user keys, item keys and each item's text, append-only."""
+    """`ids.json` of a scorer folder: user keys, item keys, each item's text and its item-level categorical
+    features (feature name -> one value or None per item), append-only."""
 
-    def __init__(self, users: IdVocabulary, items: IdVocabulary, item_texts: list[str]) -> None:
+    def __init__(self, users: IdVocabulary, items: IdVocabulary, item_texts: list[str],
+                 item_features: dict[str, list[str | None]] | None = None) -> None:
         if len(item_texts) != len(items):
             raise ValueError(f"{len(items)} item keys but {len(item_texts)} item texts")
         self.users, self.items, self.item_texts = users, items, item_texts
+        self.item_features = item_features or {}
+
+    def features_of(self, item_key: str) -> dict[str, str]:
+        """The stored categorical features of item `item_key` (name -> value; unknown ones left out)."""
+        number = self.items.numbers([item_key])[0]
+        if number < 0:
+            return {}
+        return {name: values[number] for name, values in self.item_features.items() if values[number] is not None}
 
     def text_of(self, item_key: str) -> str | None:
         """The text of item `item_key`, None when the vocabulary does not hold it."""
@@ -115,22 +125,29 @@ class VocabularyFile:
         users, items, texts = parts
         if len(set(users)) != len(users) or len(set(items)) != len(items) or len(items) != len(texts):
             raise IdError(f"{path}: a key is listed twice, or items and item_texts differ in length")
-        return cls(IdVocabulary(users), IdVocabulary(items), texts)
+        features = raw.get("item_features", {})
+        if not isinstance(features, dict) or not all(
+                isinstance(v, list) and len(v) == len(items) and all(x is None or isinstance(x, str) for x in v)
+                for v in features.values()):
+            raise IdError(f"{path}: item_features must map names to one string or null per item")
+        return cls(IdVocabulary(users), IdVocabulary(items), texts, features)
 
     def write(self, path: str | Path) -> None:
         """Write atomically (temp file, fsync, rename)."""
         body = {"format": "bahe-ids", "format_version": FORMAT_VERSION, "users": self.users.keys,
-                "items": self.items.keys, "item_texts": self.item_texts}
+                "items": self.items.keys, "item_texts": self.item_texts, "item_features": self.item_features}
         with atomic_write(Path(path)) as handle:
             handle.write(json.dumps(body, ensure_ascii=False).encode("utf-8"))
 
     @classmethod
     def update(cls, path: str | Path, users: Iterable[str], items: Mapping[str, str],
-               lock_timeout: float | None = None, write: bool = True) -> VocabularyFile:
+               lock_timeout: float | None = None, write: bool = True,
+               item_features: Mapping[str, Mapping[str, str]] | None = None) -> VocabularyFile:
         """Extend the file at `path` (made if absent) with user keys `users` and items (key -> text), under its
         lock: stored keys keep their numbers and texts, new ones are appended. IdError naming the item when a
         stored item comes with another text (nothing written). `write=False`: only check (and return the
-        result)."""
+        result). `item_features` (name -> item key -> value) fill the features of new items, and of stored
+        items only where theirs is unknown: a stored value is never changed."""
         path = Path(path)
         with file_lock(path, lock_timeout):
             try:
@@ -146,6 +163,15 @@ class VocabularyFile:
             before = len(stored.items)
             stored.items.extend(items)
             stored.item_texts.extend(items[key] for key in stored.items.keys[before:])
+            for name, by_key in (item_features or {}).items():
+                values = stored.item_features.setdefault(name, [None] * before)
+                values.extend([None] * (len(stored.items) - len(values)))
+                for key, value in by_key.items():
+                    number = stored.items.numbers([key])[0]
+                    if number >= 0 and values[number] is None and value is not None:
+                        values[number] = value
+            for values in stored.item_features.values():
+                values.extend([None] * (len(stored.items) - len(values)))
             if write:
                 stored.write(path)
         return stored

@@ -57,10 +57,35 @@ class ItemCatalog:
         return text
 
 
+    def features(self, item_id: object, names: Sequence[str]) -> dict[str, str]:
+        """The catalog's categorical features of `item_id` among `names` (those a model was trained with)."""
+        return {k: v for k, v in self.vocabulary.features_of(id_key(item_id)).items() if k in names}
+
+    def with_features(self, item_ids: Sequence[object], side_features: object, names: Sequence[str]) -> object:
+        """`side_features` (None or one dict or None per item) with each item's catalog features filled in
+        where the caller gave none (an item id of None: an item given by text, left as it is); anything else
+        is returned as it came, for `score` to refuse."""
+        if side_features is None:
+            side_features = [None] * len(item_ids)
+        if not isinstance(side_features, (list, tuple)) or len(side_features) != len(item_ids):
+            return side_features
+        filled = []
+        for item_id, given in zip(item_ids, side_features):
+            known = {} if item_id is None else self.features(item_id, names)  # None: an item given by text
+            filled.append({**known, **given} if isinstance(given, dict) else given if given is not None else
+                          known or None)
+        return filled
+
+
 def score_items(scorer, catalog: ItemCatalog, users: Sequence[dict], item_ids: Sequence[object],
                 **options) -> np.ndarray:
-    """`scorer.score(users, texts of item_ids, **options)`: (B,) float32 click probabilities."""
-    return scorer.score(users, catalog.texts(item_ids, "items"), **options)
+    """`scorer.score(users, texts of item_ids, **options)`: (B,) float32 click probabilities. The items'
+    categorical features stored in the catalog (a training catalog's cat_ columns) fill `side_features`
+    where the caller left them out."""
+    texts = catalog.texts(item_ids, "items")
+    names = scorer.config.model.categorical_features
+    options["side_features"] = catalog.with_features(item_ids, options.get("side_features"), names)
+    return scorer.score(users, texts, **options)
 
 
 def rank_items(scorer, catalog: ItemCatalog, user: dict, candidate_ids: Sequence[object], *,

@@ -74,3 +74,18 @@ def test_bahe_score_lines_may_give_item_ids(folder, tmp_path, capsys):
         assert isinstance(code, str) and "\n" not in code and code.startswith(f"bahe score: {tmp_path / 'in.jsonl'}: ")
         assert __import__("re").search(want, code), code
         assert capsys.readouterr().out == ""
+
+
+def test_the_catalog_fills_item_features_the_caller_left_out(folder, tmp_path):
+    path = tmp_path / FILE_NAME
+    VocabularyFile.update(path, [], {"a": "toy story", "b": "coffee"},
+                          item_features={"genre": {"a": "Animation"}, "shop": {"b": "cafe"}})
+    catalog = ItemCatalog.open(tmp_path)
+    names = ("genre", "user_id")  # what the model was trained with: "shop" is not among them
+    assert catalog.with_features(["a", "b", None], None, names) == [{"genre": "Animation"}, None, None]
+    assert catalog.with_features(["a", "a"], [{"genre": "Drama", "user_id": 3}, {"user_id": 4}], names) == [
+        {"genre": "Drama", "user_id": 3}, {"genre": "Animation", "user_id": 4}]
+    assert catalog.with_features(["a"], "bad", names) == "bad"  # left for score to refuse
+    scorer = BAHEScorer.from_pretrained(folder, device="cpu")
+    np.testing.assert_array_equal(score_items(scorer, catalog, [{}, {}], ["a", "b"]),
+                                  scorer.score([{}, {}], ["toy story", "coffee"]))

@@ -184,3 +184,28 @@ def test_bahe_train_stream_on_string_ids_saves_their_vocabulary(tiny_checkpoints
     assert "test AUC" in capsys.readouterr().out
     vocabulary = VocabularyFile.read(out / "scorer" / FILE_NAME)
     assert set(vocabulary.users.keys) == set(frame["user_id"]) and set(vocabulary.items.keys) == set(frame["item_id"])
+
+
+def test_item_features_are_stored_once_and_never_changed(tmp_path):
+    path = tmp_path / FILE_NAME
+    VocabularyFile.update(path, [], {"a": "A", "b": "B"}, item_features={"genre": {"a": "Action"}})
+    VocabularyFile.update(path, [], {"b": "B", "c": "C"}, item_features={"genre": {"a": "Drama", "b": "Comedy"},
+                                                                       "era": {"c": "90s"}})
+    stored = VocabularyFile.read(path)
+    assert stored.item_features == {"genre": ["Action", "Comedy", None], "era": [None, None, "90s"]}
+    assert stored.features_of("a") == {"genre": "Action"} and stored.features_of("zz") == {}
+    raw = json.loads(path.read_text())
+    raw["item_features"]["genre"] = ["x"]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(IdError, match="one string or null per item"):
+        VocabularyFile.read(path)
+
+
+def test_catalog_features_are_item_level_and_user_features_are_not(tmp_path):
+    from engine.training.loops.train_commands import item_level_features
+    (tmp_path / "items.csv").write_text("item_id,item_text,cat_genre\nSKU-1,Heat,Action\nSKU-2,Up,Family\n17,Big,"
+                                        "Comedy\n")
+    (tmp_path / "log.csv").write_text("user_id,item_id,timestamp,label,cat_gender\nu0,SKU-1,100,1,M\nu0,17,200,0,M\n"
+                                      "u1,SKU-2,150,1,F\nu1,17,160,0,F\n")
+    log = load_log(tmp_path / "log.csv", catalog=tmp_path / "items.csv")
+    assert item_level_features(log) == {"genre": {"SKU-1": "Action", "17": "Comedy", "SKU-2": "Family"}}

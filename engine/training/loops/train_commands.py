@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from engine.config import EncoderConfig, ModelConfig, ScorerConfig
 from engine.training.data.example_features import log_categorical_features
@@ -31,9 +32,26 @@ def id_vocabulary(log, folder: Path, write: bool = True, users: list[str] | None
     items = dict(zip(log.item_key(log.item_ids), log.item_id_texts))
     users = log.user_key(np.unique(log.user)) if users is None else users
     try:
-        return VocabularyFile.update(folder / FILE_NAME, users, items, write=write)
+        return VocabularyFile.update(folder / FILE_NAME, users, items, write=write,
+                                     item_features=item_level_features(log))
     except IdError as err:
         raise SystemExit(f"bahe train: {err}") from None
+
+
+def item_level_features(log) -> dict[str, dict[str, str]]:
+    """The log's categorical features that are item-level - one known value per item on all its events (as a
+    catalog's cat_ columns are), and not one per user (gender, age: a user's) - as name -> item key -> value,
+    for `ids.json` (scoring by item id fills them in)."""
+    out = {}
+    for name, values in log.categorical.items():
+        frame = pd.DataFrame({"item": log.item, "user": log.user, "value": values}).dropna()
+        by_item = frame[["item", "value"]].drop_duplicates()
+        per_user = not frame[["user", "value"]].drop_duplicates()["user"].duplicated().any()
+        if by_item.empty or by_item["item"].duplicated().any() or per_user:
+            continue
+        frame = by_item
+        out[name] = dict(zip(log.item_key(frame["item"].to_numpy()), frame["value"].tolist()))
+    return out
 
 
 def stream_users(stream) -> list[str]:
