@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from engine.serving.inputs import InputError, check_visible, parse_history_counts, parse_users, read_windows, user_sequences
 from engine.serving.item_vectors import weights_version
-from engine.model.bahe_model import BAHEModel, _gather
+from engine.model.bahe_model import BAHEModel, gather_rows
 from engine.serving.ranking import Ranking, check_top_k, parse_candidates, ranking
 from engine.features.side_features import recent_counts
 from engine.model.stages import stage
@@ -126,7 +126,7 @@ def append_window(model: BAHEModel, behavior_table: torch.Tensor, rows: torch.Te
     upper, k, position = model.upper, rows.numel(), keys[0].shape[0]
     offsets = torch.tensor([0, k], device=rows.device)
     pos = None if model.behavior_pos is None else model.behavior_pos[position:]
-    x = _gather(behavior_table, extra, rows, offsets, pos, k, model.compute_dtype)
+    x = gather_rows(behavior_table, extra, rows, offsets, pos, k, model.compute_dtype)
     new_keys, new_values = [], []
     for layer, cached_k, cached_v in zip(upper.layers, keys, values):
         def attend(h: torch.Tensor, attn=layer.attn, cached_k=cached_k, cached_v=cached_v) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.serving.item_vectors import weights_version
-from engine.model.bahe_model import BAHEModel, _gather
+from engine.model.bahe_model import BAHEModel, gather_rows
 from engine.features.similarity import similarity_weights, unit_rows
 from engine.features.side_features import count_features
 from engine.serving.user_cache import UserStateCache, user_key
@@ -92,9 +92,9 @@ def pair_similar(model: BAHEModel, behavior_table: torch.Tensor, rows: np.ndarra
     if not temperatures:
         return None
     device, n, k = _device(model), model.num_sequences, len(temperatures)
-    behaviors = unit_rows(_gather(behavior_table, behavior_extra, torch.from_numpy(rows).to(device), None, None, None,
+    behaviors = unit_rows(gather_rows(behavior_table, behavior_extra, torch.from_numpy(rows).to(device), None, None, None,
                                   torch.float32))
-    items = unit_rows(_gather(item_table, item_extra, torch.from_numpy(item_rows).to(device), None, None, None,
+    items = unit_rows(gather_rows(item_table, item_extra, torch.from_numpy(item_rows).to(device), None, None, None,
                               torch.float32))
     out = torch.zeros(item_rows.size, n, k, dtype=torch.float64, device=device)
     order = np.argsort(pair_user, kind="stable")
