@@ -145,6 +145,28 @@ def place(thing: torch.Tensor | nn.Module, device: torch.device) -> torch.Tensor
     return thing.to(device)
 
 
+def distinct_pairs(batch: ScoringBatch) -> tuple[ScoringBatch, np.ndarray | None]:
+    """The batch with each repeated pair (same user, item row and per-pair side columns) kept once, in first-
+    occurrence order (so a user's pairs stay contiguous), and the index of each original pair among the kept
+    ones (None: nothing repeated). Ranking takes it: a repeated candidate costs nothing and scores exactly as
+    its twin, so ties stay ties in rank and rank_many alike (GEMM rows are rounded by their position in the
+    product). `score` keeps every pair a head row, so its scores do not depend on which users repeat."""
+    columns = [batch.pair_user[:, None], batch.item_rows[:, None], batch.user_counts]
+    if batch.categories is not None:
+        columns.append(batch.categories)
+    key = np.concatenate(columns, axis=1)
+    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    if first.size == key.shape[0]:
+        return batch, None
+    order = np.argsort(first)
+    kept, position = first[order], np.empty_like(order)
+    position[order] = np.arange(order.size)
+    pick = lambda a: None if a is None else a[kept]  # noqa: E731
+    return (ScoringBatch(batch.behavior_rows, batch.offsets, batch.item_rows[kept], batch.pair_user[kept],
+                         batch.user_counts[kept], batch.recent, pick(batch.categories), batch.behavior_extra,
+                         batch.item_extra), position[inverse.reshape(-1)])
+
+
 class ScoringPipeline:
     """The scorer's shared serving state and compute path (see the module docstring). Thread-safe: `lock`
     guards the tables (lookups, appends, placement) and the item vectors; compute runs outside it."""
@@ -277,6 +299,7 @@ class ScoringPipeline:
         them), then the head over all pairs (per_user: each user's pairs contiguous, as rank_many lays them
         out, with the users folded into the head's first layer). One host -> device transfer, one read back."""
         model, n = self.model, len(self.config.model.sequence_names)
+        batch, back = distinct_pairs(batch) if per_user else (batch, None)  # `score`: rows as the caller's pairs
         users, pairs = (batch.offsets.size - 1) // n, batch.item_rows.size
         arrays, plan = self._plan(batch, tables, users, n, user is None, per_user)
         dev = to_device(arrays, self.device)
@@ -296,7 +319,8 @@ class ScoringPipeline:
             out = torch.sigmoid(logits).float().cpu().numpy()  # the one read back
         if not np.isfinite(out).all():
             raise FloatingPointError("the model produced a non-finite score; the scorer's weights may be corrupt")
-        return np.clip(out, PROB_EPS, 1 - PROB_EPS)
+        out = np.clip(out, PROB_EPS, 1 - PROB_EPS)
+        return out if back is None else out[back]
 
     def _plan(self, batch: ScoringBatch, tables: PlacedTables, users: int, n: int, tower: bool,
               per_user: bool) -> tuple[dict[str, np.ndarray | None], dict]:

@@ -49,13 +49,30 @@ class BAHEScorer:
                  kernels: str = "auto") -> None:
         self.config = config
         self.checkpoint, self.encoder, self.behaviors, self.items = checkpoint, encoder, behaviors, items
-        self.device = resolve_device(device)
         if kernels not in ops.BACKENDS:
             raise ValueError(f"kernels must be one of {ops.BACKENDS}, got {kernels!r}")
-        self.kernels = kernels
         self.pipeline = ScoringPipeline(config=config, encoder=encoder, model=model, behaviors=behaviors, items=items,
-                                        device=self.device, kernels=kernels)
-        self.model = self.pipeline.model
+                                        device=resolve_device(device), kernels=kernels)
+
+    @property
+    def model(self) -> BAHEModel:
+        """The online model (on `device`), the pipeline's."""
+        return self.pipeline.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.device
+
+    @property
+    def kernels(self) -> str:
+        """The kernel path of the scorer's calls: 'auto', 'torch' or 'triton' (`ops.BACKENDS`)."""
+        return self.pipeline.kernels
+
+    @kernels.setter
+    def kernels(self, kernels: str) -> None:
+        if kernels not in ops.BACKENDS:
+            raise ValueError(f"kernels must be one of {ops.BACKENDS}, got {kernels!r}")
+        self.pipeline.kernels = kernels
 
     # ----- loading and saving -------------------------------------------------------------
     @classmethod
