@@ -43,6 +43,7 @@ from engine.model.stages import stage
 from engine.serving import towers
 from engine.serving.inputs import InputError, locate_bad_text, lookup_texts, parse_side_features
 from engine.serving.item_vectors import ItemVectors
+from engine.serving.ranking import distinct_pairs
 from engine.serving.scorer_setup import kernel_path
 from engine.serving.user_cache import CacheStats, UserStateCache, user_key
 from weights.table import MISSING, BehaviorTable, NonFiniteRowError, TableError, UnknownTextError, first_nonfinite_row
@@ -140,31 +141,14 @@ def to_device(arrays: dict[str, np.ndarray | None], device: torch.device) -> dic
     return out
 
 
+def read_back(probabilities: torch.Tensor) -> np.ndarray:
+    """The request's one device -> host read: the (P,) probabilities as float32."""
+    return probabilities.float().cpu().numpy()
+
+
 def place(thing: torch.Tensor | nn.Module, device: torch.device) -> torch.Tensor | nn.Module:
     """A module or tensor moved to `device` at set-up or refresh time (weights, item vectors), not per request."""
     return thing.to(device)
-
-
-def distinct_pairs(batch: ScoringBatch) -> tuple[ScoringBatch, np.ndarray | None]:
-    """The batch with each repeated pair (same user, item row and per-pair side columns) kept once, in first-
-    occurrence order (so a user's pairs stay contiguous), and the index of each original pair among the kept
-    ones (None: nothing repeated). Ranking takes it: a repeated candidate costs nothing and scores exactly as
-    its twin, so ties stay ties in rank and rank_many alike (GEMM rows are rounded by their position in the
-    product). `score` keeps every pair a head row, so its scores do not depend on which users repeat."""
-    columns = [batch.pair_user[:, None], batch.item_rows[:, None], batch.user_counts]
-    if batch.categories is not None:
-        columns.append(batch.categories)
-    key = np.concatenate(columns, axis=1)
-    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
-    if first.size == key.shape[0]:
-        return batch, None
-    order = np.argsort(first)
-    kept, position = first[order], np.empty_like(order)
-    position[order] = np.arange(order.size)
-    pick = lambda a: None if a is None else a[kept]  # noqa: E731
-    return (ScoringBatch(batch.behavior_rows, batch.offsets, batch.item_rows[kept], batch.pair_user[kept],
-                         batch.user_counts[kept], batch.recent, pick(batch.categories), batch.behavior_extra,
-                         batch.item_extra), position[inverse.reshape(-1)])
 
 
 class ScoringPipeline:
@@ -299,7 +283,13 @@ class ScoringPipeline:
         them), then the head over all pairs (per_user: each user's pairs contiguous, as rank_many lays them
         out, with the users folded into the head's first layer). One host -> device transfer, one read back."""
         model, n = self.model, len(self.config.model.sequence_names)
-        batch, back = distinct_pairs(batch) if per_user else (batch, None)  # `score`: rows as the caller's pairs
+        kept, back = (distinct_pairs(batch.pair_user, batch.item_rows, batch.user_counts, batch.categories)
+                      if per_user else (None, None))  # `score` keeps every pair a head row, as the caller sent it
+        if kept is not None:
+            pick = lambda a: None if a is None else a[kept]  # noqa: E731
+            batch = ScoringBatch(batch.behavior_rows, batch.offsets, batch.item_rows[kept], batch.pair_user[kept],
+                                 batch.user_counts[kept], batch.recent, pick(batch.categories), batch.behavior_extra,
+                                 batch.item_extra)
         users, pairs = (batch.offsets.size - 1) // n, batch.item_rows.size
         arrays, plan = self._plan(batch, tables, users, n, user is None, per_user)
         dev = to_device(arrays, self.device)
@@ -316,7 +306,7 @@ class ScoringPipeline:
                                                     plan["widest"], side)
                 else:
                     logits = towers.pair_logits(model, user, item, dev["pair_user"], side)
-            out = torch.sigmoid(logits).float().cpu().numpy()  # the one read back
+            out = read_back(torch.sigmoid(logits))
         if not np.isfinite(out).all():
             raise FloatingPointError("the model produced a non-finite score; the scorer's weights may be corrupt")
         out = np.clip(out, PROB_EPS, 1 - PROB_EPS)
@@ -357,6 +347,7 @@ class ScoringPipeline:
                     else None for u in range(users)]
         cached = self.user_cache.get_many(keys, tables.version)
         todo = np.array([u for u in range(users) if cached[u] is None], dtype=np.int64)
+        hits = np.array([u for u in range(users) if cached[u] is not None], dtype=np.int64)
         chunks, picked, chunk_offsets, chunk_users = [], [], [], []
         rows_at, offsets_at = 0, 0
         for lo in range(0, todo.size, self.config.scoring.batch_size):
@@ -373,15 +364,15 @@ class ScoringPipeline:
             rows_at, offsets_at = rows_at + total, offsets_at + seq.size + 1
         plan.update(keys=keys, cached=cached, chunks=chunks, todo=todo, version=tables.version)
         cat = lambda parts: np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)  # noqa: E731
-        return {"tower_rows": rows[cat(picked)], "tower_offsets": cat(chunk_offsets), "tower_users": cat(chunk_users)}
+        return {"tower_rows": rows[cat(picked)], "tower_offsets": cat(chunk_offsets), "tower_users": cat(chunk_users),
+                "cached_users": hits if hits.size else None}
 
     def _user_tower(self, table: torch.Tensor, dev: dict, plan: dict, users: int, n: int) -> torch.Tensor:
         """(U, n, d) pooled states: cached ones from the LRU, the rest through the upper layers, chunk by chunk."""
         model, cached, keys = self.model, plan["cached"], plan["keys"]
         out = torch.empty(users, n, model.upper.hidden_size, dtype=model.compute_dtype, device=self.device)
-        for u in range(users):
-            if cached[u] is not None:
-                out[u] = cached[u]
+        if dev["cached_users"] is not None:
+            out[dev["cached_users"]] = torch.stack([state for state in cached if state is not None])
         for rows_at, total, offsets_at, count, lo, size, longest in plan["chunks"]:
             chunk = dev["tower_users"][lo:lo + size]
             states = model.user_states(table, dev["tower_rows"][rows_at:rows_at + total],
