@@ -153,3 +153,12 @@ def test_serving_reaches_the_device_only_through_the_pipeline_transfer():
         assert not bad, f"{name} moves data to the device outside the pipeline's transfer functions: {bad}"
     moves = {f for f, _, _ in device_moves(ast.parse(MODULES["engine.serving.pipeline"].read_text()))}
     assert moves == TRANSFERS["engine.serving.pipeline"]
+
+
+def test_serving_modules_import_no_private_names():
+    """The serving room shares state through public methods (ScoringPipeline), never another module's privates."""
+    for name in (m for m in MODULES if m.startswith("engine.serving")):
+        tree = ast.parse(MODULES[name].read_text())
+        private = [f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                   for alias in node.names if alias.name.startswith("_")]
+        assert not private, f"{name} imports private names {private}"
