@@ -12,9 +12,9 @@ the host needs of the model per request - the items' training counts, the catego
 training - comes from host mirrors, refreshed when the weights change, never from a device read.
 `tests/test_layout.py` holds the rule: serving modules reach the device only through `to_device` and `place`.
 
-Why towers.py stays a module of pure functions instead of moving in here: they hold the device math (the
-batched folded head, the pair similarity) and take tensors only, so they are testable without a scorer, and
-this file holds the state and the host planning; together they would pass 400 lines.
+towers.py stays a module of pure functions, not folded in here: it holds the device math (item vectors, pair
+similarity, the batched folded head) on tensors alone, testable without a scorer; this file holds the state
+and the host planning (together they would pass 400 lines).
 
 Versions. `version()` is a `PipelineVersion`: the model's weights (every parameter's and buffer's identity
 and version counter, the training flag and compute dtype) and the tables' lengths. Everything the pipeline
@@ -42,7 +42,7 @@ from engine.model.bahe_model import BAHEModel
 from engine.model.stages import stage
 from engine.serving import towers
 from engine.serving.inputs import InputError, locate_bad_text, lookup_texts, parse_side_features
-from engine.serving.item_vectors import ItemVectors
+from engine.serving.item_vectors import ItemVectors, model_version
 from engine.serving.ranking import distinct_pairs
 from engine.serving.scorer_setup import kernel_path
 from engine.serving.user_cache import CacheStats, UserStateCache, user_key
@@ -54,13 +54,6 @@ log = logging.getLogger(__name__)
 PROB_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps]: always strictly inside (0, 1)
 SIMILARITY_BLOCK = 1 << 23  # (pairs x behaviors) cosines per similarity product of a group of users
 ALIGN = 16  # bytes: every array in the packed transfer starts at a multiple (any dtype may view it)
-
-
-def model_version(model: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is updated in place, replaced or moved, or the model changes mode
-    or dtype (cheap: no data read)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return (model.training, *((id(t), t.data_ptr(), t._version, t.dtype) for t in tensors))
 
 
 @dataclass(frozen=True)
@@ -81,7 +74,8 @@ class ScoringBatch:
     behavior_rows (T,) int64, ids >= N index behavior_extra; offsets (U*n+1,) int64 cumulative, user-major;
     item_rows (P,) int64, ids >= N index item_extra; pair_user (P,) int64 the pair's user; user_counts (P, n)
     int64 the count features' user side; recent (U, n) int64 recent counts or None; categories (P, F) int64
-    categorical embedding rows or None; *_extra (X, d) float32 rows encoded on the fly, or None."""
+    hashed categorical buckets (-1: unknown, `ScoringPipeline.categories`) or None; *_extra (X, d) float32 rows
+    encoded on the fly, or None."""
     behavior_rows: np.ndarray
     offsets: np.ndarray
     item_rows: np.ndarray
@@ -95,20 +89,24 @@ class ScoringBatch:
 
 @dataclass(frozen=True)
 class PlacedTables:
-    """What a request reads on the device: the tables' rows, the item vectors, the version they are for."""
+    """What a request reads: on the device the tables' rows and the item vectors; on the host the mirrors of the
+    model's item counts (N, n) and seen categorical buckets; the version they are all for."""
     behaviors: torch.Tensor
     items: torch.Tensor
     vectors: torch.Tensor
     version: PipelineVersion
+    item_counts: np.ndarray
+    category_seen: np.ndarray
 
 
-def pack(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, tuple[int, np.dtype, tuple]]]:
-    """The arrays in one uint8 buffer, each at an ALIGN-byte offset -> (buffer, name -> (offset, dtype, shape))."""
+def pack(arrays: dict[str, np.ndarray], into=None) -> tuple[np.ndarray, dict[str, tuple[int, np.dtype, tuple]]]:
+    """The arrays in one uint8 buffer (`into(size)` gives it, default a new array), each at an ALIGN-byte offset
+    -> (buffer, name -> (offset, dtype, shape))."""
     layout, size = {}, 0
     for name, array in arrays.items():
         layout[name] = (size, array.dtype, array.shape)
         size += -(-array.nbytes // ALIGN) * ALIGN
-    buffer = np.empty(size, dtype=np.uint8)
+    buffer = np.empty(size, dtype=np.uint8) if into is None else into(size)
     for name, array in arrays.items():
         offset = layout[name][0]
         buffer[offset:offset + array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
@@ -134,10 +132,13 @@ def to_device(arrays: dict[str, np.ndarray | None], device: torch.device) -> dic
     if device.type == "cpu":
         out.update({k: torch.from_numpy(v) for k, v in present.items()})
         return out
-    buffer, layout = pack(present)
-    host = torch.empty(buffer.size, dtype=torch.uint8, pin_memory=True)
-    host.numpy()[:] = buffer  # a host tensor: its own memory, no device read
-    out.update(unpack(host.to(device, non_blocking=True), layout))
+    pinned: list[torch.Tensor] = []
+
+    def into(size: int) -> np.ndarray:  # packed straight into page-locked memory: one host copy per array
+        pinned.append(torch.empty(size, dtype=torch.uint8, pin_memory=True))
+        return pinned[0].numpy()
+    _, layout = pack(present, into)
+    out.update(unpack(pinned[0].to(device, non_blocking=True), layout))
     return out
 
 
@@ -191,14 +192,16 @@ class ScoringPipeline:
         return rows
 
     def placed(self) -> PlacedTables:
-        """The tables and item vectors as they are now, on the device; call under `lock`."""
+        """The tables and item vectors as they are now, on the device, and the host mirrors; call under `lock`."""
+        version = self.version()  # once per request: it reads every parameter's version counter
         with kernel_path(self.kernels):
             items = self.table_rows("items")
             vectors = self.item_vectors.get(self.model, self.items, items)
         kept = self._vectors
         if kept is None or kept[0].data_ptr() != vectors.data_ptr() or kept[0].shape != vectors.shape:
             self._vectors = (vectors, place(vectors, self.device))  # holding `vectors` keeps its address unique
-        return PlacedTables(self.table_rows("behaviors"), items, self._vectors[1], self.version())
+        return PlacedTables(self.table_rows("behaviors"), items, self._vectors[1], version,
+                            *self.mirrors(version.weights))
 
     def lookup(self, which: str, texts: list[str], policy: str, lengths: np.ndarray | None = None,
                users: Sequence[int] | None = None, label=None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -237,10 +240,10 @@ class ScoringPipeline:
         return rows, extra.numpy()
 
     # ----- host mirrors ---------------------------------------------------------------------
-    def mirrors(self) -> tuple[np.ndarray, np.ndarray]:
+    def mirrors(self, weights: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Host copies of the model's item training counts (N, n) and seen categorical buckets, read from the
-        device once per weights version."""
-        weights = model_version(self.model)
+        device once per weights version (`weights`: the model's `model_version`, if known)."""
+        weights = model_version(self.model) if weights is None else weights
         with self._mirror_lock:
             if self._mirrors is None or self._mirrors[0] != weights:
                 side = self.model.side
@@ -248,18 +251,19 @@ class ScoringPipeline:
             return self._mirrors[1], self._mirrors[2]
 
     def categories(self, side_features: object, count: int, unit: str) -> np.ndarray | None:
-        """(count, F) embedding rows of the categorical features (engine.features.categorical), None without any."""
+        """(count, F) hashed buckets of the categorical features (engine.features.categorical; -1: unknown), None
+        without any; `score` maps them to embedding rows with the seen buckets of its weights."""
         names, config = self.config.model.categorical_features, self.config.model
         columns = parse_side_features(side_features, count, names, unit)
         if not names:
             return None
-        return category_rows(category_buckets(names, columns, config.categorical_buckets), self.mirrors()[1])
+        return category_buckets(names, columns, config.categorical_buckets)
 
-    def dense(self, batch: ScoringBatch) -> np.ndarray | None:
+    def dense(self, batch: ScoringBatch, tables: PlacedTables) -> np.ndarray | None:
         """(P, F) count features of the pairs (engine.features.side_features), from the host mirror."""
         if not self.config.model.count_features:
             return None
-        stored = self.mirrors()[0]
+        stored = tables.item_counts
         known = batch.item_rows < stored.shape[0]
         item_counts = np.zeros((batch.item_rows.size, stored.shape[1]), dtype=np.int64)
         item_counts[known] = stored[batch.item_rows[known]]
@@ -319,7 +323,8 @@ class ScoringPipeline:
         fresh = np.flatnonzero(item_rows >= tables.vectors.shape[0])
         arrays: dict[str, np.ndarray | None] = {
             "behavior_rows": batch.behavior_rows, "offsets": offsets, "item_rows": item_rows,
-            "pair_user": pair_user, "dense": self.dense(batch), "categories": batch.categories,
+            "pair_user": pair_user, "dense": self.dense(batch, tables),
+            "categories": None if batch.categories is None else category_rows(batch.categories, tables.category_seen),
             "behavior_extra": batch.behavior_extra, "item_extra": batch.item_extra,
             "fresh_pairs": fresh if fresh.size else None,
             "fresh_rows": item_rows[fresh] - tables.vectors.shape[0] if fresh.size else None}

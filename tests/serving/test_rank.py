@@ -344,8 +344,10 @@ def test_the_two_tower_path_is_the_joint_forward(tiny_checkpoints, tmp_path, fam
     item_rows = scorer.items.lookup(items).astype(np.int64)
     recent = recent_counts(sequences, scorer.config.model.recent_events, len(names))
     offsets = np.concatenate([[0], np.cumsum(lengths)])
+    with scorer.pipeline.lock:
+        tables = scorer.pipeline.placed()
     dense = scorer.pipeline.dense(ScoringBatch(rows, offsets, item_rows, np.arange(len(users)),
-                                               lengths.reshape(len(users), -1), recent))
+                                               lengths.reshape(len(users), -1), recent), tables)
     batch = PackedBatch(torch.from_numpy(rows), torch.from_numpy(offsets), torch.from_numpy(item_rows),
                         dense=torch.from_numpy(dense))
     with torch.inference_mode():
