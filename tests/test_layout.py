@@ -135,7 +135,8 @@ def test_the_device_move_detector_sees_moves_and_not_dtype_casts():
     tree = ast.parse("def f(x, rows, model, device):\n"
                      "    a = x.to(device)\n    b = x.to(rows.device, non_blocking=True)\n    c = x.cuda()\n"
                      "    d = torch.tensor([0, 1], device=rows.device)\n    e = x.to('cuda:0')\n"
-                     "    g = x.to(model.compute_dtype)\n    h = torch.zeros(3, device=device)\n    k = x.to(x.dtype)\n")
+                     "    g = x.to(model.compute_dtype)\n    h = torch.zeros(3, device=device)\n"
+                     "    k = x.to(x.dtype)\n")
     assert [line for _, line, _ in device_moves(tree)] == [2, 3, 4, 5, 6]
 
 

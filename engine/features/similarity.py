@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["unit_rows", "similarity_weights", "segment_sums", "range_soft_counts", "similarity_features", "similarity_feature_names"]
+__all__ = ["unit_rows", "similarity_weights", "segment_sums", "range_soft_counts", "similarity_features",
+           "similarity_feature_names"]
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,9 @@ count features read the ABE rows and texts, never the states.
 A state is immutable: `extend` returns a new one (sharing the unchanged sequences) and leaves the old valid,
 so states can be cached and read from several threads. It carries the `PipelineVersion` it was computed at
 (the weights and the tables' lengths) and is refused once the scorer's version no longer serves it (other
-weights, or a table shorter than it was: engine.serving.pipeline). Scoring through a state follows the reference attention (plain PyTorch), on the
-CPU and on CUDA alike; on CUDA the packed path takes the Triton kernels, so the two agree to rounding.
+weights, or a table shorter than it was: engine.serving.pipeline). Scoring through a state follows the
+reference attention (plain PyTorch), on the CPU and on CUDA alike; on CUDA the packed path takes the Triton
+kernels, so the two agree to rounding.
 """
 from __future__ import annotations
 

@@ -117,7 +117,8 @@ def test_a_user_state_from_another_version_is_refused(scorer):
     before = scorer.rank(state, ITEMS).scores
     scorer.behaviors.append(["a behavior appended later"])  # tables only grew: the state still serves
     np.testing.assert_array_equal(scorer.rank(state, ITEMS).scores, before)
-    shorter = dataclasses.replace(state, version=dataclasses.replace(state.version, behaviors=len(scorer.behaviors) + 1))
+    longer_table = dataclasses.replace(state.version, behaviors=len(scorer.behaviors) + 1)
+    shorter = dataclasses.replace(state, version=longer_table)  # made when the table was longer than it is now
     with pytest.raises(ValueError, match="other weights, dtype, tables"):
         scorer.rank(shorter, ITEMS)
     with torch.no_grad():
