@@ -92,6 +92,22 @@ def test_every_request_makes_one_transfer_and_one_read(scorer, monkeypatch):
     assert {"item_extra", "fresh_pairs", "slot"} <= set(transfers[1])
 
 
+def test_similarity_groups_split_by_the_block_give_the_same_scores(scorer, monkeypatch):
+    """rank_many's pair similarity runs one product per group of users under SIMILARITY_BLOCK cosines; a block
+    of one forces a group per user (and a score of many users, pairs in any order) with the same result."""
+    rng = np.random.default_rng(5)
+    users, features = random_users(rng, 6), side_features(rng, 6)
+    lists = [[ITEMS[i] for i in rng.integers(0, len(ITEMS), k)] for k in (3, 0, 5, 1, 4, 2)]
+    items = [ITEMS[i] for i in rng.integers(0, len(ITEMS), 6)]
+    together = [r.scores for r in scorer.rank_many(users, lists, side_features=features)]
+    pairs = scorer.score(users[::-1] + users, items + items[::-1], side_features=features[::-1] + features)
+    monkeypatch.setattr(pipeline_module, "SIMILARITY_BLOCK", 1)
+    for got, want in zip(scorer.rank_many(users, lists, side_features=features), together):
+        np.testing.assert_allclose(got.scores, want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(scorer.score(users[::-1] + users, items + items[::-1],
+                                            side_features=features[::-1] + features), pairs, rtol=1e-6, atol=1e-7)
+
+
 # ----- versions ---------------------------------------------------------------------------------
 def test_a_version_serves_older_state_of_the_same_weights_and_shorter_tables():
     v = PipelineVersion(weights=(1, 2), behaviors=10, items=4)
