@@ -38,6 +38,7 @@ from engine.encoding.abe import AtomicEncoder
 from engine.config import ScorerConfig
 from engine.features.categorical import category_buckets, category_rows
 from engine.features.side_features import count_features
+from engine.model.calibration import calibrate
 from engine.model.bahe_model import BAHEModel
 from engine.model.stages import stage
 from engine.serving import towers
@@ -313,7 +314,7 @@ class ScoringPipeline:
             out = read_back(torch.sigmoid(logits))
         if not np.isfinite(out).all():
             raise FloatingPointError("the model produced a non-finite score; the scorer's weights may be corrupt")
-        out = np.clip(out, PROB_EPS, 1 - PROB_EPS)
+        out = calibrate(self.config.calibration, np.clip(out, PROB_EPS, 1 - PROB_EPS))
         return out if back is None else out[back]
 
     def _plan(self, batch: ScoringBatch, tables: PlacedTables, users: int, n: int, tower: bool,

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from engine.encoding.abe import AtomicEncoder, ReusingEncoder
-from engine.config import ScorerConfig, ScoringConfig
+from engine.config import CalibrationConfig, ScorerConfig, ScoringConfig
 from engine.serving.inputs import InputError, parse_history_counts, parse_items, parse_users, read_windows, text_list
 from engine.serving.incremental import UserState, build_state, extend_state, rank_state
 from engine.serving.pipeline import ScoringBatch, ScoringPipeline
@@ -164,6 +164,11 @@ class BAHEScorer:
                          item_vectors=self.pipeline.save_item_vectors)
 
     # ----- scoring ------------------------------------------------------------------------
+    def set_calibration(self, calibration: CalibrationConfig) -> None:
+        """Map every later score and rank through `calibration` (fitted by `bahe calibrate`;
+        CalibrationConfig() turns it off); part of the config, so save_pretrained keeps it."""
+        self.config.calibration = calibration
+
     def score(self, users: Sequence[dict[str, Sequence[str]]], items: Sequence[str], *,
               history_counts: Sequence[dict[str, int] | None] | None = None,
               side_features: Sequence[dict | None] | None = None) -> np.ndarray:

@@ -4,7 +4,6 @@ loss, ECE and AUC on the test part before and after, and save the calibration in
 crash-safe like every save). Platt is the default: strictly increasing, so rankings and AUC are unchanged."""
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +59,7 @@ def calibrate_scorer(folder: str | Path, data: BehaviorLog, kind: str = "platt",
     """Fit `kind` on the validation examples of `data.split()`, measure on its test examples, and (if `save`)
     write the calibration into the scorer folder. Any calibration already there is replaced, not stacked."""
     scorer = BAHEScorer.from_pretrained(folder, device="cpu")
-    scorer.config = dataclasses.replace(scorer.config, calibration=CalibrationConfig())
+    scorer.set_calibration(CalibrationConfig())
     split = data.split()
     if split.val.size == 0 or split.test.size == 0:
         raise ValueError(f"the log's time split has {split.val.size} validation and {split.test.size} test examples; "
@@ -72,6 +71,6 @@ def calibrate_scorer(folder: str | Path, data: BehaviorLog, kind: str = "platt",
     report = CalibrationReport(fitted, int(split.val.size), int(split.test.size), _metrics(labels, test_probs),
                                _metrics(labels, calibrate(fitted, test_probs)))
     if save:
-        scorer.config = dataclasses.replace(scorer.config, calibration=fitted)
+        scorer.set_calibration(fitted)
         scorer.save_pretrained(folder)
     return report
