@@ -4,7 +4,8 @@ Imports: each room imports only the rooms its row of ROOMS allows (serving never
 neither kernels nor engine, nothing of engine the benchmarks); the command line loads the harness only inside
 its command functions; the import graph, imports inside functions included, has no cycle; no module imports
 another module's private (_underscore) names. Files: no two modules share a file name, no engine folder holds
-more than 12 modules, no source file grows past ~400 lines, and tests live in tests/<room>/ folders.
+more than 12 modules, no source file grows past ~400 lines, tests live in tests/<room>/ folders, and the tests
+that start ranks, load SmolLM2 or run a script end to end carry the `slow` marker (`make test-fast` skips them).
 """
 import ast
 import sys
@@ -282,6 +283,57 @@ def test_tests_live_in_room_folders():
     elsewhere = [str(p.relative_to(ROOT)) for package in PACKAGES for p in (ROOT / package).rglob("test_*.py")
                  if not (package == "bench" and p.parent == ROOT / "bench" and p.name.startswith("test_bench_"))]
     assert not elsewhere, "tests outside tests/ (bench/test_bench_*.py are the benchmark suites)"
+
+
+# What makes a test slow: starting ranks (tests.multiprocess.torchrun, torch.multiprocessing's start_processes or
+# spawn), loading the real SmolLM2 (prepare_smollm2), running the demo or a benchmark script's main end to end.
+SLOW_CALLS = ("torchrun", "start_processes", "spawn", "prepare_smollm2", "run_demo", "bench.main")
+
+
+def _needs_slow(tree: ast.Module) -> dict[str, str]:
+    """test name -> the slow call it reaches, itself or through a module-level helper or fixture (a parameter
+    named for one), for the test functions of `tree`."""
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    bench = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "bench"
+             for a in n.names}
+
+    def called(fn: ast.FunctionDef) -> set[str]:
+        out = {a.arg for a in fn.args.args if a.arg in functions}
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Call):
+                f = node.func
+                out.add(f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else "")
+                if isinstance(f, ast.Attribute) and f.attr == "main" and getattr(f.value, "id", None) in bench:
+                    out.add("bench.main")
+        return out
+
+    def reason(name: str, seen: set[str]) -> str | None:
+        seen.add(name)
+        direct = called(functions[name])
+        hit = next((c for c in SLOW_CALLS if c in direct), None)
+        return hit or next((r for c in sorted(direct & set(functions) - seen) if (r := reason(c, seen))), None)
+
+    return {name: r for name in functions if name.startswith("test_") and (r := reason(name, set()))}
+
+
+def _marked_slow(tree: ast.Module, name: str) -> bool:
+    module = any(isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in n.targets)
+                 and "mark.slow" in ast.unparse(n.value) for n in tree.body)
+    test = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    return module or any("mark.slow" in ast.unparse(d) for d in test.decorator_list)
+
+
+def test_tests_that_start_ranks_load_smollm2_or_run_scripts_end_to_end_are_marked_slow():
+    found, unmarked = {}, []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        for name, why in _needs_slow(tree).items():
+            found[f"{path.relative_to(ROOT)}::{name}"] = why
+            if not _marked_slow(tree, name):
+                unmarked.append(f"{path.relative_to(ROOT)}::{name} ({why})")
+    assert found["tests/encoding/test_abe_sharded.py::test_three_ranks_equal_one_and_a_dead_rank_leaves_the_old_table"]
+    assert {"torchrun", "start_processes", "prepare_smollm2", "run_demo", "bench.main"} <= set(found.values())
+    assert not unmarked, "missing @pytest.mark.slow:\n" + "\n".join(unmarked)
 
 
 if __name__ == "__main__":
