@@ -188,7 +188,7 @@ def test_recent_counts_read_the_longest_whole_sequence(tiny_checkpoints, tmp_pat
 
 
 def test_the_benchmark_runs(tiny_checkpoints, tmp_path):
-    from bench.incremental import measure
+    from bench.extend_user import measure
     scorer = make_scorer(tiny_checkpoints["llama"], tmp_path, max_behaviors=M)
     figures = measure(scorer, 6, repeats=1)  # checks the appended state against the recompute itself
     assert figures["bytes"] > 0 and all(figures[key] > 0 for key in ("recompute", "append", "rank_state", "build"))
