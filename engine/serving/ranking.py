@@ -1,12 +1,21 @@
-"""Ranking helpers of `BAHEScorer.rank`/`rank_many`: the result type, and the repeated users of a batch
-(`score` computes each distinct user once)."""
+"""Ranking helpers of `BAHEScorer.rank`/`rank_many`: the result type, the repeated users of a batch
+(`score` computes each distinct user once) and the repeated candidates of a ranked user (scored once).
+
+And scoring and ranking by item id (`ItemCatalog`, `score_items`, `rank_items`): the item ids a scorer was
+trained on (the `ids.json` vocabulary `bahe train` keeps in the scorer folder: weights.id_vocabulary) mapped
+to their texts, then the scorer's own `score` and `rank`, so a request need not carry a thousand texts. Ids
+follow the key rule (17 and "17" are one item). The catalog is read once, when opened: a later `bahe train`
+into the same folder extends the file (append-only) and a catalog opened again sees the new items."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from engine.serving.inputs import InputError
+from weights.id_vocabulary import FILE_NAME, IdError, VocabularyFile, id_key
 
 
 @dataclass(frozen=True)
@@ -63,3 +72,98 @@ def distinct_users(sequences: list[list[list[str]]]) -> tuple[list[int], np.ndar
             first.append(u)
         inverse[u] = index
     return first, inverse
+
+
+def distinct_pairs(pair_user: np.ndarray, item_rows: np.ndarray,
+                   *columns: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(kept, back): the pairs to score, each repeated pair (same user, item row and per-pair side `columns`
+    (P, F)) kept once in first-occurrence order (a user's pairs stay contiguous), and each original pair's
+    index among them; (None, None) when nothing repeats. Ranking takes it: a repeated candidate costs nothing
+    and scores exactly as its twin, so ties stay ties in rank and rank_many alike (GEMM rows are rounded by
+    their position in the product)."""
+    key = np.concatenate([pair_user[:, None], item_rows[:, None], *(c for c in columns if c is not None)], axis=1)
+    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    if first.size == key.shape[0]:
+        return None, None
+    order = np.argsort(first)
+    position = np.empty_like(order)
+    position[order] = np.arange(order.size)
+    return first[order], position[inverse.reshape(-1)]
+
+
+class ItemCatalog:
+    """Item id -> text of a scorer folder (its `ids.json`)."""
+
+    def __init__(self, vocabulary: VocabularyFile, source: str) -> None:
+        self.vocabulary, self.source = vocabulary, source
+
+    @classmethod
+    def open(cls, scorer_folder: str | Path) -> ItemCatalog:
+        """The catalog of `scorer_folder`; InputError when it has none (a scorer saved by `save_pretrained`
+        alone, not by `bahe train`) or the file is damaged."""
+        path = Path(scorer_folder) / FILE_NAME
+        try:
+            return cls(VocabularyFile.read(path), str(path))
+        except FileNotFoundError:
+            raise InputError(f"{scorer_folder}: no item catalog ({FILE_NAME}); it is written by `bahe train`, so "
+                             "score this scorer by item texts") from None
+        except IdError as err:
+            raise InputError(str(err)) from None
+
+    def __len__(self) -> int:
+        return len(self.vocabulary.items)
+
+    def texts(self, item_ids: Sequence[object], name: str = "item_ids") -> list[str]:
+        """The texts of `item_ids` (str or int each); InputError naming `name[i]` for a value that is not an id
+        or an id the catalog does not hold."""
+        if isinstance(item_ids, (str, bytes)) or not isinstance(item_ids, (Sequence, np.ndarray)):
+            raise InputError(f"{name} must be a list of item ids, got {type(item_ids).__name__}")
+        return [self.text(value, f"{name}[{i}]") for i, value in enumerate(item_ids)]
+
+    def text(self, item_id: object, where: str = "item_id") -> str:
+        """The text of one item id; InputError starting with `where` for a non-id or an id not held."""
+        try:
+            key = id_key(item_id)
+        except IdError as err:
+            raise InputError(f"{where}: {err}") from None
+        text = self.vocabulary.text_of(key)
+        if text is None:
+            raise InputError(f"{where}: item id {key!r} is not in the catalog {self.source} ({len(self)} items)")
+        return text
+
+
+    def features(self, item_id: object, names: Sequence[str]) -> dict[str, str]:
+        """The catalog's categorical features of `item_id` among `names` (those a model was trained with)."""
+        return {k: v for k, v in self.vocabulary.features_of(id_key(item_id)).items() if k in names}
+
+    def with_features(self, item_ids: Sequence[object], side_features: object, names: Sequence[str]) -> object:
+        """`side_features` (None or one dict or None per item) with each item's catalog features filled in
+        where the caller gave none (an item id of None: an item given by text, left as it is); anything else
+        is returned as it came, for `score` to refuse."""
+        if side_features is None:
+            side_features = [None] * len(item_ids)
+        if not isinstance(side_features, (list, tuple)) or len(side_features) != len(item_ids):
+            return side_features
+        filled = []
+        for item_id, given in zip(item_ids, side_features):
+            known = {} if item_id is None else self.features(item_id, names)  # None: an item given by text
+            filled.append({**known, **given} if isinstance(given, dict) else given if given is not None else
+                          known or None)
+        return filled
+
+
+def score_items(scorer, catalog: ItemCatalog, users: Sequence[dict], item_ids: Sequence[object],
+                **options) -> np.ndarray:
+    """`scorer.score(users, texts of item_ids, **options)`: (B,) float32 click probabilities. The items'
+    categorical features stored in the catalog (a training catalog's cat_ columns) fill `side_features`
+    where the caller left them out."""
+    texts = catalog.texts(item_ids, "items")
+    names = scorer.config.model.categorical_features
+    options["side_features"] = catalog.with_features(item_ids, options.get("side_features"), names)
+    return scorer.score(users, texts, **options)
+
+
+def rank_items(scorer, catalog: ItemCatalog, user: dict, candidate_ids: Sequence[object], *,
+               top_k: int | None = None, **options) -> Ranking:
+    """`scorer.rank(user, texts of candidate_ids, top_k=top_k, **options)`: a Ranking in candidate order."""
+    return scorer.rank(user, catalog.texts(candidate_ids, "candidates"), top_k=top_k, **options)

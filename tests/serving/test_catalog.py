@@ -1,4 +1,4 @@
-"""Scoring and ranking by item id (engine.serving.catalog) through the id vocabulary of a scorer folder, by the
+"""Scoring and ranking by item id (engine.serving.ranking: ItemCatalog, score_items, rank_items) through the id vocabulary of a scorer folder, by the
 API and by `bahe score` lines with "item_id": the same scores as by text; unknown ids named."""
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine import cli
-from engine.serving.catalog import ItemCatalog, rank_items, score_items
+from engine.serving.ranking import ItemCatalog, rank_items, score_items
 from engine.serving.inputs import InputError
 from engine.serving.scorer import BAHEScorer
 from tests.serving.test_scorer import BEHAVIORS, ITEMS, make_scorer

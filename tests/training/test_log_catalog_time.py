@@ -1,5 +1,5 @@
-"""Item catalog files (engine.training.data.log_catalog) and timestamps as integers or ISO-8601 times
-(engine.training.data.log_time): what is accepted, and the line and column of each refusal."""
+"""Item catalog files (engine.training.data.log_files.join_catalog) and timestamps as integers or ISO-8601 times
+(engine.training.data.log_columns): what is accepted, and the line and column of each refusal."""
 import numpy as np
 import pandas as pd
 import pytest

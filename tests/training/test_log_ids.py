@@ -1,4 +1,4 @@
-"""String and integer ids in logs (engine.training.data.log_ids, weights.id_vocabulary): exact keys, the
+"""String and integer ids in logs (engine.training.data.log_columns, weights.id_vocabulary): exact keys, the
 "17" vs 17 rule, the append-only vocabulary a scorer folder keeps, and the hashed buckets' collision report."""
 import json
 

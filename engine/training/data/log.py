@@ -21,7 +21,7 @@ import pandas as pd
 
 from engine.features.categorical import USER_ID
 from engine.features.history_window import window_start
-from engine.training.data.log_ids import keys_of
+from engine.training.data.log_columns import keys_of
 from engine.training.data.log_schema import (CATEGORY_PREFIX, SEQUENCE_COLUMN, SEQUENCE_SEPARATOR, LogFormatError,
                                               validate_frame)
 
@@ -85,7 +85,7 @@ class BehaviorLog:
     item_texts: item id -> text, covering every item in `item`;
     categorical: feature name -> (N,) object array of the event's value (str, or None: unknown), from the
     file's cat_<name> columns (engine.features.categorical; the user id is always there as `category_values("user_id")`);
-    user_keys, item_keys: the exact ids behind `user` and `item` (engine.training.data.log_ids): (K,) object
+    user_keys, item_keys: the exact ids behind `user` and `item` (engine.training.data.log_columns): (K,) object
     keys by code, or None when the codes are the integer ids themselves.
     """
 
@@ -193,7 +193,7 @@ class BehaviorLog:
         the order of the sequences (it must name every sequence in the table; listed names that never
         occur are kept, empty); by default they come in order of first appearance. `source` names the
         table in error messages, `lines` (a CSV file's line of each row) the places in them; `timestamps`:
-        'auto', 'integer' or 'iso8601' (engine.training.data.log_time)."""
+        'auto', 'integer' or 'iso8601' (engine.training.data.log_columns)."""
         *columns, categorical, ids = validate_frame(frame, sequence_names, source, lines, timestamps)
         return cls(*columns, min_history, categorical, ids["user"], ids["item"])
 

@@ -1,5 +1,12 @@
 """Behavior log files: `load_log` and `write_log`, CSV or parquet by extension, in the schema of
-`log_schema`. Parquet files also record the sequence order."""
+`log_schema`. Parquet files also record the sequence order. CSV files are read strictly (`read_csv_strict`).
+
+An item catalog file beside an event log (`join_catalog`): one row per item (`item_id`, `item_text`, optional
+`cat_<name>` columns: the item's categorical features), so events need not repeat the item's text on every
+row; joined by item id under the key rule of `weights.id_vocabulary` (17 and "17" are one item). Refused,
+naming the file, the line (CSV) or row (parquet) and the column: a catalog without `item_id`/`item_text`, an
+item listed twice, an item text that is missing, blank or of no visible content, an event whose item the
+catalog lacks, an event `item_text` that differs from the catalog's, and a `cat_` column in both files."""
 from __future__ import annotations
 
 import codecs
@@ -8,21 +15,24 @@ import gzip
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
+from engine.serving.inputs import has_no_visible_content
 from engine.training.data.log import BehaviorLog
-from engine.training.data.log_catalog import join_catalog
-from engine.training.data.log_schema import LogFormatError
+from engine.training.data.log_schema import CATEGORY_PREFIX, LogFormatError, row_places
+from weights.id_vocabulary import IdError, id_key
 
-__all__ = ["load_log", "read_csv_strict", "write_log"]
+__all__ = ["PARQUET_ORDER_KEY", "join_catalog", "load_log", "log_file_kind", "read_csv_strict", "write_log"]
 
-_PARQUET_ORDER_KEY = b"bahe.sequence_names"  # parquet schema metadata: the sequence order, as JSON
+PARQUET_ORDER_KEY = b"bahe.sequence_names"  # parquet schema metadata: the sequence order, as JSON
 
 
-def _suffix(path: str | os.PathLike) -> str:
+def log_file_kind(path: str | os.PathLike) -> str:
+    """'csv' or 'parquet', from the file name's extension (how `load_log` and the streamed reader open it);
+    LogFormatError naming the file for any other extension."""
     name = os.fspath(path).lower()
     for suffix in (".csv", ".csv.gz", ".parquet", ".pq", ".parquet.brotli"):
         if name.endswith(suffix):
@@ -35,7 +45,7 @@ def load_log(path: str | os.PathLike, *, min_history: int = 1, sequence_names: S
     """Read and validate a behavior log file (CSV or parquet by extension). Sequence order:
     `sequence_names` if given, else the order stored by `write_log` in a parquet file, else first
     appearance in the file. `catalog`: an item catalog file (item_id, item_text[, cat_<name>]) giving the
-    events' item texts (`log_catalog`); `timestamps`: 'auto', 'integer' or 'iso8601' (`log_time`). A file
+    events' item texts (`join_catalog`); `timestamps`: 'auto', 'integer' or 'iso8601' (`log_columns`). A file
     that is not a table in the schema is a LogFormatError naming the file, the place (CSV: the file line,
     header counted; parquet: the 0-based row) and the column."""
     path = os.fspath(path)
@@ -50,7 +60,7 @@ def load_log(path: str | os.PathLike, *, min_history: int = 1, sequence_names: S
 
 def _read_table(path: str) -> tuple[pd.DataFrame, np.ndarray | None, list[str] | None]:
     """(table, the file line of each row (CSV) or None, the sequence order stored in a parquet file or None)."""
-    if _suffix(path) == "csv":
+    if log_file_kind(path) == "csv":
         return (*read_csv_strict(path), None)
     frame, stored = _read_parquet(path)
     return frame, None, stored
@@ -182,7 +192,7 @@ def _read_parquet(path: str) -> tuple[pd.DataFrame, list[str] | None]:
         raise
     except (pa.ArrowException, OSError) as err:
         raise LogFormatError(f"{path}: not a readable parquet file ({err})") from None
-    stored = (table.schema.metadata or {}).get(_PARQUET_ORDER_KEY)
+    stored = (table.schema.metadata or {}).get(PARQUET_ORDER_KEY)
     if stored is None:
         return frame, None
     try:
@@ -190,7 +200,7 @@ def _read_parquet(path: str) -> tuple[pd.DataFrame, list[str] | None]:
     except (ValueError, UnicodeDecodeError):
         names = None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise LogFormatError(f"{path}: metadata {_PARQUET_ORDER_KEY.decode()} must be a JSON list of sequence "
+        raise LogFormatError(f"{path}: metadata {PARQUET_ORDER_KEY.decode()} must be a JSON list of sequence "
                              f"names, got {stored[:80]!r}")
     return frame, names
 
@@ -200,7 +210,7 @@ def write_log(log: BehaviorLog, path: str | os.PathLike) -> None:
     the same log; parquet files also record the sequence order."""
     path = os.fspath(path)
     frame = log.to_frame()
-    if _suffix(path) == "csv":
+    if log_file_kind(path) == "csv":
         frame.to_csv(path, index=False)
         return
     import pyarrow as pa
@@ -208,5 +218,70 @@ def write_log(log: BehaviorLog, path: str | os.PathLike) -> None:
 
     table = pa.Table.from_pandas(frame, preserve_index=False)
     metadata = dict(table.schema.metadata or {})
-    metadata[_PARQUET_ORDER_KEY] = json.dumps(list(log.sequence_names)).encode()
+    metadata[PARQUET_ORDER_KEY] = json.dumps(list(log.sequence_names)).encode()
     pq.write_table(table.replace_schema_metadata(metadata), path)
+
+
+CATALOG_COLUMNS = ("item_id", "item_text")
+
+
+def _keys(values: pd.Series, where: Callable[[int], str], column: str) -> np.ndarray:
+    """(N,) object: the key of each cell (each distinct cell converted once); LogFormatError naming a non-id."""
+    codes, uniques = pd.factorize(values.to_numpy(dtype=object), use_na_sentinel=True)
+    if (codes < 0).any():
+        raise LogFormatError(f"{where(int(np.flatnonzero(codes < 0)[0]))}, column {column!r}: the id is missing")
+    keys = np.empty(len(uniques), dtype=object)
+    for u, value in enumerate(uniques.tolist()):
+        try:
+            keys[u] = id_key(value)
+        except IdError as err:
+            raise LogFormatError(f"{where(int(np.flatnonzero(codes == u)[0]))}, column {column!r}: {err}") from None
+    return keys[codes]
+
+
+def join_catalog(events: pd.DataFrame, events_lines: np.ndarray | None, source: str, catalog: pd.DataFrame,
+                 catalog_lines: np.ndarray | None, catalog_source: str) -> pd.DataFrame:
+    """`events` with `item_text` and the catalog's `cat_` columns filled from `catalog` by item id."""
+    at_catalog, at_event = row_places(catalog_lines), row_places(events_lines)
+    missing = [c for c in CATALOG_COLUMNS if c not in catalog.columns]
+    if missing:
+        raise LogFormatError(f"{catalog_source}: missing column(s) {missing}; an item catalog has "
+                             f"{list(CATALOG_COLUMNS)} (+ optional cat_<name>), got {list(catalog.columns)}")
+    catalog = catalog.reset_index(drop=True)
+    keys = _keys(catalog["item_id"], lambda i: f"{catalog_source}: {at_catalog(i)}", "item_id")
+    row_of: dict[str, int] = {}
+    for i, key in enumerate(keys.tolist()):
+        if key in row_of:
+            raise LogFormatError(f"{catalog_source}: {at_catalog(i)}, column 'item_id': item {key!r} is listed twice "
+                                 f"(first at {at_catalog(row_of[key])})")
+        row_of[key] = i
+    texts = catalog["item_text"].tolist()
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip() or has_no_visible_content(text):
+            what = "missing" if not isinstance(text, str) else "empty" if not text.strip() else "of no visible content"
+            raise LogFormatError(f"{catalog_source}: {at_catalog(i)}, column 'item_text': {what} (item_id {keys[i]})")
+    events = events.reset_index(drop=True)
+    if "item_id" not in events.columns:
+        raise LogFormatError(f"{source}: missing column 'item_id'")
+    event_keys = _keys(events["item_id"], lambda i: f"{source}: {at_event(i)}", "item_id")
+    distinct, inverse = np.unique(event_keys.astype(str), return_inverse=True)
+    found = np.array([row_of.get(key, -1) for key in distinct.tolist()], dtype=np.int64)
+    rows = found[inverse.reshape(-1)]
+    if (rows < 0).any():
+        i = int(np.flatnonzero(rows < 0)[0])
+        raise LogFormatError(f"{source}: {at_event(i)}, column 'item_id': item {event_keys[i]!r} is not in the "
+                             f"catalog {catalog_source}")
+    joined = np.array(texts, dtype=object)[rows]
+    if "item_text" in events.columns:
+        given = events["item_text"].to_numpy(dtype=object)
+        differ = np.flatnonzero((given != joined) & pd.notna(given) & (given != ""))
+        if differ.size:
+            i = int(differ[0])
+            raise LogFormatError(f"{source}: {at_event(i)}, column 'item_text': {given[i]!r} differs from the "
+                                 f"catalog's text {joined[i]!r} for item {event_keys[i]!r}")
+    shared = [c for c in catalog.columns if str(c).startswith(CATEGORY_PREFIX) and c in events.columns]
+    if shared:
+        raise LogFormatError(f"{source}: column(s) {shared} are in the catalog {catalog_source} too; keep each "
+                             "categorical feature in one file")
+    extra = {c: catalog[c].to_numpy(dtype=object)[rows] for c in catalog.columns if str(c).startswith(CATEGORY_PREFIX)}
+    return events.assign(item_text=joined, **extra)

@@ -4,7 +4,7 @@ per event:
     user_id    string or integer id (weights.id_vocabulary: 17 and "17" are one id, "017" another)
     item_id    string or integer id
     timestamp  integer (any unit; only the order matters), or ISO-8601 time (read as epoch milliseconds, UTC):
-               `log_time`, detected per log or declared
+               `log_columns`, detected per log or declared
     label      0 or 1 (clicked)
     item_text  non-empty string; every row of one item_id carries the same text
     sequence   optional: the name of the sequence the event belongs to, or several names
@@ -29,8 +29,7 @@ import numpy as np
 import pandas as pd
 
 from engine.serving.inputs import has_no_visible_content
-from engine.training.data.log_ids import id_codes, keys_of
-from engine.training.data.log_time import iso_milliseconds, timestamp_kind
+from engine.training.data.log_columns import id_codes, iso_milliseconds, keys_of, timestamp_kind
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +57,11 @@ def validate_frame(frame: pd.DataFrame, sequence_names: Sequence[str] | None, so
                    vocabularies: dict | None = None) -> tuple:
     """(user, item, timestamp, label, membership, item_texts, sequence_names, categorical, ids) of a table in the
     file schema, in `BehaviorLog`'s field order (ids: {"user": keys or None, "item": keys or None}, see
-    `log_ids`); LogFormatError naming the place (`lines[i]`: CSV file line of data row i; else the row) and
+    `log_columns`); LogFormatError naming the place (`lines[i]`: CSV file line of data row i; else the row) and
     column of the first violation. `sequence_names` fixes the order of the sequences (it must name every
     sequence in the table); by default they come in order of first appearance. `source` names the table.
-    `timestamps`: 'auto', 'integer' or 'iso8601' (`log_time`); `vocabularies` ({"user": IdVocabulary,
-    "item": IdVocabulary}, a log read in parts): number every id through them (`log_ids.id_codes`)."""
+    `timestamps`: 'auto', 'integer' or 'iso8601' (`log_columns`); `vocabularies` ({"user": IdVocabulary,
+    "item": IdVocabulary}, a log read in parts): number every id through them (`log_columns.id_codes`)."""
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise LogFormatError(f"{source}: missing column(s) {missing}; expected {list(REQUIRED_COLUMNS)} "
