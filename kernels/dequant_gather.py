@@ -40,6 +40,11 @@ class QuantizedRows:
         return self.values.shape
 
     @property
+    def dtype(self) -> torch.dtype:
+        """torch.int8: the storage dtype (gathers return float rows)."""
+        return self.values.dtype
+
+    @property
     def device(self) -> torch.device:
         return self.values.device
 

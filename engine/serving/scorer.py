@@ -21,6 +21,7 @@ from engine.features.categorical import category_buckets, category_rows
 from engine.serving.incremental import UserState, build_state, extend_state, rank_state
 from engine.serving.item_vectors import ItemVectors
 from engine.serving.ranking import Ranking, check_top_k, distinct_users, parse_candidates, ranking
+from engine.serving.placement import stored_rows
 from engine.serving.towers import dense_features, item_states, pair_logits, pair_similar, per_user_logits, user_states
 from engine.serving.user_cache import CacheStats, UserStateCache
 from engine.model.bahe_model import BAHEModel, PackedBatch
@@ -332,7 +333,7 @@ class BAHEScorer:
         cached = self._placed.get(which)
         if cached is not None and cached[0] == len(table):
             return cached[1]
-        rows = table.embeddings
+        rows = stored_rows(table)  # an int8 table: QuantizedRows, gathered through the dequantizing ops
         if self.device.type == "cuda":
             from engine.serving.placement import place_table
             rows, placement = place_table(rows, self.device)
