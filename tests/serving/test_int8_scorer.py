@@ -1,6 +1,7 @@
 """A scorer over int8 tables: rows gathered through the dequantizing ops, placed as one, scores close to
 the float32 scorer's with the same weights, and saved/loaded whole."""
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from engine.serving.placement import place_table, stored_rows
 from kernels import ops
 from kernels.dequant_gather import QuantizedRows
 from tests.serving.test_scorer import BEHAVIORS, ITEMS, random_users
+from weights.row_codec import quantize_rows
 
 # Largest |p_int8 - p_float32| over the probe pairs below on the tiny llama scorer: 0.0018 measured (see
 # docs/design.md "int8 behavior tables"); the bound leaves a margin and still fails if dequantization is wrong.
@@ -56,6 +58,7 @@ def test_int8_scorer_reads_quantized_rows_and_scores_close_to_float32(pair):
     np.testing.assert_allclose(ranked.scores, exact.rank(users[0], ITEMS).scores, atol=MAX_PROB_DIFF)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the kernels on CPU tensors need the interpreter")
 def test_int8_scorer_on_the_kernel_path_matches_its_cpu_path(pair):
     _, quantized = pair
     users = random_users(np.random.default_rng(1), 6)
@@ -100,3 +103,37 @@ def test_quantized_rows_are_placed_as_one_counting_both_parts(fake_cuda, caplog,
     assert found == where and isinstance(placed, QuantizedRows) and placed.shape == (rows, 40)
     assert fake_cuda == [(torch.int8, where), (torch.float32, where)]
     assert f"placed: {where}" in caplog.text
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+def test_int8_scorer_on_cuda_matches_the_cpu(pair, tmp_path):
+    """On CUDA the int8 tables are placed (device) and read by the Triton dequantizing gathers: the
+    scores equal the CPU scorer's (fp32, to rounding)."""
+    _, quantized = pair
+    quantized.save_pretrained(tmp_path / "saved")
+    on_cuda = BAHEScorer.from_pretrained(tmp_path / "saved", device="cuda")
+    rows = on_cuda.table_rows("behaviors")
+    assert isinstance(rows, QuantizedRows) and rows.is_cuda and rows.scale.is_cuda
+    users, items = random_users(np.random.default_rng(3), 8), ITEMS * 2
+    np.testing.assert_allclose(on_cuda.score(users, items), quantized.score(users, items), rtol=1e-4, atol=1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("free_bytes", [None, 0])  # fits on the device / pinned host memory read zero-copy
+def test_quantized_rows_on_cuda_gather_like_the_cpu(free_bytes):
+    gen = torch.Generator().manual_seed(4)
+    values, scale = quantize_rows(torch.randn(300, 96, generator=gen))
+    placed, where = place_table(QuantizedRows(values, scale), torch.device("cuda"), free_bytes=free_bytes)
+    assert where == ("pinned" if free_bytes == 0 else "device") and placed.is_cuda and placed.scale.is_cuda
+    rows = torch.randint(0, 300, (50,), generator=gen)
+    offsets = torch.tensor([0, 0, 7, 50])
+    pos = torch.randn(43, 96, generator=gen)
+    cpu = ops.jagged_gather(QuantizedRows(values, scale), rows, offsets=offsets, pos=pos, max_len=43)
+    gpu = ops.jagged_gather(placed, rows.cuda(), offsets=offsets.cuda(), pos=pos.cuda(), max_len=43)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-6)
+    mean = ops.gather_mean(placed, rows.cuda(), offsets.cuda(), out_dtype=torch.bfloat16)
+    torch.testing.assert_close(mean.float().cpu(), ops.gather_mean(QuantizedRows(values, scale), rows, offsets).float(),
+                               rtol=1e-2, atol=1e-2)
