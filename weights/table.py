@@ -212,6 +212,12 @@ class BehaviorTable:
         return self._snap.embeddings
 
     @property
+    def bytes_per_row(self) -> int:
+        """Stored bytes of one row: d values of the row dtype, + a 4-byte scale for int8."""
+        scale = 0 if self._snap.row_scale is None else self._snap.row_scale.element_size()
+        return self.dim * self._snap.embeddings.element_size() + scale
+
+    @property
     def row_scale(self) -> torch.Tensor | None:
         """(N,) float32 scale of each row of an int8 table (memory-mapped); None for a float table."""
         return self._snap.row_scale

@@ -81,8 +81,7 @@ def test_bytes_per_row_int8_against_float32(tmp_path):
     for dtype in ("float32", "bfloat16", "int8"):
         BehaviorTable.build(tmp_path / f"{dtype}.safetensors", texts, HashEncoder(dim=dim), dtype=dtype)
     sizes = {dtype: BehaviorTable.open(tmp_path / f"{dtype}.safetensors") for dtype in ("float32", "bfloat16", "int8")}
-    row_bytes = {d: t.embeddings.element_size() * dim + (4 if t.row_scale is not None else 0) for d, t in sizes.items()}
-    assert row_bytes == {"float32": 1536, "bfloat16": 768, "int8": 388}
+    assert {d: t.bytes_per_row for d, t in sizes.items()} == {"float32": 1536, "bfloat16": 768, "int8": 388}
 
 
 def test_int8_append_quantizes_new_rows_only_old_bytes_unchanged(tmp_path):
