@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
         probs["int8"], seconds["int8"] = served(int8, users, items, side, args.chunk)
         gathers = gather_ms({"fp32": fp32.table_rows("behaviors"), "int8": int8.table_rows("behaviors")},
                             fp32.behaviors.dim, args.gather_rows, args.reps)
-        sizes = {k: (s.behaviors.bytes_per_row, s.behaviors.path.stat().st_size) for k, s in (("fp32", fp32), ("int8", int8))}
+        sizes = {key: (scorer.behaviors.bytes_per_row, scorer.behaviors.path.stat().st_size)
+                 for key, scorer in (("fp32", fp32), ("int8", int8))}
     aucs = {k: auc_interval(labels, v, who) for k, v in probs.items()}
     diff = paired_auc_difference(labels, probs["int8"], probs["fp32"], who)
     max_diff = float(np.abs(probs["int8"].astype(np.float64) - probs["fp32"]).max())

@@ -183,7 +183,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     from weights.table import BehaviorTable
     table = BehaviorTable.open(args.table, verify=args.verify)
     print(json.dumps({"path": str(table.path), "rows": len(table), "dim": table.dim, "dtype": table.dtype,
-                      "bytes_per_row": table.bytes_per_row, "kind": table.kind, **table.signature.to_metadata()}, indent=2))
+                      "bytes_per_row": table.bytes_per_row, "kind": table.kind,
+                      **table.signature.to_metadata()}, indent=2))
 
 
 def cmd_models(args: argparse.Namespace) -> None:

@@ -125,7 +125,8 @@ def launch_pool_mean(values: torch.Tensor, rows: torch.Tensor | None, offsets: t
     _pool_mean_kernel[(batch, triton.cdiv(dim, block_d))](
         values, scale, rows, offsets, empty, out, dim,
         values.stride(0), values.stride(1), *empty_strides, out.stride(0), out.stride(1),
-        ROWS=has_rows, SCALED=scaled, HAS_EMPTY=has_empty, BLOCK_T=POOL_BLOCK_T, BLOCK_D=block_d, num_warps=POOL_NUM_WARPS,
+        ROWS=has_rows, SCALED=scaled, HAS_EMPTY=has_empty, BLOCK_T=POOL_BLOCK_T, BLOCK_D=block_d,
+        num_warps=POOL_NUM_WARPS,
     )
     return out
 

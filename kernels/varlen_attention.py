@@ -11,10 +11,11 @@ NB = min(cdiv(T, BLOCK_M) + B, B * cdiv(max_len, BLOCK_M)) >= sum_b cdiv(L_b, BL
 max_len is the caller's bound on the longest sequence. The surplus entries, sorted last, point
 at a query row past their sequence's end, so their programs load nothing and store nothing. A
 launch therefore never syncs with the host and can be captured in a CUDA graph. A program keeps
-its (BLOCK_M, Dh) query tile and an fp32 accumulator on chip and streams its sequence's keys and values in block_n-row tiles with an online softmax (running
-max and sum, base-2 exponentials), so memory is O(T * Dh), never O(M^2). Causal programs stop at
-their last query row. GQA: query head h reads key/value head h // (H / Hkv). Dh need not be a
-power of two: the head dim is padded to a power of two and masked.
+its (BLOCK_M, Dh) query tile and an fp32 accumulator on chip and streams its sequence's keys and
+values in BLOCK_N-row tiles with an online softmax (running max and sum, base-2 exponentials), so
+memory is O(T * Dh), never O(M^2). Causal programs stop at their last query row. GQA: query head h
+reads key/value head h // (H / Hkv). Dh need not be a power of two: the head dim is padded to a power
+of two and masked.
 
 Inside a program the key loop is split in two: the tiles wholly inside the sequence (and, causal,
 wholly at or before the block's first query row) run with no mask at all; only the last tile (and,

@@ -47,8 +47,8 @@ from weights.table_format import (
 from weights.text_key import normalize_text, text_keys
 
 __all__ = ["BehaviorTable", "HashCollisionError", "ModelSignature", "NonFiniteRowError", "TableChangedError",
-           "TableError", "TableFormatError", "TableMismatchError", "UnknownTextError", "EMBEDDING_DTYPES", "ROW_DTYPES", "MISSING",
-           "TextEncoder", "first_nonfinite_row"]
+           "TableError", "TableFormatError", "TableMismatchError", "UnknownTextError", "EMBEDDING_DTYPES",
+           "ROW_DTYPES", "MISSING", "TextEncoder", "first_nonfinite_row"]
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ def _encoded_chunks(texts: list[str], encoder: TextEncoder, dtype: torch.dtype,
         if dtype == torch.int8:
             values, scale = quantize_rows(rows)
             if not bool(torch.isfinite(scale).all()):
-                raise NonFiniteRowError(f"a row's int8 scale overflows float32 (values up to {float(rows.abs().max()):.3g})")
+                raise NonFiniteRowError(f"a row's int8 scale overflows float32 (values up to "
+                                        f"{float(rows.abs().max()):.3g})")
             scales.append(scale)
             yield values
             continue
