@@ -23,8 +23,8 @@ causal, the diagonal ones) pay for the sequence-end and causal masks. K is loade
 (BLOCK_N, Dh) layout, contiguous along Dh, and transposed on chip (`tl.trans`); q, k, v feed `tl.dot`
 in their storage dtype (fp32 accumulation), never widened to fp32 and narrowed back, except that bf16
 is widened under the interpreter, which cannot compute on raw bf16 (`dot_dtype`). Tile sizes, warps and
-stages come from `ATTN_CONFIGS`, one named config per (dtype, head-dim range); they are the configs that
-compile for sm_90 without spills, not yet timed on a GPU (bench/gpu_checks.sh sweeps them).
+stages come from `ATTN_CONFIGS`, one named config per (dtype, head-dim range): chosen to compile for sm_90
+without spills (16-bit inputs; fp32 up to Dh 64), not yet timed on a GPU (bench.attention_configs sweeps them).
 
 Why RoPE is not inside this kernel: it runs as the separate pre-pass `rope_triton` (rope.py). In
 here, a program would have to rotate every K tile it streams, and each K tile is read by every
