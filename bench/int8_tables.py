@@ -126,7 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
     lines += ["", f"int8 - fp32 test AUC: {diff.value:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}] (paired over users); "
               f"largest probability difference {max_diff:.2e} over {rows.size:,} test examples; gather: "
               f"{args.gather_rows:,} rows + positions, float32 out, median of {args.reps}."]
-    given = sys.argv[1:] if argv is None else argv
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--note" in given:  # the note is printed as prose after the command
+        at = given.index("--note")
+        del given[at:at + 2]
     command = " ".join(["python -m bench.int8_tables", *given])
     print("\n".join(lines))
     if args.results_md:
