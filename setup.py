@@ -1,6 +1,12 @@
 """BAHE Engine: LLM-enhanced CTR prediction over long textual user behaviors (BAHE, SIGIR'24)."""
 from setuptools import find_packages, setup
 
+# What each `bahe` command needs beyond install_requires (README, "Without make"); tests/scripts/test_cli_packaging.py
+# checks every third-party import a command reaches against this. demo: scikit-learn for the classic baselines of
+# `bahe demo`, LightGBM for its gradient boosting where LightGBM runs it, matplotlib for the plots of `bahe bench`
+# and `python -m bench.history`.
+DEMO = ["scikit-learn", "lightgbm", "matplotlib"]
+
 setup(
     name="bahe-engine",
     version="0.1.0",
@@ -20,7 +26,8 @@ setup(
         "filelock==4.3.1",
     ],
     extras_require={
-        "test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "hypothesis", "scikit-learn", "matplotlib"],
+        "demo": DEMO,
+        "test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "hypothesis", *DEMO],
         "smollm2": ["gguf==0.19.0", "accelerate"],
     },
     entry_points={"console_scripts": ["bahe=engine.cli:main"]},

@@ -3,7 +3,8 @@
 # 8 minutes (limits sum to 450 s; compiles included):
 #   bash bench/gpu_checks.sh [OUT_DIR]        (RESULTS_MD=path to write another results file)
 # 1. CUDA tests: the sync-free forward and its CUDA-graph replay, the kernel tests' sm_90 compile checks, placement,
-#    incremental users against the kernel path, int8 tables on the device and in pinned memory;
+#    incremental users against the kernel path, warmed-up score / rank / rank_many with no synchronization but the
+#    read of the result (tests/serving/test_pipeline.py), int8 tables on the device and in pinned memory;
 # 2. every kernel against its reference and timed (bf16, fp32), beside torch's stock attention (varlen_attn on the
 #    packed batch, SDPA and SDPA-flash on the padded one, three head shapes), int8 and pinned-host gathers;
 # 3. the attention kernel's tile configs swept (bf16);
@@ -30,7 +31,7 @@ step() {  # step NAME SECONDS COMMAND...: the command and its output in OUT/NAME
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
 step gpu_tests 110 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_cuda_graph.py tests/serving/test_placement.py \
-    tests/serving/test_incremental.py tests/serving/test_int8_scorer.py
+    tests/serving/test_incremental.py tests/serving/test_pipeline.py tests/serving/test_int8_scorer.py
 step kernels_bf16 80 python3 -m bench.kernels --device cuda --dtype bfloat16 --csv "$out/kernels.csv"
 step kernels_fp32 60 python3 -m bench.kernels --device cuda --dtype float32 --csv "$out/kernels.csv"
 step attention_configs 70 python3 -m bench.attention_configs --dtype bfloat16 --csv "$out/attention_configs.csv"

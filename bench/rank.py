@@ -28,7 +28,6 @@ from engine.serving.scorer import BAHEScorer
 from engine.training.studies.experiment import ScorerSetup, cpu_threads, load_data
 from engine.training.studies.results_sections import machine, write_section
 from engine.training.studies.scaling import synthetic_users
-from engine.serving.user_cache import UserStateCache
 from kernels import ops
 
 KS, MS = (10, 100, 1000), (10, 100, 1000)
@@ -134,9 +133,9 @@ def run(setup: ScorerSetup, repeats: int, pair_budget: int, ks=KS, ms=MS, saved:
             cands = {k: [unique[i] for i in rng.choice(len(unique), k, replace=False)] for k in ks}
             reps = repeats if m <= 100 else max(repeats // 3, 5)
             fp32 = _interleaved({k: lambda c=c: scorer.rank(user, c) for k, c in cands.items()}, reps)
-            scorer._user_cache = UserStateCache(1 << 30)
+            scorer.pipeline.resize_user_cache(1 << 30)
             cached = _interleaved({k: lambda c=c: scorer.rank(user, c) for k, c in cands.items()}, reps)
-            scorer._user_cache = UserStateCache(0)
+            scorer.pipeline.resize_user_cache(0)
             half = _interleaved({k: lambda c=c: bf16.rank(user, c) for k, c in cands.items()}, max(reps // 2, 3))
             for k, candidates in cands.items():
                 diff = float(np.abs(bf16.rank(user, candidates).scores - scorer.rank(user, candidates).scores).max())

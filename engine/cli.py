@@ -1,4 +1,4 @@
-"""`bahe` command line: encode, train, score, demo, bench, profile, models, info."""
+"""`bahe` command line: encode, train, score, calibrate, demo, bench, profile, models, info."""
 from __future__ import annotations
 
 import argparse
@@ -202,6 +202,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(DemoConfig.preset(args.model, out=out, results=Path(args.results)))
 
 
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from engine.training.studies.calibrate import calibrate_scorer
+    from engine.training.studies.experiment import load_data
+    report = calibrate_scorer(args.scorer, load_data(args.data), args.kind, save=not args.dry_run)
+    c = report.calibration
+    fitted = f"a={c.a:.4f}, b={c.b:+.4f}" if c.kind == "platt" else f"{len(c.x)} points"
+    print(f"{c.kind} calibration ({fitted}) fitted on {report.validation_examples:,} validation examples; "
+          f"{report.test_examples:,} test examples:")
+    print("\n".join(report.lines()))
+    print("not saved (--dry-run)" if args.dry_run else f"saved into {args.scorer}")
+
+
 def _run_module(module: str, argv: list[str]) -> None:
     """Run `python -m module argv...` (benchmarks live outside the package: no import of them here)."""
     import subprocess
@@ -281,6 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: artifacts/demo/<model>)")
     p.add_argument("--results", default="bench/RESULTS.md")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("calibrate", help="fit a scorer's probability calibration on a log's validation split, "
+                       "report test log loss / ECE / AUC before and after, save it with the scorer")
+    p.add_argument("--scorer", required=True)
+    p.add_argument("--data", default="movielens", help="the log the scorer was trained on (its time split's "
+                   "validation part is fitted, its test part reported)")
+    p.add_argument("--kind", default="platt", choices=["platt", "isotonic"])
+    p.add_argument("--dry-run", action="store_true", help="report only; leave the scorer folder as it is")
+    p.set_defaults(func=cmd_calibrate)
 
     # Everything after `bench` / `profile` goes to the benchmark's own parser ('+' prefix: '--x' stays an argument).
     p = sub.add_parser("bench", help="BAHE vs raw-token: time and memory as M grows (bench.compare)",

@@ -13,6 +13,7 @@ from engine.features.history_window import window_start
 POOLINGS = ("mean", "mean_after_first")
 HEAD_ACTIVATIONS = ("relu", "gelu", "silu")  # the keys of kernels.ctr_mlp.ACTIVATIONS
 TABLE_DTYPES = ("float32", "float16", "bfloat16", "int8")  # the keys of weights.table_format.ROW_DTYPES
+CALIBRATIONS = ("none", "platt", "isotonic")
 
 
 def _is_int(value: object) -> bool:
@@ -166,6 +167,29 @@ class QueueConfig:
         _check_fields(self, {"max_batch": ("min", 1), "max_wait_ms": ("min", 0.0), "workers": ("min", 1)})
 
 
+@dataclass
+class CalibrationConfig:
+    """The probability map applied after the head's sigmoid (engine.model.calibration): "none", or fitted on
+    validation data by `bahe calibrate` - "platt": p' = sigmoid(a logit(p) + b), a > 0; "isotonic": piecewise
+    linear through the non-decreasing points (x, y)."""
+    kind: str = "none"
+    a: float = 1.0
+    b: float = 0.0
+    x: tuple[float, ...] = ()
+    y: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_fields(self, {"kind": ("choice", CALIBRATIONS)})
+        if self.kind == "platt" and self.a <= 0:
+            raise ValueError(f"a must be > 0 for platt calibration (an increasing map), got {self.a!r}")
+        if self.kind == "isotonic":
+            x, y = np.asarray(self.x), np.asarray(self.y)
+            if x.size == 0 or x.size != y.size:
+                raise ValueError(f"x and y must be non-empty and of one length, got {x.size} and {y.size}")
+            if (np.diff(x) < 0).any() or (np.diff(y) < 0).any() or y.min() < 0 or y.max() > 1:
+                raise ValueError("x and y must be non-decreasing and y within [0, 1] for isotonic calibration")
+
+
 CONFIG_VERSION = 5  # the scorer.json format version this code writes
 # Model keys introduced by a scorer.json format version, with the meaning a file of an older version had.
 INTRODUCED_MODEL_KEYS = {
@@ -182,6 +206,7 @@ class ScorerConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -196,7 +221,8 @@ class ScorerConfig:
             raise ValueError(f"scorer config has unknown sections {sorted(map(str, unknown))}")
         parts = {}
         for part in fields(cls):
-            kind = {"encoder": EncoderConfig, "model": ModelConfig, "scoring": ScoringConfig}[part.name]
+            kind = {"encoder": EncoderConfig, "model": ModelConfig, "scoring": ScoringConfig,
+                    "calibration": CalibrationConfig}[part.name]
             given = raw.get(part.name, {})
             if not isinstance(given, dict):
                 raise ValueError(f"scorer config section {part.name!r} must be a mapping, got {type(given).__name__}")

@@ -21,8 +21,7 @@ import torch
 from kernels._jagged import check_offsets_layout, check_rows_layout, positions_in_sequence
 from kernels._triton import require_triton
 from kernels.jagged_gather import check_gather_args, launch_gather
-from kernels.jagged_mean import check_empty, jagged_mean_reference, launch_pool_mean
-from weights.row_codec import dequantize_rows
+from kernels.jagged_mean import check_empty_layout, jagged_mean_reference, launch_pool_mean
 
 
 @dataclass(frozen=True)
@@ -67,6 +66,12 @@ def check_quantized(values: torch.Tensor, scale: torch.Tensor) -> None:
                         f"{getattr(scale, 'dtype', type(scale).__name__)} shape {tuple(getattr(scale, 'shape', ()))}")
 
 
+def _dequantized(values: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(T, d) float32 rows `rows` of the int8 table: values * scale, one fp32 multiply per element (the storage
+    codec's formula, weights.row_codec.dequantize_rows: kernels import no storage module; a test holds them equal)."""
+    return values.index_select(0, rows).float() * scale.index_select(0, rows)[:, None]
+
+
 def dequant_gather_reference(values: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, *,
                              offsets: torch.Tensor | None = None, pos: torch.Tensor | None = None,
                              max_len: int | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -75,7 +80,7 @@ def dequant_gather_reference(values: torch.Tensor, scale: torch.Tensor, rows: to
     in jagged_gather_reference."""
     check_quantized(values, scale)
     check_gather_args(values, rows, offsets, pos, max_len)
-    gathered = dequantize_rows(values.index_select(0, rows), scale.index_select(0, rows))
+    gathered = _dequantized(values, scale, rows)
     if pos is not None:
         gathered = gathered + pos.index_select(0, positions_in_sequence(offsets, rows.numel())).float()
     return gathered.to(out_dtype)
@@ -96,7 +101,7 @@ def _check_mean_args(values: torch.Tensor, scale: torch.Tensor, rows: torch.Tens
     check_quantized(values, scale)
     check_rows_layout(rows)  # dtype and shape only: ids and offsets were checked at the boundary
     check_offsets_layout(offsets)
-    check_empty(empty, offsets.numel() - 1, values.shape[1])
+    check_empty_layout(empty, offsets.numel() - 1, values.shape[1])
 
 
 def dequant_gather_mean_reference(values: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor,
@@ -105,7 +110,7 @@ def dequant_gather_mean_reference(values: torch.Tensor, scale: torch.Tensor, row
     """out[b] = mean_t values[rows[t]] * scale[rows[t]] over t in [offsets[b], offsets[b+1]), fp32
     accumulation, stored as out_dtype; empty bags give `empty` ((d,) or (B, d)) or zeros."""
     _check_mean_args(values, scale, rows, offsets, empty)
-    gathered = dequantize_rows(values.index_select(0, rows), scale.index_select(0, rows))
+    gathered = _dequantized(values, scale, rows)
     return jagged_mean_reference(gathered, offsets, empty=None if empty is None else empty.float()).to(out_dtype)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from kernels._jagged import check_offsets_layout, check_rows_layout
 from kernels._triton import require_triton
-from kernels.jagged_mean import check_empty, jagged_mean_reference, launch_pool_mean
+from kernels.jagged_mean import check_empty_layout, jagged_mean_reference, launch_pool_mean
 
 
 def _check_gather_mean_args(table: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor,
@@ -19,7 +19,7 @@ def _check_gather_mean_args(table: torch.Tensor, rows: torch.Tensor, offsets: to
         raise ValueError(f"table must be (N, d), got shape {tuple(table.shape)}")
     check_rows_layout(rows)  # dtype and shape only: ids and offsets were checked at the boundary
     check_offsets_layout(offsets)
-    check_empty(empty, offsets.numel() - 1, table.shape[1])
+    check_empty_layout(empty, offsets.numel() - 1, table.shape[1])
 
 
 def gather_mean_reference(table: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, *,

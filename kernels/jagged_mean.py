@@ -22,10 +22,12 @@ def _check_mean_args(values: torch.Tensor, offsets: torch.Tensor, empty: torch.T
     if values.dim() != 2:
         raise ValueError(f"values must be (T, d), got shape {tuple(values.shape)}")
     check_offsets_layout(offsets)  # dtype and shape only: the values were checked at the boundary
-    check_empty(empty, offsets.numel() - 1, values.shape[1])
+    check_empty_layout(empty, offsets.numel() - 1, values.shape[1])
 
 
-def check_empty(empty: torch.Tensor | None, batch: int, dim: int) -> None:
+def check_empty_layout(empty: torch.Tensor | None, batch: int, dim: int) -> None:
+    """ValueError unless `empty` (what empty sequences pool to) is None, (dim,) or (batch, dim): shape only, no
+    value read, so launchers may call it (`gather_mean` too, which runs this module's kernel)."""
     if empty is not None and tuple(empty.shape) not in ((dim,), (batch, dim)):
         raise ValueError(f"empty must be ({dim},) or ({batch}, {dim}), got shape {tuple(empty.shape)}")
 

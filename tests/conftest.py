@@ -10,6 +10,11 @@ import pytest  # noqa: E402
 from tests.tiny_models import FAMILIES, make_tiny_checkpoint  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: the SmolLM2 model, forked ranks (torchrun, mp.start_processes) and the "
+                            "end-to-end scripts and demo; `make test` runs them, `make test-fast` (-m 'not slow') not")
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """family -> folder of a tiny random 4-layer checkpoint (BERT, Llama, Qwen2), made once per session."""

@@ -7,14 +7,19 @@ model's "user's like-rate on the target's category" gives, without any category:
 behaviors that are likes (MovieLens: W_liked / W_watched). The rows are the frozen ABE rows (the behavior and
 item tables), so the features are fixed functions of the inputs; the head learns what to make of them.
 
-One function of (rows, item, sequence) serves both paths: the scorer's forward sums over each whole sequence,
-timeline training over every target's prefix (`engine.training.loops.timeline`), through `segment_sums`.
+One implementation, `range_soft_counts`, serves every path: each target reads, per sequence, a range of
+behaviors (start, length); the model's forward passes each sequence whole (`BAHEModel.similar`), timeline
+training each target's prefix (`engine.training.loops.timeline`), serving each (user, candidate) pair's user
+sequences (`engine.serving.towers.pair_similar`). Where targets share behaviors (a user's K candidates, a
+user's timeline targets) the cosines come from one (targets x rows) product; where each behavior has one
+target (the forward), from one row-wise dot product, without the product's other entries.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["unit_rows", "similarity_weights", "segment_sums", "similarity_features", "similarity_feature_names"]
+__all__ = ["unit_rows", "similarity_weights", "segment_sums", "range_soft_counts", "similarity_features",
+           "similarity_feature_names"]
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -35,6 +40,27 @@ def segment_sums(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     cumulative = torch.cat([values.new_zeros(1, values.shape[1], dtype=torch.float64),
                             torch.cumsum(values.double(), dim=0)])
     return cumulative[offsets[1:]] - cumulative[offsets[:-1]]
+
+
+def range_soft_counts(items: torch.Tensor, behaviors: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+                      pairs: int, temperatures: tuple[float, ...], *, rows: torch.Tensor | None = None,
+                      shared: bool = True) -> torch.Tensor:
+    """(P, n, k) float64 soft counts: target p's sequence s reads behaviors starts[p, s] + j, j < lengths[p, s].
+    items (P, d), behaviors (R, d): unit rows (`unit_rows`); starts, lengths (P, n) int64 on their device;
+    pairs: lengths.sum(), a host int (no device read); rows (T,) int64: behavior position -> row of `behaviors`
+    (None: position i is row i). shared: cosines from one (P, R) product (targets that read the same rows), else
+    one dot product per (target, behavior) pair."""
+    (targets, n), device = starts.shape, starts.device
+    starts, lengths = starts.reshape(-1), lengths.reshape(-1)
+    pair_offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, dim=0)])
+    owner = torch.repeat_interleave(torch.arange(starts.numel(), device=device), lengths, output_size=pairs)
+    position = starts[owner] + torch.arange(pairs, device=device) - pair_offsets[owner]
+    row = position if rows is None else rows[position]
+    if shared:
+        cos = (items @ behaviors.T).reshape(-1)[(owner // n) * behaviors.shape[0] + row]
+    else:
+        cos = (behaviors[row] * items[owner // n]).sum(dim=1)
+    return segment_sums(similarity_weights(cos, temperatures), pair_offsets).view(targets, n, len(temperatures))
 
 
 def similarity_features(sums: torch.Tensor) -> torch.Tensor:

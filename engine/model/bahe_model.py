@@ -9,7 +9,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.model.head import SideInputs, head_features, user_item_head
-from engine.features.similarity import segment_sums, similarity_weights, unit_rows
+from engine.features.similarity import range_soft_counts, unit_rows
 from engine.model.stages import stage
 from kernels import ops
 from kernels._jagged import check_offsets, check_rows, max_length
@@ -68,9 +68,10 @@ class PackedBatch:
         self.max_len = max_length(self.offsets)
 
 
-def _gather(table: torch.Tensor, extra: torch.Tensor | None, rows: torch.Tensor, offsets: torch.Tensor | None,
+def gather_rows(table: torch.Tensor, extra: torch.Tensor | None, rows: torch.Tensor, offsets: torch.Tensor | None,
             pos: torch.Tensor | None, max_len: int | None, dtype: torch.dtype) -> torch.Tensor:
-    """Rows of `table` (N, d) and, for ids >= N, of `extra`, + position embedding, as dtype."""
+    """Rows of `table` (N, d) and, for ids >= N, of `extra` (rows encoded on the fly), + position embedding,
+    as dtype: the one gather of table rows (the model's forward, its towers, serving, incremental users)."""
     if extra is None or extra.shape[0] == 0:
         return ops.jagged_gather(table, rows, offsets=offsets, pos=pos, max_len=max_len, out_dtype=dtype)
     known = rows < table.shape[0]
@@ -132,9 +133,9 @@ class BAHEModel(nn.Module):
         as one-behavior sequences -> (T + U, d), offsets (U*n + U + 1,)."""
         users, dtype = batch.num_users, self.compute_dtype
         total = batch.behavior_rows.numel()
-        behaviors = _gather(behavior_table, batch.behavior_extra, batch.behavior_rows, batch.offsets,
+        behaviors = gather_rows(behavior_table, batch.behavior_extra, batch.behavior_rows, batch.offsets,
                             self.behavior_pos, batch.max_len, dtype)
-        items = _gather(item_table, batch.item_extra, batch.item_rows, None, None, None, dtype)
+        items = gather_rows(item_table, batch.item_extra, batch.item_rows, None, None, None, dtype)
         item_offsets = total + torch.arange(1, users + 1, device=batch.offsets.device)
         return torch.cat([behaviors, items]), torch.cat([batch.offsets, item_offsets])
 
@@ -158,12 +159,12 @@ class BAHEModel(nn.Module):
         if not temperatures:
             return None
         users, n = batch.num_users, self.num_sequences
-        rows = _gather(behavior_table, batch.behavior_extra, batch.behavior_rows, None, None, None, torch.float32)
-        items = _gather(item_table, batch.item_extra, batch.item_rows, None, None, None, torch.float32)
-        owner = torch.repeat_interleave(torch.arange(users * n, device=rows.device) // n,
-                                        batch.offsets[1:] - batch.offsets[:-1], output_size=rows.shape[0])
-        cos = (unit_rows(rows) * unit_rows(items)[owner]).sum(dim=1)
-        return segment_sums(similarity_weights(cos, temperatures), batch.offsets).view(users, n, len(temperatures))
+        rows = gather_rows(behavior_table, batch.behavior_extra, batch.behavior_rows, None, None, None, torch.float32)
+        items = gather_rows(item_table, batch.item_extra, batch.item_rows, None, None, None, torch.float32)
+        offsets = batch.offsets
+        return range_soft_counts(unit_rows(items), unit_rows(rows), offsets[:-1].view(users, n),
+                                 (offsets[1:] - offsets[:-1]).view(users, n), rows.shape[0], temperatures,
+                                 shared=False)
 
     def user_states(self, behavior_table: torch.Tensor, behavior_rows: torch.Tensor, offsets: torch.Tensor,
                     max_len: int, behavior_extra: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,7 +173,7 @@ class BAHEModel(nn.Module):
         item: a ranking request runs it once for all of its candidates."""
         users = (offsets.numel() - 1) // self.num_sequences
         with stage("gather"):
-            x = _gather(behavior_table, behavior_extra, behavior_rows, offsets, self.behavior_pos, max_len,
+            x = gather_rows(behavior_table, behavior_extra, behavior_rows, offsets, self.behavior_pos, max_len,
                         self.compute_dtype)
         with stage("upper_layers"):
             states = self.upper.forward_packed(x, offsets, max_len)
@@ -186,7 +187,7 @@ class BAHEModel(nn.Module):
         (the mean over one behavior is its state). It depends on nothing but the item's table row, so a
         scorer computes it once per item (engine.serving.item_vectors)."""
         k = item_rows.numel()
-        x = _gather(item_table, item_extra, item_rows, None, None, None, self.compute_dtype)
+        x = gather_rows(item_table, item_extra, item_rows, None, None, None, self.compute_dtype)
         if k == 0:
             return x
         return self.upper.forward_packed(x, torch.arange(k + 1, device=x.device), 1)

@@ -123,25 +123,38 @@ class CTRHead(nn.Module):
 
     def forward_folded(self, user: torch.Tensor, item: torch.Tensor, cosines: torch.Tensor | None,
                        side: torch.Tensor | None) -> torch.Tensor:
-        """Eval: one user (n, d) against K items (K, d) -> (K,) fp32 logits, the function `forward` computes on
-        [head_features(user, item), side] for each item, without materializing the K (2n+1) d features: the
-        first linear map of the text columns (the projection, or the first MLP layer, BatchNorm folded in) is
-        linear in [user, item, user * item], so the user folds into its weights once
-        (W_item + sum_s W_s * user_s, bias + W_user . user) and the K items meet a (d [+ n], out) matrix.
-        cosines (K, n) if the model has similarity features; side (K, S) the side columns."""
-        k, rest = item.shape[0], [t for t in (cosines, side) if t is not None]
+        """Eval: one user (n, d) against K items (K, d) -> (K,) fp32 logits: `forward_folded_users` of one user."""
+        k = item.shape[0]
+        slots = torch.arange(k, device=item.device)
+        return self.forward_folded_users(user[None], item, torch.zeros_like(slots), slots, k, cosines, side)
+
+    def forward_folded_users(self, users: torch.Tensor, item: torch.Tensor, pair_user: torch.Tensor,
+                             slot: torch.Tensor, widest: int, cosines: torch.Tensor | None,
+                             side: torch.Tensor | None) -> torch.Tensor:
+        """Eval: U users (U, n, d), P items (P, d), item p a candidate of user pair_user[p] in its slot[p]
+        (< widest, a host int) -> (P,) fp32 logits, the function `forward` computes on [head_features(user,
+        item), side] for each pair, without materializing the P (2n+1) d features: the first linear map of the
+        text columns (the projection, or the first MLP layer, BatchNorm folded in) is linear in [user, item,
+        user * item], so each user folds into its weights once (W_item + sum_s W_s * user_s, bias + W_user .
+        user) and its candidates meet a (d [+ n], out) matrix, all users in one batched product over their
+        candidate slots. cosines (P, n) if the model has similarity features; side (P, S) the side columns."""
+        rest = [t for t in (cosines, side) if t is not None]
         if self.project is None and self.cross:  # crosses multiply the normalized features: no folding
-            features = torch.cat([user.reshape(1, -1).expand(k, -1), item, (user[None] * item[:, None]).flatten(1),
-                                  *rest], dim=1)
-            return self.forward(features)
+            user = users[pair_user]
+            return self.forward(torch.cat([user.flatten(1), item, (user * item[:, None]).flatten(1), *rest], dim=1))
+        act = ACTIVATIONS[self.activation]
         if self.project is None:
-            weight, bias = _fold_user(*self.folded_first_layer(), user)
-            return self._mlp(torch.cat([item, *rest], dim=1), weight.to(item.dtype), bias.to(item.dtype))
+            weight, bias = _fold_users(*self.folded_first_layer(), users)
+            h = _per_user_linear(torch.cat([item, *rest], dim=1), weight, bias, pair_user, slot, widest)
+            if len(self.linears) == 1:
+                return h[:, 0].float()
+            return ops.ctr_mlp(act(h), [m.weight.to(h.dtype) for m in self.linears[1:]],
+                               [m.bias.to(h.dtype) for m in self.linears[1:]], activation=self.activation)
         width, (scale, shift) = self.project.in_features, self._norm_affine()
         weight = self.project.weight * scale[None, :width]
-        weight, bias = _fold_user(weight, self.project.bias + self.project.weight @ shift[:width], user)
+        weight, bias = _fold_users(weight, self.project.bias + self.project.weight @ shift[:width], users)
         text = torch.cat([item, cosines], dim=1) if cosines is not None else item
-        x0 = F.linear(text, weight.to(item.dtype), bias.to(item.dtype))
+        x0 = _per_user_linear(text, weight, bias, pair_user, slot, widest)
         if side is not None:
             x0 = torch.cat([x0, side * scale[width:].to(side.dtype) + shift[width:].to(side.dtype)], dim=1)
         x = x0
@@ -150,14 +163,26 @@ class CTRHead(nn.Module):
         return self._mlp(x, self.linears[0].weight, self.linears[0].bias)
 
 
-def _fold_user(weight: torch.Tensor, bias: torch.Tensor, user: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight (out, F) over [user (n d), item (d), user * item (n d), rest...] columns, bias (out,), user (n, d)
-    -> (out, d + rest) over [item, rest...] and (out,): the same map with the user's columns applied (fp32)."""
-    n, d = user.shape
-    weight, bias, user = weight.float(), bias.float(), user.float()
+def _per_user_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pair_user: torch.Tensor,
+                     slot: torch.Tensor, widest: int) -> torch.Tensor:
+    """x (P, F) rows through their user's linear map (weight (U, out, F), bias (U, out)) -> (P, out): the rows laid
+    into (U, widest, F) candidate slots, one batched product."""
+    slots = x.new_zeros(weight.shape[0], widest, x.shape[1])
+    slots[pair_user, slot] = x
+    out = torch.baddbmm(bias.to(x.dtype)[:, None, :], slots, weight.to(x.dtype).transpose(1, 2))
+    return out[pair_user, slot]
+
+
+def _fold_users(weight: torch.Tensor, bias: torch.Tensor, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (out, F) over [user (n d), item (d), user * item (n d), rest...] columns, bias (out,), users (U, n, d)
+    -> (U, out, d + rest) over [item, rest...] and (U, out): the same map with each user's columns applied (fp32)."""
+    u, n, d = users.shape
+    weight, bias, users = weight.float(), bias.float(), users.float()
     per_sequence = weight[:, n * d + d:2 * n * d + d].reshape(-1, n, d)
-    item_weight = weight[:, n * d:n * d + d] + (per_sequence * user[None]).sum(1)
-    return torch.cat([item_weight, weight[:, 2 * n * d + d:]], dim=1), bias + weight[:, :n * d] @ user.flatten()
+    item_weight = weight[None, :, n * d:n * d + d] + (per_sequence[None] * users[:, None]).sum(2)
+    rest = weight[:, 2 * n * d + d:].expand(u, -1, -1)
+    return torch.cat([item_weight, rest], dim=2), bias + users.flatten(1) @ weight[:, :n * d].T
+
 
 
 class SideInputs(nn.Module):

@@ -27,9 +27,11 @@ gives the exact tensor bytes. The texts are looked up again (hash lookups) at ea
 count features read the ABE rows and texts, never the states.
 
 A state is immutable: `extend` returns a new one (sharing the unchanged sequences) and leaves the old valid,
-so states can be cached and read from several threads. It records the weights it was computed with and is
-refused after they change. Scoring through a state follows the reference attention (plain PyTorch), on the
-CPU and on CUDA alike; on CUDA the packed path takes the Triton kernels, so the two agree to rounding.
+so states can be cached and read from several threads. It carries the `PipelineVersion` it was computed at
+(the weights and the tables' lengths) and is refused once the scorer's version no longer serves it (other
+weights, or a table shorter than it was: engine.serving.pipeline). Scoring through a state follows the
+reference attention (plain PyTorch), on the CPU and on CUDA alike; on CUDA the packed path takes the Triton
+kernels, so the two agree to rounding.
 """
 from __future__ import annotations
 
@@ -41,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.serving.inputs import InputError, check_visible, parse_history_counts, parse_users, read_windows, user_sequences
-from engine.serving.item_vectors import weights_version
-from engine.model.bahe_model import BAHEModel, _gather
+from engine.model.bahe_model import BAHEModel, gather_rows
+from engine.serving.pipeline import PipelineVersion, ScoringBatch, to_device
 from engine.serving.ranking import Ranking, check_top_k, parse_candidates, ranking
 from engine.features.side_features import recent_counts
 from engine.model.stages import stage
@@ -76,10 +78,11 @@ class SequenceState:
 @dataclass(frozen=True)
 class UserState:
     """A user's cached upper-layer state (`BAHEScorer.user_state`, `extend_user`), usable by `rank`.
-    sequences: one per `ModelConfig.sequence_names`, in that order; owner: what it was computed with (the
-    model's weight version, compute dtype and sequence names)."""
+    sequences: one per `names` (the scorer's `ModelConfig.sequence_names`), in that order; version: the
+    scorer pipeline's version it was computed at (weights, compute dtype, table lengths)."""
     sequences: tuple[SequenceState, ...]
-    owner: tuple
+    version: PipelineVersion
+    names: tuple[str, ...]
 
     @property
     def nbytes(self) -> int:
@@ -89,7 +92,7 @@ class UserState:
     @property
     def lengths(self) -> dict[str, int]:
         """Sequence name -> how many behaviors it has had (all appends included)."""
-        return {name: s.total for name, s in zip(self.owner[2], self.sequences)}
+        return {name: s.total for name, s in zip(self.names, self.sequences)}
 
 
 def check_causal(model: BAHEModel) -> None:
@@ -99,10 +102,6 @@ def check_causal(model: BAHEModel) -> None:
         raise ValueError(f"incremental user states need causal upper layers; this scorer's {model.upper.family} "
                          f"layers attend both ways (ModelConfig.attention={model.config.attention!r}); use "
                          f"score/rank on the whole user, or a scorer built with attention='causal'")
-
-
-def _owner(model: BAHEModel) -> tuple:
-    return weights_version(model), model.compute_dtype, model.config.sequence_names
 
 
 def cached_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
@@ -124,9 +123,9 @@ def append_window(model: BAHEModel, behavior_table: torch.Tensor, rows: torch.Te
     (keys, values: per layer (W, Hkv, Dh); state_sum (d,) float64) -> the W + k window's keys, values and sum.
     Positions W..W+k-1 (behavior position embedding, RoPE). W = 0 builds a window from nothing."""
     upper, k, position = model.upper, rows.numel(), keys[0].shape[0]
-    offsets = torch.tensor([0, k], device=rows.device)
+    offsets = torch.arange(2, device=rows.device) * k  # [0, k], made on the device: no transfer
     pos = None if model.behavior_pos is None else model.behavior_pos[position:]
-    x = _gather(behavior_table, extra, rows, offsets, pos, k, model.compute_dtype)
+    x = gather_rows(behavior_table, extra, rows, offsets, pos, k, model.compute_dtype)
     new_keys, new_values = [], []
     for layer, cached_k, cached_v in zip(upper.layers, keys, values):
         def attend(h: torch.Tensor, attn=layer.attn, cached_k=cached_k, cached_v=cached_v) -> torch.Tensor:
@@ -158,17 +157,18 @@ def _advance(scorer, previous: list[SequenceState | None], texts: list[list[str]
              counted: list[int]) -> UserState:
     """The state of sequences whose last behaviors are texts[s] (total totals[s]): previous[s] kept and extended
     where given and its window start stands, the window built whole otherwise."""
-    model, device = scorer.model, scorer.device
+    model, device, pipeline = scorer.model, scorer.device, scorer.pipeline
     starts = [int(scorer.config.model.window_start(t)) for t in totals]
     windows = [seq[start - (total - len(seq)):] for seq, start, total in zip(texts, starts, totals)]
     reuse = [p if p is not None and p.start == start else None for p, start in zip(previous, starts)]
     fresh = [w[len(p.window):] if p is not None else w for w, p in zip(windows, reuse)]
     lengths = np.array([len(f) for f in fresh], dtype=np.int64)
-    with scorer._tables_lock, stage("lookup"), kernel_path(scorer.kernels):
-        rows, extra = scorer._rows(scorer.behaviors, [t for f in fresh for t in f], scorer.config.scoring.unknown_behavior,
-                                   "behavior", lengths, users=[0])
-        table = scorer.table_rows("behaviors")
+    with pipeline.lock, stage("lookup"), kernel_path(scorer.kernels):
+        rows, extra = pipeline.lookup("behaviors", [t for f in fresh for t in f],
+                                      scorer.config.scoring.unknown_behavior, lengths, users=[0])
+        table, version = pipeline.table_rows("behaviors"), pipeline.version()
     bounds, out, keep = np.concatenate([[0], np.cumsum(lengths)]), [], _recent_kept(scorer)
+    dev = to_device({"rows": rows, "extra": extra}, device)
     with torch.inference_mode(), kernel_path(scorer.kernels), stage("upper_layers"):
         for s, (seq, total, start) in enumerate(zip(texts, totals, starts)):
             if lengths[s] == 0 and reuse[s] is not None and reuse[s].total == total:
@@ -180,12 +180,12 @@ def _advance(scorer, previous: list[SequenceState | None], texts: list[list[str]
                 keys, values = _empty_window(model, device)
                 state_sum = torch.zeros(model.upper.hidden_size, dtype=torch.float64, device=device)
             if lengths[s]:
-                chunk = torch.from_numpy(rows[bounds[s]:bounds[s + 1]]).to(device)
-                keys, values, state_sum = append_window(model, table, chunk, extra, keys, values, state_sum)
+                chunk = dev["rows"][bounds[s]:bounds[s + 1]]
+                keys, values, state_sum = append_window(model, table, chunk, dev["extra"], keys, values, state_sum)
             first = min(start, max(total - keep, 0))  # the window and the last `recent_events`
             out.append(SequenceState(tuple(seq[first - (total - len(seq)):]), total, start, counted[s], keys, values,
                                      state_sum))
-    return UserState(tuple(out), _owner(model))
+    return UserState(tuple(out), version, scorer.config.model.sequence_names)
 
 
 def build_state(scorer, user: dict[str, Sequence[str]], history_counts: dict[str, int] | None) -> UserState:
@@ -216,9 +216,9 @@ def check_state(scorer, state: object) -> UserState:
     if not isinstance(state, UserState):
         raise InputError(f"expected a UserState (from BAHEScorer.user_state), got {type(state).__name__}")
     check_causal(scorer.model)
-    if state.owner != _owner(scorer.model):
-        raise ValueError("this UserState was computed with other weights, dtype or sequence names than the "
-                         "scorer's model has now; build it again with scorer.user_state(user)")
+    if state.names != scorer.config.model.sequence_names or not scorer.pipeline.version().serves(state.version):
+        raise ValueError("this UserState was computed with other weights, dtype, tables or sequence names than the "
+                         "scorer has now; build it again with scorer.user_state(user)")
     return state
 
 
@@ -245,18 +245,18 @@ def rank_state(scorer, state: UserState, candidates: Sequence[str], top_k: int |
     check_top_k(top_k)
     state = check_state(scorer, state)
     items = parse_candidates([candidates], 1)[0]
-    categories = scorer._categories(None if side_features is None else [side_features], 1, "user")
+    categories = scorer.pipeline.categories(None if side_features is None else [side_features], 1, "user")
     if not items:
         return ranking(np.empty(0, dtype=np.float32), top_k)
     windows = [s.window for s in state.sequences]
     lengths = np.array([len(w) for w in windows], dtype=np.int64)
-    scoring, config, n = scorer.config.scoring, scorer.config.model, len(windows)
-    with scorer._tables_lock, stage("lookup"), kernel_path(scorer.kernels):
-        behavior_rows, behavior_extra = scorer._rows(scorer.behaviors, [t for w in windows for t in w],
-                                                     scoring.unknown_behavior, "behavior", lengths, users=[0])
-        item_rows, item_extra = scorer._rows(scorer.items, items, scoring.unknown_item, "item",
-                                             label=lambda i: f"candidates[{i}]")
-        tables = scorer._tables()
+    scoring, config, n, pipeline = scorer.config.scoring, scorer.config.model, len(windows), scorer.pipeline
+    with pipeline.lock, stage("lookup"), kernel_path(scorer.kernels):
+        behavior_rows, behavior_extra = pipeline.lookup("behaviors", [t for w in windows for t in w],
+                                                        scoring.unknown_behavior, lengths, users=[0])
+        item_rows, item_extra = pipeline.lookup("items", items, scoring.unknown_item,
+                                                label=lambda i: f"candidates[{i}]")
+        tables = pipeline.placed()
     recent = (recent_counts([[list(s.texts) for s in state.sequences]], config.recent_events, n,
                             lengths=np.array([[s.total for s in state.sequences]]))
               if config.count_features and config.recent_events else None)
@@ -264,7 +264,6 @@ def rank_state(scorer, state: UserState, candidates: Sequence[str], top_k: int |
     user_counts = np.array([[s.counted for s in state.sequences]], dtype=np.int64)[pair_user]
     with torch.inference_mode():
         user = pooled(scorer.model, state)
-    probs = scorer._score_rows(tables, behavior_rows, np.concatenate([[0], np.cumsum(lengths)]), behavior_extra,
-                               item_rows, item_extra, recent, user_counts, pair_user, per_user=True,
-                               categories=None if categories is None else categories[pair_user], user=user)
-    return ranking(probs, top_k)
+    batch = ScoringBatch(behavior_rows, np.concatenate([[0], np.cumsum(lengths)]), item_rows, pair_user, user_counts,
+                         recent, None if categories is None else categories[pair_user], behavior_extra, item_extra)
+    return ranking(pipeline.score(batch, tables, per_user=True, user=user), top_k)

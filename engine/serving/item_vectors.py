@@ -52,10 +52,20 @@ def fingerprint(weights: str, items: BehaviorTable, rows: int) -> str:
     return f"{rows}:{digest.hexdigest()}"
 
 
+def _versions(training: bool, tensors) -> tuple:
+    return (training, *((id(t), t.data_ptr(), t._version, t.dtype) for t in tensors))
+
+
 def weights_version(model: BAHEModel) -> tuple:
     """Changes whenever an upper-layer weight is updated in place, replaced or moved, or the model switches
-    between training and eval mode (cheap: no data read)."""
-    return (model.training, *((id(p), p.data_ptr(), p._version, p.dtype) for p in model.upper.parameters()))
+    between training and eval mode (cheap: no data read). What the item vectors depend on."""
+    return _versions(model.training, model.upper.parameters())
+
+
+def model_version(model: torch.nn.Module) -> tuple:
+    """`weights_version` of every parameter and buffer of the model (the head, the item counts, the seen
+    categorical buckets too): what a scorer's served state depends on (engine.serving.pipeline)."""
+    return _versions(model.training, [*model.parameters(), *model.buffers()])
 
 
 @torch.inference_mode()

@@ -1,5 +1,5 @@
-"""Ranking helpers of `BAHEScorer.rank`/`rank_many`: the result type, and the repeated users of a batch
-(`score` computes each distinct user once)."""
+"""Ranking helpers of `BAHEScorer.rank`/`rank_many`: the result type, the repeated users of a batch
+(`score` computes each distinct user once) and the repeated candidates of a ranked user (scored once)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,3 +63,20 @@ def distinct_users(sequences: list[list[list[str]]]) -> tuple[list[int], np.ndar
             first.append(u)
         inverse[u] = index
     return first, inverse
+
+
+def distinct_pairs(pair_user: np.ndarray, item_rows: np.ndarray,
+                   *columns: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(kept, back): the pairs to score, each repeated pair (same user, item row and per-pair side `columns`
+    (P, F)) kept once in first-occurrence order (a user's pairs stay contiguous), and each original pair's
+    index among them; (None, None) when nothing repeats. Ranking takes it: a repeated candidate costs nothing
+    and scores exactly as its twin, so ties stay ties in rank and rank_many alike (GEMM rows are rounded by
+    their position in the product)."""
+    key = np.concatenate([pair_user[:, None], item_rows[:, None], *(c for c in columns if c is not None)], axis=1)
+    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    if first.size == key.shape[0]:
+        return None, None
+    order = np.argsort(first)
+    position = np.empty_like(order)
+    position[order] = np.arange(order.size)
+    return first[order], position[inverse.reshape(-1)]

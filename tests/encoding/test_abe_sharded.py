@@ -66,6 +66,7 @@ def _spawn(world, path, texts, dying_rank=-1):
                        start_method="fork")
 
 
+@pytest.mark.slow
 def test_three_ranks_equal_one_and_a_dead_rank_leaves_the_old_table(tmp_path):
     single = BehaviorTable.build(tmp_path / "one.safetensors", TEXTS[:80] + TEXTS, HashEncoder())
     single.append(TEXTS + ["new text a", "new text b"])
@@ -83,6 +84,7 @@ def test_three_ranks_equal_one_and_a_dead_rank_leaves_the_old_table(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.slow
 def test_torchrun_build_then_append_equal_a_single_process(tiny_checkpoints, tmp_path):
     """The command under torchrun builds; an append over two ranks with the real encoder follows (forked)."""
     model = str(tiny_checkpoints["llama"])
@@ -152,6 +154,7 @@ def _failing_rank(rank, port, path, report):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_an_error_on_the_writer_fails_every_rank(tmp_path):
     path = tmp_path / "t.safetensors"
     mp.start_processes(_failing_rank, args=(_free_port(), str(path), tmp_path), nprocs=2, join=True,

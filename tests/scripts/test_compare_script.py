@@ -3,8 +3,12 @@ random BERT (128 positions, so the raw-token side stops early) and the MovieLens
 import json
 from pathlib import Path
 
+import pytest
+
 from bench import compare
 from engine import cli
+
+pytestmark = pytest.mark.slow  # end to end: the whole script on a tiny model
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "movielens_tiny.parquet"
 

@@ -3,7 +3,11 @@ stops within a few behaviors) and the MovieLens fixture."""
 import json
 from pathlib import Path
 
+import pytest
+
 from bench import history
+
+pytestmark = pytest.mark.slow  # end to end: the whole script on a tiny model
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "movielens_tiny.parquet"
 

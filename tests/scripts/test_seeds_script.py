@@ -2,7 +2,11 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from bench import seeds
+
+pytestmark = pytest.mark.slow  # end to end: the whole script on a tiny model
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "movielens_tiny.parquet"
 MODELS = ["BAHE", "CTR model without text", "gradient boosting (classic)"]

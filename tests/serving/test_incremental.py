@@ -19,7 +19,8 @@ def _windows_pooled(scorer, user):
     seqs = [list(user.get(name, [])) for name in names]
     windows = [seq[config.window_start(len(seq)):] for seq in seqs]
     flat = [t for w in windows for t in w]
-    rows, extra = scorer._rows(scorer.behaviors, flat, "encode", "behavior")
+    rows, extra = scorer.pipeline.lookup("behaviors", flat, "encode")
+    extra = None if extra is None else torch.from_numpy(extra)
     offsets = torch.tensor(np.concatenate([[0], np.cumsum([len(w) for w in windows])]), device=scorer.device)
     with torch.inference_mode():
         return scorer.model.user_states(scorer.table_rows("behaviors"), torch.from_numpy(rows).to(scorer.device),
@@ -187,7 +188,7 @@ def test_recent_counts_read_the_longest_whole_sequence(tiny_checkpoints, tmp_pat
 
 
 def test_the_benchmark_runs(tiny_checkpoints, tmp_path):
-    from bench.incremental import measure
+    from bench.extend_user import measure
     scorer = make_scorer(tiny_checkpoints["llama"], tmp_path, max_behaviors=M)
     figures = measure(scorer, 6, repeats=1)  # checks the appended state against the recompute itself
     assert figures["bytes"] > 0 and all(figures[key] > 0 for key in ("recompute", "append", "rank_state", "build"))

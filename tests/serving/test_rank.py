@@ -13,7 +13,7 @@ from engine import BAHEScorer, InputError, ScoringConfig
 from engine.serving.item_vectors import FINGERPRINT_KEY
 from engine.model.bahe_model import PackedBatch
 from engine.features.side_features import recent_counts
-from engine.serving.towers import dense_features
+from engine.serving.pipeline import ScoringBatch
 from tests.serving.test_scorer import BEHAVIORS, ITEMS, make_scorer, random_users
 
 
@@ -152,7 +152,7 @@ def test_unknown_items_go_through_the_item_tower_on_the_fly(tiny_checkpoints, tm
     scorer.config.scoring.append_unknown = True
     np.testing.assert_allclose(scorer.rank(user, ["a brand new gadget", "coffee"]).scores, fresh, rtol=1e-5, atol=1e-6)
     assert len(scorer.items) == len(ITEMS) + 1
-    assert scorer._item_vectors.get(scorer.model, scorer.items, scorer.table_rows("items")).shape[0] == len(ITEMS) + 1
+    assert scorer.pipeline.item_vectors.get(scorer.model, scorer.items, scorer.table_rows("items")).shape[0] == len(ITEMS) + 1
 
 
 def test_item_vectors_follow_weight_updates(scorer):
@@ -163,7 +163,7 @@ def test_item_vectors_follow_weight_updates(scorer):
             p.mul_(1.5)
     after = scorer.rank(user, ITEMS).scores
     assert not np.allclose(after, before, atol=1e-4)
-    scorer._item_vectors = type(scorer._item_vectors)()  # nothing remembered: computed from the new weights
+    scorer.pipeline.item_vectors = type(scorer.pipeline.item_vectors)()  # nothing remembered: computed from the new weights
     np.testing.assert_array_equal(scorer.rank(user, ITEMS).scores, after)
 
 
@@ -343,9 +343,13 @@ def test_the_two_tower_path_is_the_joint_forward(tiny_checkpoints, tmp_path, fam
     rows = scorer.behaviors.lookup([t for user in sequences for seq in user for t in seq]).astype(np.int64)
     item_rows = scorer.items.lookup(items).astype(np.int64)
     recent = recent_counts(sequences, scorer.config.model.recent_events, len(names))
-    dense = dense_features(scorer.model, lengths.reshape(len(users), -1), recent, item_rows)
-    batch = PackedBatch(torch.from_numpy(rows), torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)])),
-                        torch.from_numpy(item_rows), dense=torch.from_numpy(dense))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    with scorer.pipeline.lock:
+        tables = scorer.pipeline.placed()
+    dense = scorer.pipeline.dense(ScoringBatch(rows, offsets, item_rows, np.arange(len(users)),
+                                               lengths.reshape(len(users), -1), recent), tables)
+    batch = PackedBatch(torch.from_numpy(rows), torch.from_numpy(offsets), torch.from_numpy(item_rows),
+                        dense=torch.from_numpy(dense))
     with torch.inference_mode():
         joint = torch.sigmoid(scorer.model(scorer.table_rows("behaviors"), scorer.table_rows("items"), batch))
     np.testing.assert_allclose(scorer.score(users, items), joint.numpy(), rtol=1e-5, atol=1e-6)

@@ -72,6 +72,7 @@ def _rank(rank, port, log, bahe, train, val, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_train_the_parameters_of_one_process(tiny_checkpoints, tmp_path, log):
     bahe, train, val = _setup(str(tiny_checkpoints["llama"]), tmp_path / "tables", log)
     initial = _state(bahe)
@@ -123,6 +124,7 @@ def _cli_rank(rank, port, argv, out):
     (out / f"stdout.{rank}").write_text(printed.getvalue())
 
 
+@pytest.mark.slow
 def test_train_command_on_two_ranks_saves_one_scorer(tiny_checkpoints, tmp_path):
     """`bahe train --distributed` as torchrun runs it (its environment set per rank; forked, not launched)."""
     from engine.serving.scorer import BAHEScorer

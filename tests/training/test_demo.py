@@ -2,9 +2,12 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from engine.serving.scorer import BAHEScorer
 from engine.training.studies.demo import DemoConfig, run_demo
+
+pytestmark = pytest.mark.slow  # end to end: the whole demo on a tiny model
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "movielens_tiny.parquet"
 SPLIT_MODELS = ["BAHE", "CTR model without text", "gradient boosting (classic)", "logistic regression (classic)",

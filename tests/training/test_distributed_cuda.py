@@ -13,7 +13,7 @@ from tests.encoding.test_abe_sharded import TEXTS
 from weights.checkpoint import Checkpoint
 from weights.table import BehaviorTable
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 FIXTURE = ROOT / "tests" / "fixtures" / "movielens_tiny.parquet"
 
 

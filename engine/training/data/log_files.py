@@ -14,12 +14,14 @@ import pandas as pd
 from engine.training.data.log import BehaviorLog
 from engine.training.data.log_schema import SEQUENCE_COLUMN, LogFormatError
 
-__all__ = ["load_log", "write_log"]
+__all__ = ["PARQUET_ORDER_KEY", "load_log", "log_file_kind", "write_log"]
 
-_PARQUET_ORDER_KEY = b"bahe.sequence_names"  # parquet schema metadata: the sequence order, as JSON
+PARQUET_ORDER_KEY = b"bahe.sequence_names"  # parquet schema metadata: the sequence order, as JSON
 
 
-def _suffix(path: str | os.PathLike) -> str:
+def log_file_kind(path: str | os.PathLike) -> str:
+    """'csv' or 'parquet', from the file name's extension (how `load_log` and the streamed reader open it);
+    LogFormatError naming the file for any other extension."""
     name = os.fspath(path).lower()
     for suffix in (".csv", ".csv.gz", ".parquet", ".pq", ".parquet.brotli"):
         if name.endswith(suffix):
@@ -34,7 +36,7 @@ def load_log(path: str | os.PathLike, *, min_history: int = 1,
     appearance in the file. A file that is not a table in the schema is a LogFormatError naming the file
     and, for a CSV file's structure (bytes that are not UTF-8, an open quote, a ragged row), the line."""
     path = os.fspath(path)
-    if _suffix(path) == "csv":
+    if log_file_kind(path) == "csv":
         frame = _read_csv(path)
     else:
         frame, stored = _read_parquet(path)
@@ -42,7 +44,7 @@ def load_log(path: str | os.PathLike, *, min_history: int = 1,
     try:
         return BehaviorLog.from_frame(frame, min_history=min_history, sequence_names=sequence_names, source=path)
     except LogFormatError:
-        problem = _csv_problem(path) if _suffix(path) == "csv" else None  # a short row reads as empty cells
+        problem = _csv_problem(path) if log_file_kind(path) == "csv" else None  # a short row reads as empty cells
         if problem is None:
             raise
         raise LogFormatError(f"{path}: {problem}") from None
@@ -112,7 +114,7 @@ def _read_parquet(path: str) -> tuple[pd.DataFrame, list[str] | None]:
         raise
     except (pa.ArrowException, OSError) as err:
         raise LogFormatError(f"{path}: not a readable parquet file ({err})") from None
-    stored = (table.schema.metadata or {}).get(_PARQUET_ORDER_KEY)
+    stored = (table.schema.metadata or {}).get(PARQUET_ORDER_KEY)
     if stored is None:
         return frame, None
     try:
@@ -120,7 +122,7 @@ def _read_parquet(path: str) -> tuple[pd.DataFrame, list[str] | None]:
     except (ValueError, UnicodeDecodeError):
         names = None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise LogFormatError(f"{path}: metadata {_PARQUET_ORDER_KEY.decode()} must be a JSON list of sequence "
+        raise LogFormatError(f"{path}: metadata {PARQUET_ORDER_KEY.decode()} must be a JSON list of sequence "
                              f"names, got {stored[:80]!r}")
     return frame, names
 
@@ -130,7 +132,7 @@ def write_log(log: BehaviorLog, path: str | os.PathLike) -> None:
     the same log; parquet files also record the sequence order."""
     path = os.fspath(path)
     frame = log.to_frame()
-    if _suffix(path) == "csv":
+    if log_file_kind(path) == "csv":
         frame.to_csv(path, index=False)
         return
     import pyarrow as pa
@@ -138,5 +140,5 @@ def write_log(log: BehaviorLog, path: str | os.PathLike) -> None:
 
     table = pa.Table.from_pandas(frame, preserve_index=False)
     metadata = dict(table.schema.metadata or {})
-    metadata[_PARQUET_ORDER_KEY] = json.dumps(list(log.sequence_names)).encode()
+    metadata[PARQUET_ORDER_KEY] = json.dumps(list(log.sequence_names)).encode()
     pq.write_table(table.replace_schema_metadata(metadata), path)

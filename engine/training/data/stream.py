@@ -35,14 +35,14 @@ from pathlib import Path
 import numpy as np
 
 from engine.training.data.log import BehaviorLog, TimeSplit, cut_ranks
-from engine.training.data.log_files import _PARQUET_ORDER_KEY, _suffix
+from engine.training.data.log_files import PARQUET_ORDER_KEY, log_file_kind
 from engine.training.data.log_schema import CATEGORY_PREFIX, LogFormatError, validate_frame
+from engine.training.data.membership_bits import MAX_SEQUENCES, pack_membership, unpack_membership
 from engine.training.data.stream_items import item_count_pass
 from engine.training.data.stream_time import histogram, order_statistics, to_key
 
 __all__ = ["StreamConfig", "StreamedLog", "Shard", "prepare_stream", "record_batches"]
 
-_MAX_SEQUENCES = 63  # membership is stored as an int64 bit mask
 _MARKER = "stream.json"  # marks a folder prepare_stream made, so it may empty it again
 
 
@@ -115,11 +115,6 @@ class StreamedLog:
             yield self.load(p)
 
 
-def unpack_membership(mask: np.ndarray, sequences: int) -> np.ndarray:
-    """(N,) int64 bit masks -> (N, S) bool."""
-    return ((mask[:, None] >> np.arange(sequences, dtype=np.int64)[None, :]) & 1).astype(bool)
-
-
 def record_batches(path: str | os.PathLike, batch_rows: int, columns: Sequence[str] | None = None):
     """(the dataset's schema metadata, an iterator of pyarrow record batches of at most `batch_rows` rows);
     read ahead one batch at a time, so memory holds about one batch, not the file."""
@@ -130,7 +125,7 @@ def record_batches(path: str | os.PathLike, batch_rows: int, columns: Sequence[s
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(path)
-    if _suffix(path) == "csv":  # texts verbatim, as load_log reads them: never null, "NA" stays "NA"
+    if log_file_kind(path) == "csv":  # texts verbatim, as load_log reads them: never null, "NA" stays "NA"
         fmt = ds.CsvFileFormat(convert_options=pacsv.ConvertOptions(
             column_types={"item_text": pa.string(), "sequence": pa.string()}, strings_can_be_null=False))
     else:
@@ -139,7 +134,7 @@ def record_batches(path: str | os.PathLike, batch_rows: int, columns: Sequence[s
         dataset = ds.dataset(path, format=fmt)
         schema = dataset.schema
     except (pa.ArrowException, OSError) as err:
-        raise LogFormatError(f"{path}: not a readable {_suffix(path)} file ({err})") from None
+        raise LogFormatError(f"{path}: not a readable {log_file_kind(path)} file ({err})") from None
     names = [c for c in columns if c in schema.names] if columns is not None else None
     batches = dataset.to_batches(columns=names, batch_size=batch_rows, batch_readahead=1, fragment_readahead=1,
                                  use_threads=False)
@@ -189,8 +184,8 @@ def prepare_stream(path: str | os.PathLike, folder: str | os.PathLike, config: S
     folder.mkdir(parents=True)
     (folder / _MARKER).write_text(json.dumps({"log": os.path.abspath(path), "shards": config.shards}))
     metadata, batches = record_batches(path, config.batch_rows)
-    if sequence_names is None and _PARQUET_ORDER_KEY in metadata:
-        sequence_names = json.loads(metadata[_PARQUET_ORDER_KEY])
+    if sequence_names is None and PARQUET_ORDER_KEY in metadata:
+        sequence_names = json.loads(metadata[PARQUET_ORDER_KEY])
     names: list[str] = list(sequence_names) if sequence_names is not None else []
     texts: dict[int, str] = {}
     categorical: tuple[str, ...] | None = None
@@ -204,7 +199,7 @@ def prepare_stream(path: str | os.PathLike, folder: str | os.PathLike, config: S
             user, item, timestamp, label, member, batch_texts, batch_names, cats = _validated(
                 batch, n, sequence_names, path)
             _merge_texts(texts, batch_texts, path, n)
-            mask = _mask(member, batch_names, names, path)
+            mask = _mask(member, batch_names, names)
             if categorical is None:
                 categorical = tuple(cats)
             keys = to_key(timestamp)
@@ -227,8 +222,8 @@ def prepare_stream(path: str | os.PathLike, folder: str | os.PathLike, config: S
                 w.close()
     if n == 0:
         raise LogFormatError(f"{path}: the table has no rows")
-    if len(names) > _MAX_SEQUENCES:
-        raise LogFormatError(f"{path}: {len(names)} sequences; streaming supports at most {_MAX_SEQUENCES}")
+    if len(names) > MAX_SEQUENCES:
+        raise LogFormatError(f"{path}: {len(names)} sequences; streaming supports at most {MAX_SEQUENCES}")
     schema = next(w.schema for w in writers if w is not None)
     for p in range(config.shards):  # a shard no user hashed to: an empty file, so every shard loads
         if writers[p] is None:
@@ -256,13 +251,12 @@ def _merge_texts(texts: dict[int, str], batch: dict[int, str], path: str, offset
                                  f"and {text!r} (rows from {offset} on)")
 
 
-def _mask(member: np.ndarray, batch_names: Sequence[str], names: list[str], path: str) -> np.ndarray:
-    """(N,) int64 bit masks in the global sequence order `names` (extended by names seen for the first time)."""
-    mask = np.zeros(member.shape[0], dtype=np.int64)
-    for j, name in enumerate(batch_names):
+def _mask(member: np.ndarray, batch_names: Sequence[str], names: list[str]) -> np.ndarray:
+    """(N,) int64 bit masks in the global sequence order `names` (extended by names seen for the first time);
+    names past MAX_SEQUENCES get no bit (prepare_stream refuses the log once every batch is read)."""
+    for name in batch_names:
         if name not in names:
             names.append(name)
-        bit = names.index(name)
-        if bit < _MAX_SEQUENCES:
-            mask |= member[:, j].astype(np.int64) << bit
-    return mask
+    bits = [names.index(name) for name in batch_names]
+    kept = [j for j, bit in enumerate(bits) if bit < MAX_SEQUENCES]
+    return pack_membership(member[:, kept], [bits[j] for j in kept])

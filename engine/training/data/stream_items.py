@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.training.data.stream_time import balanced_edges, to_key
 from engine.training.data.example_features import counts_before
+from engine.training.data.membership_bits import unpack_membership
+from engine.training.data.stream_time import balanced_edges, to_key
 
 __all__ = ["item_count_pass"]
 
@@ -23,8 +24,6 @@ def item_count_pass(stream, first: tuple[np.ndarray, int], lo: int, config) -> d
     (the snapshot a trained scorer serves with: BAHECTR.store_item_counts)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from engine.training.data.stream import unpack_membership
 
     folder, shards, sequences = stream.folder, stream.shards, len(stream.sequence_names)
     edges = balanced_edges(*first, lo, config.time_buckets)

@@ -29,8 +29,8 @@ from engine.training.data.stream import Shard, StreamedLog
 from engine.training.data.example_features import PastCounts, counts_before, recent_counts
 from engine.training.studies.memory import PeakMemory
 from engine.training.studies.metrics import log_loss, roc_auc
-from engine.training.loops.train import (BestEpoch, FitResult, TrainConfig, _batches, _order, calibrate_norms, make_optimizer,
-                                   predict)
+from engine.training.loops.train import (BestEpoch, FitResult, TrainConfig, calibrate_norms, epoch_order,
+                                         make_optimizer, predict, row_batches)
 
 __all__ = ["ShardCounts", "StreamBudget", "catalog_log", "use_shard", "evaluate_stream", "fit_stream"]
 
@@ -116,9 +116,9 @@ def fit_stream(model: nn.Module, stream: StreamedLog, config: TrainConfig, *, bu
         for shard in stream:  # the heads' norms: calibrated on the first shard with train examples
             if shard.split.train.size:
                 use_shard(model, shard)
-                calibration = _order(model, shard.log, shard.split.train, np.random.default_rng(config.seed + 1))
-                calibrate_norms(model, shard.log, list(_batches(calibration, config.batch_size))[:config.norm_batches],
-                                device)
+                calibration = epoch_order(model, shard.log, shard.split.train, np.random.default_rng(config.seed + 1))
+                batches = list(row_batches(calibration, config.batch_size))[:config.norm_batches]
+                calibrate_norms(model, shard.log, batches, device)
                 break
         for epoch in range(config.epochs):
             model.train()
@@ -128,8 +128,8 @@ def fit_stream(model: nn.Module, stream: StreamedLog, config: TrainConfig, *, bu
             for p in shards:
                 shard = stream.load(int(p))
                 use_shard(model, shard)
-                order = _order(model, shard.log, shard.split.train, rng)
-                for chunk in list(_batches(order, config.batch_size))[:budget.steps_per_shard]:
+                order = epoch_order(model, shard.log, shard.split.train, rng)
+                for chunk in list(row_batches(order, config.batch_size))[:budget.steps_per_shard]:
                     batch = model.prepare(shard.log, chunk).to(device)
                     labels = torch.from_numpy(shard.log.label[chunk].astype(np.float32)).to(device)
                     loss = loss_fn(model(batch), labels)

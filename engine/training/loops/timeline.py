@@ -22,7 +22,7 @@ import torch
 
 from engine.features.history_window import window_start
 from engine.model.bahe_model import BAHEModel, PackedBatch
-from engine.features.similarity import segment_sums, similarity_weights, unit_rows
+from engine.features.similarity import range_soft_counts, unit_rows
 from engine.training.loops.batching import interleave
 from engine.training.data.log import BehaviorLog
 from engine.training.data.example_features import PastCounts, dense_features
@@ -95,23 +95,16 @@ def prefix_means(states: torch.Tensor, offsets: torch.Tensor, sequence: torch.Te
 
 def prefix_similar(model: BAHEModel, behavior_table: torch.Tensor, item_table: torch.Tensor,
                    batch: TimelineBatch) -> torch.Tensor | None:
-    """(B, n, k) soft counts of each target's prefixes (`engine.features.similarity`): the scorer's `BAHEModel.similar`
-    over the prefix, one (target, behavior) pair per behavior of each prefix, their cosines read from one
+    """(B, n, k) soft counts of each target's prefixes: `engine.features.similarity.range_soft_counts` (the
+    function the forward and serving call) over each target's prefix of its window, the cosines read from one
     (targets x distinct rows) product; None for a model without them."""
     temperatures = model.config.similarity_temperatures
     if not temperatures:
         return None
-    targets, n = batch.sequence.shape
-    lengths = batch.prefix.reshape(-1)
-    device = lengths.device
-    pair_offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, dim=0)])
-    owner = torch.repeat_interleave(torch.arange(targets * n, device=device), lengths, output_size=batch.pairs)
-    within = torch.arange(batch.pairs, device=device) - pair_offsets[owner]
-    position = batch.offsets[batch.sequence.reshape(-1)][owner] + within
-    distinct, which = torch.unique(batch.behavior_rows[position], return_inverse=True)
-    cos = unit_rows(item_table[batch.item_rows].float()) @ unit_rows(behavior_table[distinct].float()).T
-    weights = similarity_weights(cos[owner // n, which], temperatures)
-    return segment_sums(weights, pair_offsets).view(targets, n, len(temperatures))
+    distinct, which = torch.unique(batch.behavior_rows, return_inverse=True)  # training: a host read is fine
+    return range_soft_counts(unit_rows(item_table[batch.item_rows].float()),
+                             unit_rows(behavior_table[distinct].float()), batch.offsets[batch.sequence],
+                             batch.prefix, batch.pairs, temperatures, rows=which)
 
 
 def timeline_logits(model: BAHEModel, behavior_table: torch.Tensor, item_table: torch.Tensor,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,12 +70,14 @@ class BestEpoch:
             self.model.load_state_dict(self.state, strict=False)
 
 
-def _order(model: nn.Module, data: BehaviorLog, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """An epoch's example order: the model's own (timeline models keep a user's targets together) or shuffled."""
+def epoch_order(model: nn.Module, data: BehaviorLog, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An epoch's example order: the model's own (timeline models keep a user's targets together) or shuffled.
+    Shared by `fit` and the streamed loop (`fit_stream`), so both visit examples the same way."""
     return model.epoch_order(rows, data, rng) if hasattr(model, "epoch_order") else rng.permutation(rows)
 
 
-def _batches(rows: np.ndarray, size: int):
+def row_batches(rows: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """Consecutive slices of `rows` of `size` examples (the last one shorter): the training steps of an epoch."""
     for start in range(0, rows.size, size):
         yield rows[start:start + size]
 
@@ -86,7 +89,7 @@ def predict(model: nn.Module, data: BehaviorLog, rows: np.ndarray, *, batch_size
     out = np.empty(rows.size, dtype=np.float64)
     with torch.inference_mode():
         done = 0
-        for chunk in _batches(rows, batch_size):
+        for chunk in row_batches(rows, batch_size):
             logits = model(model.prepare(data, chunk).to(torch.device(device)))
             out[done:done + chunk.size] = torch.sigmoid(logits.float()).cpu().numpy()
             done += chunk.size
@@ -177,14 +180,14 @@ def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: n
     result = FitResult(best_val_auc=-1.0, best_epoch=-1)
     best = BestEpoch(model, result, config.patience)
     with PeakMemory(device) as peak:
-        calibration = _order(model, data, train_rows, np.random.default_rng(config.seed + 1))
-        calibrate_norms(model, data, list(_batches(calibration, config.batch_size))[:config.norm_batches], device,
+        calibration = epoch_order(model, data, train_rows, np.random.default_rng(config.seed + 1))
+        calibrate_norms(model, data, list(row_batches(calibration, config.batch_size))[:config.norm_batches], device,
                         parallel)
         for epoch in range(config.epochs):
             model.train()
-            order = _order(model, data, train_rows, rng)
+            order = epoch_order(model, data, train_rows, rng)
             start, total_loss = time.perf_counter(), 0.0
-            bar = tqdm(list(_batches(order, config.batch_size)), desc=f"{model.name} epoch {epoch + 1}",
+            bar = tqdm(list(row_batches(order, config.batch_size)), desc=f"{model.name} epoch {epoch + 1}",
                        disable=not config.progress, leave=False)
             for chunk in bar:
                 loss, summed = _step_loss(model, runner, data, chunk, device, parallel)

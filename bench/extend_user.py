@@ -3,7 +3,7 @@ whole user), on a trained scorer: one behavior appended to one sequence of a use
 sequence, M in {100, 1000}; and ranking K candidates from the state vs from the whole user. Median of
 `--repeats` timings per figure; on a shared machine the figures are indicative.
 
-    python -m bench.incremental [--scorer artifacts/demo/minilm/scorer] [--threads 1] [--results bench/RESULTS.md]
+    python -m bench.extend_user [--scorer artifacts/demo/minilm/scorer] [--threads 1] [--results bench/RESULTS.md]
 """
 from __future__ import annotations
 
