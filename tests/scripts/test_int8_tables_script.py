@@ -4,12 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from bench.int8_tables import main
+from bench import int8_tables
 from engine import cli
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "movielens_tiny.parquet"
 
 
+@pytest.mark.slow  # trains a tiny scorer, then runs the script end to end
 def test_int8_tables_bench_on_a_tiny_scorer(tiny_checkpoints, tmp_path, capsys):
     out = tmp_path / "run"
     cli.main(["train", "--data", str(FIXTURE), "--model", str(tiny_checkpoints["llama"]), "--out", str(out),
@@ -17,7 +18,7 @@ def test_int8_tables_bench_on_a_tiny_scorer(tiny_checkpoints, tmp_path, capsys):
               "--val-examples", "30", "--test-examples", "40", "--device", "cpu"])
     capsys.readouterr()
     results = tmp_path / "RESULTS.md"
-    figures = main(["--scorer", str(out / "scorer"), "--data", str(FIXTURE), "--limit", "60", "--gather-rows", "2000",
+    figures = int8_tables.main(["--scorer", str(out / "scorer"), "--data", str(FIXTURE), "--limit", "60", "--gather-rows", "2000",
                     "--reps", "2", "--results-md", str(results)])
     dim = 64  # the tiny llama's hidden size
     assert figures["bytes_per_row"] == {"fp32": 4 * dim, "int8": dim + 4}
