@@ -1,6 +1,6 @@
 """The whole BAHE model forward, Triton kernels vs the PyTorch references, side by side on one device.
 
-    python -m bench.backends [--device cuda] [--dtype bfloat16] [--users 256] [--ms 16 128 1024] [--reps 20]
+    python -m bench.backends [--device cuda] [--dtype bfloat16] [--users 256] [--ms 16 128 1024] [--reps 20] [--compile]
 
 Upper layers of the real models' shapes (all-MiniLM-L6-v2: 3 BERT layers, d = 384, 12 heads;
 SmolLM2-135M: 3 Llama layers, d = 576, 9/3 heads), random weights (the timing does not depend on
@@ -9,7 +9,10 @@ so the references' padded (B, H, L, L) attention scores fit in memory),
 and behavior / item tables of 100,000 / 10,000 rows on the device. Prints, per (model, M), the
 median forward time of each backend, their ratio, the Triton forward replayed as a CUDA graph
 (launch overhead gone), and the relative difference of the logits. Each row interleaves the
-backends repetition by repetition.
+backends repetition by repetition. The PyTorch side is the best stock forward this project has: attention
+through scaled_dot_product_attention (flash / memory-efficient kernels on padded length buckets), and with
+--compile also that forward under torch.compile ("compiled" column; "n/a" where compiling fails, with the
+reason printed; its compile time is not timed).
 """
 from __future__ import annotations
 
@@ -97,12 +100,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ms", type=int, nargs="+", default=[16, 128, 1024], help="mean behaviors per sequence")
     parser.add_argument("--models", nargs="+", choices=tuple(SHAPES), default=list(SHAPES))
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--compile", action="store_true", help="also time the PyTorch forward under torch.compile")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     on_cuda = device.type == "cuda"
     print(f"machine: {machine()}; {args.dtype}, 3 sequences per user, {UPPER_LAYERS} upper layers")
     header = (f"{'model':<8} {'M':>5} {'users':>5} {'behaviors':>9} {'torch ms':>9} {'triton ms':>9} {'ratio':>6} "
-              f"{'graph ms':>9} {'rel diff':>8}")
+              f"{'graph ms':>9} {'rel diff':>8}" + (f" {'compiled ms':>11} {'vs triton':>9}" if args.compile else ""))
     print(header)
     print("-" * len(header))
     for name in args.models:
@@ -114,14 +118,23 @@ def main(argv: list[str] | None = None) -> None:
             users = min(args.users, 32768 // mean_m)
             batch = random_batch(users, model.num_sequences, mean_m, seed=mean_m).to(device)
             outputs, times = {}, {"torch": [], "triton": []}
+            forwards = {"torch": model, "triton": model}
+            if args.compile:
+                times["compiled"], forwards["compiled"] = [], torch.compile(model)
             with torch.inference_mode():
-                for backend in times:  # warm-up: compiles kernels, fills rotary tables
-                    with ops.use_backend(backend):
-                        outputs[backend] = model(behaviors, items, batch).float()
+                for backend in list(times):  # warm-up: compiles kernels, fills rotary tables
+                    with ops.use_backend("torch" if backend == "compiled" else backend):
+                        try:
+                            outputs[backend] = forwards[backend](behaviors, items, batch).float()
+                        except Exception as err:  # noqa: BLE001 - torch.compile where it works
+                            if backend != "compiled":
+                                raise
+                            print(f"  {name} M={mean_m}: torch.compile failed ({type(err).__name__}: {str(err)[:100]})")
+                            del times[backend]
                 for _ in range(args.reps):
                     for backend, samples in times.items():
-                        with ops.use_backend(backend):
-                            samples.append(event_ms(lambda: model(behaviors, items, batch), device))
+                        with ops.use_backend("torch" if backend == "compiled" else backend):
+                            samples.append(event_ms(lambda: forwards[backend](behaviors, items, batch), device))
                 graph_ms = float("nan")
                 if on_cuda:
                     with ops.use_backend("triton"):
@@ -129,8 +142,12 @@ def main(argv: list[str] | None = None) -> None:
                     graph_ms = statistics.median(event_ms(replay, device) for _ in range(args.reps))
             torch_ms, triton_ms = (statistics.median(times[b]) for b in ("torch", "triton"))
             diff = float((outputs["triton"] - outputs["torch"]).norm() / outputs["torch"].norm())
+            extra = ""
+            if args.compile:
+                compiled_ms = statistics.median(times["compiled"]) if "compiled" in times else float("nan")
+                extra = f" {compiled_ms:>11.2f} {compiled_ms / triton_ms:>8.2f}x"
             print(f"{name:<8} {mean_m:>5} {users:>5} {batch.behavior_rows.numel():>9} {torch_ms:>9.2f} {triton_ms:>9.2f} "
-                  f"{torch_ms / triton_ms:>5.2f}x {graph_ms:>9.2f} {diff:>8.1e}")
+                  f"{torch_ms / triton_ms:>5.2f}x {graph_ms:>9.2f} {diff:>8.1e}{extra}")
             del model, behaviors, items, batch
             if on_cuda:
                 torch.cuda.empty_cache()

@@ -205,7 +205,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     from weights.table import BehaviorTable
     table = BehaviorTable.open(args.table, verify=args.verify)
     print(json.dumps({"path": str(table.path), "rows": len(table), "dim": table.dim, "dtype": table.dtype,
-                      "kind": table.kind, **table.signature.to_metadata()}, indent=2))
+                      "bytes_per_row": table.bytes_per_row, "kind": table.kind,
+                      **table.signature.to_metadata()}, indent=2))
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -263,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="minilm", help="'minilm', 'smollm2' or a local checkpoint folder")
     p.add_argument("--lower-layers", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", "--row-dtype", dest="dtype", default="float32",
+                   choices=["float32", "float16", "bfloat16", "int8"],
+                   help="row storage: int8 = per-row absmax int8 + a float32 scale (about 4x smaller than float32)")
     p.add_argument("--kind", default="behavior", choices=["behavior", "item"])
     p.add_argument("--out", required=True, help="table file (.safetensors); appended to if it exists")
     p.add_argument("--distributed", action="store_true", help="under torchrun: each rank encodes the texts whose "

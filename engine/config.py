@@ -12,7 +12,7 @@ from engine.features.history_window import window_start
 
 POOLINGS = ("mean", "mean_after_first")
 HEAD_ACTIVATIONS = ("relu", "gelu", "silu")  # the keys of kernels.ctr_mlp.ACTIVATIONS
-TABLE_DTYPES = ("float32", "float16", "bfloat16")  # the keys of weights.table_format.EMBEDDING_DTYPES
+TABLE_DTYPES = ("float32", "float16", "bfloat16", "int8")  # the keys of weights.table_format.ROW_DTYPES
 CALIBRATIONS = ("none", "platt", "isotonic")
 
 

@@ -133,7 +133,7 @@ def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
 
 
 _TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
-               torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}
+               torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 
 
 def compile_for_gpu(launch: Callable[[], object], arch: int = 90) -> list[dict]:

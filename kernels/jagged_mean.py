@@ -3,7 +3,8 @@
 Kernel layout: one program per (sequence, block of POOL_BLOCK_D columns) walks its sequence in
 POOL_BLOCK_T-row tiles, accumulating a (POOL_BLOCK_T, BLOCK_D) fp32 tile that is reduced once at
 the end. The same kernel, with ROWS set, is the fused gather + mean of gather_mean.py (rows are
-read through an index instead of contiguously, and (T, d) is never written).
+read through an index instead of contiguously, and (T, d) is never written), and with ROWS and
+SCALED the dequantizing gather + mean of an int8 table (dequant_gather.py).
 """
 from __future__ import annotations
 
@@ -54,16 +55,19 @@ def jagged_mean_reference(values: torch.Tensor, offsets: torch.Tensor, *,
 
 @triton.jit
 def _pool_mean_kernel(
-    values_ptr, rows_ptr, offsets_ptr, empty_ptr, out_ptr,
+    values_ptr, scale_ptr, rows_ptr, offsets_ptr, empty_ptr, out_ptr,
     D,
     stride_values_n, stride_values_d, stride_empty_b, stride_empty_d, stride_out_b, stride_out_d,
-    ROWS: tl.constexpr, HAS_EMPTY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr, SCALED: tl.constexpr, HAS_EMPTY: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    """out[b, c] = (1 / L_b) * sum_{t in [offsets[b], offsets[b+1])} values[r(t), c], accumulated
-    in fp32, r(t) = rows[t] if ROWS else t; L_b = 0 gives empty[b, c] (HAS_EMPTY) or 0.
+    """out[b, c] = (1 / L_b) * sum_{t in [offsets[b], offsets[b+1])} values[r(t), c] (* scale[r(t)]
+    when SCALED), accumulated in fp32, r(t) = rows[t] if ROWS else t; L_b = 0 gives empty[b, c]
+    (HAS_EMPTY) or 0.
 
-    values_ptr:  (N, D) fp32/fp16/bf16, strides (stride_values_n, stride_values_d); N = T when
-                 not ROWS.
+    values_ptr:  (N, D) fp32/fp16/bf16 (int8 when SCALED), strides (stride_values_n, stride_values_d);
+                 N = T when not ROWS.
+    scale_ptr:   (N,) fp32, contiguous: each row's dequantization scale (read only when SCALED).
     rows_ptr:    (T,) int64, contiguous, ids in [0, N) (checked at the API boundary; only when ROWS).
     offsets_ptr: (B+1,) int64, contiguous, cumulative.
     empty_ptr:   (d,) or (B, d) any float dtype, strides (stride_empty_b, stride_empty_d) with
@@ -84,8 +88,11 @@ def _pool_mean_kernel(
             src = tl.load(rows_ptr + t, mask=t_mask, other=0)
         else:
             src = t
-        acc += tl.load(values_ptr + src[:, None] * stride_values_n + cols[None, :] * stride_values_d,
-                       mask=t_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+        tile = tl.load(values_ptr + src[:, None] * stride_values_n + cols[None, :] * stride_values_d,
+                       mask=t_mask[:, None] & c_mask[None, :], other=0).to(tl.float32)
+        if SCALED:
+            tile *= tl.load(scale_ptr + src, mask=t_mask, other=0.0)[:, None]
+        acc += tile
     length = end - start
     mean = tl.sum(acc, axis=0) / tl.maximum(length, 1).to(tl.float32)
     if HAS_EMPTY:
@@ -96,9 +103,13 @@ def _pool_mean_kernel(
 
 
 def launch_pool_mean(values: torch.Tensor, rows: torch.Tensor | None, offsets: torch.Tensor,
-                     empty: torch.Tensor | None, out_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Shared launcher of `_pool_mean_kernel` (arguments already validated): (B, d) in out_dtype."""
-    tl_dtype(values.dtype), tl_dtype(out_dtype)  # float inputs and outputs only
+                     empty: torch.Tensor | None, out_dtype: torch.dtype, device: torch.device,
+                     scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Shared launcher of `_pool_mean_kernel` (arguments already validated; `scale` (N,) fp32 for int8
+    `values`, else None): (B, d) in out_dtype."""
+    if scale is None:
+        tl_dtype(values.dtype)  # float inputs only (int8 ones come with their scale)
+    tl_dtype(out_dtype)  # float outputs only
     batch, dim = offsets.numel() - 1, values.shape[1]
     out = new_output((batch, dim), out_dtype, device)
     if batch == 0 or dim == 0:
@@ -106,15 +117,18 @@ def launch_pool_mean(values: torch.Tensor, rows: torch.Tensor | None, offsets: t
     offsets = offsets.contiguous()
     has_rows, has_empty = rows is not None, empty is not None
     rows = rows.contiguous() if has_rows else offsets  # placeholder, never read
+    scaled = scale is not None
+    scale = scale.contiguous() if scaled else offsets  # placeholder, never read
     if has_empty:
         empty_strides = (0, empty.stride(0)) if empty.dim() == 1 else (empty.stride(0), empty.stride(1))
     else:
         empty, empty_strides = values, (0, 0)  # placeholder, never read
     block_d = min(next_pow2(dim), POOL_MAX_BLOCK_D)
     _pool_mean_kernel[(batch, triton.cdiv(dim, block_d))](
-        values, rows, offsets, empty, out, dim,
+        values, scale, rows, offsets, empty, out, dim,
         values.stride(0), values.stride(1), *empty_strides, out.stride(0), out.stride(1),
-        ROWS=has_rows, HAS_EMPTY=has_empty, BLOCK_T=POOL_BLOCK_T, BLOCK_D=block_d, num_warps=POOL_NUM_WARPS,
+        ROWS=has_rows, SCALED=scaled, HAS_EMPTY=has_empty, BLOCK_T=POOL_BLOCK_T, BLOCK_D=block_d,
+        num_warps=POOL_NUM_WARPS,
     )
     return out
 

@@ -20,6 +20,13 @@ from collections.abc import Iterator
 import torch
 
 from kernels.ctr_mlp import ctr_mlp_reference, ctr_mlp_triton
+from kernels.dequant_gather import (
+    QuantizedRows,
+    dequant_gather_mean_reference,
+    dequant_gather_mean_triton,
+    dequant_gather_reference,
+    dequant_gather_triton,
+)
 from kernels.gather_mean import gather_mean_reference, gather_mean_triton
 from kernels.jagged_gather import jagged_gather_reference, jagged_gather_triton
 from kernels.jagged_mean import jagged_mean_reference, jagged_mean_triton
@@ -86,6 +93,8 @@ KERNELS = {
     "jagged_gather": (jagged_gather_reference, jagged_gather_triton),
     "jagged_mean": (jagged_mean_reference, jagged_mean_triton),
     "gather_mean": (gather_mean_reference, gather_mean_triton),
+    "dequant_gather": (dequant_gather_reference, dequant_gather_triton),
+    "dequant_gather_mean": (dequant_gather_mean_reference, dequant_gather_mean_triton),
     "rope": (rope_reference, rope_triton),
     "varlen_attention": (varlen_attention_reference, varlen_attention_triton),
     "ctr_mlp": (ctr_mlp_reference, ctr_mlp_triton),
@@ -98,11 +107,15 @@ def _pick(op: str, *tensors: torch.Tensor | None):
     return kernel if resolve(*tensors) == "triton" else reference
 
 
-def jagged_gather(table: torch.Tensor, rows: torch.Tensor, *, offsets: torch.Tensor | None = None,
+def jagged_gather(table: torch.Tensor | QuantizedRows, rows: torch.Tensor, *, offsets: torch.Tensor | None = None,
                   pos: torch.Tensor | None = None, max_len: int | None = None,
                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """(T,) rows of table (N, d) -> (T, d), + pos (P, d) by position inside each sequence if given
-    (then offsets (B+1,) and max_len >= the longest sequence are needed)."""
+    (then offsets (B+1,) and max_len >= the longest sequence are needed). An int8 table (QuantizedRows)
+    is read through `dequant_gather` (out_dtype default float32)."""
+    if isinstance(table, QuantizedRows):
+        return dequant_gather(table.values, table.scale, rows, offsets=offsets, pos=pos, max_len=max_len,
+                              out_dtype=out_dtype or torch.float32)
     return _pick("jagged_gather", table, rows, pos)(table, rows, offsets=offsets, pos=pos, max_len=max_len,
                                                     out_dtype=out_dtype)
 
@@ -112,10 +125,29 @@ def jagged_mean(values: torch.Tensor, offsets: torch.Tensor, *, empty: torch.Ten
     return _pick("jagged_mean", values, empty)(values, offsets, empty=empty)
 
 
-def gather_mean(table: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, *,
+def gather_mean(table: torch.Tensor | QuantizedRows, rows: torch.Tensor, offsets: torch.Tensor, *,
                 empty: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Mean of table rows per ragged bag -> (B, d), without materializing (T, d) on the kernel path."""
+    """Mean of table rows per ragged bag -> (B, d), without materializing (T, d) on the kernel path; an
+    int8 table (QuantizedRows) through `dequant_gather_mean`."""
+    if isinstance(table, QuantizedRows):
+        return dequant_gather_mean(table.values, table.scale, rows, offsets, empty=empty,
+                                   out_dtype=out_dtype or torch.float32)
     return _pick("gather_mean", table, rows, empty)(table, rows, offsets, empty=empty, out_dtype=out_dtype)
+
+
+def dequant_gather(values: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, *,
+                   offsets: torch.Tensor | None = None, pos: torch.Tensor | None = None, max_len: int | None = None,
+                   out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(T,) rows of an int8 table values (N, d) * scale (N,) -> (T, d) out_dtype, + pos as in jagged_gather."""
+    return _pick("dequant_gather", values, scale, rows, pos)(values, scale, rows, offsets=offsets, pos=pos,
+                                                              max_len=max_len, out_dtype=out_dtype)
+
+
+def dequant_gather_mean(values: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, *,
+                        empty: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Mean of int8 table rows (values (N, d) * scale (N,)) per ragged bag -> (B, d) out_dtype."""
+    return _pick("dequant_gather_mean", values, scale, rows, empty)(values, scale, rows, offsets, empty=empty,
+                                                                     out_dtype=out_dtype)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, offsets: torch.Tensor, cos: torch.Tensor,

@@ -24,6 +24,7 @@ DTYPES: dict[str, tuple[torch.dtype, type, int]] = {
     "F16": (torch.float16, np.float16, 2),
     "BF16": (torch.bfloat16, np.uint16, 2),
     "I64": (torch.int64, np.int64, 8),
+    "I8": (torch.int8, np.int8, 1),
     "U8": (torch.uint8, np.uint8, 1),
 }
 TAG_OF_TORCH = {torch_dtype: tag for tag, (torch_dtype, _, _) in DTYPES.items()}

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from weights.atomic import atomic_write, check_lock_timeout, file_lock, remove_stale_temps
+from weights.row_codec import quantize_rows
 from weights.safetensors_io import (
     TAG_OF_TORCH,
     SafetensorsFormatError,
@@ -25,6 +26,8 @@ from weights.safetensors_io import (
 )
 from weights.table_format import (
     EMBEDDING_DTYPES,
+    QUANTIZED_DTYPES,
+    ROW_DTYPES,
     HashCollisionError,
     ModelSignature,
     NonFiniteRowError,
@@ -44,8 +47,8 @@ from weights.table_format import (
 from weights.text_key import normalize_text, text_keys
 
 __all__ = ["BehaviorTable", "HashCollisionError", "ModelSignature", "NonFiniteRowError", "TableChangedError",
-           "TableError", "TableFormatError", "TableMismatchError", "UnknownTextError", "EMBEDDING_DTYPES", "MISSING",
-           "TextEncoder", "first_nonfinite_row"]
+           "TableError", "TableFormatError", "TableMismatchError", "UnknownTextError", "EMBEDDING_DTYPES",
+           "ROW_DTYPES", "MISSING", "TextEncoder", "first_nonfinite_row"]
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +70,10 @@ def _unique_normalized(texts: Iterable[object]) -> list[str]:
     return list(dict.fromkeys(normalize_text(t) for t in unique))
 
 
-def _encoded_chunks(texts: list[str], encoder: TextEncoder, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    """Encode in chunks, refusing non-finite rows, converted to the table's storage dtype."""
+def _encoded_chunks(texts: list[str], encoder: TextEncoder, dtype: torch.dtype,
+                    scales: list[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+    """Encode in chunks, refusing non-finite rows, converted to the table's storage dtype; int8 rows are
+    quantized per row (weights.row_codec) and their scales appended to `scales`, chunk by chunk."""
     for start in range(0, len(texts), ENCODE_CHUNK):
         block = texts[start:start + ENCODE_CHUNK]
         rows = encoder.encode(block)
@@ -78,6 +83,14 @@ def _encoded_chunks(texts: list[str], encoder: TextEncoder, dtype: torch.dtype) 
         bad = first_nonfinite_row(rows)
         if bad is not None:
             raise NonFiniteRowError(f"encoding {block[bad]!r} gave NaN or Inf")
+        if dtype == torch.int8:
+            values, scale = quantize_rows(rows)
+            if not bool(torch.isfinite(scale).all()):
+                raise NonFiniteRowError(f"a row's int8 scale overflows float32 (values up to "
+                                        f"{float(rows.abs().max()):.3g})")
+            scales.append(scale)
+            yield values
+            continue
         converted = rows.to(dtype)
         if not bool(torch.isfinite(converted).all()):
             raise NonFiniteRowError(f"a row overflows {dtype} (values up to {float(rows.abs().max()):.3g})")
@@ -99,11 +112,12 @@ class BehaviorTable:
     @classmethod
     def build(cls, path: str | Path, texts: Iterable[str], encoder: TextEncoder, *, dtype: str = "float32",
               kind: str = "behavior", overwrite: bool = False) -> BehaviorTable:
-        """Encode every unique text once with `encoder` and write a new table at `path` atomically."""
+        """Encode every unique text once with `encoder` and write a new table at `path` atomically. `dtype`
+        'int8' stores each row quantized with a float32 scale (weights.row_codec; about 4x smaller than float32)."""
         path = Path(path)
         _text_list(texts, "texts")
-        if dtype not in EMBEDDING_DTYPES:
-            raise ValueError(f"table dtype must be one of {sorted(EMBEDDING_DTYPES)}, got {dtype!r}")
+        if dtype not in ROW_DTYPES:
+            raise ValueError(f"table dtype must be one of {sorted(ROW_DTYPES)}, got {dtype!r}")
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; open it and append, or pass overwrite=True")
         unique = _unique_normalized(texts)
@@ -111,13 +125,14 @@ class BehaviorTable:
         key_order = check_no_collisions(keys, unique)
         text_bytes, ends = text_arrays(unique)
         offsets = np.concatenate([np.zeros(1, np.int64), ends])
-        torch_dtype = EMBEDDING_DTYPES[dtype]
+        torch_dtype, scales = ROW_DTYPES[dtype], []
         sources = [
             source_of("keys", torch.from_numpy(keys)),
             source_of("key_order", torch.from_numpy(key_order)),
             source_of("text_offsets", torch.from_numpy(offsets)),
             TensorSource("embeddings", TAG_OF_TORCH[torch_dtype], (len(unique), encoder.signature.hidden_size),
-                         _encoded_chunks(unique, encoder, torch_dtype)),
+                         _encoded_chunks(unique, encoder, torch_dtype, scales)),
+            *_scale_source(dtype, len(unique), scales),
             source_of("text_bytes", torch.from_numpy(text_bytes)),
         ]
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,8 +208,24 @@ class BehaviorTable:
     # ----- reading --------------------------------------------------------------------------
     @property
     def embeddings(self) -> torch.Tensor:
-        """(N, d) rows in the table's storage dtype, memory-mapped."""
+        """(N, d) rows in the table's storage dtype, memory-mapped; for an int8 table the quantized values
+        (row i is embeddings[i] * row_scale[i]: read float rows with `float_rows`)."""
         return self._snap.embeddings
+
+    @property
+    def bytes_per_row(self) -> int:
+        """Stored bytes of one row: d values of the row dtype, + a 4-byte scale for int8."""
+        scale = 0 if self._snap.row_scale is None else self._snap.row_scale.element_size()
+        return self.dim * self._snap.embeddings.element_size() + scale
+
+    @property
+    def row_scale(self) -> torch.Tensor | None:
+        """(N,) float32 scale of each row of an int8 table (memory-mapped); None for a float table."""
+        return self._snap.row_scale
+
+    def float_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, d) float32 rows of ids `rows` (n,) int64 (dequantized for an int8 table)."""
+        return self._snap.float_rows(rows)
 
     def __len__(self) -> int:
         return self._snap.embeddings.shape[0]
@@ -254,6 +285,11 @@ class BehaviorTable:
         where, snap, n = str(self.path), self._snap, len(self)
         for start in range(0, n, ENCODE_CHUNK):
             block = snap.embeddings[start:start + ENCODE_CHUNK]
+            if snap.row_scale is not None:  # int8 values are finite: the scales must be finite and >= 0
+                block = snap.row_scale[start:start + ENCODE_CHUNK, None]
+                if bool((block < 0).any()):
+                    raise TableFormatError(f"{where}: row {start + int((block < 0).nonzero()[0, 0])} has a "
+                                           "negative int8 scale")
             bad = first_nonfinite_row(block.float())
             if bad is not None:
                 raise NonFiniteRowError(f"{where}: row {start + bad} holds NaN or Inf")
@@ -296,16 +332,20 @@ class BehaviorTable:
         keys = np.concatenate([snap.keys, new_keys])
         new_bytes, new_ends = text_arrays(new, start=int(snap.text_offsets[-1]))
         offsets = np.concatenate([snap.text_offsets, new_ends])
-        torch_dtype = EMBEDDING_DTYPES[self.dtype]
+        torch_dtype, scales = ROW_DTYPES[self.dtype], []
         emb_start, emb_len = tensor_bytes_range(header, "embeddings")
         txt_start, txt_len = tensor_bytes_range(header, "text_bytes")
+        if self.dtype in QUANTIZED_DTYPES:  # the old rows' scales are copied byte for byte, as their values
+            scale_start, scale_len = tensor_bytes_range(header, "row_scale")
+            scales.append(file_chunks(self.path, scale_start, scale_len))
         sources = [
             source_of("keys", torch.from_numpy(keys)),
             source_of("key_order", torch.from_numpy(np.argsort(keys, kind="stable"))),
             source_of("text_offsets", torch.from_numpy(offsets)),
             TensorSource("embeddings", TAG_OF_TORCH[torch_dtype], (old_n + len(new), self.dim),
                          itertools.chain(file_chunks(self.path, emb_start, emb_len),
-                                         _encoded_chunks(new, self.encoder, torch_dtype))),
+                                         _encoded_chunks(new, self.encoder, torch_dtype, scales))),
+            *_scale_source(self.dtype, old_n + len(new), scales),
             TensorSource("text_bytes", "U8", (txt_len + new_bytes.size,),
                          itertools.chain(file_chunks(self.path, txt_start, txt_len), [new_bytes])),
         ]
@@ -323,6 +363,25 @@ class BehaviorTable:
                    for name in ("keys", "key_order", "text_offsets")]
         sources.append(TensorSource("embeddings", TAG_OF_TORCH[snap.embeddings.dtype], tuple(snap.embeddings.shape),
                                     (snap.embeddings[i:i + step] for i in range(0, len(self), step))))
+        if snap.row_scale is not None:
+            sources.append(source_of("row_scale", snap.row_scale))
         sources.append(source_of("text_bytes", torch.from_numpy(snap.text_bytes)))
         with atomic_write(target) as handle:
             write_safetensors(handle, sources, dict(snap.header.metadata))
+
+
+def _scale_source(dtype: str, rows: int, scales: list) -> list[TensorSource]:
+    """The row_scale tensor of an int8 table ([] for a float one). It follows embeddings in the file, so
+    `scales` is filled while the rows stream (old rows' bytes first when appending) and read only after."""
+    if dtype not in QUANTIZED_DTYPES:
+        return []
+    return [TensorSource("row_scale", "F32", (rows,), _flattened(scales))]
+
+
+def _flattened(parts: list) -> Iterator[object]:
+    """Each part of `parts` in order: a tensor, or an iterable of byte chunks (lazily, when iterated)."""
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            yield part
+        else:
+            yield from part

@@ -6,8 +6,13 @@ Layout (all little-endian, the order keeps every int64 tensor 8-byte aligned):
   keys        (N,)   int64   text_key(normalized text) of each row
   key_order   (N,)   int64   permutation sorting `keys` (lookup index, built at write time)
   text_offsets(N+1,) int64   cumulative byte offsets of the texts in `text_bytes`
-  embeddings  (N, d) float32 | float16 | bfloat16
+  embeddings  (N, d) float32 | float16 | bfloat16 | int8   (metadata "dtype" names it)
+  row_scale   (N,)   float32 int8 tables only: row i reads embeddings[i] * row_scale[i] (weights.row_codec)
   text_bytes  (B,)   uint8   UTF-8 of the normalized texts, concatenated
+Float tables are written as format_version 1 (what every engine reads); int8 tables as version 2, so an
+older engine refuses them with "upgrade bahe-engine" instead of reading int8 values as rows. row_scale
+follows embeddings (the writer streams rows, then their scales); when N * d is not a multiple of 4 it is
+unaligned in the file and is copied (4 bytes per row) at open.
 
 This module holds the errors, the model signature, the header checks and the memory-mapped view
 (`Snapshot`); `weights.table.BehaviorTable` builds, opens, looks up and appends."""
@@ -22,10 +27,14 @@ from typing import BinaryIO, Protocol
 import numpy as np
 import torch
 
+from weights.row_codec import dequantize_rows
 from weights.safetensors_io import TAG_OF_TORCH, Header, SafetensorsFormatError, mmap_tensor
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this engine reads; 2 adds int8 rows (see the module docstring)
 EMBEDDING_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Row dtypes a table may store: the float ones, plus int8 with a float32 scale per row.
+ROW_DTYPES = {**EMBEDDING_DTYPES, "int8": torch.int8}
+QUANTIZED_DTYPES = ("int8",)
 
 
 class TableError(ValueError):
@@ -126,7 +135,8 @@ def text_arrays(texts: list[str], start: int = 0) -> tuple[np.ndarray, np.ndarra
 
 
 def table_metadata(signature: ModelSignature, kind: str, dtype: str) -> dict[str, str]:
-    return {"format": "bahe-table", "format_version": str(FORMAT_VERSION), "kind": kind, "dtype": dtype,
+    version = 2 if dtype in QUANTIZED_DTYPES else 1  # float tables stay readable by version-1 engines
+    return {"format": "bahe-table", "format_version": str(version), "kind": kind, "dtype": dtype,
             **signature.to_metadata()}
 
 
@@ -145,23 +155,30 @@ def check_header(header: Header, where: str) -> tuple[ModelSignature, str, str]:
     signature = ModelSignature.from_metadata(meta, where)
     kind = meta.get("kind", "behavior")
     dtype = meta.get("dtype", "")
-    if dtype not in EMBEDDING_DTYPES:
-        raise TableFormatError(f"{where}: dtype {dtype!r} is not one of {sorted(EMBEDDING_DTYPES)}")
+    if dtype not in ROW_DTYPES:
+        raise TableFormatError(f"{where}: dtype {dtype!r} is not one of {sorted(ROW_DTYPES)}")
     _check_tensors(header, where, signature.hidden_size, dtype)
     return signature, kind, dtype
 
 
 def _check_tensors(header: Header, where: str, hidden_size: int, dtype: str) -> None:
     tensors = header.tensors
+    quantized = dtype in QUANTIZED_DTYPES
     missing = {"keys", "key_order", "text_offsets", "embeddings", "text_bytes"} - set(tensors)
+    if quantized and "row_scale" not in tensors:
+        missing.add("row_scale")
     if missing:
         raise TableFormatError(f"{where}: missing tensors {sorted(missing)}")
+    if not quantized and "row_scale" in tensors:
+        raise TableFormatError(f"{where}: a {dtype} table has no row_scale tensor (only int8 tables do)")
     emb = tensors["embeddings"]
     if len(emb.shape) != 2:
         raise TableFormatError(f"{where}: embeddings must be (N, d), got shape {list(emb.shape)}")
     rows, dim = emb.shape
     expected = {"keys": ("I64", (rows,)), "key_order": ("I64", (rows,)), "text_offsets": ("I64", (rows + 1,)),
-                "embeddings": (TAG_OF_TORCH[EMBEDDING_DTYPES[dtype]], (rows, hidden_size))}
+                "embeddings": (TAG_OF_TORCH[ROW_DTYPES[dtype]], (rows, hidden_size))}
+    if quantized:
+        expected["row_scale"] = ("F32", (rows,))
     for name, (tag, shape) in expected.items():
         info = tensors[name]
         if info.dtype != tag or info.shape != shape:
@@ -180,6 +197,7 @@ class Snapshot:
     key_order: np.ndarray
     text_offsets: np.ndarray
     text_bytes: np.ndarray
+    row_scale: torch.Tensor | None = None  # (N,) float32, int8 tables only
 
     @classmethod
     def map(cls, header: Header, handle: BinaryIO, where: str) -> Snapshot:
@@ -191,11 +209,19 @@ class Snapshot:
             key_order=mmap_tensor(header, "key_order", handle).numpy(),
             text_offsets=mmap_tensor(header, "text_offsets", handle).numpy(),
             text_bytes=mmap_tensor(header, "text_bytes", handle).numpy(),
+            row_scale=_aligned_scale(header, handle) if "row_scale" in header.tensors else None,
         )
         if int(snap.text_offsets[-1]) != snap.text_bytes.size:
             raise TableFormatError(f"{where}: text_offsets ends at {int(snap.text_offsets[-1])}, text_bytes holds "
                                    f"{snap.text_bytes.size} bytes")
         return snap
+
+    def float_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """(n, d) float32 rows `ids` (n,) int64, dequantized for an int8 table."""
+        stored = self.embeddings.index_select(0, ids)
+        if self.row_scale is None:
+            return stored.float()
+        return dequantize_rows(stored, self.row_scale.index_select(0, ids))
 
     @functools.cached_property
     def sorted_keys(self) -> np.ndarray:
@@ -213,3 +239,9 @@ class Snapshot:
             return self.text_bytes[start:end].tobytes().decode("utf-8")
         except UnicodeDecodeError:
             raise TableFormatError(f"{path}: text of row {row} is not valid UTF-8") from None
+
+
+def _aligned_scale(header: Header, handle: BinaryIO) -> torch.Tensor:
+    """row_scale memory-mapped, or copied when its file offset is not 4-byte aligned (N * d odd multiple)."""
+    scale = mmap_tensor(header, "row_scale", handle)
+    return scale if scale.data_ptr() % 4 == 0 else scale.clone()

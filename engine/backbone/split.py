@@ -66,10 +66,17 @@ def _load(module: nn.Module, ckpt: Checkpoint, prefix: str) -> list[str]:
     return read
 
 
+def has_layer(ckpt: Checkpoint, index: int) -> bool:
+    """Whether the checkpoint's weights hold layer `index` (a scorer's saved backbone holds its lower layers only)."""
+    family = FAMILIES[ckpt.family]
+    names = family.layer.checkpoint_names
+    return ckpt.has(family.layer_prefix.format(index) + _sources(names, next(iter(names)))[0] + ".weight")
+
+
 def _layer_bias(ckpt: Checkpoint, family: Family, index: int) -> set[str]:
     """Which linears of checkpoint layer `index` carry a bias (the layer must exist)."""
     prefix, names = family.layer_prefix.format(index), family.layer.checkpoint_names
-    if not ckpt.has(prefix + _sources(names, next(iter(names)))[0] + ".weight"):
+    if not has_layer(ckpt, index):
         raise CheckpointError(f"{ckpt.folder}: layer {index} is missing from the checkpoint")
     return {mine for mine in names if ckpt.has(f"{prefix}{_sources(names, mine)[0]}.bias")}
 

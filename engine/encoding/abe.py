@@ -145,7 +145,7 @@ class ReusingEncoder:
         out = torch.empty(len(texts), self.signature.hidden_size, dtype=torch.float32)
         known = rows >= 0
         if known.any():
-            out[torch.from_numpy(known)] = self.table.embeddings[torch.from_numpy(rows[known])].float()
+            out[torch.from_numpy(known)] = self.table.float_rows(torch.from_numpy(rows[known]))
         if not known.all():
             fresh = np.nonzero(~known)[0]
             out[torch.from_numpy(fresh)] = self.encoder.encode([texts[i] for i in fresh])

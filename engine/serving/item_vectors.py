@@ -4,7 +4,7 @@ scorer, so scoring a known item never runs the upper layers.
 File (`item_vectors.safetensors` in the scorer folder, memory-mapped on load):
   vectors   (N, d) float32, row i = BAHEModel.item_states of item-table row i
   metadata  bahe_item_vectors_fingerprint: `fingerprint(model, items, N)`, i.e. a digest of the upper layers'
-            weights and compute dtype and of the first N item-table keys.
+            weights and compute dtype and of the first N item-table keys (and "int8" for an int8 item table).
 A file whose fingerprint is not the loaded scorer's (weights trained further, another table) is stale: it is
 refused (logged) and the vectors are computed afresh, never used. In memory, `ItemVectors` notices weight
 updates by the parameters' version counters (every optimizer step and load_state_dict bumps them; a write
@@ -43,9 +43,12 @@ def weights_fingerprint(model: BAHEModel) -> str:
 
 
 def fingerprint(weights: str, items: BehaviorTable, rows: int) -> str:
-    """The signature of the vectors of item-table rows [0, rows): weights' fingerprint + those rows' text keys."""
+    """The signature of the vectors of item-table rows [0, rows): weights' fingerprint + those rows' text keys
+    (+ the row dtype of an int8 table, whose rows differ from the float table it may replace)."""
     digest = hashlib.blake2b(weights.encode(), digest_size=16)
     digest.update(np.ascontiguousarray(items.keys[:rows]).tobytes())
+    if items.row_scale is not None:
+        digest.update(items.dtype.encode())
     return f"{rows}:{digest.hexdigest()}"
 
 

@@ -44,6 +44,7 @@ from engine.model.stages import stage
 from engine.serving import towers
 from engine.serving.inputs import InputError, locate_bad_text, lookup_texts, parse_side_features
 from engine.serving.item_vectors import ItemVectors, model_version
+from engine.serving.placement import place_table, stored_rows
 from engine.serving.ranking import distinct_pairs
 from engine.serving.scorer_setup import kernel_path
 from engine.serving.user_cache import CacheStats, UserStateCache, user_key
@@ -184,9 +185,8 @@ class ScoringPipeline:
         cached = self._placed.get(which)
         if cached is not None and cached[0] == len(table):
             return cached[1]
-        rows = table.embeddings
+        rows = stored_rows(table)  # an int8 table: QuantizedRows, gathered through the dequantizing ops
         if self.device.type == "cuda":
-            from engine.serving.placement import place_table
             rows, placement = place_table(rows, self.device)
             log.info("%s table (%d x %d) placed: %s", which, len(table), table.dim, placement)
         self._placed[which] = (len(table), rows)

@@ -20,6 +20,10 @@ ReadOnly flag, and registering them pins the file's page cache for the process's
 
 On a CPU scorer the table is returned unchanged ("host").
 
+An int8 table (`stored_rows` gives a kernels.dequant_gather.QuantizedRows: int8 values + float32 row
+scales) is placed as one: the decision counts both parts' bytes and both go to the same place; the
+model's gathers then dequantize on the fly (kernels.ops routes QuantizedRows to dequant_gather).
+
 The CUDA paths are untested here (no GPU on the development machine); `choose_placement` and
 the decision flow of `place_table` are tested on the CPU, and tests/serving/test_placement.py holds
 GPU tests that run where CUDA is available.
@@ -28,9 +32,15 @@ from __future__ import annotations
 
 import logging
 
+from collections.abc import Callable
+
 import torch
 
+from kernels.dequant_gather import QuantizedRows
+from weights.table import BehaviorTable
+
 log = logging.getLogger(__name__)
+Rows = torch.Tensor | QuantizedRows
 
 DEFAULT_HEADROOM = 0.2
 
@@ -47,8 +57,27 @@ def choose_placement(table_bytes: int, free_bytes: int, headroom: float = DEFAUL
     return "device" if table_bytes <= budget else "pinned"
 
 
-def place_table(table: torch.Tensor, device: torch.device | str, *, headroom: float = DEFAULT_HEADROOM,
-                reserve_bytes: int = 0, free_bytes: int | None = None) -> tuple[torch.Tensor, str]:
+def stored_rows(table: BehaviorTable) -> Rows:
+    """What the model gathers from: the (N, d) float rows (memory-mapped), or for an int8 table its
+    QuantizedRows (int8 values and float32 scales, memory-mapped)."""
+    if table.row_scale is None:
+        return table.embeddings
+    return QuantizedRows(table.embeddings, table.row_scale)
+
+
+def _nbytes(table: Rows) -> int:
+    return table.nbytes() if isinstance(table, QuantizedRows) else table.numel() * table.element_size()
+
+
+def _each(table: Rows, place: Callable[[torch.Tensor], torch.Tensor]) -> Rows:
+    """`place` applied to the tensor, or to both parts of QuantizedRows."""
+    if isinstance(table, QuantizedRows):
+        return QuantizedRows(place(table.values), place(table.scale))
+    return place(table)
+
+
+def place_table(table: Rows, device: torch.device | str, *, headroom: float = DEFAULT_HEADROOM,
+                reserve_bytes: int = 0, free_bytes: int | None = None) -> tuple[Rows, str]:
     """(placed table, 'device' | 'pinned' | 'host') for a scorer on `device`.
 
     CPU device: the table unchanged, 'host'. CUDA device: on the GPU when it fits in
@@ -62,20 +91,20 @@ def place_table(table: torch.Tensor, device: torch.device | str, *, headroom: fl
     if table.is_cuda:
         log.info("table %s (%s) is already on %s", tuple(table.shape), table.dtype, table.device)
         return table, "device"
-    table_bytes = table.numel() * table.element_size()
+    table_bytes = _nbytes(table)
     if free_bytes is None:
         free_bytes = _free_bytes(device)
     placement = choose_placement(table_bytes, free_bytes, headroom, reserve_bytes=reserve_bytes)
     mib = 2 ** 20
     if placement == "device":
         try:
-            placed = _to_device(table, device)
+            placed = _each(table, lambda part: _to_device(part, device))
         except torch.cuda.OutOfMemoryError:
             log.warning("copying the %.1f MiB table to %s ran out of memory; falling back to pinned host memory",
                         table_bytes / mib, device)
             placement = "pinned"
     if placement == "pinned":
-        placed = _pin_for_device(table, device)
+        placed = _each(table, lambda part: _pin_for_device(part, device))
     log.info("table %s (%s, %.1f MiB) placed: %s (free on %s: %.1f MiB, headroom %.0f%% + %.1f MiB)",
              tuple(table.shape), table.dtype, table_bytes / mib, placement, device, free_bytes / mib,
              headroom * 100, reserve_bytes / mib)

@@ -28,7 +28,7 @@ from engine.model.stages import stage
 from kernels import ops
 from weights.checkpoint import Checkpoint
 from weights.registry import resolve_model
-from engine.backbone.split import UpperEncoder
+from engine.backbone.split import UpperEncoder, has_layer
 from weights.table import EMBEDDING_DTYPES, BehaviorTable
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,9 @@ class BAHEScorer:
         if lower_layers > ckpt.num_layers:
             raise ScorerFormatError(f"{path}: encoder.num_lower_layers {lower_layers} is more than the "
                                     f"{ckpt.num_layers} layers of its backbone")
+        if lower_layers and not has_layer(ckpt, lower_layers - 1):  # scorer.json names another split
+            raise ScorerFormatError(f"{path}: encoder.num_lower_layers {lower_layers} does not fit the backbone "
+                                    f"saved with the scorer (its layer {lower_layers - 1} is missing)")
         encoder = build_encoder(ckpt, config, "cpu", progress=True)
         model_path = files["model"]
         try:

@@ -64,3 +64,25 @@ def test_encoder_forward_packed_reads_nothing(tiny_checkpoints, family):
     with torch.inference_mode(), ops.use_backend("torch"):
         reference = upper.forward_packed(lower.forward_packed(ids, offsets, max(lengths)), offsets, max(lengths))
     torch.testing.assert_close(states, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_bahe_model_forward_over_int8_tables_reads_nothing(tiny_checkpoints):
+    """int8 tables (QuantizedRows) go through the same gather kernels with SCALED set: still no host read."""
+    from kernels.dequant_gather import QuantizedRows
+    from weights.row_codec import quantize_rows
+    ckpt = Checkpoint(tiny_checkpoints["llama"])
+    config = ModelConfig(max_behaviors=9, head_hidden=(32, 16))
+    model = BAHEModel(UpperEncoder.from_checkpoint(ckpt, 2, causal=True), config, num_items=10).eval()
+    rng = np.random.default_rng(1)
+    behaviors = QuantizedRows(*quantize_rows(torch.randn(40, ckpt.hidden_size)))
+    items = QuantizedRows(*quantize_rows(torch.randn(12, ckpt.hidden_size)))
+    batch = random_packed_batch(rng, 3, model.num_sequences, config.max_behaviors, 40, 12)
+    with torch.inference_mode():
+        with ops.use_backend("torch"):
+            reference = model(behaviors, items, batch)
+        with ops.use_backend("triton"), host_reads() as log:
+            logits = model(behaviors, items, batch)
+    launched = {e.removeprefix("launch ") for e in log if e.startswith("launch")}
+    assert {"_jagged_gather_kernel", "_varlen_attention_kernel", "_rope_kernel"} <= launched
+    assert [e for e in log if e.startswith("read")] == []
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-5)

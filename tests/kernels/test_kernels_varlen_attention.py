@@ -9,7 +9,8 @@ from kernels import ops
 from kernels._jagged import check_offsets, offsets_from_lengths
 from tests.kernel_checks import NoLaunch, packed_qkv, assert_fits_sm90, compile_for_sm90, assert_matches, check_dispatch, TOL, poisoned_outputs, rel_err  # noqa: F401 (autouse fixture)
 from kernels.rope import rope_reference, rope_tables, rope_triton
-from kernels.varlen_attention import ATTN_BLOCK_M, query_blocks, varlen_attention_reference, varlen_attention_triton
+from kernels.varlen_attention import (ATTN_BLOCK_M, ATTN_CONFIGS, AttentionConfig, attention_config, query_blocks,
+                                     varlen_attention_reference, varlen_attention_triton)
 
 # Lengths 0 and 1, and lengths that are not multiples of the 64-row blocks (70 spans two).
 LENGTHS = [[1], [0, 1, 70, 0, 7]]
@@ -26,6 +27,32 @@ def test_matches_reference(lengths, dtype, heads, kv_heads, head_dim, causal):
     ref = varlen_attention_reference(q, k, v, offsets, causal=causal, max_len=max(lengths))
     assert out.dtype == dtype
     assert_matches(out, ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("config", [AttentionConfig(16, 16, 4, 1), AttentionConfig(32, 16, 4, 1),
+                                    AttentionConfig(16, 32, 4, 1)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_tiles_split_the_key_loop_exactly(config, causal, dtype):
+    """Tiles smaller than the sequences: several unmasked tiles, diagonal tiles (causal) and a ragged last
+    tile per program, with block_m above, equal to and below block_n; GQA, empty and one-row sequences."""
+    lengths = [0, 1, 70, 0, 7, 33, 16]
+    q, k, v, offsets = packed_qkv(lengths, 4, 2, 24, dtype, seed=7)
+    out = varlen_attention_triton(q, k, v, offsets, causal=causal, max_len=70, config=config)
+    ref = varlen_attention_reference(q, k, v, offsets, causal=causal, max_len=70)
+    assert_matches(out, ref, TOL[dtype])
+
+
+def test_named_configs_per_dtype_and_head_dim():
+    assert attention_config(torch.bfloat16, 64) == AttentionConfig(ATTN_BLOCK_M, 64, 4, 3)
+    assert attention_config(torch.float32, 40).block_n == 32
+    assert attention_config(torch.bfloat16, 200) == attention_config(torch.bfloat16, 256)
+    assert attention_config(torch.bfloat16, 512) == ATTN_CONFIGS[torch.bfloat16][-1][1]
+    assert set(ATTN_CONFIGS) == {torch.float32, torch.float16, torch.bfloat16}
+    with pytest.raises(ValueError, match="block_n must be a power of two >= 16"):
+        AttentionConfig(64, 24, 4, 2)
+    with pytest.raises(ValueError, match="block_m must be a power of two >= 16"):
+        AttentionConfig(8, 16, 4, 2)
 
 
 def test_custom_scale_and_strided_qkv():

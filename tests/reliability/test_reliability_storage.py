@@ -16,7 +16,7 @@ from engine.serving.scorer_folder import PARTS, ScorerFormatError
 from tests.serving.test_scorer import BEHAVIORS, ITEMS
 from weights.checkpoint import Checkpoint, CheckpointError
 from kernels.ctr_mlp import ACTIVATIONS
-from weights.table import EMBEDDING_DTYPES, BehaviorTable, TableChangedError, TableMismatchError
+from weights.table import ROW_DTYPES, BehaviorTable, TableChangedError, TableMismatchError
 
 PROBE_USERS = [{"click": BEHAVIORS[:3], "buy": BEHAVIORS[5:7]}, {"search": BEHAVIORS[2:9]}, {}]
 PROBE_ITEMS = ["coffee", "toy story", "red phone"]
@@ -131,7 +131,7 @@ BAD_FIELDS = [
     ("scoring", "batch_size", 0), ("scoring", "batch_size", 2.0), ("scoring", "unknown_item", None),
     ("encoder", "token_budget", "8"), ("encoder", "token_budget", 0), ("encoder", "max_tokens", 1.5),
     ("encoder", "num_lower_layers", -1), ("encoder", "num_lower_layers", 99), ("encoder", "pooling", "max"),
-    ("encoder", "table_dtype", "int8"), ("model", "sequence_names", 5), ("model", "sequence_names", ["click", 3]),
+    ("encoder", "table_dtype", "int4"), ("model", "sequence_names", 5), ("model", "sequence_names", ["click", 3]),
     ("model", "sequence_names", ["click", ""]), ("model", "max_behaviors", "6"), ("model", "max_behaviors", True),
     ("model", "head_hidden", [64, 0]), ("model", "head_hidden", "64"), ("model", "dropout", 1.0),
     ("model", "dropout", "0.1"), ("model", "head_activation", "tanh"), ("model", "similarity_features", "yes"),
@@ -156,7 +156,7 @@ def test_configs_made_in_code_are_checked_too():
     config = ModelConfig(max_behaviors=np.int64(7), head_hidden=[8, 4], dropout=0)
     assert type(config.max_behaviors) is int and config.head_hidden == (8, 4) and config.dropout == 0.0
     assert set(HEAD_ACTIVATIONS) == set(ACTIVATIONS)
-    assert set(TABLE_DTYPES) == set(EMBEDDING_DTYPES)
+    assert set(TABLE_DTYPES) == set(ROW_DTYPES)
 
 
 def test_an_absurd_max_behaviors_is_refused_before_allocating_for_it(saved, tmp_path):

@@ -22,6 +22,22 @@ def test_encode_builds_then_appends(tiny_checkpoints, tmp_path, capsys):
     assert info["rows"] == 3 and info["num_lower_layers"] == "2" and info["family"] == "qwen2"
 
 
+def test_encode_row_dtype_int8_builds_and_appends_an_int8_table(tiny_checkpoints, tmp_path, capsys):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("bought latte\nsearched shoes\n")
+    table = tmp_path / "t.safetensors"
+    args = ["encode", str(texts), "--model", str(tiny_checkpoints["qwen2"]), "--lower-layers", "2", "--out", str(table),
+            "--row-dtype", "int8"]
+    cli.main(args)
+    assert "2 unique rows, dim 64, int8" in capsys.readouterr().out
+    texts.write_text("bought latte\nwatched movie\n")
+    cli.main(args)
+    assert "appended 1 new rows" in capsys.readouterr().out
+    cli.main(["info", str(table), "--verify"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["rows"] == 3 and info["dtype"] == "int8" and info["bytes_per_row"] == 64 + 4
+
+
 def test_train_then_score(tiny_checkpoints, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     cli.main(["train", "--data", str(FIXTURE), "--model", str(tiny_checkpoints["llama"]), "--out", str(out),
