@@ -183,7 +183,8 @@ def test_encoder_output_that_is_not_a_table_row(tmp_path):
     (lambda h: h["__metadata__"].update(format="pt"), "not a BAHE table"),
     (lambda h: h["__metadata__"].update(num_lower_layers="two"), "num_lower_layers='two' is not an integer"),
     (lambda h: h["__metadata__"].pop("fingerprint"), "metadata lacks 'fingerprint'"),
-    (lambda h: h["__metadata__"].update(dtype="int8"), "dtype 'int8' is not one of"),
+    (lambda h: h["__metadata__"].update(dtype="int4"), "dtype 'int4' is not one of"),
+    (lambda h: h["__metadata__"].update(dtype="int8"), r"missing tensors \['row_scale'\]"),  # int8 rows need scales
     (lambda h: h["embeddings"].update(shape=[4, 8, 2]), r"embeddings must be \(N, d\)"),
 ])
 def test_tables_with_wrong_tensors_or_metadata(tmp_path, edit, match):
