@@ -20,7 +20,9 @@ setup(
         "filelock==4.3.1",
     ],
     extras_require={
-        "test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "hypothesis", "scikit-learn", "matplotlib"],
+        "test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "hypothesis", "scikit-learn", "matplotlib",
+                 "lightgbm==4.7.0"],
+        "demo": ["scikit-learn", "lightgbm==4.7.0"],
         "smollm2": ["gguf==0.19.0", "accelerate"],
     },
     entry_points={"console_scripts": ["bahe=engine.cli:main"]},

@@ -73,7 +73,7 @@ def train_streamed(args: argparse.Namespace) -> None:
     from engine.training.studies.experiment import build_scorer
     from engine.training.loops.stream_train import StreamBudget, catalog_log, evaluate_stream, fit_stream
     from engine.training.loops.train import TrainConfig
-    if args.data == "movielens":
+    if args.data in ("movielens", "ml1m"):
         raise SystemExit("bahe train: --stream reads a CSV/parquet log file; give its path as --data")
     if (args.train_examples, args.val_examples, args.test_examples) != (None, None, None):
         raise SystemExit("bahe train: --train/--val/--test-examples do not apply to --stream; cap the work with "
