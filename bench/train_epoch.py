@@ -29,7 +29,7 @@ from engine.training.data.example_features import log_categorical_features
 from engine.training.loops.ctr_models import BAHECTR
 from engine.training.loops.train import TrainConfig, calibrate_norms, make_optimizer
 from engine.training.studies.experiment import build_scorer, cpu_threads, load_data
-from engine.training.studies.memory import PeakMemory
+from engine.training.studies.memory import HeapTrimmer, PeakMemory
 from engine.training.studies.results_sections import machine
 
 PHASES = ("prepare", "forward", "backward", "step")
@@ -38,6 +38,7 @@ PHASES = ("prepare", "forward", "backward", "step")
 def timed_batches(model: BAHECTR, data, chunks: list[np.ndarray], config: TrainConfig) -> dict[str, list[float]]:
     """Train on `chunks` as `fit` does; [wall, CPU] seconds spent in each phase (PHASES), summed over the chunks."""
     optimizer, trainable = make_optimizer(model, config)
+    trim = HeapTrimmer()
     model.train()
     spent = {phase: [0.0, 0.0] for phase in PHASES}
     clock = lambda: (time.perf_counter(), time.process_time())  # noqa: E731
@@ -54,6 +55,7 @@ def timed_batches(model: BAHECTR, data, chunks: list[np.ndarray], config: TrainC
         marks.append(clock())
         nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
         optimizer.step()
+        trim()
         marks.append(clock())
         for phase, before, after in zip(PHASES, marks, marks[1:]):
             spent[phase][0] += after[0] - before[0]

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from engine.model.head import CTRHead
 from engine.training.data.log import BehaviorLog
 from engine.training.loops.data_parallel import DataParallel, split_users
-from engine.training.studies.memory import PeakMemory
+from engine.training.studies.memory import HeapTrimmer, PeakMemory
 from engine.training.studies.metrics import log_loss, roc_auc
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,7 @@ def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: n
     runner = parallel.wrap(model) if shared else model  # DDP: rank 0's parameters and buffers, everywhere
     result = FitResult(best_val_auc=-1.0, best_epoch=-1)
     best = BestEpoch(model, result, config.patience)
+    trim = HeapTrimmer() if device.type == "cpu" else None  # glibc keeps freed batch memory as heap otherwise
     with PeakMemory(device) as peak:
         calibration = _order(model, data, train_rows, np.random.default_rng(config.seed + 1))
         calibrate_norms(model, data, list(_batches(calibration, config.batch_size))[:config.norm_batches], device,
@@ -196,6 +197,8 @@ def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: n
                 loss.backward()
                 nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
+                if trim is not None:
+                    trim()
                 total_loss += summed
                 bar.set_postfix(loss=f"{summed / chunk.size:.4f}")
             if shared:
