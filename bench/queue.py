@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import QueueConfig
-from engine.serving.request_queue import BatchingScorer
+from engine.deploy.request_queue import BatchingScorer
 from engine.serving.scorer import BAHEScorer
 from engine.training.studies.experiment import cpu_threads, load_data
 from engine.training.studies.results_sections import machine, write_section

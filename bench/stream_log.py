@@ -1,5 +1,5 @@
 """Training on a log bigger than memory: generate (or reuse) a synthetic log of `--events` events (MovieLens
-texts, Zipf users and items: engine.training.data.synthetic), lay it out for streaming (prepare_stream), train
+texts, Zipf users and items: engine.training.streaming.synthetic), lay it out for streaming (prepare_stream), train
 BAHE over its shards (fit_stream) and test it; wall time and peak RSS of each phase. For the bound, the same
 preparation of a smaller log, and that smaller log loaded whole in memory (load_log + its past counts + split,
 what `bahe train` holds before its first step). Writes a section of bench/RESULTS.md.
@@ -22,13 +22,13 @@ from pathlib import Path
 from engine.config import EncoderConfig, ModelConfig, ScorerConfig
 from engine.training.loops.ctr_models import BAHECTR
 from engine.training.data.log_files import load_log
-from engine.training.data.stream import StreamConfig, prepare_stream
-from engine.training.data.synthetic import SyntheticConfig, write_synthetic_log
+from engine.training.streaming.stream import StreamConfig, prepare_stream
+from engine.training.streaming.synthetic import SyntheticConfig, write_synthetic_log
 from engine.training.studies.experiment import build_scorer, cpu_threads
 from engine.training.data.example_features import PastCounts
 from engine.training.studies.memory import PeakMemory
 from engine.training.studies.results_sections import machine, write_section
-from engine.training.loops.stream_train import StreamBudget, catalog_log, evaluate_stream, fit_stream
+from engine.training.streaming.stream_train import StreamBudget, catalog_log, evaluate_stream, fit_stream
 from engine.training.loops.train import TrainConfig
 
 MIB = 1 << 20

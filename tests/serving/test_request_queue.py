@@ -1,4 +1,4 @@
-"""BatchingScorer (engine.serving.request_queue): concurrent score / rank calls coalesced into batched scorer calls give
+"""BatchingScorer (engine.deploy.request_queue): concurrent score / rank calls coalesced into batched scorer calls give
 the direct calls' results, a bad request fails only its own caller (with the direct call's error), max_batch and
 max_wait_ms hold, close() completes what is queued and refuses the rest, QueueConfig is validated."""
 import threading

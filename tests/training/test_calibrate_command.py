@@ -9,7 +9,7 @@ from engine import BAHEScorer, cli
 from engine.config import CalibrationConfig
 from engine.model.calibration import calibrate
 from engine.training.data import load_log
-from engine.training.studies.calibrate import served
+from engine.training.loops.calibrate import served
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "movielens_tiny.parquet"
 

@@ -139,7 +139,7 @@ def test_train_on_string_ids_saves_the_vocabulary_and_reports_collisions(tiny_ch
 def test_a_streamed_log_with_string_ids_gives_the_in_memory_log(tmp_path):
     """prepare_stream numbers string ids through one vocabulary over all record batches: in file order of first
     appearance, as load_log does, so every shard row matches the in-memory log's."""
-    from engine.training.data.stream import StreamConfig, prepare_stream
+    from engine.training.streaming.stream import StreamConfig, prepare_stream
     path = tmp_path / "log.parquet"
     _string_ids(pd.read_parquet(FIXTURE)).to_parquet(path)
     memory = load_log(path)
@@ -164,7 +164,7 @@ def test_a_streamed_log_with_string_ids_gives_the_in_memory_log(tmp_path):
 
 
 def test_a_stream_whose_string_ids_start_late_is_refused(tmp_path):
-    from engine.training.data.stream import StreamConfig, prepare_stream
+    from engine.training.streaming.stream import StreamConfig, prepare_stream
     frame = pd.read_parquet(FIXTURE)
     frame["user_id"] = [str(u) if i != 200 else "late" for i, u in enumerate(frame["user_id"])]  # "2" is the id 2
     frame.to_parquet(tmp_path / "log.parquet")

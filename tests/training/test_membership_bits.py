@@ -1,8 +1,8 @@
-"""engine/training/data/membership_bits.py: the streamed shards' sequence bit masks."""
+"""engine/training/streaming/membership_bits.py: the streamed shards' sequence bit masks."""
 import numpy as np
 import pytest
 
-from engine.training.data.membership_bits import MAX_SEQUENCES, pack_membership, unpack_membership
+from engine.training.streaming.membership_bits import MAX_SEQUENCES, pack_membership, unpack_membership
 
 
 @pytest.mark.parametrize("seed", range(4))

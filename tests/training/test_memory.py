@@ -44,3 +44,25 @@ def test_nested_block_keeps_the_outer_peak(mode, outer_mb, inner_mb):
     assert inner.added >= 0.9 * inner_mb * MB
     assert outer.added >= 0.9 * max(outer_mb, inner_mb) * MB
     assert outer.bytes >= inner.bytes
+
+
+def _fragmented_heap(megabytes: int) -> list:
+    """Leave about `megabytes` MB of freed but resident heap: many 100 KB blocks (below malloc's mmap threshold),
+    written, then all freed but every 50th (so the heap's top stays in use and malloc cannot shrink it by itself)."""
+    blocks = [bytearray(b"x" * 100_000) for _ in range(megabytes * 10)]
+    return blocks[::50]
+
+
+def test_heap_trimmer_returns_freed_heap_only_past_its_slack():
+    if not memory.trim_heap():
+        pytest.skip("no malloc_trim here (not glibc)")
+    patient = memory.HeapTrimmer(slack=2 ** 40)
+    eager = memory.HeapTrimmer(slack=64 * MB)
+    kept = _fragmented_heap(256)
+    grown = current_rss()
+    assert grown - eager.level > 128 * MB  # the freed blocks are still resident
+    assert not patient() and patient.trims == 0
+    assert eager() and eager.trims == 1
+    assert current_rss() < grown - 128 * MB and eager.level <= current_rss() + 8 * MB
+    assert not eager()  # no growth since: no second trim
+    assert len(kept) > 0

@@ -1,4 +1,4 @@
-"""Streamed logs (engine.training.data.stream, stream_time, stream_items; engine.training.loops.stream_train): the
+"""Streamed logs (engine.training.streaming.stream, stream_time, stream_items; engine.training.streaming.stream_train): the
 shards give the in-memory log's examples, histories, features and split; the passes hold one record batch,
 one shard or one time bucket at a time; bad files fail as load_log's do; training over shards is the
 in-memory loop when there is one shard."""
@@ -12,12 +12,12 @@ import torch
 from engine.config import ModelConfig
 from engine.training.loops.ctr_models import SideOnlyCTR
 from engine.training.data import BehaviorLog, LogFormatError, load_log, write_log
-from engine.training.data import stream as stream_module
-from engine.training.data import stream_items
-from engine.training.data.stream import StreamConfig, prepare_stream
-from engine.training.data.stream_time import histogram, order_statistics, to_key
+from engine.training.streaming import stream as stream_module
+from engine.training.streaming import stream_items
+from engine.training.streaming.stream import StreamConfig, prepare_stream
+from engine.training.streaming.stream_time import histogram, order_statistics, to_key
 from engine.training.data.example_features import PastCounts
-from engine.training.loops.stream_train import ShardCounts, StreamBudget, catalog_log, fit_stream
+from engine.training.streaming.stream_train import ShardCounts, StreamBudget, catalog_log, fit_stream
 from engine.training.loops.train import TrainConfig, fit
 from tests.synthetic_logs import FIXTURE, random_log
 

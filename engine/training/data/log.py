@@ -341,7 +341,7 @@ class BehaviorLog:
 
     def split_at(self, val_start: int, test_start: int) -> TimeSplit:
         """The example rows of each part of the time cut at `val_start` and `test_start` (from `split`, or from
-        a streaming pass over a bigger log: engine.training.data.stream)."""
+        a streaming pass over a bigger log: engine.training.streaming.stream)."""
         examples = self.examples
         t = self.timestamp[examples]
         return TimeSplit(train=examples[t < val_start], val=examples[(t >= val_start) & (t < test_start)],

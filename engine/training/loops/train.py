@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from engine.model.head import CTRHead
 from engine.training.data.log import BehaviorLog
 from engine.training.loops.data_parallel import DataParallel, split_users
-from engine.training.studies.memory import PeakMemory
+from engine.training.studies.memory import HeapTrimmer, PeakMemory
 from engine.training.studies.metrics import log_loss, roc_auc
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,9 @@ class TrainConfig:
     eval_batch_size: int = 256
     seed: int = 0
     progress: bool = True
+    fused_optimizer: bool = True  # AdamW's fused kernel: the same update rule, each tensor updated in one pass
+                                  # (about 4.7x faster steps on the CPU, docs/training-speed.md); its float rounding
+                                  # differs from the per-op update's in the last bits; False: the per-op update
 
 
 @dataclass
@@ -145,7 +148,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.O
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if id(p) in pretrained], "lr": config.backbone_lr},
               {"params": [p for p in trainable if id(p) not in pretrained], "lr": config.lr}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay), trainable
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay,
+                             fused=config.fused_optimizer or None), trainable
 
 
 def _step_loss(model: nn.Module, runner: nn.Module, data: BehaviorLog, chunk: np.ndarray, device: torch.device,
@@ -179,6 +183,7 @@ def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: n
     runner = parallel.wrap(model) if shared else model  # DDP: rank 0's parameters and buffers, everywhere
     result = FitResult(best_val_auc=-1.0, best_epoch=-1)
     best = BestEpoch(model, result, config.patience)
+    trim = HeapTrimmer() if device.type == "cpu" else None  # glibc keeps freed batch memory as heap otherwise
     with PeakMemory(device) as peak:
         calibration = epoch_order(model, data, train_rows, np.random.default_rng(config.seed + 1))
         calibrate_norms(model, data, list(row_batches(calibration, config.batch_size))[:config.norm_batches], device,
@@ -195,6 +200,8 @@ def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: n
                 loss.backward()
                 nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
+                if trim is not None:
+                    trim()
                 total_loss += summed
                 bar.set_postfix(loss=f"{summed / chunk.size:.4f}")
             if shared:

@@ -118,15 +118,15 @@ def train_distributed(launch, args: argparse.Namespace, data, split, rows, confi
 
 
 def train_streamed(args: argparse.Namespace) -> None:
-    """`bahe train --stream WORK`: the log laid out under WORK (engine.training.data.stream), trained shard by
-    shard (engine.training.loops.stream_train); memory holds one shard, not the log."""
+    """`bahe train --stream WORK`: the log laid out under WORK (engine.training.streaming.stream), trained shard by
+    shard (engine.training.streaming.stream_train); memory holds one shard, not the log."""
     from engine.training.loops.ctr_models import BAHECTR
     from engine.training.data.log_schema import LogFormatError
-    from engine.training.data.stream import StreamConfig, prepare_stream
+    from engine.training.streaming.stream import StreamConfig, prepare_stream
     from engine.training.studies.experiment import build_scorer
-    from engine.training.loops.stream_train import StreamBudget, catalog_log, evaluate_stream, fit_stream
+    from engine.training.streaming.stream_train import StreamBudget, catalog_log, evaluate_stream, fit_stream
     from engine.training.loops.train import TrainConfig
-    if args.data == "movielens":
+    if args.data in ("movielens", "ml1m"):
         raise SystemExit("bahe train: --stream reads a CSV/parquet log file; give its path as --data")
     if (args.train_examples, args.val_examples, args.test_examples) != (None, None, None):
         raise SystemExit("bahe train: --train/--val/--test-examples do not apply to --stream; cap the work with "

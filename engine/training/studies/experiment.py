@@ -19,6 +19,7 @@ from engine.config import EncoderConfig, ModelConfig, ScorerConfig, ScoringConfi
 from engine.training.data.log import BehaviorLog, TimeSplit
 from engine.training.data.log_files import load_log
 from engine.training.data.movielens import load_movielens
+from engine.training.data.movielens_1m import is_movielens_1m_dir, load_movielens_1m
 from engine.serving.scorer import BAHEScorer
 from engine.training.loops.data_parallel import DataParallel
 from engine.training.loops.train import FitResult, TrainConfig, evaluate, fit
@@ -56,9 +57,19 @@ class SampleConfig:
     seed: int = 0
 
 
+DATA_SOURCES = "'movielens' (MovieLens-100K), 'ml1m' (MovieLens-1M), a folder of MovieLens-1M's .dat files, or a " \
+               "CSV/parquet log file"
+
+
 def load_data(source: str) -> BehaviorLog:
-    """'movielens' (the embedded MovieLens-100K) or a CSV/parquet log file."""
-    return load_movielens() if source == "movielens" else load_log(source)
+    """The log that `--data` names (DATA_SOURCES): the embedded MovieLens-100K or -1M, or a file or folder."""
+    if source == "movielens":
+        return load_movielens()
+    if source == "ml1m":
+        return load_movielens_1m()
+    if is_movielens_1m_dir(source):
+        return load_movielens_1m(source)
+    return load_log(source)
 
 
 def sample_split(split: TimeSplit, sample: SampleConfig) -> dict[str, np.ndarray]:
@@ -133,7 +144,7 @@ class ScorerSetup:
     def add_arguments(p: argparse.ArgumentParser, d: ScorerSetup) -> None:
         """The command-line flags of these options, defaulting to `d`'s (their dests are the field names)."""
         p.add_argument("--model", default=d.model, help="'minilm', 'smollm2' or a local checkpoint folder")
-        p.add_argument("--data", default=d.data, help="'movielens' or a behavior log file")
+        p.add_argument("--data", default=d.data, help=DATA_SOURCES)
         p.add_argument("--lower-layers", type=int, default=d.lower_layers)
         p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="tokens per behavior / item text")
         p.add_argument("--device", default=d.device)

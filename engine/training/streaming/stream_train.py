@@ -1,4 +1,4 @@
-"""Training over a streamed log (engine.training.data.stream), one user shard in memory at a time.
+"""Training over a streamed log (engine.training.streaming.stream), one user shard in memory at a time.
 
 A shard is a BehaviorLog of whole users, so the models' `prepare` (histories, timeline batches, features) runs
 unchanged on it; only the item counts come from the streamed pass (`ShardCounts`), because they count every
@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from engine.training.data.log import BehaviorLog
-from engine.training.data.stream import Shard, StreamedLog
+from engine.training.streaming.stream import Shard, StreamedLog
 from engine.training.data.example_features import PastCounts, counts_before, recent_counts
 from engine.training.studies.memory import PeakMemory
 from engine.training.studies.metrics import log_loss, roc_auc

@@ -77,7 +77,7 @@ def write_synthetic_log(path: str | os.PathLike, config: SyntheticConfig = Synth
     return config.events
 
 
-if __name__ == "__main__":  # python -m engine.training.data.synthetic OUT.parquet [EVENTS]
+if __name__ == "__main__":  # python -m engine.training.streaming.synthetic OUT.parquet [EVENTS]
     import sys
     import time
 

@@ -37,9 +37,9 @@ import numpy as np
 from engine.training.data.log import BehaviorLog, TimeSplit, cut_ranks
 from engine.training.data.log_files import PARQUET_ORDER_KEY, log_file_kind
 from engine.training.data.log_schema import CATEGORY_PREFIX, LogFormatError, validate_frame
-from engine.training.data.membership_bits import MAX_SEQUENCES, pack_membership, unpack_membership
-from engine.training.data.stream_items import item_count_pass
-from engine.training.data.stream_time import histogram, order_statistics, to_key
+from engine.training.streaming.membership_bits import MAX_SEQUENCES, pack_membership, unpack_membership
+from engine.training.streaming.stream_items import item_count_pass
+from engine.training.streaming.stream_time import histogram, order_statistics, to_key
 from weights.id_vocabulary import IdVocabulary
 
 __all__ = ["StreamConfig", "StreamedLog", "Shard", "prepare_stream", "record_batches"]
