@@ -10,6 +10,8 @@ _EXPORTS = {
                                          "ScoringConfig")},
     "BatchingScorer": "engine.serving.request_queue", "QueueClosedError": "engine.serving.request_queue",
     "BAHEScorer": "engine.serving.scorer", "Ranking": "engine.serving.ranking", "InputError": "engine.serving.inputs", "ScorerFormatError": "engine.serving.scorer_folder",
+    "ScorerHandle": "engine.serving.handle", "VersionedState": "engine.serving.handle",
+    "ScorerVersions": "engine.serving.versions", "VersionError": "engine.serving.versions",
 }
 __all__ = sorted(_EXPORTS)
 

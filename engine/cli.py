@@ -1,4 +1,4 @@
-"""`bahe` command line: encode, train, score, demo, bench, profile, models, info."""
+"""`bahe` command line: encode, train, score, demo, bench, profile, models, info, update, rollback, versions."""
 from __future__ import annotations
 
 import argparse
@@ -217,6 +217,72 @@ def cmd_profile(args: argparse.Namespace) -> None:
     _run_module("bench.profile", args.profile_args)
 
 
+# ----- keeping a scorer fresh: update, rollback, versions (docs/refresh.md) -----------------------
+def cmd_update(args: argparse.Namespace) -> None:
+    from engine.training.loops.update_command import run_update
+    run_update(args)
+
+
+def cmd_rollback(args: argparse.Namespace) -> None:
+    from engine.serving.versions import ScorerVersions, VersionError
+    versions = ScorerVersions(args.root)
+    try:
+        was = versions.current().name
+        now = versions.rollback()
+    except (VersionError, OSError) as err:
+        raise SystemExit(f"bahe rollback: {err}") from None
+    print(f"{args.root}: now serving {now.name} (was {was})")
+
+
+def cmd_versions(args: argparse.Namespace) -> None:
+    from engine.serving.versions import ScorerVersions, VersionError
+    try:
+        history = ScorerVersions(args.root).history()
+    except (VersionError, OSError) as err:
+        raise SystemExit(f"bahe versions: {err}") from None
+    for version in history:
+        gate = version.note.get("gate", {})
+        figures = f" gate AUC {gate['current']['auc']:.4f} -> {gate['next']['auc']:.4f}" if gate else ""
+        print(f"{version.name}{' (current)' if version is history[-1] else ''}  {version.note.get('published_at', '')}"
+              f"{figures}")
+
+
+def add_refresh_commands(sub) -> None:
+    """`bahe update`, `bahe rollback`, `bahe versions`."""
+    p = sub.add_parser("update", help="warm-start the next scorer version on a new log, gate it, publish it")
+    p.add_argument("--scorer", help="a scorer folder (starts the version root --out with it) or a version root")
+    p.add_argument("--data", required=True, help="the new period's log (CSV/parquet, the `bahe train` schema)")
+    p.add_argument("--out", help="the version root NEXT is published into (default: --scorer, if it is a root)")
+    p.add_argument("--history", help="the older log: users' histories reach back into it; --replay samples it")
+    p.add_argument("--replay", type=float, default=0.0, help="older events replayed, as a fraction of the new "
+                   "training examples (needs --history)")
+    p.add_argument("--gate-fraction", type=float, default=0.2, help="newest fraction of the new log's events: the "
+                   "gate period, never trained on")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="the fraction before it: early stopping")
+    p.add_argument("--min-auc-gain", type=float, default=0.0)
+    p.add_argument("--max-logloss-increase", type=float, default=0.002)
+    p.add_argument("--max-calibration-error", type=float, default=0.15)
+    p.add_argument("--force", action="store_true", help="publish NEXT even if it fails the gate")
+    p.add_argument("--keep", type=int, default=3, help="versions kept for rollback")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--backbone-lr", type=float, default=5e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--distributed", action="store_true", help="(not built for update yet)")
+    p.add_argument("--stream", metavar="WORK", help="(not built for update yet)")
+    p.set_defaults(func=cmd_update)
+
+    p = sub.add_parser("rollback", help="make the previous scorer version current again")
+    p.add_argument("root")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("versions", help="list a version root's kept versions")
+    p.add_argument("root")
+    p.set_defaults(func=cmd_versions)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bahe", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -299,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("table")
     p.add_argument("--verify", action="store_true", help="scan every row and key")
     p.set_defaults(func=cmd_info)
+    add_refresh_commands(sub)
     return parser
 
 

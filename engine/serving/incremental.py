@@ -33,6 +33,9 @@ CPU and on CUDA alike; on CUDA the packed path takes the Triton kernels, so the 
 """
 from __future__ import annotations
 
+import itertools
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,7 +80,7 @@ class SequenceState:
 class UserState:
     """A user's cached upper-layer state (`BAHEScorer.user_state`, `extend_user`), usable by `rank`.
     sequences: one per `ModelConfig.sequence_names`, in that order; owner: what it was computed with (the
-    model's weight version, compute dtype and sequence names)."""
+    model's weight version, compute dtype, sequence names and the model object's serial)."""
     sequences: tuple[SequenceState, ...]
     owner: tuple
 
@@ -101,8 +104,22 @@ def check_causal(model: BAHEModel) -> None:
                          f"score/rank on the whole user, or a scorer built with attention='causal'")
 
 
+_SERIALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SERIALS_LOCK, _NEXT_SERIAL = threading.Lock(), itertools.count(1)
+
+
+def _model_serial(model: BAHEModel) -> int:
+    """A number unique to `model` for the life of the process: weights_version's ids and data pointers can be
+    reused once a scorer is garbage collected (a swapped-out version), so a state could pass for another model's."""
+    with _SERIALS_LOCK:
+        serial = _SERIALS.get(model)
+        if serial is None:
+            serial = _SERIALS[model] = next(_NEXT_SERIAL)
+        return serial
+
+
 def _owner(model: BAHEModel) -> tuple:
-    return weights_version(model), model.compute_dtype, model.config.sequence_names
+    return weights_version(model), model.compute_dtype, model.config.sequence_names, _model_serial(model)
 
 
 def cached_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:

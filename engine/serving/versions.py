@@ -132,8 +132,9 @@ class ScorerVersions:
         `staged.publish(note)`; leaving the block without publishing (or by an exception) deletes it."""
         (self.root / VERSIONS_DIR).mkdir(parents=True, exist_ok=True)
         with file_lock(self.root / LOCK_NAME, lock_timeout):
+            floor = self._next_serial()  # before the clean: an unpublished folder's name is not reused either
             self._clean()
-            staged = Staged(self, temp_sibling(self.root / VERSIONS_DIR / STAGING_NAME))
+            staged = Staged(self, temp_sibling(self.root / VERSIONS_DIR / STAGING_NAME), floor)
             staged.path.mkdir()
             try:
                 yield staged
@@ -178,8 +179,8 @@ class ScorerVersions:
 class Staged:
     """A version being written (`ScorerVersions.stage`): `path` is a temporary folder beside the versions."""
 
-    def __init__(self, versions: ScorerVersions, path: Path) -> None:
-        self.versions, self.path, self.published = versions, path, False
+    def __init__(self, versions: ScorerVersions, path: Path, floor: int = 1) -> None:
+        self.versions, self.path, self.floor, self.published = versions, path, floor, False
 
     def publish(self, note: dict | None = None) -> Version:
         """Make the staged folder the current version: version.json written, every file fsynced, the folder
@@ -192,7 +193,7 @@ class Staged:
         note = {"published_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(note or {})}
         with atomic_write(self.path / VERSION_FILE) as handle:
             handle.write(json.dumps(note, indent=2, default=float).encode())
-        serial = versions._next_serial()
+        serial = max(self.floor, versions._next_serial())
         name = version_name(serial)
         final = versions.root / VERSIONS_DIR / name
         fsync_tree(self.path)
