@@ -98,6 +98,7 @@ class UpdateResult:
     fit: FitResult
     appended: dict[str, int]     # new rows per table
     rows: dict[str, int]         # training, validation, replayed and gate examples
+    gate_start: int = 0          # the gate period: the examples at or after this timestamp
 
 
 def _metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -238,7 +239,8 @@ def update_scorer(root: str | Path, new: BehaviorLog, config: UpdateConfig | Non
                     "passed": gate.passed, "reasons": gate.reasons}, "appended": appended,
                     "rows": {k: int(v.size) for k, v in rows.items()}})
     del baseline, upcoming, trained
-    return UpdateResult(version.name, published, gate, result, appended, {k: int(v.size) for k, v in rows.items()})
+    return UpdateResult(version.name, published, gate, result, appended, {k: int(v.size) for k, v in rows.items()},
+                        int(data.timestamp[rows["gate"]].min()))
 
 
 def _extend_item_counts(model: BAHECTR, new: BehaviorLog) -> None:
