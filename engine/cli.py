@@ -270,7 +270,8 @@ def add_refresh_commands(sub) -> None:
     p.add_argument("--backbone-lr", type=float, default=5e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--distributed", action="store_true", help="(not built for update yet)")
+    p.add_argument("--distributed", action="store_true", help="under torchrun: data-parallel fine-tuning; rank 0 "
+                   "judges and publishes")
     p.add_argument("--stream", metavar="WORK", help="(not built for update yet)")
     p.set_defaults(func=cmd_update)
 

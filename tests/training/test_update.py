@@ -169,6 +169,8 @@ def test_update_with_history_and_replay_and_bad_inputs(periods, tmp_path, capsys
     with pytest.raises(SystemExit, match="not the current version of"):
         main(["update", "--scorer", str(tmp / "current"), "--data", str(tmp / "new.parquet"), "--out", str(root)])
     with pytest.raises(SystemExit, match="not built for update yet"):
+        main(["update", "--data", str(tmp / "new.parquet"), "--out", str(root), "--stream", str(tmp_path / "w")])
+    with pytest.raises(SystemExit, match="bahe update --distributed must be started by torchrun"):
         main(["update", "--data", str(tmp / "new.parquet"), "--out", str(root), "--distributed"])
     assert ScorerVersions(root).current().name == "v000002"
 
@@ -199,3 +201,39 @@ def test_update_killed_mid_publish_leaves_current_serving(periods, tmp_path):
     result = update_scorer(root, new, _config(), device="cpu")  # the next update cleans up and publishes
     assert result.published.name == "v000003"  # v000002 was renamed in, never published: its name is not reused
     assert sorted(p.name for p in (root / VERSIONS_DIR).iterdir()) == ["v000001", "v000003"]
+
+
+def _update_rank(rank, port, argv, out):
+    import contextlib
+    import io
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(argv)
+    (out / f"stdout.{rank}").write_text(printed.getvalue())
+
+
+def test_update_on_two_ranks_publishes_once(periods, tmp_path):
+    """`bahe update --distributed` as torchrun runs it (its environment set per rank; forked, not launched)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    tmp, old, new = periods
+    root = tmp_path / "root"
+    argv = ["update", "--scorer", str(tmp / "current"), "--data", str(tmp / "new.parquet"), "--out", str(root),
+            "--epochs", "1", "--batch-size", "64", "--min-auc-gain", "-1", "--max-logloss-increase", "10",
+            "--max-calibration-error", "10", "--device", "cpu", "--distributed"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_update_rank, args=(port, argv, tmp_path), nprocs=2, join=True, start_method="fork")
+    said = (tmp_path / "stdout.0").read_text()
+    assert "new version root, v000001" in said and "AUC(NEXT) - AUC(CURRENT)" in said and "published v000002" in said
+    assert (tmp_path / "stdout.1").read_text() == ""  # rank 0 alone reports and publishes
+    versions = ScorerVersions(root)
+    assert [v.name for v in versions.history()] == ["v000001", "v000002"]
+    assert sorted(p.name for p in (root / VERSIONS_DIR).iterdir()) == ["v000001", "v000002"]
+    nxt = BAHEScorer.from_pretrained(versions.current().path, device="cpu")
+    assert len(nxt.items) > len(BAHEScorer.from_pretrained(tmp / "current", device="cpu").items)

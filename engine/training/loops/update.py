@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from engine import distributed
 from engine.encoding.abe import ReusingEncoder
 from engine.model.bahe_model import BAHEModel
 from engine.model.head import CTRHead
@@ -38,6 +39,7 @@ from engine.serving.versions import ScorerVersions, Version
 from engine.training.data.example_features import item_count_table
 from engine.training.data.log import BehaviorLog
 from engine.training.loops.ctr_models import BAHECTR
+from engine.training.loops.data_parallel import DataParallel, split_users
 from engine.training.loops.train import FitResult, TrainConfig, fit, predict
 from engine.training.studies.metrics import Interval, log_loss, paired_auc_difference, roc_auc
 from weights.atomic import copy_atomic
@@ -205,16 +207,22 @@ def _check_log(current: BAHEScorer, data: BehaviorLog) -> None:
 
 
 def update_scorer(root: str | Path, new: BehaviorLog, config: UpdateConfig | None = None, *,
-                  history: BehaviorLog | None = None, device: str = "auto") -> UpdateResult:
+                  history: BehaviorLog | None = None, device: str = "auto",
+                  parallel: DataParallel | None = None) -> UpdateResult:
     """Make NEXT from the current version of the version root `root` and the new period's log `new`, gate it on the
-    newest events, and publish it if it passes (see the module docstring). CURRENT keeps serving throughout."""
+    newest events, and publish it if it passes (see the module docstring). CURRENT keeps serving throughout.
+    With `parallel` (every rank of a torchrun job calls this alike): data-parallel fine-tuning, each rank scores its
+    users' share of the gate period, rank 0 judges and publishes, every rank returns the same verdict."""
     config = config or UpdateConfig()
+    shared = parallel is not None and parallel.world_size > 1
     versions = ScorerVersions(root, config.keep)
     version = versions.current()
     current = BAHEScorer.from_pretrained(version.path, device=device)
     data = combined_log(new, history)
     _check_log(current, data)
     rows = _periods(data, new, config, np.random.default_rng(config.train.seed))
+    sizes = {k: int(v.size) for k, v in rows.items()}
+    # each rank appends the same texts with the same frozen layers to its own copy: identical rows everywhere
     with tempfile.TemporaryDirectory(prefix=".update-work-", dir=versions.root) as work:
         behaviors, items, appended = _next_tables(current, data, Path(work))
         baseline = _with_model(current, grown_model(current.model, len(items)), behaviors, items)
@@ -223,24 +231,46 @@ def update_scorer(root: str | Path, new: BehaviorLog, config: UpdateConfig | Non
             head.freeze_norm()  # CURRENT's standardization, not statistics of a few new batches
         trained = BAHECTR(upcoming, data)
         train_rows = np.union1d(rows["train"], rows["replay"])
-        result = fit(trained, data, train_rows, rows["val"], config.train, device=str(upcoming.device))
+        result = fit(trained, data, train_rows, rows["val"], config.train, device=str(upcoming.device),
+                     parallel=parallel)
         gate_rows = rows["gate"]
-        probs = {name: predict(m, data, gate_rows, batch_size=config.train.eval_batch_size, device=str(upcoming.device))
-                 for name, m in (("current", BAHECTR(baseline, data)), ("next", trained))}
-        gate = judge(data.label[gate_rows].astype(np.float64), probs["current"], probs["next"], data.user[gate_rows],
-                     config.gate)
-        published = None
-        if gate.passed or config.force:
-            _extend_item_counts(trained, new)
-            with versions.stage() as staged:
-                upcoming.save_pretrained(staged.path)
-                published = staged.publish({"previous": version.name, "forced": not gate.passed, "gate": {
-                    "current": gate.current, "next": gate.next, "auc_difference": asdict(gate.auc_difference),
-                    "passed": gate.passed, "reasons": gate.reasons}, "appended": appended,
-                    "rows": {k: int(v.size) for k, v in rows.items()}})
-    del baseline, upcoming, trained
-    return UpdateResult(version.name, published, gate, result, appended, {k: int(v.size) for k, v in rows.items()},
-                        int(data.timestamp[rows["gate"]].min()))
+        mine = split_users(gate_rows, data, parallel.world_size)[parallel.rank] if shared else gate_rows
+        probs = {}
+        for name, model in (("current", BAHECTR(baseline, data)), ("next", trained)):
+            scored = predict(model, data, mine, batch_size=config.train.eval_batch_size, device=str(upcoming.device))
+            gathered = parallel.gather_predictions(mine, scored) if shared else (mine, scored)
+            probs[name] = None if gathered is None else gathered[1]  # every rank's share, on rank 0
+        writer = not shared or parallel.rank == 0
+        outcome, error = None, None
+        if writer:
+            try:
+                outcome = _judge_and_publish(versions, version, data, gate_rows, probs, trained, upcoming, new,
+                                             config, appended, sizes)
+            except Exception as err:  # noqa: BLE001 - with ranks: every rank raises it (broadcast_outcome)
+                error = err
+        if shared:
+            distributed.broadcast_outcome(error)
+            outcome = parallel.broadcast(outcome)
+        elif error is not None:
+            raise error
+    gate, published = outcome
+    return UpdateResult(version.name, published, gate, result, appended, sizes, int(data.timestamp[gate_rows].min()))
+
+
+def _judge_and_publish(versions: ScorerVersions, version: Version, data: BehaviorLog, gate_rows: np.ndarray,
+                       probs: dict[str, np.ndarray], trained: BAHECTR, upcoming: BAHEScorer, new: BehaviorLog,
+                       config: UpdateConfig, appended: dict, sizes: dict) -> tuple[GateReport, Version | None]:
+    """The gate's verdict on the gate rows' scores; NEXT published (item counts extended first) if it passes."""
+    gate = judge(data.label[gate_rows].astype(np.float64), probs["current"], probs["next"], data.user[gate_rows],
+                 config.gate)
+    if not (gate.passed or config.force):
+        return gate, None
+    _extend_item_counts(trained, new)
+    with versions.stage() as staged:
+        upcoming.save_pretrained(staged.path)
+        return gate, staged.publish({"previous": version.name, "forced": not gate.passed, "gate": {
+            "current": gate.current, "next": gate.next, "auc_difference": asdict(gate.auc_difference),
+            "passed": gate.passed, "reasons": gate.reasons}, "appended": appended, "rows": sizes})
 
 
 def _extend_item_counts(model: BAHECTR, new: BehaviorLog) -> None:
