@@ -272,7 +272,9 @@ def add_refresh_commands(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--distributed", action="store_true", help="under torchrun: data-parallel fine-tuning; rank 0 "
                    "judges and publishes")
-    p.add_argument("--stream", metavar="WORK", help="(not built for update yet)")
+    p.add_argument("--stream", metavar="WORK", help="a new log bigger than memory: laid out as user shards in WORK "
+                   "(as `bahe train --stream`) and fine-tuned shard by shard; its newest events are the gate")
+    p.add_argument("--shards", type=int, default=16, help="with --stream: user shards")
     p.set_defaults(func=cmd_update)
 
     p = sub.add_parser("rollback", help="make the previous scorer version current again")

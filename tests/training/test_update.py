@@ -168,8 +168,9 @@ def test_update_with_history_and_replay_and_bad_inputs(periods, tmp_path, capsys
         update_scorer(root, new, _config(gate_fraction=0.95), device="cpu")
     with pytest.raises(SystemExit, match="not the current version of"):
         main(["update", "--scorer", str(tmp / "current"), "--data", str(tmp / "new.parquet"), "--out", str(root)])
-    with pytest.raises(SystemExit, match="not built for update yet"):
-        main(["update", "--data", str(tmp / "new.parquet"), "--out", str(root), "--stream", str(tmp_path / "w")])
+    with pytest.raises(SystemExit, match="--distributed and --history with it are not built yet"):
+        main(["update", "--data", str(tmp / "new.parquet"), "--out", str(root), "--stream", str(tmp_path / "w"),
+              "--history", str(tmp / "old.parquet")])
     with pytest.raises(SystemExit, match="bahe update --distributed must be started by torchrun"):
         main(["update", "--data", str(tmp / "new.parquet"), "--out", str(root), "--distributed"])
     assert ScorerVersions(root).current().name == "v000002"
@@ -237,3 +238,27 @@ def test_update_on_two_ranks_publishes_once(periods, tmp_path):
     assert sorted(p.name for p in (root / VERSIONS_DIR).iterdir()) == ["v000001", "v000002"]
     nxt = BAHEScorer.from_pretrained(versions.current().path, device="cpu")
     assert len(nxt.items) > len(BAHEScorer.from_pretrained(tmp / "current", device="cpu").items)
+
+
+def test_streamed_update_gates_and_publishes(periods, tmp_path, capsys):
+    """`bahe update --stream`: the new log laid out as user shards, fine-tuned shard by shard, gated on the stream's
+    newest events; NEXT's tables and item counts as the in-memory update's."""
+    tmp, old, new = periods
+    root = tmp_path / "root"
+    main(["update", "--scorer", str(tmp / "current"), "--data", str(tmp / "new.parquet"), "--out", str(root),
+          "--stream", str(tmp_path / "work"), "--shards", "3", "--epochs", "1", "--min-auc-gain", "-1",
+          "--max-logloss-increase", "10", "--max-calibration-error", "10", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "AUC(NEXT) - AUC(CURRENT)" in out and "published v000002" in out
+    note = ScorerVersions(root).current().note
+    assert note["stream"]["shards"] == 3 and note["rows"]["gate"] > 0 and note["rows"]["train"] > 0
+    current = BAHEScorer.from_pretrained(tmp / "current", device="cpu")
+    nxt = BAHEScorer.from_pretrained(ScorerVersions(root).current().path, device="cpu")
+    assert torch.equal(nxt.behaviors.embeddings[:len(current.behaviors)], current.behaviors.embeddings)
+    assert (nxt.items.lookup(new.item_id_texts, on_missing="mark") >= 0).all()
+    ids, by_item = item_count_table(new)
+    rows = torch.from_numpy(nxt.items.lookup([new.item_texts[int(i)] for i in ids]))
+    expected = torch.zeros_like(nxt.model.item_counts)
+    expected[:current.model.item_counts.shape[0]] = current.model.item_counts
+    expected[rows] += torch.from_numpy(by_item)
+    assert torch.equal(nxt.model.item_counts, expected)

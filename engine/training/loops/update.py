@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -154,13 +155,18 @@ def grown_model(model: BAHEModel, num_items: int) -> BAHEModel:
     return model
 
 
-def _periods(data: BehaviorLog, new: BehaviorLog, config: UpdateConfig, rng: np.random.Generator) -> dict:
-    """Example rows of `data`: new-period training, validation and gate rows, and replayed older rows."""
+def check_fractions(config: UpdateConfig) -> None:
+    """ValueError naming gate_fraction / val_fraction / replay unless they cut the new log into three parts."""
     if not (0 < config.gate_fraction < 1 and 0 < config.val_fraction and config.gate_fraction + config.val_fraction < 1):
         raise ValueError(f"gate_fraction and val_fraction must be > 0 with a sum < 1, got {config.gate_fraction}, "
                          f"{config.val_fraction}")
     if not config.replay >= 0:
         raise ValueError(f"replay must be >= 0 (a fraction of the new training rows), got {config.replay}")
+
+
+def _periods(data: BehaviorLog, new: BehaviorLog, config: UpdateConfig, rng: np.random.Generator) -> dict:
+    """Example rows of `data`: new-period training, validation and gate rows, and replayed older rows."""
+    check_fractions(config)
     times = np.sort(new.timestamp)
     pick = lambda q: int(times[min(int(round(q * times.size)), times.size - 1)])  # noqa: E731
     start, val_start, gate_start = int(times[0]), pick(1 - config.gate_fraction - config.val_fraction), \
@@ -179,7 +185,7 @@ def _periods(data: BehaviorLog, new: BehaviorLog, config: UpdateConfig, rng: np.
     return out
 
 
-def _next_tables(current: BAHEScorer, data: BehaviorLog, work: Path) -> tuple[BehaviorTable, BehaviorTable, dict]:
+def next_tables(current: BAHEScorer, data: BehaviorLog, work: Path) -> tuple[BehaviorTable, BehaviorTable, dict]:
     """Copies of CURRENT's tables in `work` with the log's texts they lack appended."""
     texts = data.item_id_texts
     copy_atomic(current.behaviors.path, work / BEHAVIORS_FILE)
@@ -190,12 +196,12 @@ def _next_tables(current: BAHEScorer, data: BehaviorLog, work: Path) -> tuple[Be
     return behaviors, items, appended
 
 
-def _with_model(current: BAHEScorer, model: BAHEModel, behaviors: BehaviorTable, items: BehaviorTable) -> BAHEScorer:
+def scorer_with(current: BAHEScorer, model: BAHEModel, behaviors: BehaviorTable, items: BehaviorTable) -> BAHEScorer:
     return BAHEScorer(config=copy.deepcopy(current.config), checkpoint=current.checkpoint, encoder=current.encoder,
                       model=model, behaviors=behaviors, items=items, device=current.device, kernels=current.kernels)
 
 
-def _check_log(current: BAHEScorer, data: BehaviorLog) -> None:
+def check_log(current: BAHEScorer, data: BehaviorLog) -> None:
     missing = [n for n in current.config.model.sequence_names if n not in data.sequence_names]
     if missing:
         raise ValueError(f"the log lacks the scorer's sequences {missing} (it has {list(data.sequence_names)})")
@@ -219,14 +225,14 @@ def update_scorer(root: str | Path, new: BehaviorLog, config: UpdateConfig | Non
     version = versions.current()
     current = BAHEScorer.from_pretrained(version.path, device=device)
     data = combined_log(new, history)
-    _check_log(current, data)
+    check_log(current, data)
     rows = _periods(data, new, config, np.random.default_rng(config.train.seed))
     sizes = {k: int(v.size) for k, v in rows.items()}
     # each rank appends the same texts with the same frozen layers to its own copy: identical rows everywhere
     with tempfile.TemporaryDirectory(prefix=".update-work-", dir=versions.root) as work:
-        behaviors, items, appended = _next_tables(current, data, Path(work))
-        baseline = _with_model(current, grown_model(current.model, len(items)), behaviors, items)
-        upcoming = _with_model(current, grown_model(current.model, len(items)), behaviors, items)
+        behaviors, items, appended = next_tables(current, data, Path(work))
+        baseline = scorer_with(current, grown_model(current.model, len(items)), behaviors, items)
+        upcoming = scorer_with(current, grown_model(current.model, len(items)), behaviors, items)
         for head in (m for m in upcoming.model.modules() if isinstance(m, CTRHead)):
             head.freeze_norm()  # CURRENT's standardization, not statistics of a few new batches
         trained = BAHECTR(upcoming, data)
@@ -244,8 +250,10 @@ def update_scorer(root: str | Path, new: BehaviorLog, config: UpdateConfig | Non
         outcome, error = None, None
         if writer:
             try:
-                outcome = _judge_and_publish(versions, version, data, gate_rows, probs, trained, upcoming, new,
-                                             config, appended, sizes)
+                outcome = judge_and_publish(versions, version, data.label[gate_rows], data.user[gate_rows], probs,
+                                            upcoming, lambda: extend_item_counts(trained, *item_count_table(new),
+                                                                                 new.sequence_names),
+                                            config, {"appended": appended, "rows": sizes})
             except Exception as err:  # noqa: BLE001 - with ranks: every rank raises it (broadcast_outcome)
                 error = err
         if shared:
@@ -257,30 +265,29 @@ def update_scorer(root: str | Path, new: BehaviorLog, config: UpdateConfig | Non
     return UpdateResult(version.name, published, gate, result, appended, sizes, int(data.timestamp[gate_rows].min()))
 
 
-def _judge_and_publish(versions: ScorerVersions, version: Version, data: BehaviorLog, gate_rows: np.ndarray,
-                       probs: dict[str, np.ndarray], trained: BAHECTR, upcoming: BAHEScorer, new: BehaviorLog,
-                       config: UpdateConfig, appended: dict, sizes: dict) -> tuple[GateReport, Version | None]:
-    """The gate's verdict on the gate rows' scores; NEXT published (item counts extended first) if it passes."""
-    gate = judge(data.label[gate_rows].astype(np.float64), probs["current"], probs["next"], data.user[gate_rows],
-                 config.gate)
+def judge_and_publish(versions: ScorerVersions, version: Version, labels: np.ndarray, users: np.ndarray,
+                      probs: dict[str, np.ndarray], upcoming: BAHEScorer, extend_counts: Callable[[], None],
+                      config: UpdateConfig, note: dict) -> tuple[GateReport, Version | None]:
+    """The gate's verdict on the gate examples' scores; if it passes (or config.force), NEXT's item counts extended
+    (`extend_counts`) and NEXT published with the gate's figures and `note` in version.json."""
+    gate = judge(labels.astype(np.float64), probs["current"], probs["next"], users, config.gate)
     if not (gate.passed or config.force):
         return gate, None
-    _extend_item_counts(trained, new)
+    extend_counts()
     with versions.stage() as staged:
         upcoming.save_pretrained(staged.path)
         return gate, staged.publish({"previous": version.name, "forced": not gate.passed, "gate": {
             "current": gate.current, "next": gate.next, "auc_difference": asdict(gate.auc_difference),
-            "passed": gate.passed, "reasons": gate.reasons}, "appended": appended, "rows": sizes})
+            "passed": gate.passed, "reasons": gate.reasons}, **note})
 
 
-def _extend_item_counts(model: BAHECTR, new: BehaviorLog) -> None:
-    """The served item statistics extended, not restarted: CURRENT's counts plus every event of the new log."""
+def extend_item_counts(model: BAHECTR, ids: np.ndarray, by_item: np.ndarray, sequence_names: Sequence[str]) -> None:
+    """The served item statistics extended, not restarted: CURRENT's counts plus `by_item` (I, S) of item `ids`
+    (sequences in the order `sequence_names`): the new log's events."""
     counts = model.model.item_counts
     if not counts.numel():
         return
-    ids, by_item = item_count_table(new)
-    names = model.scorer.config.model.sequence_names
-    for s, name in enumerate(names):
-        if name in new.sequence_names:
-            column = torch.from_numpy(by_item[:, new.sequence_names.index(name)]).to(counts.device)
-            counts[torch.from_numpy(model.item_row[ids]).to(counts.device), s] += column
+    rows = torch.from_numpy(model.item_row[ids]).to(counts.device)
+    for s, name in enumerate(model.scorer.config.model.sequence_names):
+        if name in sequence_names:
+            counts[rows, s] += torch.from_numpy(by_item[:, list(sequence_names).index(name)]).to(counts.device)

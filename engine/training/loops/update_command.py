@@ -1,6 +1,6 @@
 """`bahe update` (engine/cli.py parses it): the version root's CURRENT -> NEXT through engine.training.loops.update,
 printed as the gate's figures and the verdict; `--distributed` under torchrun (data-parallel fine-tuning, rank 0
-judges and publishes). It lives in the harness because it drives the trainer."""
+judges and publishes); `--stream WORK` for a log bigger than memory (engine.training.loops.update_stream). It lives in the harness because it drives the trainer."""
 from __future__ import annotations
 
 import argparse
@@ -40,11 +40,20 @@ def _config(args: argparse.Namespace, progress: bool) -> UpdateConfig:
 
 def run_update(args: argparse.Namespace) -> None:
     """Warm-start NEXT from the version root's current scorer on a new log, gate it, publish it if it passes."""
-    if args.stream:
-        raise SystemExit("bahe update: --stream is not built for update yet; run it on a log that fits in memory")
+    if args.stream and (args.distributed or args.history):
+        raise SystemExit("bahe update: --stream runs in one process on the new log alone; --distributed and --history "
+                         "with it are not built yet")
     out = Path(args.out or args.scorer)
     try:
-        if not args.distributed:
+        if args.stream:
+            from engine.training.loops.update_stream import update_streamed
+            distributed.check_not_launched("bahe update")
+            said = _root(args, out)
+            if said:
+                print(said)
+            result, writer = update_streamed(out, args.data, args.stream, _config(args, True), shards=args.shards,
+                                             device=args.device), True
+        elif not args.distributed:
             distributed.check_not_launched("bahe update")
             said = _root(args, out)
             if said:
