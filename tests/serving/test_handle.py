@@ -65,7 +65,9 @@ def test_twenty_swaps_under_eight_clients(weights, tmp_path):
     root = tmp_path / "root"
     ScorerVersions.create(root, folders[0], keep=3)
     handle = ScorerHandle(root, device="cpu")
-    first = weakref.ref(handle.using().__enter__()[1])
+    with handle.using() as (_, scorer):
+        first = weakref.ref(scorer)
+    del scorer
     queue = BatchingScorer(handle, QueueConfig(max_batch=8, max_wait_ms=1))
     done, errors, seen, lock = threading.Event(), [], set(), threading.Lock()
 
