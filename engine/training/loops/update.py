@@ -197,11 +197,14 @@ def next_tables(current: BAHEScorer, data: BehaviorLog, work: Path) -> tuple[Beh
 
 
 def scorer_with(current: BAHEScorer, model: BAHEModel, behaviors: BehaviorTable, items: BehaviorTable) -> BAHEScorer:
+    """A scorer of CURRENT's config, checkpoint and encoder over `model` and the given tables (NEXT, or CURRENT's
+    weights over NEXT's tables for the gate)."""
     return BAHEScorer(config=copy.deepcopy(current.config), checkpoint=current.checkpoint, encoder=current.encoder,
                       model=model, behaviors=behaviors, items=items, device=current.device, kernels=current.kernels)
 
 
 def check_log(current: BAHEScorer, data: BehaviorLog) -> None:
+    """ValueError naming what the log lacks of what the scorer reads: a sequence, a categorical feature's column."""
     missing = [n for n in current.config.model.sequence_names if n not in data.sequence_names]
     if missing:
         raise ValueError(f"the log lacks the scorer's sequences {missing} (it has {list(data.sequence_names)})")
