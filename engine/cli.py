@@ -254,8 +254,8 @@ def add_refresh_commands(sub) -> None:
     p.add_argument("--data", required=True, help="the new period's log (CSV/parquet, the `bahe train` schema)")
     p.add_argument("--out", help="the version root NEXT is published into (default: --scorer, if it is a root)")
     p.add_argument("--history", help="the older log: users' histories reach back into it; --replay samples it")
-    p.add_argument("--replay", type=float, default=0.0, help="older events replayed, as a fraction of the new "
-                   "training examples (needs --history)")
+    p.add_argument("--replay", type=float, help="older events of --history replayed, as a fraction of the new "
+                   "training examples (default with --history: 0.5; 0: none)")
     p.add_argument("--gate-fraction", type=float, default=0.2, help="newest fraction of the new log's events: the "
                    "gate period, never trained on")
     p.add_argument("--val-fraction", type=float, default=0.1, help="the fraction before it: early stopping")

@@ -168,6 +168,8 @@ def test_update_with_history_and_replay_and_bad_inputs(periods, tmp_path, capsys
         update_scorer(root, new, _config(gate_fraction=0.95), device="cpu")
     with pytest.raises(SystemExit, match="not the current version of"):
         main(["update", "--scorer", str(tmp / "current"), "--data", str(tmp / "new.parquet"), "--out", str(root)])
+    with pytest.raises(SystemExit, match="--replay samples the older events of --history"):
+        main(["update", "--data", str(tmp / "new.parquet"), "--out", str(root), "--replay", "0.2"])
     with pytest.raises(SystemExit, match="--distributed and --history with it are not built yet"):
         main(["update", "--data", str(tmp / "new.parquet"), "--out", str(root), "--stream", str(tmp_path / "w"),
               "--history", str(tmp / "old.parquet")])

@@ -68,7 +68,8 @@ class UpdateConfig:
     gate: GateRule = field(default_factory=GateRule)
     gate_fraction: float = 0.2   # newest part of the new period's events: the gate, never trained on
     val_fraction: float = 0.1    # the part before it: early stopping
-    replay: float = 0.0          # older events sampled into training, as a fraction of the new training rows
+    replay: float = 0.5          # with a history log: older events sampled into training, as a fraction of the new
+                                 # training rows (forgetting measured worse without it: docs/refresh.md)
     force: bool = False          # publish even if the gate fails
     keep: int = 3                # versions kept for rollback
 
@@ -157,7 +158,8 @@ def grown_model(model: BAHEModel, num_items: int) -> BAHEModel:
 
 def check_fractions(config: UpdateConfig) -> None:
     """ValueError naming gate_fraction / val_fraction / replay unless they cut the new log into three parts."""
-    if not (0 < config.gate_fraction < 1 and 0 < config.val_fraction and config.gate_fraction + config.val_fraction < 1):
+    gate, val = config.gate_fraction, config.val_fraction
+    if not (0 < gate < 1 and 0 < val and gate + val < 1):
         raise ValueError(f"gate_fraction and val_fraction must be > 0 with a sum < 1, got {config.gate_fraction}, "
                          f"{config.val_fraction}")
     if not config.replay >= 0:
@@ -212,7 +214,8 @@ def check_log(current: BAHEScorer, data: BehaviorLog) -> None:
         try:
             data.category_values(name, np.zeros(0, dtype=np.int64))
         except KeyError:
-            raise ValueError(f"the scorer reads categorical feature {name!r}; the log has no cat_{name} column") from None
+            raise ValueError(f"the scorer reads categorical feature {name!r}; the log has no cat_{name} "
+                             "column") from None
 
 
 def update_scorer(root: str | Path, new: BehaviorLog, config: UpdateConfig | None = None, *,

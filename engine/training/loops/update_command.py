@@ -1,6 +1,7 @@
 """`bahe update` (engine/cli.py parses it): the version root's CURRENT -> NEXT through engine.training.loops.update,
 printed as the gate's figures and the verdict; `--distributed` under torchrun (data-parallel fine-tuning, rank 0
-judges and publishes); `--stream WORK` for a log bigger than memory (engine.training.loops.update_stream). It lives in the harness because it drives the trainer."""
+judges and publishes); `--stream WORK` for a log bigger than memory (engine.training.loops.update_stream). It lives
+in the harness because it drives the trainer."""
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,8 @@ def _config(args: argparse.Namespace, progress: bool) -> UpdateConfig:
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr,
                           seed=args.seed, norm_batches=0, progress=progress),
         gate=GateRule(args.min_auc_gain, args.max_logloss_increase, args.max_calibration_error, seed=args.seed),
-        gate_fraction=args.gate_fraction, val_fraction=args.val_fraction, replay=args.replay, force=args.force,
-        keep=args.keep)
+        gate_fraction=args.gate_fraction, val_fraction=args.val_fraction,
+        replay=0.5 if args.replay is None else args.replay, force=args.force, keep=args.keep)
 
 
 def run_update(args: argparse.Namespace) -> None:
@@ -43,6 +44,8 @@ def run_update(args: argparse.Namespace) -> None:
     if args.stream and (args.distributed or args.history):
         raise SystemExit("bahe update: --stream runs in one process on the new log alone; --distributed and --history "
                          "with it are not built yet")
+    if args.replay is not None and not args.history:
+        raise SystemExit("bahe update: --replay samples the older events of --history; give --history too")
     out = Path(args.out or args.scorer)
     try:
         if args.stream:

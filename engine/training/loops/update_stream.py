@@ -4,7 +4,7 @@ model and one shard, not the log.
 
 The stream's global time split is the update's: its train part fine-tunes, its val part early-stops, its test part
 (the newest `gate_fraction` of the events) is the gate, scored shard by shard by CURRENT and NEXT. Users'
-histories are the new log's own: a history log and replay are refused with --stream. The served item counts are
+histories are the new log's own (no history log, so nothing to replay). The served item counts are
 CURRENT's plus every event of the new log, summed over the shards."""
 from __future__ import annotations
 
@@ -29,8 +29,6 @@ def update_streamed(root: str | Path, log_path: str | Path, work: str | Path, co
     """`update_scorer` for the log file `log_path`, streamed through the folder `work` (see the module docstring)."""
     config = config or UpdateConfig()
     check_fractions(config)
-    if config.replay:
-        raise ValueError("replay needs a history log, which a streamed update does not take; use replay=0")
     versions = ScorerVersions(root, config.keep)
     version = versions.current()
     current = BAHEScorer.from_pretrained(version.path, device=device)
