@@ -3,7 +3,7 @@ on it) and a new one (`bahe update`'s log). CURRENT is updated without and with 
 and CURRENT are scored on the gate period (the newest events, never trained on) and on the old period's held-out
 last 10% (forgetting). One seed; every AUC over the same rows for all versions.
 
-    python -m bench.refresh [--old 0.6] [--replays 0,0.5] [--epochs 2] [--threads 2]
+    python -m bench.refresh [--old 0.6] [--replays 0,0.5] [--epochs 2] [--users N] [--threads 2]
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--old", type=float, default=0.6, help="fraction of events (by time) in the old period")
     p.add_argument("--replays", default="0,0.5", help="replay fractions to compare, joined by ','")
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--users", type=int, default=None, help="a random sample of this many users (all: None)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", type=Path, default=Path("artifacts/refresh"))
@@ -58,6 +59,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace) -> None:
     log = load_data(args.data)
+    if args.users is not None:
+        frame = log.to_frame()
+        users = np.random.default_rng(args.seed).choice(np.unique(log.user), args.users, replace=False)
+        log = BehaviorLog.from_frame(frame[frame["user_id"].isin(users)].reset_index(drop=True),
+                                     sequence_names=log.sequence_names)
     times = np.sort(log.timestamp)
     cut = int(times[int(args.old * times.size)])
     old, new = _part(log, int(times[0]), cut), _part(log, cut, int(times[-1]) + 1)
@@ -83,7 +89,7 @@ def run(args: argparse.Namespace) -> None:
     old_rows = old.examples[old.timestamp[old.examples] >= split.test_start]  # the same events, in old's own rows
     assert np.array_equal(old.user[old_rows], data.user[held_out]) and np.array_equal(old.label[old_rows],
                                                                                        data.label[held_out])
-    results = {"old_events": old.num_events, "new_events": new.num_events, "current_train_seconds": current_seconds,
+    results = {"users": int(np.unique(log.user).size), "old_events": old.num_events, "new_events": new.num_events, "current_train_seconds": current_seconds,
                "updates": []}
     current_scores = {}
     for replay in (float(r) for r in args.replays.split(",")):
