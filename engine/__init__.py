@@ -10,6 +10,8 @@ _EXPORTS = {
                                          "ScoringConfig")},
     "BatchingScorer": "engine.deploy.request_queue", "QueueClosedError": "engine.deploy.request_queue",
     "BAHEScorer": "engine.serving.scorer", "Ranking": "engine.serving.ranking", "InputError": "engine.serving.inputs", "ScorerFormatError": "engine.serving.scorer_folder",
+    "ScorerHandle": "engine.deploy.handle", "VersionedState": "engine.deploy.handle",
+    "ScorerVersions": "engine.deploy.versions", "VersionError": "engine.deploy.versions",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,4 +1,5 @@
-"""`bahe` command line: encode, train, score, calibrate, demo, bench, profile, models, info."""
+"""`bahe` command line: encode, train, score, calibrate, demo, bench, profile, models, info, update, rollback,
+versions."""
 from __future__ import annotations
 
 import argparse
@@ -13,58 +14,17 @@ import torch
 log = logging.getLogger("bahe")
 
 
-def _read_texts(path: str, column: str | None) -> list[str]:
-    """The texts of a text file (one per line; blank lines skipped; a leading byte order mark dropped) or of
-    a CSV/parquet column; SystemExit with one line naming the file and line (or row) of a text that is not
-    UTF-8, blank in a column, of no visible content or holds a lone surrogate."""
-    from engine.serving.inputs import check_visible
-    from weights.text_key import normalize_text
-    try:
-        texts, places = _text_lines(path) if column is None else _column_texts(path, column)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"bahe encode: {path}: {err}") from None
-    for text, place in zip(texts, places):
-        try:
-            normalize_text(text, "text")
-            check_visible(text)
-        except (TypeError, ValueError) as err:
-            raise SystemExit(f"bahe encode: {path}: {place}: {err}") from None
-    return texts
-
-
-def _text_lines(path: str) -> tuple[list[str], list[str]]:
-    texts, places = [], []
-    data = Path(path).read_bytes()
-    for number, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
-        try:
-            line = raw.decode("utf-8").removesuffix("\r")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"line {number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})")
-        if line.strip():
-            texts.append(line)
-            places.append(f"line {number}")
-    return texts, places
-
-
-def _column_texts(path: str, column: str) -> tuple[list[object], list[str]]:
-    import pandas as pd
-    if path.endswith((".parquet", ".pq")):
-        frame = pd.read_parquet(path)
-    else:  # cells verbatim: an empty cell stays "" (refused), not NaN -> "nan"
-        frame = pd.read_csv(path, keep_default_na=False, dtype={column: str})
-    if column not in frame.columns:
-        raise SystemExit(f"column {column!r} not in {path} (columns: {list(frame.columns)})")
-    texts = frame[column].tolist()
-    return texts, [f"column {column!r} row {i}" for i in range(len(texts))]
-
-
 def cmd_encode(args: argparse.Namespace) -> None:
     from engine.encoding.abe import AtomicEncoder
     from weights.checkpoint import Checkpoint
     from weights.registry import resolve_model
     from weights.table import BehaviorTable
     launch = _launch("bahe encode", args.distributed)
-    texts = _read_texts(args.texts, args.column)
+    from engine.encoding.text_files import read_texts
+    try:
+        texts = read_texts(args.texts, args.column)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"bahe encode: {err}") from None
     device = launch.device() if launch else "cpu"
     encoder = AtomicEncoder.from_checkpoint(Checkpoint(resolve_model(args.model)), args.lower_layers,
                                             max_tokens=args.max_tokens, device=device,
@@ -252,6 +212,75 @@ def cmd_profile(args: argparse.Namespace) -> None:
     _run_module("bench.profile", args.profile_args)
 
 
+# ----- keeping a scorer fresh: update, rollback, versions (docs/refresh.md) -----------------------
+def cmd_update(args: argparse.Namespace) -> None:
+    from engine.training.loops.update_command import run_update
+    run_update(args)
+
+
+def cmd_rollback(args: argparse.Namespace) -> None:
+    from engine.deploy.versions import ScorerVersions, VersionError
+    versions = ScorerVersions(args.root)
+    try:
+        was = versions.current().name
+        now = versions.rollback()
+    except (VersionError, OSError) as err:
+        raise SystemExit(f"bahe rollback: {err}") from None
+    print(f"{args.root}: now serving {now.name} (was {was})")
+
+
+def cmd_versions(args: argparse.Namespace) -> None:
+    from engine.deploy.versions import ScorerVersions, VersionError
+    try:
+        history = ScorerVersions(args.root).history()
+    except (VersionError, OSError) as err:
+        raise SystemExit(f"bahe versions: {err}") from None
+    for version in history:
+        gate = version.note.get("gate", {})
+        figures = f" gate AUC {gate['current']['auc']:.4f} -> {gate['next']['auc']:.4f}" if gate else ""
+        print(f"{version.name}{' (current)' if version is history[-1] else ''}  {version.note.get('published_at', '')}"
+              f"{figures}")
+
+
+def add_refresh_commands(sub) -> None:
+    """`bahe update`, `bahe rollback`, `bahe versions`."""
+    p = sub.add_parser("update", help="warm-start the next scorer version on a new log, gate it, publish it")
+    p.add_argument("--scorer", help="a scorer folder (starts the version root --out with it) or a version root")
+    p.add_argument("--data", required=True, help="the new period's log (CSV/parquet, the `bahe train` schema)")
+    p.add_argument("--out", help="the version root NEXT is published into (default: --scorer, if it is a root)")
+    p.add_argument("--history", help="the older log: users' histories reach back into it; --replay samples it")
+    p.add_argument("--replay", type=float, help="older events of --history replayed, as a fraction of the new "
+                   "training examples (default with --history: 0.5; 0: none)")
+    p.add_argument("--gate-fraction", type=float, default=0.2, help="newest fraction of the new log's events: the "
+                   "gate period, never trained on")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="the fraction before it: early stopping")
+    p.add_argument("--min-auc-gain", type=float, default=0.0)
+    p.add_argument("--max-logloss-increase", type=float, default=0.002)
+    p.add_argument("--max-calibration-error", type=float, default=0.15)
+    p.add_argument("--force", action="store_true", help="publish NEXT even if it fails the gate")
+    p.add_argument("--keep", type=int, default=3, help="versions kept for rollback")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--backbone-lr", type=float, default=5e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--distributed", action="store_true", help="under torchrun: data-parallel fine-tuning; rank 0 "
+                   "judges and publishes")
+    p.add_argument("--stream", metavar="WORK", help="a new log bigger than memory: laid out as user shards in WORK "
+                   "(as `bahe train --stream`) and fine-tuned shard by shard; its newest events are the gate")
+    p.add_argument("--shards", type=int, default=16, help="with --stream: user shards")
+    p.set_defaults(func=cmd_update)
+
+    p = sub.add_parser("rollback", help="make the previous scorer version current again")
+    p.add_argument("root")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("versions", help="list a version root's kept versions")
+    p.add_argument("root")
+    p.set_defaults(func=cmd_versions)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bahe", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -352,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("table")
     p.add_argument("--verify", action="store_true", help="scan every row and key")
     p.set_defaults(func=cmd_info)
+    add_refresh_commands(sub)
     return parser
 
 

@@ -267,7 +267,7 @@ def test_files_source_files_stay_small():
 
 
 # ----- serving reaches the device through the pipeline's transfer functions ---------------------
-TRANSFERS = {"engine.serving.pipeline": {"to_device", "place"}}  # per request: to_device; set-up/refresh: place
+TRANSFERS = {"engine.serving.transfer": {"to_device", "place"}}  # per request: to_device; set-up/refresh: place
 PLACEMENT = "engine.serving.placement"  # a table's placement, once per table size (ScoringPipeline.table_rows)
 DEVICE_FACTORIES = ("tensor", "as_tensor", "asarray")  # torch.<f>(host data, device=...) copies to the device
 
@@ -329,8 +329,8 @@ def test_serving_reaches_the_device_only_through_the_pipeline_transfer():
         bad = [(f, line, call) for f, line, call in device_moves(ast.parse(MODULES[name].read_text()))
                if f not in allowed]
         assert not bad, f"{name} moves data to the device outside the pipeline's transfer functions: {bad}"
-    moves = {f for f, _, _ in device_moves(ast.parse(MODULES["engine.serving.pipeline"].read_text()))}
-    assert moves == TRANSFERS["engine.serving.pipeline"]
+    moves = {f for f, _, _ in device_moves(ast.parse(MODULES["engine.serving.transfer"].read_text()))}
+    assert moves == TRANSFERS["engine.serving.transfer"]
 
 
 # ----- tests -----

@@ -47,7 +47,7 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
     """fsync every file under `folder`, then every folder, deepest first."""
     folders = [folder]
     for path in sorted(folder.rglob("*")):
@@ -62,7 +62,7 @@ def _fsync_tree(folder: Path) -> None:
         fsync_dir(sub)
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
     """Delete a file, a link or a whole folder; a path already gone is fine."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -102,15 +102,15 @@ def atomic_folder(path: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if path.exists() or path.is_symlink():
             old = temp_sibling(path)
             os.rename(path, old)
-            _remove(old)
+            remove_path(old)
         os.rename(tmp, path)
         fsync_dir(path.parent)
     finally:
-        _remove(tmp)
+        remove_path(tmp)
 
 
 def copy_atomic(src: Path, dst: Path) -> None:
@@ -126,7 +126,7 @@ def remove_stale_temps(path: Path) -> None:
     while holding `file_lock` on the lock that serializes writers of `path`."""
     for stale in path.parent.glob(f".{path.name}{TEMP_MARK}*"):
         log.info("removing leftover temporary %s", stale)
-        _remove(stale)
+        remove_path(stale)
 
 
 def check_lock_timeout(timeout: object) -> None:

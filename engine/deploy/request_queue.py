@@ -50,6 +50,7 @@ import numpy as np
 
 from engine.config import QueueConfig
 from engine.serving.ranking import Ranking, check_top_k, ranking
+from engine.deploy.handle import ScorerHandle
 from engine.serving.scorer import BAHEScorer
 
 
@@ -90,9 +91,10 @@ class BatchingScorer:
             r = queue.rank(user, candidates, top_k=10)
     """
 
-    def __init__(self, scorer: BAHEScorer, config: QueueConfig | None = None) -> None:
-        if not isinstance(scorer, BAHEScorer):
-            raise TypeError(f"BatchingScorer wraps a BAHEScorer, got {type(scorer).__name__}")
+    def __init__(self, scorer: BAHEScorer | ScorerHandle, config: QueueConfig | None = None) -> None:
+        if not isinstance(scorer, (BAHEScorer, ScorerHandle)):
+            raise TypeError(f"BatchingScorer wraps a BAHEScorer, got {type(scorer).__name__} (a ScorerHandle of "
+                            "scorer versions works too)")
         self.scorer, self.config = scorer, config or QueueConfig()
         if not isinstance(self.config, QueueConfig):
             raise TypeError(f"config must be a QueueConfig, got {type(self.config).__name__}")

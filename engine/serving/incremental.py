@@ -44,7 +44,8 @@ import torch.nn.functional as F
 
 from engine.serving.inputs import InputError, check_visible, parse_history_counts, parse_users, read_windows, user_sequences
 from engine.model.bahe_model import BAHEModel, gather_rows
-from engine.serving.pipeline import PipelineVersion, ScoringBatch, to_device
+from engine.serving.pipeline import PipelineVersion, ScoringBatch
+from engine.serving.transfer import to_device
 from engine.serving.ranking import Ranking, check_top_k, parse_candidates, ranking
 from engine.features.side_features import recent_counts
 from engine.model.stages import stage

@@ -10,7 +10,7 @@ pinned buffer, one non-blocking copy; on the CPU the arrays are wrapped, not cop
 head (engine.serving.towers: pure functions of device tensors), and reads the probabilities back once. What
 the host needs of the model per request - the items' training counts, the categorical buckets seen in
 training - comes from host mirrors, refreshed when the weights change, never from a device read.
-`tests/test_layout.py` holds the rule: serving modules reach the device only through `to_device` and `place`.
+`tests/test_layout.py` holds the rule: serving modules reach the device only through engine.serving.transfer.
 
 towers.py stays a module of pure functions, not folded in here: it holds the device math (item vectors, pair
 similarity, the batched folded head) on tensors alone, testable without a scorer; this file holds the state
@@ -24,6 +24,7 @@ grown since (rows are append-only, so old ids keep their rows). Stale states are
 dropped, the item vectors and host mirrors recomputed."""
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Sequence
@@ -47,27 +48,31 @@ from engine.serving.item_vectors import ItemVectors, model_version
 from engine.serving.placement import place_table, stored_rows
 from engine.serving.ranking import distinct_pairs
 from engine.serving.scorer_setup import kernel_path
+from engine.serving.transfer import place, read_back, to_device
 from engine.serving.user_cache import CacheStats, UserStateCache, user_key
 from weights.table import MISSING, BehaviorTable, NonFiniteRowError, TableError, UnknownTextError, first_nonfinite_row
 from weights.text_key import normalize_text
 
 log = logging.getLogger(__name__)
 
+_SERIALS = itertools.count(1)
 PROB_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps]: always strictly inside (0, 1)
 SIMILARITY_BLOCK = 1 << 23  # (pairs x behaviors) cosines per similarity product of a group of users
-ALIGN = 16  # bytes: every array in the packed transfer starts at a multiple (any dtype may view it)
 
 
 @dataclass(frozen=True)
 class PipelineVersion:
-    """weights: `model_version` of the model; behaviors, items: the tables' lengths."""
+    """pipeline: a number unique to the pipeline in this process (tensor ids and data pointers are reused once a
+    swapped-out scorer is collected); weights: `model_version` of the model; behaviors, items: table lengths."""
+    pipeline: int
     weights: tuple
     behaviors: int
     items: int
 
     def serves(self, older: PipelineVersion) -> bool:
-        """True when state computed at `older` is valid now: the same weights, tables that only grew since."""
-        return older.weights == self.weights and older.behaviors <= self.behaviors and older.items <= self.items
+        """True when state computed at `older` is valid now: the same pipeline and weights, tables only grown."""
+        return (older.pipeline == self.pipeline and older.weights == self.weights
+                and older.behaviors <= self.behaviors and older.items <= self.items)
 
 
 @dataclass
@@ -101,59 +106,6 @@ class PlacedTables:
     category_seen: np.ndarray
 
 
-def pack(arrays: dict[str, np.ndarray], into=None) -> tuple[np.ndarray, dict[str, tuple[int, np.dtype, tuple]]]:
-    """The arrays in one uint8 buffer (`into(size)` gives it, default a new array), each at an ALIGN-byte offset
-    -> (buffer, name -> (offset, dtype, shape))."""
-    layout, size = {}, 0
-    for name, array in arrays.items():
-        layout[name] = (size, array.dtype, array.shape)
-        size += -(-array.nbytes // ALIGN) * ALIGN
-    buffer = np.empty(size, dtype=np.uint8) if into is None else into(size)
-    for name, array in arrays.items():
-        offset = layout[name][0]
-        buffer[offset:offset + array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-    return buffer, layout
-
-
-def unpack(buffer: torch.Tensor, layout: dict[str, tuple[int, np.dtype, tuple]]) -> dict[str, torch.Tensor]:
-    """Views of a packed uint8 tensor (`pack`), on its device, as the arrays' dtypes and shapes."""
-    out = {}
-    for name, (offset, dtype, shape) in layout.items():
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        dtype_t = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
-        out[name] = buffer[offset:offset + nbytes].view(dtype_t).view(shape)
-    return out
-
-
-def to_device(arrays: dict[str, np.ndarray | None], device: torch.device) -> dict[str, torch.Tensor | None]:
-    """The request's host arrays on `device` in ONE transfer: packed into one pinned buffer and copied without
-    blocking the host (the copy is ordered before the kernels that read it on the same stream). On the CPU
-    the arrays are wrapped as tensors, not copied. None stays None."""
-    present = {k: np.ascontiguousarray(v) for k, v in arrays.items() if v is not None}
-    out: dict[str, torch.Tensor | None] = dict.fromkeys(arrays)
-    if device.type == "cpu":
-        out.update({k: torch.from_numpy(v) for k, v in present.items()})
-        return out
-    pinned: list[torch.Tensor] = []
-
-    def into(size: int) -> np.ndarray:  # packed straight into page-locked memory: one host copy per array
-        pinned.append(torch.empty(size, dtype=torch.uint8, pin_memory=True))
-        return pinned[0].numpy()
-    _, layout = pack(present, into)
-    out.update(unpack(pinned[0].to(device, non_blocking=True), layout))
-    return out
-
-
-def read_back(probabilities: torch.Tensor) -> np.ndarray:
-    """The request's one device -> host read: the (P,) probabilities as float32."""
-    return probabilities.float().cpu().numpy()
-
-
-def place(thing: torch.Tensor | nn.Module, device: torch.device) -> torch.Tensor | nn.Module:
-    """A module or tensor moved to `device` at set-up or refresh time (weights, item vectors), not per request."""
-    return thing.to(device)
-
-
 class ScoringPipeline:
     """The scorer's shared serving state and compute path (see the module docstring). Thread-safe: `lock`
     guards the tables (lookups, appends, placement) and the item vectors; compute runs outside it."""
@@ -165,6 +117,7 @@ class ScoringPipeline:
         self.model = place(model, device).eval()
         place(encoder.lower, device)
         encoder.device = device
+        self.serial = next(_SERIALS)  # this pipeline's number in the process: PipelineVersion.pipeline
         self.lock = threading.Lock()
         self.user_cache = UserStateCache(config.scoring.user_cache_bytes)
         self.item_vectors = ItemVectors()
@@ -175,7 +128,7 @@ class ScoringPipeline:
 
     def version(self) -> PipelineVersion:
         """The pipeline's version now (weights and table lengths)."""
-        return PipelineVersion(model_version(self.model), len(self.behaviors), len(self.items))
+        return PipelineVersion(self.serial, model_version(self.model), len(self.behaviors), len(self.items))
 
     # ----- tables ---------------------------------------------------------------------------
     def table_rows(self, which: str) -> torch.Tensor:

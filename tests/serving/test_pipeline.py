@@ -10,7 +10,8 @@ import torch
 
 import engine.serving.pipeline as pipeline_module
 from engine import BAHEScorer, EncoderConfig, InputError, ModelConfig, ScorerConfig
-from engine.serving.pipeline import ALIGN, PipelineVersion, pack, to_device, unpack
+from engine.serving.pipeline import PipelineVersion
+from engine.serving.transfer import ALIGN, pack, to_device, unpack
 from engine.serving.user_cache import UserStateCache
 from kernels import ops
 from tests.serving.test_scorer import BEHAVIORS, ITEMS, random_users
@@ -110,10 +111,19 @@ def test_similarity_groups_split_by_the_block_give_the_same_scores(scorer, monke
 
 # ----- versions ---------------------------------------------------------------------------------
 def test_a_version_serves_older_state_of_the_same_weights_and_shorter_tables():
-    v = PipelineVersion(weights=(1, 2), behaviors=10, items=4)
+    v = PipelineVersion(pipeline=1, weights=(1, 2), behaviors=10, items=4)
     assert v.serves(v) and v.serves(dataclasses.replace(v, behaviors=8, items=3))
     assert not v.serves(dataclasses.replace(v, behaviors=11))
     assert not v.serves(dataclasses.replace(v, weights=(1, 3)))
+    assert not v.serves(dataclasses.replace(v, pipeline=2))  # another scorer's, even at equal tensor ids
+
+
+def test_two_pipelines_never_serve_each_others_state(scorer):
+    """Tensor ids and data pointers can be reused once a swapped-out scorer is collected: the serial tells them apart."""
+    other = BAHEScorer(config=scorer.config, checkpoint=scorer.checkpoint, encoder=scorer.encoder, model=scorer.model,
+                       behaviors=scorer.behaviors, items=scorer.items, device="cpu")
+    assert other.pipeline.version().weights == scorer.pipeline.version().weights
+    assert not other.pipeline.version().serves(scorer.pipeline.version())
 
 
 def test_the_pipeline_version_follows_weights_and_tables(scorer):
@@ -149,7 +159,7 @@ def test_a_user_state_from_another_version_is_refused(scorer):
 
 def test_cache_entries_carry_their_version():
     cache = UserStateCache(1 << 20)
-    v1 = PipelineVersion((1,), 10, 4)
+    v1 = PipelineVersion(1, (1,), 10, 4)
     cache.get_many([b"a"], v1)
     cache.put_many([b"a"], [torch.ones(3, 2)], v1)
     assert cache.get_many([b"a"], dataclasses.replace(v1, behaviors=12))[0] is not None  # tables grew: served
@@ -157,7 +167,7 @@ def test_cache_entries_carry_their_version():
     cache.put_many([b"a"], [torch.ones(3, 2)], v1)  # computed at a version the cache has left: not kept
     assert cache.stats().entries == 0
     cache.put_many([b"b"], [torch.ones(3, 2)], dataclasses.replace(v1, behaviors=9))
-    assert cache.get_many([b"b"], PipelineVersion((2,), 9, 4))[0] is None and cache.stats().entries == 0
+    assert cache.get_many([b"b"], PipelineVersion(1, (2,), 9, 4))[0] is None and cache.stats().entries == 0
 
 
 def test_host_mirrors_follow_the_weights(scorer):
