@@ -63,3 +63,21 @@ def test_held_out_items_score_as_unseen_ids(log):
     assert rows.size > 0 and np.isfinite(predict(ids, log, rows)).all()
     with pytest.raises(TypeError, match="no unseen item-id bucket is known for Linear"):
         give_unseen_bucket(torch.nn.Linear(2, 2), held)
+
+
+def test_sequential_id_model_takes_its_unseen_row(tiny_checkpoints, log):
+    from engine.backbone.split import UpperEncoder
+    from engine.training.loops.sequential_id import SequentialIdCTR
+    from weights.checkpoint import Checkpoint
+
+    torch.manual_seed(0)
+    like = UpperEncoder.from_checkpoint(Checkpoint(tiny_checkpoints["bert"]), 2, causal=True)
+    config = ModelConfig(sequence_names=log.sequence_names, max_behaviors=16, head_hidden=(8,))
+    model = SequentialIdCTR(like, config, log, log.split().train)
+    held = model.items[[0, 2]]  # items training saw: rows of their own until now
+    rows = torch.from_numpy(model.item_rows(held))
+    assert (rows != model.unseen_row).all()
+    give_unseen_bucket(model, held)
+    assert torch.equal(model.embedding[rows], model.embedding[model.unseen_row].expand(2, -1))
+    side = model.model.side.item_id.weight
+    assert side.shape[0] == model.unseen_row + 1 and torch.equal(side[rows], side[-1].expand(2, -1))

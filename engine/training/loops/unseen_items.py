@@ -8,6 +8,7 @@ from torch import nn
 
 from engine.model.head import SideInputs
 from engine.training.loops.ctr_models import BAHECTR, IdOnlyCTR, SideOnlyCTR
+from engine.training.loops.sequential_id import SequentialIdCTR
 
 __all__ = ["give_unseen_bucket"]
 
@@ -21,13 +22,20 @@ def _side_item_rows(side: SideInputs, rows: np.ndarray) -> None:
 @torch.no_grad()
 def give_unseen_bucket(model: nn.Module, item_ids: np.ndarray) -> None:
     """Make `model` score the items `item_ids` as unseen ids: BAHE and the model without text take their
-    unseen item-id row; the id-only model (no such row) the mean of the other items' embeddings; a model with a
-    `give_unseen_bucket(item_ids)` method is left to it. TypeError for another model."""
+    unseen item-id row; the sequential id model its unseen row, in its behavior embedding and its item-id side
+    embedding (items it met only inside training histories have rows of their own until then); the id-only model
+    (no such row) the mean of the other items' embeddings; a model with a `give_unseen_bucket(item_ids)` method
+    is left to it. TypeError for another model."""
     item_ids = np.asarray(item_ids, dtype=np.int64)
     if hasattr(model, "give_unseen_bucket"):
         model.give_unseen_bucket(item_ids)
     elif isinstance(model, BAHECTR):
         _side_item_rows(model.model.side, model.item_row[item_ids])
+    elif isinstance(model, SequentialIdCTR):
+        rows = model.item_rows(item_ids)
+        rows = rows[rows != model.unseen_row]
+        model.embedding[torch.from_numpy(rows)] = model.embedding[model.unseen_row].clone()
+        _side_item_rows(model.model.side, rows)
     elif isinstance(model, SideOnlyCTR):
         _side_item_rows(model.side, model.row[item_ids])
     elif isinstance(model, IdOnlyCTR):
