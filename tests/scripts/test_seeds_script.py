@@ -51,7 +51,7 @@ def test_ml1m_seeds_on_the_generated_fixture(tmp_path, tiny_checkpoints):
             "1", "--epochs", "1", "--batch-size", "64", "--threads", "1", "--work-dir", str(tmp_path / "work"),
             "--out-dir", str(out), "--results-md", str(results_md)]
     numbers = seeds.main(argv)
-    models = ["BAHE", "sequential id", "LightGBM, side features", "LightGBM, side + text features"]
+    models = ["LightGBM, side features", "LightGBM, side + text features", "BAHE", "sequential id"]
     assert [(r["seed"], r["model"]) for r in numbers["rows"]] == [(s, m) for s in (0, 1) for m in models]
     assert all(0 <= r["auc"] <= 1 and 0 <= r["gauc"] <= 1 for r in numbers["rows"])
     bahe = [r["logloss"] for r in numbers["rows"] if r["model"] == "BAHE"]
