@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import torch
+from torch import nn
 
 from engine.training.baselines.classic import fit_classic
 from engine.training.baselines.lightgbm_peers import fit_lightgbm
@@ -35,7 +37,8 @@ from engine.training.loops.sequential_id import SequentialIdCTR
 from engine.training.loops.train import fit, predict
 from engine.training.loops.unseen_items import give_unseen_bucket
 from engine.training.studies.demo import DemoConfig, DemoRow, demo_scorer, initial_weights
-from engine.training.studies.experiment import load_data
+from engine.serving.scorer import BAHEScorer
+from engine.training.studies.experiment import TableReport, load_data
 from engine.training.studies.metrics import (Interval, auc_interval, calibration_bins, gauc, gauc_interval, log_loss,
                                              roc_auc)
 from engine.training.studies.top_lists import (TopListOverlap, anchor_rows, model_top_overlap, neural_scores,
@@ -102,7 +105,7 @@ class Ml1mRun:
     results: list[PeerResult]
     splits: dict[str, dict[str, np.ndarray]]
     held_out_items: int
-    tables: object                     # the demo's TableReport
+    tables: TableReport
     elapsed: float
     data_summary: str
 
@@ -122,13 +125,13 @@ def ml1m_splits(data: BehaviorLog, names: tuple[str, ...], fraction: float, seed
     return out, held
 
 
-def frozen_rows(scorer, data: BehaviorLog) -> np.ndarray:
+def frozen_rows(scorer: BAHEScorer, data: BehaviorLog) -> np.ndarray:
     """(I, D) float32: BAHE's frozen ABE behavior rows of the log's items, aligned with data.item_ids."""
     table = scorer.table_rows("behaviors")
     return table[scorer.behaviors.lookup(data.item_id_texts)].float().cpu().numpy()
 
 
-def _neural(name: str, data: BehaviorLog, rows: dict, ctx: dict) -> tuple:
+def _neural(name: str, data: BehaviorLog, rows: dict, ctx: dict) -> tuple[nn.Module, float]:
     """(model, seconds per epoch) of a neural row, trained with the demo's settings."""
     config: DemoConfig = ctx["config"]
     scorer, seed = ctx["scorer"], config.seed
@@ -137,7 +140,6 @@ def _neural(name: str, data: BehaviorLog, rows: dict, ctx: dict) -> tuple:
         scorer.model.load_state_dict(ctx["initial"])
         model = BAHECTR(scorer, data)
     else:
-        import torch
         torch.manual_seed(seed)
         if name == "CTR model without text":
             model = SideOnlyCTR(model_config, data)
