@@ -35,27 +35,29 @@ from engine.training.studies.results_sections import machine
 PHASES = ("prepare", "forward", "backward", "step")
 
 
-def timed_batches(model: BAHECTR, data, chunks: list[np.ndarray], config: TrainConfig) -> dict[str, float]:
-    """Train on `chunks` as `fit` does; seconds spent in each phase (PHASES), summed over the chunks."""
+def timed_batches(model: BAHECTR, data, chunks: list[np.ndarray], config: TrainConfig) -> dict[str, list[float]]:
+    """Train on `chunks` as `fit` does; [wall, CPU] seconds spent in each phase (PHASES), summed over the chunks."""
     optimizer, trainable = make_optimizer(model, config)
     model.train()
-    spent = dict.fromkeys(PHASES, 0.0)
+    spent = {phase: [0.0, 0.0] for phase in PHASES}
+    clock = lambda: (time.perf_counter(), time.process_time())  # noqa: E731
     for chunk in chunks:
-        t0 = time.perf_counter()
+        marks = [clock()]
         batch = model.prepare(data, chunk)
         labels = torch.from_numpy(data.label[chunk].astype(np.float32))
-        t1 = time.perf_counter()
+        marks.append(clock())
         loss = nn.functional.binary_cross_entropy_with_logits(model(batch), labels)
         loss.item()
-        t2 = time.perf_counter()
+        marks.append(clock())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        t3 = time.perf_counter()
+        marks.append(clock())
         nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
         optimizer.step()
-        t4 = time.perf_counter()
-        for phase, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-            spent[phase] += seconds
+        marks.append(clock())
+        for phase, before, after in zip(PHASES, marks, marks[1:]):
+            spent[phase][0] += after[0] - before[0]
+            spent[phase][1] += after[1] - before[1]
     return spent
 
 
@@ -94,20 +96,22 @@ def main(argv: list[str] | None = None) -> dict:
         timed = chunks[:args.batches]
         profiler = cProfile.Profile() if args.profile else None
         with PeakMemory(torch.device("cpu")) as peak:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             if profiler:
                 profiler.enable()
             spent = timed_batches(model, data, timed, train_config)
             if profiler:
                 profiler.disable()
-            seconds = time.perf_counter() - start
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     if profiler:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(args.profile)
     scale = len(chunks) / len(timed)
     result = {"data": args.data, "train_examples": int(train.size), "batches_per_epoch": len(chunks),
               "timed_batches": len(timed), "timed_examples": int(sum(c.size for c in timed)),
               "timed_seconds": round(seconds, 2), "epoch_seconds_extrapolated": round(seconds * scale, 1),
-              "phase_epoch_seconds": {k: round(v * scale, 1) for k, v in spent.items()},
+              "cpu_seconds_extrapolated": round(cpu_seconds * scale, 1),
+              "phase_epoch_seconds": {k: round(v[0] * scale, 1) for k, v in spent.items()},
+              "phase_cpu_seconds": {k: round(v[1] * scale, 1) for k, v in spent.items()},
               "peak_rss_gb": round(peak.bytes / 2 ** 30, 2), "added_gb": round(peak.added / 2 ** 30, 2),
               "threads": args.threads, "machine": machine()}
     print(json.dumps(result))

@@ -97,7 +97,7 @@ def prefix_similar(model: BAHEModel, behavior_table: torch.Tensor, item_table: t
                    batch: TimelineBatch) -> torch.Tensor | None:
     """(B, n, k) soft counts of each target's prefixes (`engine.features.similarity`): the scorer's `BAHEModel.similar`
     over the prefix, one (target, behavior) pair per behavior of each prefix, their cosines read from one
-    (targets x distinct rows) product; None for a model without them."""
+    (targets x distinct rows of the batch) product; None for a model without them."""
     temperatures = model.config.similarity_temperatures
     if not temperatures:
         return None
@@ -108,7 +108,8 @@ def prefix_similar(model: BAHEModel, behavior_table: torch.Tensor, item_table: t
     owner = torch.repeat_interleave(torch.arange(targets * n, device=device), lengths, output_size=batch.pairs)
     within = torch.arange(batch.pairs, device=device) - pair_offsets[owner]
     position = batch.offsets[batch.sequence.reshape(-1)][owner] + within
-    distinct, which = torch.unique(batch.behavior_rows[position], return_inverse=True)
+    distinct, inverse = torch.unique(batch.behavior_rows, return_inverse=True)  # over the T rows, not the pairs
+    which = inverse[position]
     cos = unit_rows(item_table[batch.item_rows].float()) @ unit_rows(behavior_table[distinct].float()).T
     weights = similarity_weights(cos[owner // n, which], temperatures)
     return segment_sums(weights, pair_offsets).view(targets, n, len(temperatures))

@@ -34,6 +34,9 @@ class TrainConfig:
     eval_batch_size: int = 256
     seed: int = 0
     progress: bool = True
+    fused_optimizer: bool = True  # AdamW's fused kernel: the same update rule, each tensor updated in one pass
+                                  # (about 4.7x faster steps on the CPU, docs/training-speed.md); its float rounding
+                                  # differs from the per-op update's in the last bits; False: the per-op update
 
 
 @dataclass
@@ -142,7 +145,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.O
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if id(p) in pretrained], "lr": config.backbone_lr},
               {"params": [p for p in trainable if id(p) not in pretrained], "lr": config.lr}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay), trainable
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay,
+                             fused=config.fused_optimizer or None), trainable
 
 
 def _step_loss(model: nn.Module, runner: nn.Module, data: BehaviorLog, chunk: np.ndarray, device: torch.device,
