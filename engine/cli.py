@@ -74,55 +74,8 @@ def _encode_distributed(out: Path, texts: list[str], encoder, launch, args: argp
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from engine.training.loops.ctr_models import BAHECTR
-    from engine.training.studies.experiment import SampleConfig, build_scorer, load_data, sample_split, train_and_test
-    from engine.training.data.log_files import load_log
-    from engine.training.data.log_schema import LogFormatError
-    from engine.training.loops.train import TrainConfig
-    from engine.training.loops.train_commands import (bucket_report, id_vocabulary, scorer_config, train_distributed,
-                                                      train_streamed)
-    launch = _launch("bahe train", args.distributed)
-    if args.stream:
-        if args.catalog or args.timestamps != "auto":
-            raise SystemExit("bahe train: --catalog and --timestamps are not built for --stream yet")
-        if args.distributed:
-            raise SystemExit("bahe train: --stream runs in one process; --distributed with it is not built yet")
-        return train_streamed(args)
-    try:
-        if args.data == "movielens" and (args.catalog or args.timestamps != "auto"):
-            raise SystemExit("bahe train: --catalog and --timestamps apply to a log file given as --data")
-        data = load_data(args.data) if args.data == "movielens" else load_log(
-            args.data, catalog=args.catalog, timestamps=args.timestamps)
-    except (LogFormatError, OSError) as err:
-        raise SystemExit(f"bahe train: {err}") from None
-    split = data.split()
-    rows = sample_split(split, SampleConfig(args.train_examples, args.val_examples, args.test_examples, args.seed))
-    say = print if launch is None or launch.is_writer else (lambda *a, **k: None)
-    say(json.dumps({k: {"examples": int(v.size), "positive_rate": round(float(data.label[v].mean()), 4)}
-                    for k, v in rows.items()}))
-    config = scorer_config(args, data)
-    out = Path(args.out)
-    id_vocabulary(data, out / "scorer", write=False)  # an item id whose stored text differs stops the run here
-    say(json.dumps({"hashed_buckets": bucket_report(data, config)}))
-    if launch is not None:
-        train_distributed(launch, args, data, split, rows, config)
-        return
-    scorer, report = build_scorer(args.model, data, config, out / "tables", device=args.device)
-    print(f"tables: {report.behavior_events} behavior events -> {report.unique_behaviors} unique rows "
-          f"({report.dedup_ratio:.0f}x dedup) in {report.seconds:.1f} s")
-    bahe = BAHECTR(scorer, data)
-    result = train_and_test(bahe, data, rows, TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr, seed=args.seed),
-        device=str(scorer.device))
-    bahe.store_item_counts(data, split.test_start)  # the item statistics served: the training period's
-    scorer.save_pretrained(out / "scorer")
-    vocabulary = id_vocabulary(data, out / "scorer")
-    print(f"test AUC {result.test['auc']:.4f}, log loss {result.test['logloss']:.4f}, best epoch "
-          f"{result.fit.best_epoch}, {sum(result.fit.epoch_seconds) / len(result.fit.epoch_seconds):.1f} s/epoch, "
-          f"{len(result.fit.epoch_seconds) * rows['train'].size / max(sum(result.fit.epoch_seconds), 1e-9):.0f} "
-          "train examples/s; "
-          f"scorer saved to {out / 'scorer'} (ids.json: {len(vocabulary.users)} user ids, {len(vocabulary.items)} "
-          "item ids)")
+    from engine.training.loops.train_commands import train_command
+    train_command(args, _launch("bahe train", args.distributed))
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -179,9 +132,24 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    from engine.training.data.movielens_1m import is_movielens_1m_dir
     from engine.training.studies.demo import DemoConfig, run_demo
-    out = Path(args.out) if args.out else Path("artifacts/demo") / Path(args.model).name
-    run_demo(DemoConfig.preset(args.model, data=args.data, out=out, results=Path(args.results)))
+    ml1m = args.data == "ml1m" or is_movielens_1m_dir(args.data)
+    if args.quick and not ml1m:
+        raise SystemExit("bahe demo: --quick is the MovieLens-1M demo's short run; add --data ml1m")
+    name = Path(args.model).name
+    out = Path(args.out) if args.out else Path("artifacts/demo") / (f"ml1m-{name}" if ml1m else name)
+    overrides = {"epochs": args.epochs or 2, "raw_train_examples": 0, "seed": args.seed} if ml1m else {}
+    if args.lower_layers is not None:
+        overrides["num_lower_layers"] = args.lower_layers
+    config = DemoConfig.preset(args.model, data=args.data, out=out, results=Path(args.results), **overrides)
+    if not ml1m:
+        run_demo(config)
+        return
+    from engine.training.studies.demo_ml1m import Ml1mConfig
+    from engine.training.studies.demo_ml1m_report import run_ml1m_demo
+    run_ml1m_demo(Ml1mConfig(config, quick=args.quick, threads=args.threads),
+                  command=" ".join(["bahe", *sys.argv[1:]]) if sys.argv[1:] else "bahe demo --data ml1m")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
@@ -347,7 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="MovieLens-100K (or -1M): BAHE vs its peers, one table")
     p.add_argument("--model", default="minilm")
-    p.add_argument("--data", default="movielens", help="'movielens' (MovieLens-100K) or 'ml1m' (MovieLens-1M)")
+    p.add_argument("--data", default="movielens", help="'movielens' (MovieLens-100K) or 'ml1m' (MovieLens-1M, "
+                   "or a folder of its .dat files): BAHE against its strongest peers on three splits, ~3 h on 2 cores")
+    p.add_argument("--quick", action="store_true", help="with --data ml1m: the time split, BAHE, the sequential id "
+                   "model and both LightGBM rows (all the training data)")
+    p.add_argument("--epochs", type=int, help="with --data ml1m: most epochs per neural model (default 2)")
+    p.add_argument("--lower-layers", type=int, help="frozen lower layers (default: the model's preset, minilm 5)")
+    p.add_argument("--seed", type=int, default=0, help="with --data ml1m: weights, data order, held-out items")
     p.add_argument("--out", help="output folder (default: artifacts/demo/<model>)")
     p.add_argument("--results", default="bench/RESULTS.md")
     p.set_defaults(func=cmd_demo)

@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import roc_auc_score
 
-from engine.training.studies.metrics import auc_interval, log_loss, paired_auc_difference, roc_auc, weighted_roc_auc
+from engine.training.studies.metrics import (auc_interval, calibration_bins, gauc, gauc_interval, log_loss,
+                                             paired_auc_difference, paired_gauc_difference, roc_auc, user_aucs,
+                                             weighted_roc_auc)
 
 
 @settings(max_examples=60, deadline=None)
@@ -135,8 +137,70 @@ def test_bool_and_float_labels_accepted():
         (lambda: weighted_roc_auc([0, 1], [0.1, 0.2], [0, 1]), "one class has no weight"),
         (lambda: auc_interval([0, 1], [0.1, 0.2], [1, 2, 3]), r"users must be 1-D with one entry per label \(2\)"),
         (lambda: auc_interval([0, 1], [0.1, 0.2], [1, 2], resamples=0), "resamples must be >= 1"),
+        (lambda: gauc([0, 1, 1], [0.1, 0.2, 0.3], [1, 2, 2]), "no user has both"),
+        (lambda: gauc([0, 1], [0.1, 0.2], [1]), r"users must be 1-D with one entry per label \(2\)"),
+        (lambda: gauc_interval([0, 1], [0.1, 0.2], [1, 1], resamples=0), "resamples must be >= 1"),
+        (lambda: calibration_bins([0, 1], [0.1, 1.2]), r"probs must lie in \[0, 1\], got 1.2"),
+        (lambda: calibration_bins([0, 1], [0.1, 0.2], bins=0), "bins must be >= 1"),
     ],
 )
 def test_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 200), users=st.integers(1, 12), levels=st.integers(1, 20), seed=st.integers(0, 2**32 - 1))
+def test_gauc_matches_a_per_user_loop(n, users, levels, seed):
+    rng = np.random.default_rng(seed)
+    user = rng.integers(0, users, n) * 7  # sparse ids
+    labels = rng.integers(0, 2, n)
+    labels[:2] = [0, 1]
+    user[:2] = user[0]  # one user with both classes at least
+    scores = rng.integers(0, levels, n) / levels  # ties within and across users
+    expected = {}
+    for u in np.unique(user).tolist():
+        mine = user == u
+        if 0 < labels[mine].sum() < mine.sum():
+            expected[u] = (roc_auc_score(labels[mine], scores[mine]), int(mine.sum()))
+    ids, aucs, weights = user_aucs(labels, scores, user)
+    assert ids.tolist() == sorted(expected)
+    np.testing.assert_allclose(aucs, [expected[u][0] for u in ids.tolist()], atol=1e-12)
+    assert weights.tolist() == [expected[u][1] for u in ids.tolist()]
+    total = sum(w for _, w in expected.values())
+    assert gauc(labels, scores, user) == pytest.approx(sum(a * w for a, w in expected.values()) / total, abs=1e-12)
+
+
+def test_gauc_ignores_what_auc_rewards_across_users():
+    # user 1 gets high scores, user 2 low ones: the pooled AUC rewards the user offset, GAUC does not
+    labels = np.array([1, 1, 0, 1, 0, 0])
+    scores = np.array([0.9, 0.8, 0.95, 0.3, 0.2, 0.25])
+    user = np.array([1, 1, 1, 2, 2, 2])
+    assert gauc(labels, scores, user) == pytest.approx(0.0 * 3 / 6 + 1.0 * 3 / 6)
+    assert roc_auc(labels, scores) == pytest.approx(6 / 9)
+
+
+def test_gauc_intervals():
+    labels, user, rng = resample_data(4, per_user=3)
+    perfect = gauc_interval(labels, labels + rng.uniform(0, 0.5, labels.size), user, resamples=200)
+    assert (perfect.value, perfect.low, perfect.high) == (1.0, 1.0, 1.0)
+    both = sum(0 < labels[user == u].sum() < (user == u).sum() for u in np.unique(user))
+    assert perfect.users == both < 60
+    scores = rng.random(labels.size)
+    noise = gauc_interval(labels, scores, user, resamples=300)
+    assert noise.low < 0.5 < noise.high and noise.value == gauc(labels, scores, user)
+    same = paired_gauc_difference(labels, scores, scores, user, resamples=100)
+    assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
+    good = labels + rng.uniform(0, 1.5, labels.size)
+    better = paired_gauc_difference(labels, good, scores, user, resamples=200)
+    assert better.value == pytest.approx(gauc(labels, good, user) - gauc(labels, scores, user))
+    assert 0 < better.low < better.high
+
+
+def test_calibration_bins():
+    labels = np.array([0, 0, 1, 1, 1, 0])
+    probs = np.array([0.05, 0.15, 0.12, 0.95, 1.0, 0.5])
+    assert calibration_bins(labels, probs, bins=2) == [
+        (pytest.approx((0.05 + 0.15 + 0.12) / 3), pytest.approx(1 / 3), 3),
+        (pytest.approx((0.95 + 1.0 + 0.5) / 3), pytest.approx(2 / 3), 3)]
+    assert [n for *_, n in calibration_bins(labels, probs)] == [1, 2, 1, 2]  # bins 0, 1, 5, 9; empty ones left out

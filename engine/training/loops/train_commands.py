@@ -1,6 +1,6 @@
-"""The `bahe train` variants that run over more than one process or more than memory: `--distributed` (DDP
-under torchrun) and `--stream` (a log laid out as user shards). engine/cli.py calls them from its train command;
-they live in the harness because they drive its trainer."""
+"""`bahe train`: the command itself (`train_command`, called by engine/cli.py) and its variants that run over more
+than one process or more than memory: `--distributed` (DDP under torchrun) and `--stream` (a log laid out as user
+shards). They live in the harness because they drive its trainer."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from engine.config import EncoderConfig, ModelConfig, ScorerConfig
+from engine.distributed import Launch
 from engine.training.data.example_features import log_categorical_features
 
 def scorer_config(args: argparse.Namespace, log) -> ScorerConfig:
@@ -155,3 +156,54 @@ def train_streamed(args: argparse.Namespace) -> None:
     print(f"test AUC {test['auc']:.4f}, log loss {test['logloss']:.4f} ({test['examples']} examples), best epoch "
           f"{result.best_epoch}, {sum(result.epoch_seconds) / len(result.epoch_seconds):.1f} s/epoch; "
           f"scorer saved to {out / 'scorer'}")
+
+
+def train_command(args: argparse.Namespace, launch: Launch | None) -> None:
+    """`bahe train`: load the log, build the tables, train (in one process, --distributed or --stream), save the
+    scorer with its id vocabulary; errors in the log end the command with one line."""
+    from engine.training.data.log_files import load_log
+    from engine.training.data.log_schema import LogFormatError
+    from engine.training.loops.ctr_models import BAHECTR
+    from engine.training.loops.train import TrainConfig
+    from engine.training.studies.experiment import SampleConfig, build_scorer, load_data, sample_split, train_and_test
+    if args.stream:
+        if args.catalog or args.timestamps != "auto":
+            raise SystemExit("bahe train: --catalog and --timestamps are not built for --stream yet")
+        if args.distributed:
+            raise SystemExit("bahe train: --stream runs in one process; --distributed with it is not built yet")
+        return train_streamed(args)
+    try:
+        if args.data == "movielens" and (args.catalog or args.timestamps != "auto"):
+            raise SystemExit("bahe train: --catalog and --timestamps apply to a log file given as --data")
+        data = load_data(args.data) if args.data == "movielens" else load_log(
+            args.data, catalog=args.catalog, timestamps=args.timestamps)
+    except (LogFormatError, OSError) as err:
+        raise SystemExit(f"bahe train: {err}") from None
+    split = data.split()
+    rows = sample_split(split, SampleConfig(args.train_examples, args.val_examples, args.test_examples, args.seed))
+    say = print if launch is None or launch.is_writer else (lambda *a, **k: None)
+    say(json.dumps({k: {"examples": int(v.size), "positive_rate": round(float(data.label[v].mean()), 4)}
+                    for k, v in rows.items()}))
+    config = scorer_config(args, data)
+    out = Path(args.out)
+    id_vocabulary(data, out / "scorer", write=False)  # an item id whose stored text differs stops the run here
+    say(json.dumps({"hashed_buckets": bucket_report(data, config)}))
+    if launch is not None:
+        train_distributed(launch, args, data, split, rows, config)
+        return
+    scorer, report = build_scorer(args.model, data, config, out / "tables", device=args.device)
+    print(f"tables: {report.behavior_events} behavior events -> {report.unique_behaviors} unique rows "
+          f"({report.dedup_ratio:.0f}x dedup) in {report.seconds:.1f} s")
+    bahe = BAHECTR(scorer, data)
+    result = train_and_test(bahe, data, rows, TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr, seed=args.seed),
+        device=str(scorer.device))
+    bahe.store_item_counts(data, split.test_start)  # the item statistics served: the training period's
+    scorer.save_pretrained(out / "scorer")
+    vocabulary = id_vocabulary(data, out / "scorer")
+    print(f"test AUC {result.test['auc']:.4f}, log loss {result.test['logloss']:.4f}, best epoch "
+          f"{result.fit.best_epoch}, {sum(result.fit.epoch_seconds) / len(result.fit.epoch_seconds):.1f} s/epoch, "
+          f"{len(result.fit.epoch_seconds) * rows['train'].size / max(sum(result.fit.epoch_seconds), 1e-9):.0f} "
+          "train examples/s; "
+          f"scorer saved to {out / 'scorer'} (ids.json: {len(vocabulary.users)} user ids, {len(vocabulary.items)} "
+          "item ids)")

@@ -1,5 +1,6 @@
-"""CTR metrics in plain numpy: ROC AUC (rank statistic, ties as average ranks), log loss, and user-level
-bootstrap intervals of AUC and of an AUC difference.
+"""CTR metrics in plain numpy: ROC AUC (rank statistic, ties as average ranks), log loss, GAUC (per-user AUC
+averaged with impression weights), a calibration curve, and user-level bootstrap intervals of AUC, GAUC and of
+their differences.
 
 All take 1-D array-likes of equal length N (numpy arrays, lists, CPU tensors):
 `labels` holds 0/1 (ints, bools or floats), scores/probabilities are finite floats.
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["Interval", "roc_auc", "weighted_roc_auc", "log_loss", "auc_interval", "paired_auc_difference"]
+__all__ = ["Interval", "roc_auc", "weighted_roc_auc", "log_loss", "auc_interval", "paired_auc_difference",
+           "user_aucs", "gauc", "gauc_interval", "paired_gauc_difference", "calibration_bins"]
 
 _BOOTSTRAP_CHUNK = 4_000_000  # weights (resamples x examples) held at once by the bootstrap
 
@@ -175,3 +177,91 @@ def paired_auc_difference(labels: ArrayLike, scores_a: ArrayLike, scores_b: Arra
     users in each resample, so the interval reflects the difference, not each model's own spread."""
     (aucs_a, aucs_b), num_users = _bootstrap_aucs(labels, [scores_a, scores_b], users, resamples, seed)
     return _interval(roc_auc(labels, scores_a) - roc_auc(labels, scores_b), aucs_a - aucs_b, num_users)
+
+
+def user_aucs(labels: ArrayLike, scores: ArrayLike, users: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user ids (U,), AUCs (U,), impressions (U,) int64) of the users whose examples hold both classes: each
+    user's AUC over their own examples (ties count 1/2), computed for all users at once from ranks within a
+    user (sort by (user, score))."""
+    positive, s = _labels_and_values(labels, scores, "scores")
+    u = np.asarray(users)
+    if u.shape != positive.shape:
+        raise ValueError(f"users must be 1-D with one entry per label ({positive.size}), got shape {u.shape}")
+    ids, user_of = np.unique(u, return_inverse=True)
+    order = np.lexsort((s, user_of))
+    su, ss, sp = user_of[order], s[order], positive[order]
+    new_run = np.r_[True, (su[1:] != su[:-1]) | (ss[1:] != ss[:-1])]
+    run_start = np.flatnonzero(new_run)
+    run_end = np.r_[run_start[1:], su.size]
+    user_first = np.searchsorted(su, np.arange(ids.size), side="left")
+    run_of = np.repeat(np.arange(run_start.size), run_end - run_start)
+    ranks = ((run_start + 1 + run_end) / 2.0)[run_of] - user_first[su]  # 1-based average ranks within the user
+    n = np.bincount(su, minlength=ids.size)
+    p = np.bincount(su, weights=sp, minlength=ids.size)
+    rank_sum = np.bincount(su, weights=np.where(sp, ranks, 0.0), minlength=ids.size)
+    q = n - p
+    both = (p > 0) & (q > 0)
+    aucs = (rank_sum[both] - p[both] * (p[both] + 1) / 2.0) / (p[both] * q[both])
+    return ids[both], aucs, n[both].astype(np.int64)
+
+
+def gauc(labels: ArrayLike, scores: ArrayLike, users: ArrayLike) -> float:
+    """Group AUC: the mean of each user's AUC weighted by the user's examples (impressions), over the users with
+    both classes; ValueError when no user has both."""
+    _, aucs, weights = user_aucs(labels, scores, users)
+    if aucs.size == 0:
+        raise ValueError("GAUC is undefined: no user has both a positive and a negative example")
+    return float(np.average(aucs, weights=weights))
+
+
+def _bootstrap_gaucs(labels: ArrayLike, score_sets: list[ArrayLike], users: ArrayLike, resamples: int,
+                     seed: int) -> tuple[list[float], list[np.ndarray], int]:
+    """(GAUC of each score set, (R,) GAUCs of each under the same R user resamples, users with both classes).
+    The resample draws every user of `users` (as the AUC bootstrap does), a user drawn k times counting k times."""
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    all_users = np.unique(np.asarray(users))
+    draws = np.random.default_rng(seed).multinomial(all_users.size, np.full(all_users.size, 1.0 / all_users.size),
+                                                    size=resamples)  # (R, U_all)
+    values, resampled, counted = [], [], 0
+    for scores in score_sets:
+        ids, aucs, weights = user_aucs(labels, scores, users)
+        if aucs.size == 0:
+            raise ValueError("GAUC is undefined: no user has both a positive and a negative example")
+        w = draws[:, np.searchsorted(all_users, ids)] * weights  # (R, U_both)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            resampled.append((w @ aucs) / w.sum(axis=1))
+        values.append(float(np.average(aucs, weights=weights)))
+        counted = ids.size
+    return values, resampled, counted
+
+
+def gauc_interval(labels: ArrayLike, scores: ArrayLike, users: ArrayLike, *, resamples: int = 1000,
+                  seed: int = 0) -> Interval:
+    """GAUC with a 95% bootstrap interval over users (the same resampling as `auc_interval`); `users` of the
+    Interval: the users with both classes, the ones GAUC averages."""
+    (value,), (resampled,), counted = _bootstrap_gaucs(labels, [scores], users, resamples, seed)
+    return _interval(value, resampled, counted)
+
+
+def paired_gauc_difference(labels: ArrayLike, scores_a: ArrayLike, scores_b: ArrayLike, users: ArrayLike, *,
+                           resamples: int = 1000, seed: int = 0) -> Interval:
+    """GAUC(a) - GAUC(b) with a 95% paired bootstrap interval: both on the same resampled users."""
+    (a, b), (ra, rb), counted = _bootstrap_gaucs(labels, [scores_a, scores_b], users, resamples, seed)
+    return _interval(a - b, ra - rb, counted)
+
+
+def calibration_bins(labels: ArrayLike, probs: ArrayLike, bins: int = 10) -> list[tuple[float, float, int]]:
+    """The calibration curve: (mean predicted probability, observed positive rate, examples) of each non-empty
+    bin of `bins` equal-width probability bins over [0, 1]."""
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    positive, p = _labels_and_values(labels, probs, "probs")
+    if ((p < 0.0) | (p > 1.0)).any():
+        i = int(np.flatnonzero((p < 0.0) | (p > 1.0))[0])
+        raise ValueError(f"probs must lie in [0, 1], got {p[i].item()!r} at position {i}")
+    which = np.minimum((p * bins).astype(np.int64), bins - 1)
+    n = np.bincount(which, minlength=bins)
+    mean_p = np.bincount(which, weights=p, minlength=bins)
+    rate = np.bincount(which, weights=positive, minlength=bins)
+    return [(float(mean_p[b] / n[b]), float(rate[b] / n[b]), int(n[b])) for b in range(bins) if n[b]]

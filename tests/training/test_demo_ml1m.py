@@ -1,0 +1,55 @@
+"""The MovieLens-1M demo (engine.training.studies.demo_ml1m and its report) end to end on the generated fixture
+with a tiny checkpoint: every model on every split, GAUC beside every AUC, cold items, top-10 overlap,
+calibration, the LightGBM searches, its RESULTS.md section; and the --quick set."""
+import numpy as np
+import pytest
+
+from engine.cli import main
+from engine.training.studies.demo import DemoConfig
+from engine.training.studies.demo_ml1m import ALL_MODELS, QUICK_MODELS, Ml1mConfig
+from engine.training.studies.demo_ml1m_report import run_ml1m_demo
+from tests.ml1m_fixture import write_ml1m_files
+
+
+def _config(tiny_checkpoints, tmp_path, **kw):
+    folder = write_ml1m_files(tmp_path / "ml-1m")
+    demo = DemoConfig(model=str(tiny_checkpoints["bert"]), data=str(folder), out=tmp_path / "demo",
+                      results=tmp_path / "RESULTS.md", num_lower_layers=2, max_behaviors=32, id_only_behaviors=5,
+                      epochs=1, batch_size=64, raw_train_examples=0)
+    return Ml1mConfig(demo, held_out_fraction=0.4, overlap_users=4, threads=1, **kw)
+
+
+def test_full_table_on_the_fixture(tiny_checkpoints, tmp_path, capsys):
+    (tmp_path / "RESULTS.md").write_text("# Results\n\nkept text\n")
+    run = run_ml1m_demo(_config(tiny_checkpoints, tmp_path), command="test")
+    assert [(r.row.split, r.row.name) for r in run.results] == [
+        (split, name) for split in ("per-user", "held-out items", "time") for name in ALL_MODELS]
+    for r in run.results:
+        assert 0 <= r.row.auc.low <= r.row.auc.value <= r.row.auc.high <= 1
+        assert np.isfinite(r.row.logloss)
+        if r.row.split != "held-out items":  # GAUC is NaN where no test user has both classes (tiny test part)
+            assert 0 <= r.gauc.low <= r.gauc.value <= r.gauc.high <= 1 and r.gauc.users > 0
+        assert r.wall_seconds > 0 and set(r.cold) == {5, 20}
+        assert (r.overlap is not None) == (r.calibration is not None) == (r.row.split == "time")
+        assert (r.search is not None) == r.row.name.startswith("LightGBM")
+    held = [r for r in run.results if r.row.split == "held-out items"]
+    assert run.held_out_items == 12 and all(r.cold[5][0] == r.row.probs.size for r in held)  # all cold
+    out = capsys.readouterr().out
+    assert out.count("BAHE - ") == 3 * (len(ALL_MODELS) - 1) and "Top-10 overlap" in out and "leakage" in out
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "kept text" in text and "<!-- demo:bert:ml1m -->" in text
+    assert text.count("| GAUC [95% CI] |") == 1 and "80% and 90% quantiles" in text
+
+
+def test_quick_set_and_the_command_line(tiny_checkpoints, tmp_path, monkeypatch, capsys):
+    config = _config(tiny_checkpoints, tmp_path, quick=True)
+    assert config.models == QUICK_MODELS and config.splits == ("time",)
+    with pytest.raises(ValueError, match="keep 'BAHE'"):
+        Ml1mConfig(config.demo, models=("id-only",))
+    with pytest.raises(SystemExit, match="--quick is the MovieLens-1M demo's short run"):
+        main(["demo", "--quick"])
+    monkeypatch.chdir(tmp_path)
+    main(["demo", "--data", str(tmp_path / "ml-1m"), "--quick", "--model", config.demo.model, "--epochs", "1", "--lower-layers", "2",
+          "--results", str(tmp_path / "R.md")])
+    text = (tmp_path / "R.md").read_text()
+    assert text.count("| time | ") == 2 * len(QUICK_MODELS) and "(--quick)" in text  # main and cold-item tables
