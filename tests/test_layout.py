@@ -31,11 +31,8 @@ ROOMS: dict[str, tuple[str, ...]] = {
     "engine.distributed": (),                         # torchrun launch and the process group
     "engine.backbone": ("kernels", "weights"),
     "engine.model": ("engine.backbone", "engine.config", "engine.features", "kernels", "weights"),
-    # engine.serving.inputs: the text checks (check_visible, text_list, InputError) every encoded text passes, as
-    # every scored text does. A lower room reaching up: they belong below both rooms, and move there once
-    # engine/serving is free to edit (the `pipeline` branch rewrites it); allowed for that one module only.
     "engine.encoding": ("engine.backbone", "engine.config", "engine.distributed", "engine.model.packing",
-                        "engine.serving.inputs", "kernels", "weights"),
+                        "kernels", "weights"),
     "engine.serving": (*(r for r in _ENGINE_ROOMS if r not in ("engine.serving", "engine.deploy")), "kernels",
                        "weights"),
     # what runs in front of a BAHEScorer in production: the request queue, versioned folders, the hot-swap handle

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.config import POOLINGS
-from engine.serving.inputs import InputError, check_visible, text_list
+from engine.encoding.text_checks import InputError, check_visible, text_list
 from engine.model.packing import pack_lists
 from kernels import ops
 from weights.checkpoint import Checkpoint

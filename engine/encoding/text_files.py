@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.serving.inputs import check_visible
+from engine.encoding.text_checks import check_visible
 from weights.text_key import normalize_text
 
 

@@ -158,7 +158,9 @@ def test_the_readme_names_an_install_for_every_command():
 def test_reach_follows_lazy_imports_helpers_and_python_m_modules():
     demo, _ = _reach("demo")
     assert "engine.training.studies.demo" in demo and "engine.training.baselines.classic" in demo
-    assert "engine.serving.inputs" in _reach("encode")[0], "through _read_texts, a helper cmd_encode calls"
+    encode = _reach("encode")[0]
+    assert "engine.distributed" in encode, "through _launch, a helper cmd_encode calls"
+    assert "engine.encoding.text_checks" in encode, "through engine.encoding.text_files, imported inside cmd_encode"
     assert {"bench.compare", "bench.report"} <= _reach("bench")[0], "bahe bench runs python -m bench.compare"
     assert not [m for m in _reach("score")[0] if m.startswith("engine.training")], "bahe score loads no harness"
 

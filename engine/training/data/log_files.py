@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from engine.serving.inputs import has_no_visible_content
+from engine.encoding.text_checks import has_no_visible_content
 from engine.training.data.log import BehaviorLog
 from engine.training.data.log_schema import CATEGORY_PREFIX, LogFormatError, row_places
 from weights.id_vocabulary import IdError, id_key

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from engine.serving.inputs import has_no_visible_content
+from engine.encoding.text_checks import has_no_visible_content
 from engine.training.data.log_columns import id_codes, iso_milliseconds, keys_of, timestamp_kind
 
 logger = logging.getLogger(__name__)
