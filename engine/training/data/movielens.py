@@ -73,26 +73,29 @@ def movielens_frame(data_dir: str | None = None, users: Sequence[int] | None = N
         raise ValueError(f"{_RATINGS}: movie_id {int(ratings['movie_id'][missing].iloc[0])} has no entry in {_ITEMS}")
     people = pd.read_parquet(os.path.join(data_dir, _USERS), columns=["user_id", "age", "gender", "occupation"])
     people = people.set_index("user_id").loc[ratings["user_id"].to_numpy()]
+    return ratings_frame(ratings, texts, {"cat_gender": people["gender"].to_numpy(dtype=object),
+                                          "cat_occupation": people["occupation"].to_numpy(dtype=object),
+                                          "cat_age": np.array([_age_group(a) for a in people["age"].tolist()],
+                                                              dtype=object)})
+
+
+def ratings_frame(ratings: pd.DataFrame, texts: pd.Series, categorical: dict[str, np.ndarray]) -> pd.DataFrame:
+    """A MovieLens ratings table (user_id, movie_id, rating, timestamp) in the generic log schema: label = liked
+    (rating >= 4), sequences liked / disliked (rating <= 2) / watched, item texts by movie id, then the given
+    categorical columns in their order. Shared by the MovieLens-100K and -1M loaders."""
     rating = ratings["rating"].to_numpy()
     liked, disliked = rating >= LIKED_MIN_RATING, rating <= DISLIKED_MAX_RATING
-    cells = np.where(
-        liked,
-        f"liked{SEQUENCE_SEPARATOR}watched",
-        np.where(disliked, f"disliked{SEQUENCE_SEPARATOR}watched", "watched"),
-    ).astype(object)
-    return pd.DataFrame(
-        {
-            "user_id": ratings["user_id"].to_numpy(dtype=np.int64),
-            "item_id": ratings["movie_id"].to_numpy(dtype=np.int64),
-            "timestamp": ratings["timestamp"].to_numpy(dtype=np.int64),
-            "label": liked.astype(np.int64),
-            "item_text": texts.loc[ratings["movie_id"].to_numpy()].to_numpy(),
-            "sequence": cells,
-            "cat_gender": people["gender"].to_numpy(dtype=object),
-            "cat_occupation": people["occupation"].to_numpy(dtype=object),
-            "cat_age": np.array([_age_group(a) for a in people["age"].tolist()], dtype=object),
-        }
-    )
+    cells = np.where(liked, f"liked{SEQUENCE_SEPARATOR}watched",
+                     np.where(disliked, f"disliked{SEQUENCE_SEPARATOR}watched", "watched")).astype(object)
+    return pd.DataFrame({
+        "user_id": ratings["user_id"].to_numpy(dtype=np.int64),
+        "item_id": ratings["movie_id"].to_numpy(dtype=np.int64),
+        "timestamp": ratings["timestamp"].to_numpy(dtype=np.int64),
+        "label": liked.astype(np.int64),
+        "item_text": texts.loc[ratings["movie_id"].to_numpy()].to_numpy(),
+        "sequence": cells,
+        **categorical,
+    })
 
 
 def _age_group(age: int) -> str:

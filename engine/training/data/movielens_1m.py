@@ -26,8 +26,8 @@ import pandas as pd
 
 from engine.training.data.log import BehaviorLog
 from engine.training.data.log_files import write_log
-from engine.training.data.log_schema import SEQUENCE_SEPARATOR, LogFormatError
-from engine.training.data.movielens import DISLIKED_MAX_RATING, LIKED_MIN_RATING, SEQUENCES
+from engine.training.data.log_schema import LogFormatError
+from engine.training.data.movielens import SEQUENCES, ratings_frame
 from weights.packages import package_folder
 
 __all__ = ["AGE_GROUPS", "OCCUPATIONS", "GENRES", "FILES", "movielens_1m_dir", "is_movielens_1m_dir",
@@ -165,21 +165,10 @@ def movielens_1m_frame(data_dir: str | os.PathLike | None = None, users: Sequenc
     texts = pd.Series([_item_text(t, g) for t, g in zip(movies["title"], movies["genres"])],
                       index=movies["movie_id"].to_numpy(), dtype=object)
     person = people.set_index("user_id").loc[ratings["user_id"].to_numpy()]
-    rating = ratings["rating"].to_numpy()
-    liked, disliked = rating >= LIKED_MIN_RATING, rating <= DISLIKED_MAX_RATING
-    cells = np.where(liked, f"liked{SEQUENCE_SEPARATOR}watched",
-                     np.where(disliked, f"disliked{SEQUENCE_SEPARATOR}watched", "watched")).astype(object)
-    return pd.DataFrame({
-        "user_id": ratings["user_id"].to_numpy(dtype=np.int64),
-        "item_id": ratings["movie_id"].to_numpy(dtype=np.int64),
-        "timestamp": ratings["timestamp"].to_numpy(dtype=np.int64),
-        "label": liked.astype(np.int64),
-        "item_text": texts.loc[ratings["movie_id"].to_numpy()].to_numpy(),
-        "sequence": cells,
+    return ratings_frame(ratings, texts, {
         "cat_gender": person["gender"].to_numpy(dtype=object),
         "cat_age": np.array([AGE_GROUPS[a] for a in person["age"].tolist()], dtype=object),
-        "cat_occupation": np.array([OCCUPATIONS[o] for o in person["occupation"].tolist()], dtype=object),
-    })
+        "cat_occupation": np.array([OCCUPATIONS[o] for o in person["occupation"].tolist()], dtype=object)})
 
 
 def load_movielens_1m(data_dir: str | os.PathLike | None = None, *, users: Sequence[int] | None = None,
