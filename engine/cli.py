@@ -148,7 +148,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         return
     from engine.training.studies.demo_ml1m import Ml1mConfig
     from engine.training.studies.demo_ml1m_report import run_ml1m_demo
-    run_ml1m_demo(Ml1mConfig(config, quick=args.quick, threads=args.threads),
+    run_ml1m_demo(Ml1mConfig(config, quick=args.quick, threads=args.threads, models=tuple(args.models or ()),
+                             splits=tuple(args.splits or ())),
                   command=" ".join(["bahe", *sys.argv[1:]]) if sys.argv[1:] else "bahe demo --data ml1m")
 
 
@@ -319,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a folder of its .dat files): BAHE against its strongest peers on three splits, ~3 h on 2 cores")
     p.add_argument("--quick", action="store_true", help="with --data ml1m: the time split, BAHE, the sequential id "
                    "model and both LightGBM rows (all the training data)")
+    p.add_argument("--models", nargs="+", help="with --data ml1m: these rows only (BAHE always; names as in the "
+                   "table, e.g. BAHE 'sequential id' 'LightGBM, side + text features')")
+    p.add_argument("--splits", nargs="+", help="with --data ml1m: these splits only ('time', 'per-user', "
+                   "'held-out items'); the RESULTS.md section is named after them")
     p.add_argument("--epochs", type=int, help="with --data ml1m: most epochs per neural model (default 2)")
     p.add_argument("--lower-layers", type=int, help="frozen lower layers (default: the model's preset, minilm 5)")
     p.add_argument("--seed", type=int, default=0, help="with --data ml1m: weights, data order, held-out items")

@@ -53,3 +53,20 @@ def test_quick_set_and_the_command_line(tiny_checkpoints, tmp_path, monkeypatch,
           "--results", str(tmp_path / "R.md")])
     text = (tmp_path / "R.md").read_text()
     assert text.count("| time | ") == 2 * len(QUICK_MODELS) and "(--quick)" in text  # main and cold-item tables
+
+
+def test_a_chosen_subset_writes_its_own_section(tiny_checkpoints, tmp_path, monkeypatch):
+    """--models / --splits run only those rows and name the RESULTS.md section after them, leaving the full and
+    quick tables in place."""
+    config = _config(tiny_checkpoints, tmp_path)
+    results = tmp_path / "R.md"
+    results.write_text("<!-- demo:bert:ml1m-quick -->\nquick table\n<!-- /demo -->\n")
+    monkeypatch.chdir(tmp_path)
+    main(["demo", "--data", str(tmp_path / "ml-1m"), "--model", config.demo.model, "--epochs", "1",
+          "--lower-layers", "2", "--results", str(results), "--splits", "time",
+          "--models", "BAHE", "LightGBM, side + text features"])
+    text = results.read_text()
+    assert "quick table" in text and "<!-- demo:bert:ml1m-time-2-models -->" in text
+    assert text.count("| time | ") == 4 and "sequential id" not in text  # main and cold tables, 2 rows each
+    with pytest.raises(ValueError, match="unknown models or splits"):
+        Ml1mConfig(config.demo, splits=("tme",))

@@ -7,7 +7,8 @@ import datetime
 from pathlib import Path
 
 from engine.training.studies.demo import verdict
-from engine.training.studies.demo_ml1m import Ml1mConfig, Ml1mRun, run_ml1m, undefined_as_nan
+from engine.training.studies.demo_ml1m import (ALL_MODELS, ALL_SPLITS, QUICK_MODELS, QUICK_SPLITS, Ml1mConfig, Ml1mRun,
+                                              run_ml1m, undefined_as_nan)
 from engine.training.studies.metrics import Interval, paired_auc_difference, paired_gauc_difference
 from engine.training.studies.results_sections import machine, write_section
 from weights.registry import EMBEDDED
@@ -131,6 +132,16 @@ def report_lines(run: Ml1mRun, config: Ml1mConfig, labels, users, command: str) 
     return out
 
 
+def section_name(config: Ml1mConfig) -> str:
+    """The RESULTS.md section of a run: 'ml1m' (full), 'ml1m-quick', or named after the chosen splits and rows, so
+    a partial run never overwrites the full or quick table."""
+    defaults = (QUICK_MODELS, QUICK_SPLITS) if config.quick else (ALL_MODELS, ALL_SPLITS)
+    if (config.models, config.splits) == defaults:
+        return "ml1m-quick" if config.quick else "ml1m"
+    slug = "-".join(name.replace(" ", "_") for name in config.splits)
+    return f"ml1m-{slug}-{len(config.models)}-models"
+
+
 def run_ml1m_demo(config: Ml1mConfig, command: str = "bahe demo --data ml1m") -> Ml1mRun:
     """Run the ML-1M demo, print its tables and write them to config.demo.results (its own section)."""
     from engine.training.studies.experiment import load_data
@@ -143,7 +154,7 @@ def run_ml1m_demo(config: Ml1mConfig, command: str = "bahe demo --data ml1m") ->
     print("\n" + "\n".join(lines[2:]))
     print(f"\ndemo finished in {run.elapsed / 60:.1f} min")
     if demo.results is not None:
-        marker = f"demo:{Path(demo.model).name}:ml1m{'-quick' if config.quick else ''}"
+        marker = f"demo:{Path(demo.model).name}:{section_name(config)}"
         write_section(demo.results, marker, lines)
         print(f"wrote {demo.results} (section <!-- {marker} -->)")
     return run
