@@ -139,7 +139,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         raise SystemExit("bahe demo: --quick is the MovieLens-1M demo's short run; add --data ml1m")
     name = Path(args.model).name
     out = Path(args.out) if args.out else Path("artifacts/demo") / (f"ml1m-{name}" if ml1m else name)
-    overrides = {"epochs": args.epochs or 2, "raw_train_examples": 0, "seed": args.seed} if ml1m else {}
+    overrides = {"epochs": args.epochs or 2, "raw_train_examples": 0, "seed": args.seed,
+                 "lr_decay": args.lr_decay} if ml1m else {}
     if args.lower_layers is not None:
         overrides["num_lower_layers"] = args.lower_layers
     config = DemoConfig.preset(args.model, data=args.data, out=out, results=Path(args.results), **overrides)
@@ -326,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "'held-out items'); the RESULTS.md section is named after them")
     p.add_argument("--epochs", type=int, help="with --data ml1m: most epochs per neural model (default 2)")
     p.add_argument("--lower-layers", type=int, help="frozen lower layers (default: the model's preset, minilm 5)")
+    p.add_argument("--lr-decay", action="store_true", help="with --data ml1m: learning rates decay linearly to 0 "
+                   "over the planned epochs (default: constant)")
     p.add_argument("--seed", type=int, default=0, help="with --data ml1m: weights, data order, held-out items")
     p.add_argument("--out", help="output folder (default: artifacts/demo/<model>)")
     p.add_argument("--results", default="bench/RESULTS.md")

@@ -92,3 +92,28 @@ def test_the_fused_optimizer_takes_the_same_steps(log):
         movement = (per_op - start).abs().max()
         assert (fused - per_op).abs().max() <= 1e-4 * movement, name
     assert moved >= 5
+
+
+def test_linear_decay_reaches_zero_at_the_planned_end(log, monkeypatch):
+    """lr_decay: the rates the optimizer steps with fall linearly from the configured ones to 0 over
+    epochs x batches; off, they stay constant."""
+    seen = []
+    real = torch.optim.AdamW.step
+
+    def record(self, *args, **kw):
+        seen.append([group["lr"] for group in self.param_groups])
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    rows = log.examples
+    for decay in (False, True):
+        seen.clear()
+        fit(_model(log), log, rows[:256], rows[256:], TrainConfig(epochs=2, patience=2, batch_size=32, lr=1e-3,
+                                                                  norm_batches=2, progress=False, lr_decay=decay))
+        steps = 2 * 8
+        assert len(seen) == steps
+        head_rates = [groups[-1] for groups in seen]  # the new parameters' group, at lr
+        if not decay:
+            assert head_rates == [1e-3] * steps
+        else:
+            assert head_rates == pytest.approx([1e-3 * (1 - k / steps) for k in range(steps)])

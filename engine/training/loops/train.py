@@ -35,6 +35,8 @@ class TrainConfig:
     eval_batch_size: int = 256
     seed: int = 0
     progress: bool = True
+    lr_decay: bool = False      # both learning rates fall linearly to 0 over the planned epochs' steps (early
+                                # stopping may end sooner); off: constant rates
     fused_optimizer: bool = True  # AdamW's fused kernel: the same update rule, each tensor updated in one pass
                                   # (about 4.7x faster steps on the CPU, docs/training-speed.md); its float rounding
                                   # differs from the per-op update's in the last bits; False: the per-op update
@@ -152,6 +154,12 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.O
                              fused=config.fused_optimizer or None), trainable
 
 
+def linear_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Every group's rate times max(0, 1 - step / total_steps), advanced once per optimizer step: large steps
+    while the head is far from a fit, small ones at the end, instead of a constant rate."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / max(total_steps, 1)))
+
+
 def _step_loss(model: nn.Module, runner: nn.Module, data: BehaviorLog, chunk: np.ndarray, device: torch.device,
                parallel: DataParallel | None) -> tuple[torch.Tensor, float]:
     """The loss to back-propagate for the global batch `chunk`, and its sum of per-example BCE on this rank.
@@ -180,6 +188,8 @@ def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: n
     torch.manual_seed(config.seed + (parallel.rank if shared else 0))  # dropout masks differ across ranks
     rng = np.random.default_rng(config.seed)
     optimizer, trainable = make_optimizer(model, config)
+    steps_per_epoch = -(-train_rows.size // config.batch_size)  # row_batches' count
+    schedule = linear_decay(optimizer, config.epochs * steps_per_epoch) if config.lr_decay else None
     runner = parallel.wrap(model) if shared else model  # DDP: rank 0's parameters and buffers, everywhere
     result = FitResult(best_val_auc=-1.0, best_epoch=-1)
     best = BestEpoch(model, result, config.patience)
@@ -200,6 +210,8 @@ def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: n
                 loss.backward()
                 nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
+                if schedule is not None:
+                    schedule.step()
                 if trim is not None:
                     trim()
                 total_loss += summed

@@ -60,6 +60,7 @@ class DemoConfig:
     categorical: bool = True             # user id + the log's cat_ columns as categorical side features
     users_to_show: int = 3               # "top movies": users ranked against the whole item table
     extra_baselines: bool = True         # logistic regression and id-only too (off: the headline rows alone)
+    lr_decay: bool = False               # linear learning-rate decay over the planned steps (TrainConfig)
 
     @classmethod
     def preset(cls, model: str = "minilm", **overrides) -> DemoConfig:
@@ -71,7 +72,8 @@ class DemoConfig:
         return cls(**values)
 
     def train(self, epochs: int | None = None) -> TrainConfig:
-        return TrainConfig(epochs=epochs or self.epochs, patience=1, batch_size=self.batch_size, seed=self.seed)
+        return TrainConfig(epochs=epochs or self.epochs, patience=1, batch_size=self.batch_size, seed=self.seed,
+                           lr_decay=self.lr_decay)
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser, epochs: int) -> None:
