@@ -1,6 +1,8 @@
 """The MovieLens-1M demo (engine.training.studies.demo_ml1m and its report) end to end on the generated fixture
 with a tiny checkpoint: every model on every split, GAUC beside every AUC, cold items, top-10 overlap,
 calibration, the LightGBM searches, its RESULTS.md section; and the --quick set."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -70,3 +72,24 @@ def test_a_chosen_subset_writes_its_own_section(tiny_checkpoints, tmp_path, monk
     assert text.count("| time | ") == 4 and "sequential id" not in text  # main and cold tables, 2 rows each
     with pytest.raises(ValueError, match="unknown models or splits"):
         Ml1mConfig(config.demo, splits=("tme",))
+
+
+def test_a_second_run_reuses_the_finished_rows(tiny_checkpoints, tmp_path, monkeypatch):
+    """Rows are kept under the output folder and reused by a later run with the same settings (nothing refitted,
+    the same figures); other settings (another seed) train afresh."""
+    from engine.training.studies import demo_ml1m
+    config = _config(tiny_checkpoints, tmp_path, quick=True, models=("BAHE", "LightGBM, side features"))
+    first = run_ml1m_demo(config, command="test")
+    assert len(list((config.demo.out / "rows").glob("time--*.npz"))) == 2
+
+    def refit(*args, **kw):
+        raise AssertionError("a finished row was fitted again")
+
+    monkeypatch.setattr(demo_ml1m, "fit_and_score", refit)
+    second = run_ml1m_demo(config, command="test")
+    for a, b in zip(first.results, second.results):
+        assert np.array_equal(a.row.probs, b.row.probs) and a.row.auc == b.row.auc and a.gauc == b.gauc
+        assert a.overlap == b.overlap and a.search == b.search and a.row.train_seconds == b.row.train_seconds
+    other_seed = Ml1mConfig(replace(config.demo, seed=1), quick=True, models=config.models, overlap_users=4, threads=1)
+    with pytest.raises(AssertionError, match="fitted again"):
+        run_ml1m_demo(other_seed, command="test")

@@ -14,14 +14,19 @@ and on side + text features (engine.training.baselines.lightgbm_peers).
 Per model and split: AUC and GAUC with 95% user-bootstrap intervals, paired intervals against BAHE, log loss, AUC
 and GAUC on cold items (< 5 and < 20 training examples), wall time; on the time split also the top-10 overlap
 across test users (engine.training.studies.top_lists) and a calibration curve. The report is
-engine.training.studies.demo_ml1m_report.
+engine.training.studies.demo_ml1m_report. Finished rows are kept under <out>/rows (RowCache) and reused by a later
+run with the same settings, so a long run stopped part-way resumes, and rows of separate runs join one table.
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,6 +48,7 @@ from engine.training.studies.metrics import (Interval, auc_interval, calibration
                                              roc_auc)
 from engine.training.studies.top_lists import (TopListOverlap, anchor_rows, model_top_overlap, neural_scores,
                                                probe_log)
+from weights.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +213,73 @@ def evaluate_row(name: str, split: str, data: BehaviorLog, rows: dict, probs: np
     return result
 
 
+class RowCache:
+    """Finished rows of the demo kept under `folder` (one .npz each: test probabilities, timings, the LightGBM
+    search, the top-10 overlap), so that a run stopped part-way, or a later run with more rows or splits, reuses
+    them: a 3-hour table need not start over. A row is reused only when its fingerprint matches: the model, the
+    split, the seed and training settings, and the split's exact example rows."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    @staticmethod
+    def fingerprint(name: str, split: str, config: Ml1mConfig, rows: dict[str, np.ndarray]) -> dict:
+        demo = config.demo
+        return {"model": name, "split": split, "seed": demo.seed, "epochs": demo.epochs, "batch_size": demo.batch_size,
+                "lower_layers": demo.num_lower_layers, "max_behaviors": demo.max_behaviors, "lr_decay": demo.lr_decay,
+                "held_out_fraction": config.held_out_fraction, "overlap_users": config.overlap_users,
+                "rows": {part: [int(r.size), hashlib.sha256(np.ascontiguousarray(r, np.int64).tobytes()).hexdigest()]
+                         for part, r in sorted(rows.items())}}
+
+    def _path(self, fingerprint: dict) -> Path:
+        key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+        slug = f"{fingerprint['split']}--{fingerprint['model']}".replace(" ", "_").replace(",", "").replace("+", "and")
+        return self.folder / f"{slug}--{key}.npz"
+
+    def load(self, fingerprint: dict) -> tuple[np.ndarray, dict] | None:
+        """(test probabilities, {seconds, wall, search, overlap}) of a finished row, or None."""
+        path = self._path(fingerprint)
+        if not path.is_file():
+            return None
+        with np.load(path) as saved:
+            meta = json.loads(str(saved["meta"]))
+            if meta["fingerprint"] != fingerprint:
+                return None
+            return saved["probs"], meta
+
+    def store(self, fingerprint: dict, probs: np.ndarray, meta: dict) -> None:
+        """Keep a finished row (written atomically: a killed run leaves the old file or none)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, probs=np.asarray(probs, np.float64), meta=json.dumps({**meta, "fingerprint": fingerprint}))
+        with atomic_write(self._path(fingerprint)) as f:
+            f.write(buffer.getvalue())
+
+
+def fit_or_reuse(name: str, split: str, data: BehaviorLog, rows: dict, ctx: dict, held: np.ndarray, probe
+                 ) -> PeerResult:
+    """The row `name` on `split`: from the run's RowCache when it holds it, else trained, scored and stored."""
+    cache: RowCache = ctx["cache"]
+    key = RowCache.fingerprint(name, split, ctx["ml1m"], rows)
+    cached = cache.load(key)
+    if cached is not None:
+        probs, meta = cached
+        log.info("%s / %s: reused from %s", split, name, cache.folder)
+        overlap = TopListOverlap(**meta["overlap"]) if meta["overlap"] else None
+    else:
+        start = time.perf_counter()
+        probs, seconds, score, search = fit_and_score(name, data, rows, ctx, held)
+        overlap = model_top_overlap(score, *probe) if probe is not None else None
+        meta = {"seconds": seconds, "wall": time.perf_counter() - start, "search": search,
+                "overlap": asdict(overlap) if overlap else None}
+        cache.store(key, probs, meta)
+    result = evaluate_row(name, split, data, rows, probs, meta["seconds"], meta["wall"])
+    result.search, result.overlap = meta["search"], overlap
+    if split == "time":
+        result.calibration = calibration_bins(data.label[rows["test"]], probs)
+    return result
+
+
 def run_ml1m(config: Ml1mConfig, data: BehaviorLog | None = None, say: Callable[[str], None] = print) -> Ml1mRun:
     """Every model of `config` on every split of it (module docstring); `say` gets the progress lines."""
     started = time.perf_counter()
@@ -219,8 +292,8 @@ def run_ml1m(config: Ml1mConfig, data: BehaviorLog | None = None, say: Callable[
     for name, rows in splits.items():
         say(f"  {name} split: " + ", ".join(f"{part} {r.size:,}" for part, r in rows.items()))
     scorer, tables = demo_scorer(demo, data)
-    ctx = {"config": demo, "scorer": scorer, "initial": initial_weights(scorer), "threads": config.threads,
-           "vectors": frozen_rows(scorer, data)}
+    ctx = {"config": demo, "ml1m": config, "scorer": scorer, "initial": initial_weights(scorer),
+           "threads": config.threads, "vectors": frozen_rows(scorer, data), "cache": RowCache(demo.out / "rows")}
     results = []
     for split, rows in splits.items():
         probe = None
@@ -228,15 +301,8 @@ def run_ml1m(config: Ml1mConfig, data: BehaviorLog | None = None, say: Callable[
             anchors = anchor_rows(data, rows["test"], config.overlap_users, demo.seed)
             probe = probe_log(data, anchors, int(data.timestamp[rows["test"]].min()))
         for name in config.models:
-            start = time.perf_counter()
-            probs, seconds, score, search = fit_and_score(name, data, rows, ctx, held if split == "held-out items"
-                                                          else np.zeros(0, dtype=np.int64))
-            result = evaluate_row(name, split, data, rows, probs, seconds, time.perf_counter() - start)
-            result.search = search
-            if split == "time":
-                result.calibration = calibration_bins(data.label[rows["test"]], probs)
-                if probe is not None:
-                    result.overlap = model_top_overlap(score, *probe)
+            result = fit_or_reuse(name, split, data, rows, ctx, held if split == "held-out items"
+                                  else np.zeros(0, dtype=np.int64), probe)
             results.append(result)
             say(f"{split} / {name}: AUC {result.row.auc}, GAUC {result.gauc}, log loss {result.row.logloss:.4f}, "
                 f"{result.wall_seconds:.0f} s" + (f"; top-10: {result.overlap}" if result.overlap else ""))
