@@ -133,7 +133,8 @@ def assemble(parts: dict, projection: Projection) -> np.ndarray:
     """(P, F) float32 block rows from the head's inputs `parts` (`BAHEScorer.score_parts`, or the timeline forward
     of engine.training.export): user (P, n, d), item (P, d), cosines (P, n), similar (P, 2 n k) or None, logits (P,)."""
     user, item = projection.apply(parts["user"]), projection.apply(parts["item"])
-    columns = [user.reshape(user.shape[0], -1), item, np.asarray(parts["cosines"], np.float32)]
+    columns = [user.reshape(user.shape[0], user.shape[1] * user.shape[2]), item,
+               np.asarray(parts["cosines"], np.float32)]
     if parts.get("similar") is not None:
         columns.append(np.asarray(parts["similar"], np.float32))
     columns.append(np.asarray(parts["logits"], np.float32)[:, None])

@@ -194,8 +194,10 @@ class BAHEScorer:
         probs = self._score(users, items, history_counts, side_features, parts)
         if not parts:  # no pairs
             n, d = len(self.config.model.sequence_names), self.model.upper.hidden_size
+            k = len(self.config.model.similarity_temperatures)
             parts = {"user": np.empty((0, n, d), np.float32), "item": np.empty((0, d), np.float32),
-                     "cosines": np.empty((0, n), np.float32), "logits": np.empty(0, np.float32), "similar": None}
+                     "cosines": np.empty((0, n), np.float32), "logits": np.empty(0, np.float32),
+                     "similar": np.empty((0, 2 * n * k), np.float32) if k else None}
         return {**parts, "probs": probs}
 
     def _score(self, users, items, history_counts, side_features, parts: dict | None) -> np.ndarray:
