@@ -135,3 +135,15 @@ def test_out_of_fold_export_gives_each_user_the_scorer_that_never_saw_them(tiny_
         assert len(mine) and not seen & set(mine["user_id"]), "a fold scorer gave features of a user it trained on"
         assert read_record(scorer["path"]).users == tuple(sorted(seen))
     assert meta["scorers"][0]["scorer_version"] != meta["scorers"][1]["scorer_version"]
+
+
+def test_the_command_names_what_is_wrong(trained, tmp_path):
+    out = str(tmp_path / "x.parquet")
+    with pytest.raises(SystemExit, match="--scorer DIR .* or --folds K"):
+        cli.main(["features", "--data", str(FIXTURE), "--out", out])
+    with pytest.raises(SystemExit, match="--scorer DIR .* or --folds K"):
+        cli.main(["features", "--scorer", str(trained), "--folds", "2", "--data", str(FIXTURE), "--out", out])
+    with pytest.raises(SystemExit, match="projection width"):
+        cli.main(["features", "--scorer", str(trained), "--data", str(FIXTURE), "--out", out, "--since", "9" * 12,
+                  "--project", "10000"])
+    assert not Path(out).exists()
