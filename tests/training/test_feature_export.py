@@ -147,3 +147,20 @@ def test_the_command_names_what_is_wrong(trained, tmp_path):
         cli.main(["features", "--scorer", str(trained), "--data", str(FIXTURE), "--out", out, "--since", "9" * 12,
                   "--project", "10000"])
     assert not Path(out).exists()
+
+
+def test_the_live_block_matches_the_exported_one(trained, data):
+    """FeatureProvider on a request carrying an example's history gives the exported columns: the same vectors,
+    cosines and similarity counts (the logit differs only through the item counts: the served snapshot online,
+    the counts before the example's moment offline)."""
+    from engine.export.online import FeatureProvider
+    from engine.training.loops.calibrate import serving_inputs
+    scorer = BAHEScorer.from_pretrained(trained, device="cpu")
+    rows = data.split().test[:25]
+    projection = Projection.random(scorer.model.upper.hidden_size, 6, seed=4)
+    offline = log_block(scorer, data, rows, projection)
+    users, items, side = serving_inputs(data, rows, scorer.config.model.categorical_features)
+    online = FeatureProvider(scorer, projection).features(users, items, side_features=side)
+    assert online.shape == offline.shape
+    np.testing.assert_allclose(online[:, :-1], offline[:, :-1], rtol=1e-5, atol=1e-5)
+    assert np.corrcoef(online[:, -1], offline[:, -1])[0, 1] > 0.9
