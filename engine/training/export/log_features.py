@@ -6,10 +6,12 @@ events up to the end of its training period) and its similarity counts over the 
 at or after an example's moment changes none of its features (tested)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
-from engine.export.block import Projection, assemble
+from engine.export.block import Projection, assemble, block_names
 from engine.features.similarity import similarity_features
 from engine.model.head import sequence_item_cosines
 from engine.serving.scorer import BAHEScorer
@@ -22,8 +24,8 @@ __all__ = ["log_parts", "log_block", "item_vectors"]
 
 
 def log_parts(scorer: BAHEScorer, log: BehaviorLog, rows: np.ndarray, *, batch_size: int = 256
-              ) -> dict[str, np.ndarray | None]:
-    """The head's inputs for the log's example `rows` (ascending), `batch_size` targets per forward: user (B, n, d),
+              ) -> Iterator[dict[str, np.ndarray | None]]:
+    """The head's inputs for the log's example `rows` (ascending), one dict per `batch_size` targets: user (B, n, d),
     item (B, d), cosines (B, n), similar (B, 2 n k) or None, logits (B,) - what `BAHEScorer.score_parts` returns for
     a live request, here from each example's past alone. The scorer's tables must hold the log's item texts."""
     rows = np.asarray(rows, dtype=np.int64)
@@ -31,30 +33,31 @@ def log_parts(scorer: BAHEScorer, log: BehaviorLog, rows: np.ndarray, *, batch_s
         raise ValueError("example rows must be strictly ascending (a user's targets together, in time order)")
     ctr, model = BAHECTR(scorer, log), scorer.model
     ctr.eval()
-    out: dict[str, list] = {"user": [], "item": [], "cosines": [], "similar": [], "logits": []}
     with torch.inference_mode():
         for chunk in row_batches(rows, batch_size):
             batch = ctr.prepare(log, chunk).to(scorer.device)
             user, item, similar = timeline_towers(model, ctr.behavior_table, ctr.item_table, batch)
             logits = model.logits(user, item, batch.item_rows, batch.dense, similar, batch.categories)
-            out["user"].append(user.float().cpu().numpy())
-            out["item"].append(item.float().cpu().numpy())
-            out["cosines"].append(sequence_item_cosines(user, item).float().cpu().numpy())
-            out["logits"].append(logits.float().cpu().numpy())
-            if similar is not None:
-                out["similar"].append(similarity_features(similar).cpu().numpy())
-    n, d = len(scorer.config.model.sequence_names), model.upper.hidden_size
-    empty = {"user": (0, n, d), "item": (0, d), "cosines": (0, n), "logits": (0,), "similar": (0, 0)}
-    parts = {k: np.concatenate(v) if v else np.empty(empty[k], np.float32) for k, v in out.items()}
-    if not scorer.config.model.similarity_temperatures:
-        parts["similar"] = None
-    return parts
+            yield {"user": user.float().cpu().numpy(), "item": item.float().cpu().numpy(),
+                   "cosines": sequence_item_cosines(user, item).float().cpu().numpy(),
+                   "logits": logits.float().cpu().numpy(),
+                   "similar": None if similar is None else similarity_features(similar).cpu().numpy()}
 
 
 def log_block(scorer: BAHEScorer, log: BehaviorLog, rows: np.ndarray, projection: Projection, *,
               batch_size: int = 256) -> np.ndarray:
-    """(B, F) float32 feature block (engine.export.block) of the log's example `rows` (ascending)."""
-    return assemble(log_parts(scorer, log, rows, batch_size=batch_size), projection)
+    """(B, F) float32 feature block (engine.export.block) of the log's example `rows` (ascending), projected batch
+    by batch (memory: the block, not the full-width vectors of every example)."""
+    model = scorer.config.model
+    width = len(block_names(model.sequence_names, model.similarity_temperatures,
+                            projection.width(scorer.model.upper.hidden_size)))
+    out = np.empty((np.asarray(rows).size, width), dtype=np.float32)
+    done = 0
+    for parts in log_parts(scorer, log, rows, batch_size=batch_size):
+        block = assemble(parts, projection)
+        out[done:done + block.shape[0]] = block
+        done += block.shape[0]
+    return out
 
 
 def item_vectors(scorer: BAHEScorer, log: BehaviorLog) -> np.ndarray:
