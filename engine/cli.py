@@ -340,24 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="report only; leave the scorer folder as it is")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("features", help="BAHE's feature block (pooled sequence and item vectors, cosines, similarity "
-                       "counts, logit) per example of a log, past-only and out-of-sample, to parquet (docs/feature-export.md)")
-    p.add_argument("--scorer", action="append", help="a scorer folder with a training record (repeat for several)")
-    p.add_argument("--folds", type=int, help="train K scorers on disjoint user folds first (into --work); each gives "
-                   "its held-out users' features")
-    p.add_argument("--data", required=True, help="the log (as `bahe train --data`)")
+    p = sub.add_parser("features", help="BAHE's feature block per log example, for a ranker (docs/feature-export.md)")
+    p.add_argument("--scorer", action="append", help="a scorer folder with a training record (repeatable)")
+    p.add_argument("--folds", type=int, help="train K scorers on disjoint user folds, each for its held-out users")
+    p.add_argument("--data", required=True, help="the log, as `bahe train --data`")
     p.add_argument("--out", required=True, help="the parquet file to write")
     p.add_argument("--since", type=int, help="only the examples at or after this timestamp")
-    p.add_argument("--project", type=int, help="project the vectors to this width (default: the model's)")
+    p.add_argument("--project", type=int, help="the vectors' width (default: the model's hidden size)")
     p.add_argument("--projection", default="random", choices=["random", "pca"])
     p.add_argument("--work", help="with --folds: where the fold scorers go (default: next to --out)")
-    for flag, kind, default in (("--model", str, "minilm"), ("--lower-layers", int, 3), ("--max-tokens", int, 32),
-                                ("--max-behaviors", int, 1024), ("--categorical", str, "all"), ("--epochs", int, 2),
-                                ("--batch-size", int, 256), ("--lr", float, 1e-3), ("--backbone-lr", float, 5e-5),
-                                ("--seed", int, 0), ("--device", str, "cpu")):
-        p.add_argument(flag, type=kind, default=default, help="with --folds: as `bahe train`'s" if flag not in (
-            "--batch-size", "--seed", "--device") else None)
-    p.set_defaults(func=cmd_features)
+    for flag, kind, default in (("--model", str, "minilm"), ("--lower-layers", int, 3), ("--max-behaviors", int, 1024),
+                                ("--epochs", int, 2), ("--batch-size", int, 256), ("--seed", int, 0),
+                                ("--device", str, "cpu")):
+        p.add_argument(flag, type=kind, default=default, help="with --folds: as `bahe train`'s")
+    p.set_defaults(func=cmd_features, categorical="all", max_tokens=32, lr=1e-3, backbone_lr=5e-5)
 
     # Everything after `bench` / `profile` goes to the benchmark's own parser ('+' prefix: '--x' stays an argument).
     p = sub.add_parser("bench", help="BAHE vs raw-token: time and memory as M grows (bench.compare)",
