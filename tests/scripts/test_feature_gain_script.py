@@ -31,3 +31,9 @@ def test_feature_gain_runs_end_to_end_and_reuses_its_block(tiny_checkpoints, tmp
     for name in first["auc"]:
         assert np.isclose(again["auc"][name].value, first["auc"][name].value, atol=1e-12), name
     assert results.read_text().count("<!-- feature-gain:time -->") == 1
+
+    per_user = feature_gain.main([*common, "--split", "per-user", "--features", str(work / "block.parquet"),
+                                  "--text-scorer", str(work / "folds" / "fold-0")])
+    assert set(per_user["auc"]) == set(first["auc"])
+    text = results.read_text()
+    assert "<!-- feature-gain:per-user -->" in text and "<!-- feature-gain:time -->" in text
