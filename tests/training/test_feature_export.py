@@ -120,7 +120,6 @@ def test_scorer_choice_prefers_the_user_disjoint_scorer_then_the_earlier_period(
     assert got.tolist() == [-1, 1, 0, 1]
 
 
-@pytest.mark.slow
 def test_out_of_fold_export_gives_each_user_the_scorer_that_never_saw_them(tiny_checkpoints, data, tmp_path):
     out = tmp_path / "oof.parquet"
     cli.main(["features", "--folds", "2", "--model", str(tiny_checkpoints["llama"]), "--data", str(FIXTURE),
