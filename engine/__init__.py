@@ -12,6 +12,7 @@ _EXPORTS = {
     "BAHEScorer": "engine.serving.scorer", "Ranking": "engine.serving.ranking", "InputError": "engine.serving.inputs", "ScorerFormatError": "engine.serving.scorer_folder",
     "ScorerHandle": "engine.deploy.handle", "VersionedState": "engine.deploy.handle",
     "ScorerVersions": "engine.deploy.versions", "VersionError": "engine.deploy.versions",
+    "FeatureProvider": "engine.export.online",
 }
 __all__ = sorted(_EXPORTS)
 

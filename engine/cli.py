@@ -1,5 +1,5 @@
-"""`bahe` command line: encode, train, score, calibrate, demo, bench, profile, models, info, update, rollback,
-versions."""
+"""`bahe` command line: encode, train, score, calibrate, features, demo, bench, profile, models, info, update,
+rollback, versions."""
 from __future__ import annotations
 
 import argparse
@@ -164,6 +164,11 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
           f"{report.test_examples:,} test examples:")
     print("\n".join(report.lines()))
     print("not saved (--dry-run)" if args.dry_run else f"saved into {args.scorer}")
+
+
+def cmd_features(args: argparse.Namespace) -> None:
+    from engine.training.export.features_command import features_command
+    features_command(args)
 
 
 def _run_module(module: str, argv: list[str]) -> None:
@@ -342,6 +347,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="platt", choices=["platt", "isotonic"])
     p.add_argument("--dry-run", action="store_true", help="report only; leave the scorer folder as it is")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("features", help="BAHE's feature block per log example, for a ranker (docs/feature-export.md)")
+    p.add_argument("--scorer", action="append", help="a scorer folder with a training record (repeatable)")
+    p.add_argument("--folds", type=int, help="train K scorers on disjoint user folds, each for its held-out users")
+    p.add_argument("--data", required=True, help="the log, as `bahe train --data`")
+    p.add_argument("--out", required=True, help="the parquet file to write")
+    p.add_argument("--since", type=int, help="only the examples at or after this timestamp")
+    p.add_argument("--project", type=int, help="the vectors' width (default: the model's hidden size)")
+    p.add_argument("--projection", default="random", choices=["random", "pca"])
+    p.add_argument("--work", help="with --folds: where the fold scorers go (default: next to --out)")
+    for flag, kind, default in (("--model", str, "minilm"), ("--lower-layers", int, 3), ("--max-behaviors", int, 1024),
+                                ("--epochs", int, 2), ("--batch-size", int, 256), ("--seed", int, 0),
+                                ("--device", str, "cpu")):
+        p.add_argument(flag, type=kind, default=default, help="with --folds: as `bahe train`'s")
+    p.set_defaults(func=cmd_features, categorical="all", max_tokens=32, lr=1e-3, backbone_lr=5e-5)
 
     # Everything after `bench` / `profile` goes to the benchmark's own parser ('+' prefix: '--x' stays an argument).
     p = sub.add_parser("bench", help="BAHE vs raw-token: time and memory as M grows (bench.compare)",

@@ -37,8 +37,8 @@ def random_log(rng: np.random.Generator, n: int, users: int, items: int, times: 
 
 def rewrite_future(log: BehaviorLog, row: int, rng: np.random.Generator) -> BehaviorLog:
     """`log` with the item, label and membership of every event at or after `row`'s timestamp redrawn (users
-    and timestamps kept, so rows keep their places; `row` keeps its item). Past-only features of `row` must
-    not change."""
+    and timestamps kept, so rows keep their places; `row` keeps its item; categorical columns and id keys kept).
+    Past-only features of `row` must not change."""
     later = log.timestamp >= log.timestamp[row]
     item, label, membership = log.item.copy(), log.label.copy(), log.membership.copy()
     item[later] = rng.choice(log.item_ids, int(later.sum()))
@@ -46,4 +46,4 @@ def rewrite_future(log: BehaviorLog, row: int, rng: np.random.Generator) -> Beha
     label[later] = rng.integers(0, 2, int(later.sum()))
     membership[later] = rng.random((int(later.sum()), log.num_sequences)) < 0.5
     return BehaviorLog(log.user, item, log.timestamp, label, membership, log.item_texts, log.sequence_names,
-                       log.min_history)
+                       log.min_history, log.categorical, log.user_keys, log.item_keys)

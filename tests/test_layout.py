@@ -19,7 +19,7 @@ MAX_LINES = 400
 MAX_MODULES_PER_FOLDER = 12
 
 _ENGINE_ROOMS = ("engine.backbone", "engine.config", "engine.deploy", "engine.distributed", "engine.encoding",
-                 "engine.features", "engine.model", "engine.serving")
+                 "engine.export", "engine.features", "engine.model", "engine.serving")
 # What each room may import besides itself. A module's room is the longest key its dotted name starts with
 # ("engine" is the package's __init__ alone). An entry names a room, or one module of a room when only that
 # module is meant (encoding packs id lists with `engine.model.packing`; it never runs the model).
@@ -33,10 +33,13 @@ ROOMS: dict[str, tuple[str, ...]] = {
     "engine.model": ("engine.backbone", "engine.config", "engine.features", "kernels", "weights"),
     "engine.encoding": ("engine.backbone", "engine.config", "engine.distributed", "engine.model.packing",
                         "kernels", "weights"),
-    "engine.serving": (*(r for r in _ENGINE_ROOMS if r not in ("engine.serving", "engine.deploy")), "kernels",
-                       "weights"),
+    "engine.serving": (*(r for r in _ENGINE_ROOMS if r not in ("engine.serving", "engine.deploy", "engine.export")),
+                       "kernels", "weights"),
     # what runs in front of a BAHEScorer in production: the request queue, versioned folders, the hot-swap handle
     "engine.deploy": ("engine.config", "engine.serving", "kernels", "weights"),
+    # BAHE as a feature provider: the feature block, the training record, the block of live requests (a scorer's
+    # outputs for another ranker); the offline export of a log drives the trainer, so it lives in the harness
+    "engine.export": ("engine.config", "engine.features", "engine.model", "engine.serving", "weights"),
     "engine.training": (*_ENGINE_ROOMS, "kernels", "weights"),
     "engine.cli": (*_ENGINE_ROOMS, "engine.training", "weights"),  # the harness only lazily (LAZY_ONLY)
     "bench": ("engine", *_ENGINE_ROOMS, "engine.training", "kernels", "weights"),

@@ -20,8 +20,14 @@ def head_features(user: torch.Tensor, item: torch.Tensor, similarity: bool = Fal
     to what the user liked, disliked, watched), which a normalized MLP would have to sum over d columns."""
     parts = [user.flatten(1), item, (user * item[:, None, :]).flatten(1)]
     if similarity:
-        parts.append(torch.nn.functional.cosine_similarity(user, item[:, None, :], dim=-1))
+        parts.append(sequence_item_cosines(user, item))
     return torch.cat(parts, dim=1)
+
+
+def sequence_item_cosines(user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+    """user (U, n, d), item (U, d) -> (U, n) cosine of each pooled sequence with the item: the head's similarity
+    columns (`head_features`), and the feature block's (engine.export.block)."""
+    return torch.nn.functional.cosine_similarity(user, item[:, None, :], dim=-1)
 
 
 class CrossLayer(nn.Module):

@@ -39,8 +39,10 @@ from engine.encoding.abe import AtomicEncoder
 from engine.config import ScorerConfig
 from engine.features.categorical import category_buckets, category_rows
 from engine.features.side_features import count_features
+from engine.features.similarity import similarity_features
 from engine.model.calibration import calibrate
 from engine.model.bahe_model import BAHEModel
+from engine.model.head import sequence_item_cosines
 from engine.model.stages import stage
 from engine.serving import towers
 from engine.serving.inputs import InputError, locate_bad_text, lookup_texts, parse_side_features
@@ -235,11 +237,14 @@ class ScoringPipeline:
 
     # ----- scoring --------------------------------------------------------------------------
     def score(self, batch: ScoringBatch, tables: PlacedTables, *, per_user: bool = False,
-              user: torch.Tensor | None = None) -> np.ndarray:
+              user: torch.Tensor | None = None, parts: dict | None = None) -> np.ndarray:
         """(P,) probabilities of the batch's pairs: each user through the user tower once (or its pooled states
         `user` (U, n, d) given: a UserState's), pairs' items from the stored vectors (on the fly for rows past
         them), then the head over all pairs (per_user: each user's pairs contiguous, as rank_many lays them
-        out, with the users folded into the head's first layer). One host -> device transfer, one read back."""
+        out, with the users folded into the head's first layer). One host -> device transfer, one read back.
+        `parts` (a dict, `score` only): filled with what the head read, per pair, as float32 host arrays -
+        user (P, n, d), item (P, d), cosines (P, n), similar (P, 2 n k) the similarity columns or None, logits (P,)
+        before calibration."""
         model, n = self.model, len(self.config.model.sequence_names)
         kept, back = (distinct_pairs(batch.pair_user, batch.item_rows, batch.user_counts, batch.categories)
                       if per_user else (None, None))  # `score` keeps every pair a head row, as the caller sent it
@@ -265,6 +270,11 @@ class ScoringPipeline:
                 else:
                     logits = towers.pair_logits(model, user, item, dev["pair_user"], side)
             out = read_back(torch.sigmoid(logits))
+            if parts is not None and not per_user:  # the feature block (engine.export): the head's inputs
+                pair = user[dev["pair_user"]]
+                parts.update(user=read_back(pair), item=read_back(item), logits=read_back(logits),
+                             cosines=read_back(sequence_item_cosines(pair, item)),
+                             similar=None if similar is None else read_back(similarity_features(similar)))
         if not np.isfinite(out).all():
             raise FloatingPointError("the model produced a non-finite score; the scorer's weights may be corrupt")
         out = calibrate(self.config.calibration, np.clip(out, PROB_EPS, 1 - PROB_EPS))

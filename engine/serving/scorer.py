@@ -181,6 +181,26 @@ class BAHEScorer:
         (`ModelConfig.categorical_features`; left out: unknown). A user repeated in the batch (the same texts in
         every sequence) runs the upper layers once (`ScoringConfig.dedupe_users`); known items take their stored
         item vectors."""
+        return self._score(users, items, history_counts, side_features, None)
+
+    def score_parts(self, users: Sequence[dict[str, Sequence[str]]], items: Sequence[str], *,
+                    history_counts: Sequence[dict[str, int] | None] | None = None,
+                    side_features: Sequence[dict | None] | None = None) -> dict[str, np.ndarray | None]:
+        """`score`'s pairs (same inputs, checks and errors) with what the head reads of each, as float32 arrays:
+        user (P, n, d) pooled sequences, item (P, d), cosines (P, n), similar (P, 2 n k) the similarity columns
+        (None without), logits (P,) before calibration, probs (P,) as `score` returns them. The feature block of
+        engine.export.online is made of these."""
+        parts: dict = {}
+        probs = self._score(users, items, history_counts, side_features, parts)
+        if not parts:  # no pairs
+            n, d = len(self.config.model.sequence_names), self.model.upper.hidden_size
+            k = len(self.config.model.similarity_temperatures)
+            parts = {"user": np.empty((0, n, d), np.float32), "item": np.empty((0, d), np.float32),
+                     "cosines": np.empty((0, n), np.float32), "logits": np.empty(0, np.float32),
+                     "similar": np.empty((0, 2 * n * k), np.float32) if k else None}
+        return {**parts, "probs": probs}
+
+    def _score(self, users, items, history_counts, side_features, parts: dict | None) -> np.ndarray:
         sequences = parse_users(users, self.config)
         item_texts = parse_items(items, len(sequences))
         user_counts = parse_history_counts(history_counts, users, self.config.model.sequence_names)
@@ -192,7 +212,7 @@ class BAHEScorer:
         else:
             first, pair_user = list(range(len(sequences))), np.arange(len(sequences))
         return self._score_pairs([sequences[u] for u in first], first, user_counts, pair_user, item_texts,
-                                 categories=categories)
+                                 categories=categories, parts=parts)
 
     def rank(self, user: dict[str, Sequence[str]] | UserState, candidates: Sequence[str], *,
              top_k: int | None = None, history_counts: dict[str, int] | None = None,
@@ -279,7 +299,7 @@ class BAHEScorer:
 
     def _score_pairs(self, sequences: list[list[list[str]]], originals: Sequence[int], user_counts: np.ndarray,
                      pair_user: np.ndarray, item_texts: list[str], label=None, per_user: bool = False,
-                     categories: np.ndarray | None = None) -> np.ndarray:
+                     categories: np.ndarray | None = None, parts: dict | None = None) -> np.ndarray:
         """(P,) probabilities of pairs (sequences[pair_user[p]], item_texts[p]); user_counts (P, n) and
         categorical feature rows (P, F) per pair; originals[u]: the caller's index of distinct user u (for errors)."""
         n, config, whole = len(self.config.model.sequence_names), self.config.model, sequences
@@ -298,4 +318,4 @@ class BAHEScorer:
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         batch = ScoringBatch(behavior_rows, offsets, item_rows, pair_user, user_counts, recent, categories,
                              behavior_extra, item_extra)
-        return pipeline.score(batch, tables, per_user=per_user)
+        return pipeline.score(batch, tables, per_user=per_user, parts=parts)

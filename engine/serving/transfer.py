@@ -56,7 +56,8 @@ def to_device(arrays: dict[str, np.ndarray | None], device: torch.device) -> dic
 
 
 def read_back(probabilities: torch.Tensor) -> np.ndarray:
-    """The request's one device -> host read: the (P,) probabilities as float32."""
+    """The request's one device -> host read: the (P,) probabilities as float32 (a feature request also reads
+    the head's inputs back this way, `ScoringPipeline.score(parts=...)`)."""
     return probabilities.float().cpu().numpy()
 
 

@@ -27,7 +27,8 @@ import numpy as np
 from engine.training.baselines.classic import classic_features
 from engine.training.data.log import BehaviorLog
 
-__all__ = ["SEARCH", "TEXT_SEQUENCES", "text_features", "peer_features", "LightGBMPeer", "fit_lightgbm"]
+__all__ = ["SEARCH", "TEXT_SEQUENCES", "text_features", "ExtraColumns", "peer_features", "LightGBMPeer",
+           "fit_lightgbm"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,25 @@ def text_features(log: BehaviorLog, rows: np.ndarray, vectors: np.ndarray,
     return out, [f"text_cos_{s}" for s in sequences]
 
 
+@dataclass(frozen=True)
+class ExtraColumns:
+    """Columns computed elsewhere for the log's examples (BAHE's feature block, engine.export), joined to the peer's
+    own by example row: rows (E,) ascending, values (E, F), names (F,); label names the set in the model's name."""
+    rows: np.ndarray
+    values: np.ndarray
+    names: list[str]
+    label: str = "extra features"
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """(B, F) float32 values of example `rows`; ValueError naming a row the columns do not cover."""
+        at = np.minimum(np.searchsorted(self.rows, rows), max(self.rows.size - 1, 0))
+        missing = np.flatnonzero(self.rows[at] != rows) if self.rows.size else np.arange(rows.size)
+        if missing.size:
+            raise ValueError(f"the {self.label} do not cover example row {int(rows[missing[0]])} "
+                             f"({missing.size} rows missing)")
+        return np.asarray(self.values[at], dtype=np.float32)
+
+
 def _category_codes(log: BehaviorLog) -> dict[str, dict]:
     """feature -> {value: code}, codes by sorted value over the whole log (None stays missing)."""
     return {name: {v: i for i, v in enumerate(sorted({v for v in values if v is not None}, key=str))}
@@ -82,10 +102,11 @@ def _category_codes(log: BehaviorLog) -> dict[str, dict]:
 
 
 def peer_features(log: BehaviorLog, rows: np.ndarray, vectors: np.ndarray | None = None,
-                  codes: dict[str, dict] | None = None) -> tuple[np.ndarray, list[str], list[str]]:
+                  codes: dict[str, dict] | None = None,
+                  extra: ExtraColumns | None = None) -> tuple[np.ndarray, list[str], list[str]]:
     """(X (B, F) float32, names, categorical names) of the examples at `rows`: the classic features, the log's
-    categorical columns as codes (`codes`: value -> code per feature, default from the log; unknown values NaN)
-    and, given `vectors`, the text features."""
+    categorical columns as codes (`codes`: value -> code per feature, default from the log; unknown values NaN),
+    given `vectors` the text features, given `extra` its columns."""
     rows = np.asarray(rows, dtype=np.int64)
     x, names = classic_features(log, rows)
     codes = _category_codes(log) if codes is None else codes
@@ -97,6 +118,9 @@ def peer_features(log: BehaviorLog, rows: np.ndarray, vectors: np.ndarray | None
         text, text_names = text_features(log, rows, vectors)
         parts.append(text)
         names += text_names
+    if extra is not None:
+        parts.append(extra.take(rows))
+        names += list(extra.names)
     return np.concatenate(parts, axis=1).astype(np.float32), names, categorical
 
 
@@ -109,10 +133,11 @@ class LightGBMPeer:
     codes: dict[str, dict]
     vectors: np.ndarray | None
     search: list[dict] = field(default_factory=list)  # per config: params, best round, validation AUC, seconds
+    extra: ExtraColumns | None = None
 
     def predict(self, log: BehaviorLog, rows: np.ndarray) -> np.ndarray:
         """(B,) float64 click probabilities of the examples at `rows`."""
-        x, names, _ = peer_features(log, rows, self.vectors, self.codes)
+        x, names, _ = peer_features(log, rows, self.vectors, self.codes, self.extra)
         if names != self.names:
             raise ValueError(f"the features differ from the ones the model was trained on: {names} vs {self.names}")
         return np.asarray(self.booster.predict(x, num_iteration=self.booster.best_iteration), dtype=np.float64)
@@ -120,16 +145,16 @@ class LightGBMPeer:
 
 def fit_lightgbm(log: BehaviorLog, train_rows: np.ndarray, val_rows: np.ndarray, *,
                  vectors: np.ndarray | None = None, seed: int = 0, threads: int | None = None,
-                 search: Sequence[dict] = SEARCH) -> LightGBMPeer:
+                 search: Sequence[dict] = SEARCH, extra: ExtraColumns | None = None) -> LightGBMPeer:
     """The best of `search`'s configs by validation AUC (module docstring), trained on `train_rows`; with
-    `vectors` (I, D) the text features join the side features."""
+    `vectors` (I, D) the text features join the side features, with `extra` its columns (BAHE's feature block)."""
     import lightgbm as lgb
 
     if np.asarray(val_rows).size == 0:
         raise ValueError("the LightGBM search needs validation rows, got none")
     codes = _category_codes(log)
-    x, names, categorical = peer_features(log, train_rows, vectors, codes)
-    xv, _, _ = peer_features(log, val_rows, vectors, codes)
+    x, names, categorical = peer_features(log, train_rows, vectors, codes, extra)
+    xv, _, _ = peer_features(log, val_rows, vectors, codes, extra)
     dataset_params = {"feature_pre_filter": False, "verbose": -1, "force_col_wise": True}
     train = lgb.Dataset(x, log.label[train_rows], feature_name=names, categorical_feature=categorical,
                         params=dataset_params, free_raw_data=False)
@@ -148,4 +173,7 @@ def fit_lightgbm(log: BehaviorLog, train_rows: np.ndarray, val_rows: np.ndarray,
         if best is None or auc > best[0]:
             best = (auc, booster)
     name = "LightGBM, side + text features" if vectors is not None else "LightGBM, side features"
-    return LightGBMPeer(name, best[1], names, codes, None if vectors is None else np.asarray(vectors), results)
+    if extra is not None:
+        name = f"{name[:-len(' features')]} + {extra.label}"
+    return LightGBMPeer(name, best[1], names, codes, None if vectors is None else np.asarray(vectors), results,
+                        extra)

@@ -107,15 +107,21 @@ def prefix_similar(model: BAHEModel, behavior_table: torch.Tensor, item_table: t
                              batch.prefix, batch.pairs, temperatures, rows=which)
 
 
-def timeline_logits(model: BAHEModel, behavior_table: torch.Tensor, item_table: torch.Tensor,
-                    batch: TimelineBatch) -> torch.Tensor:
-    """(B,) fp32 logits of every target of the batch from one pass of the upper layers."""
+def timeline_towers(model: BAHEModel, behavior_table: torch.Tensor, item_table: torch.Tensor,
+                    batch: TimelineBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What the head reads of every target of the batch, from one pass of the upper layers: pooled prefixes
+    user (B, n, d), item tower item (B, d), soft counts similar (B, n, k) or None (`prefix_similar`)."""
     targets = batch.item_rows.numel()
     packed = PackedBatch(batch.behavior_rows, batch.offsets, batch.item_rows, max_len=batch.max_len)
     x, offsets = model.embed(behavior_table, item_table, packed)
     states = model.upper.forward_packed(x, offsets, max(batch.max_len, 1))
     behaviors = batch.behavior_rows.numel()
     user = prefix_means(states[:behaviors], batch.offsets, batch.sequence, batch.prefix, model.empty_sequence)
-    similar = prefix_similar(model, behavior_table, item_table, batch)
-    return model.logits(user, states[behaviors:behaviors + targets], batch.item_rows, batch.dense, similar,
-                        batch.categories)
+    return user, states[behaviors:behaviors + targets], prefix_similar(model, behavior_table, item_table, batch)
+
+
+def timeline_logits(model: BAHEModel, behavior_table: torch.Tensor, item_table: torch.Tensor,
+                    batch: TimelineBatch) -> torch.Tensor:
+    """(B,) fp32 logits of every target of the batch from one pass of the upper layers."""
+    user, item, similar = timeline_towers(model, behavior_table, item_table, batch)
+    return model.logits(user, item, batch.item_rows, batch.dense, similar, batch.categories)

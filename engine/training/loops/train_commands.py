@@ -55,6 +55,14 @@ def item_level_features(log) -> dict[str, dict[str, str]]:
     return out
 
 
+def record_training(folder: Path, test_start: int, data: str, rows: dict[str, np.ndarray] | None) -> None:
+    """The saved scorer's training record (engine.export.record): every label it trained or early-stopped on lies
+    before the time split's test start, whatever the subsample; `bahe features` reads it to refuse stacking leaks."""
+    from engine.export.record import write_record
+    examples = -1 if rows is None else int(rows["train"].size + rows["val"].size)  # -1: not counted (streamed)
+    write_record(folder, labels_before=test_start, users=None, data=str(data), examples=examples)
+
+
 def stream_users(stream) -> list[str]:
     """The user ids of a streamed log: its keys, or the integer ids of its shards (read column by column)."""
     if stream.user_keys is not None:
@@ -99,6 +107,7 @@ def train_distributed(launch, args: argparse.Namespace, data, split, rows, confi
         if launch.is_writer:
             try:
                 scorer.save_pretrained(out / "scorer")
+                record_training(out / "scorer", split.test_start, args.data, rows)
                 id_vocabulary(data, out / "scorer")
             except Exception as err:  # noqa: BLE001 - every rank exits non-zero with it
                 error = err
@@ -152,6 +161,7 @@ def train_streamed(args: argparse.Namespace) -> None:
     test = evaluate_stream(bahe, stream, "test", device=device, budget=budget)
     bahe.set_item_counts(stream.item_ids, stream.item_counts_before[stream.test_start], stream.sequence_names)
     scorer.save_pretrained(out / "scorer")
+    record_training(out / "scorer", stream.test_start, args.data, None)
     id_vocabulary(catalog, out / "scorer", users=stream_users(stream))
     print(f"test AUC {test['auc']:.4f}, log loss {test['logloss']:.4f} ({test['examples']} examples), best epoch "
           f"{result.best_epoch}, {sum(result.epoch_seconds) / len(result.epoch_seconds):.1f} s/epoch; "
@@ -200,6 +210,7 @@ def train_command(args: argparse.Namespace, launch: Launch | None) -> None:
         device=str(scorer.device))
     bahe.store_item_counts(data, split.test_start)  # the item statistics served: the training period's
     scorer.save_pretrained(out / "scorer")
+    record_training(out / "scorer", split.test_start, args.data, rows)
     vocabulary = id_vocabulary(data, out / "scorer")
     print(f"test AUC {result.test['auc']:.4f}, log loss {result.test['logloss']:.4f}, best epoch "
           f"{result.fit.best_epoch}, {sum(result.fit.epoch_seconds) / len(result.fit.epoch_seconds):.1f} s/epoch, "
