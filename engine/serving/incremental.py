@@ -220,13 +220,17 @@ def _new_behaviors(scorer, behaviors: object) -> list[list[str]]:
     return out
 
 
+class StaleStateError(ValueError):
+    """A UserState computed with other weights, dtype or tables than the scorer has now."""
+
+
 def check_state(scorer, state: object) -> UserState:
     if not isinstance(state, UserState):
         raise InputError(f"expected a UserState (from BAHEScorer.user_state), got {type(state).__name__}")
     check_causal(scorer.model)
     if state.names != scorer.config.model.sequence_names or not scorer.pipeline.version().serves(state.version):
-        raise ValueError("this UserState was computed with other weights, dtype, tables or sequence names than the "
-                         "scorer has now; build it again with scorer.user_state(user)")
+        raise StaleStateError("this UserState was computed with other weights, dtype, tables or sequence names than "
+                              "the scorer has now; build it again with scorer.user_state(user)")
     return state
 
 
@@ -252,7 +256,8 @@ def score_states(scorer, states: Sequence[UserState], pair_user: np.ndarray,
     """(P,) probabilities of pairs (states[pair_user[p]], item p) from the states' pooled vectors (no upper layer
     runs), the window rows and texts they keep and their counts for the side features. `items(pipeline)`, called
     under the pipeline's lock, gives the pairs' item rows (ids >= N index the (X, d) rows it returns beside);
-    categories: (P, F) buckets or None; per_user: each state's pairs contiguous (rank), else any order (score)."""
+    categories: (P, F) buckets or None; per_user: each state's pairs contiguous (rank), else any order (score).
+    StaleStateError when the tables' version does not serve every state (checked under the lock, with the tables)."""
     pipeline, config, n = scorer.pipeline, scorer.config.model, len(scorer.config.model.sequence_names)
     sequences = [s for state in states for s in state.sequences]
     lengths = np.array([s.total - s.start for s in sequences], dtype=np.int64)
@@ -266,6 +271,8 @@ def score_states(scorer, states: Sequence[UserState], pair_user: np.ndarray,
                                                             users=list(range(len(states))))
         item_rows, item_extra = items(pipeline)
         tables = pipeline.placed()
+    if not all(tables.version.serves(state.version) for state in states):
+        raise StaleStateError("a UserState was computed with other weights, dtype or tables than the scorer has now")
     recent = (recent_counts([[list(s.texts) for s in state.sequences] for state in states], config.recent_events, n,
                             lengths=np.array([[s.total for s in state.sequences] for state in states]))
               if config.count_features and config.recent_events else None)

@@ -124,16 +124,13 @@ class ItemCatalog:
         as `texts` checks them: the id-keyed path's one dict lookup per id, no text touched."""
         if isinstance(item_ids, (str, bytes)) or not isinstance(item_ids, (Sequence, np.ndarray)):
             raise InputError(f"{name} must be a list of item ids, got {type(item_ids).__name__}")
-        keys = []
-        for i, value in enumerate(item_ids):
-            try:
-                keys.append(id_key(value))
-            except IdError as err:
-                raise InputError(f"{name}[{i}]: {err}") from None
-        numbers = self.vocabulary.items.numbers(keys)
-        if (numbers < 0).any():
-            i = int(np.argmax(numbers < 0))
-            self.text(keys[i], f"{name}[{i}]")  # raises, naming the id
+        try:  # a str is its own key (a blank one is in no vocabulary): id_key only for the other types
+            numbers = self.vocabulary.items.numbers([v if type(v) is str else id_key(v) for v in item_ids])
+        except IdError:
+            numbers = None
+        if numbers is None or (numbers < 0).any():
+            for i, value in enumerate(item_ids):
+                self.text(value, f"{name}[{i}]")  # raises at the first value that is not an id or not held
         return numbers
 
     def text(self, item_id: object, where: str = "item_id") -> str:

@@ -222,6 +222,20 @@ def test_a_reloaded_snapshot_ranks_the_same(tiny_checkpoints, tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_kept_states_of_other_weights_are_built_again(tiny_checkpoints, tmp_path):
+    scorer, _, ranker = _setup(tiny_checkpoints["llama"], tmp_path)
+    ranker.append("u1", {"click": IDS[:5]})
+    before = ranker.rank("u1", IDS[9:15]).scores
+    with torch.no_grad():
+        for p in scorer.model.upper.parameters():
+            p.mul_(1.5)  # new weights: the kept state no longer serves
+    after = ranker.rank("u1", IDS[9:15]).scores
+    np.testing.assert_allclose(after, scorer.rank({"click": _text(IDS[:5])}, _text(IDS[9:15])).scores, rtol=1e-5,
+                               atol=1e-5)
+    assert np.abs(after - before).max() > 1e-4
+    assert scorer.pipeline.version().serves(ranker.user_state("u1").version)
+
+
 def test_sequence_names_must_match(tiny_checkpoints, tmp_path):
     scorer, catalog, _ = _setup(tiny_checkpoints["llama"], tmp_path)
     with pytest.raises(ValueError, match=r"the store's sequences \['click'\] are not the scorer's"):

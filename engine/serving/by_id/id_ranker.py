@@ -35,7 +35,8 @@ import numpy as np
 
 from engine.encoding.text_checks import InputError
 from engine.serving.by_id.history_store import HistoryStore, UserHistory, user_key
-from engine.serving.incremental import UserState, build_state, check_causal, extend_state, score_states
+from engine.serving.incremental import (StaleStateError, UserState, build_state, check_causal, extend_state,
+                                        score_states)
 from engine.serving.pipeline import ScoringPipeline
 from engine.serving.ranking import ItemCatalog, Ranking, check_top_k, ranking
 from weights.table import MISSING
@@ -103,22 +104,36 @@ class IdRanker:
 
     def user_state(self, user_id: object) -> UserState:
         """The user's state at the store's current history: kept, extended by the events since, or built."""
-        key, generation = user_key(user_id), self.store.generation
+        return self._state(user_key(user_id), verify=True)
+
+    def _state(self, key: str, verify: bool) -> UserState:
+        """user_state; verify=False skips the check of the scorer's version for a kept state with no new events
+        (`score_states` checks it with the tables it reads, and the request builds it again if stale)."""
+        generation = self.store.generation
         with self._lock:
             entry = self._states.get(key)
             if entry is not None:
                 self._states.move_to_end(key)
-        if (entry is not None and entry.generation == generation
-                and self.scorer.pipeline.version().serves(entry.state.version)):
+        if entry is not None and entry.generation == generation:
             history = self.store.read(key, entry.totals)
-            if history.totals == entry.totals:
+            current = not verify or self.scorer.pipeline.version().serves(entry.state.version)
+            if history.totals == entry.totals and current:
                 return entry.state
-            state = extend_state(self.scorer, entry.state, self._texts(history))
-        else:
-            history = self.store.read(key)
-            state = build_state(self.scorer, self._texts(history), None)
+            if current:
+                state = extend_state(self.scorer, entry.state, self._texts(history))
+                self._keep(key, KeptState(generation, history.totals, state))
+                return state
+        history = self.store.read(key)
+        state = build_state(self.scorer, self._texts(history), None)
         self._keep(key, KeptState(generation, history.totals, state))
         return state
+
+    def _scored(self, keys: list[str], run) -> np.ndarray:
+        """run(states of `keys`) with the kept states; once more with states checked (rebuilt) if one was stale."""
+        try:
+            return run([self._state(k, verify=False) for k in keys])
+        except StaleStateError:
+            return run([self._state(k, verify=True) for k in keys])
 
     def _keep(self, key: str, entry: KeptState) -> None:
         with self._lock:
@@ -199,13 +214,14 @@ class IdRanker:
             texts = self.catalog.vocabulary.item_texts
             return self.scorer.rank(self._texts(self.store.read(key)), [texts[i] for i in numbers], top_k=top_k,
                                     side_features=side)
-        state = self.user_state(key)
         categories = self.scorer.pipeline.categories(None if side is None else [side], 1, "user")
         if not numbers.size:
+            self._state(key, verify=False)  # an unknown user is refused all the same
             return ranking(np.empty(0, dtype=np.float32), top_k)
         pair_user = np.zeros(numbers.size, dtype=np.int64)
-        return ranking(score_states(self.scorer, [state], pair_user, self._item_rows(numbers, "candidates"),
-                                    None if categories is None else categories[pair_user], per_user=True), top_k)
+        categories = None if categories is None else categories[pair_user]
+        return ranking(self._scored([key], lambda states: score_states(
+            self.scorer, states, pair_user, self._item_rows(numbers, "candidates"), categories, per_user=True)), top_k)
 
     def score(self, user_ids: Sequence[object], item_ids: Sequence[object], *,
               side_features: Sequence[dict | None] | None = None) -> np.ndarray:
@@ -233,10 +249,9 @@ class IdRanker:
             return self.scorer.score([histories[k] for k in keys], [texts[i] for i in numbers],
                                      history_counts=None, side_features=side_features)
         categories = self.scorer.pipeline.categories(side_features, len(keys), "pair")
-        states = [self.user_state(k) for k in distinct]
         if not keys:
             return np.empty(0, dtype=np.float32)
         where = {k: u for u, k in enumerate(distinct)}
         pair_user = np.array([where[k] for k in keys], dtype=np.int64)
-        return score_states(self.scorer, states, pair_user, self._item_rows(numbers, "items"), categories,
-                            per_user=False)
+        return self._scored(distinct, lambda states: score_states(
+            self.scorer, states, pair_user, self._item_rows(numbers, "items"), categories, per_user=False))
