@@ -55,7 +55,8 @@ class KeptState:
 class IdRanker:
     """Rank/score by ids over `store`, for `scorer` (a BAHEScorer) and its folder's `catalog`. Thread-safe."""
 
-    def __init__(self, scorer, store: HistoryStore, catalog: ItemCatalog, *, state_cache_bytes: int = 256 << 20) -> None:
+    def __init__(self, scorer, store: HistoryStore, catalog: ItemCatalog, *,
+                 state_cache_bytes: int = 256 << 20) -> None:
         names = scorer.config.model.sequence_names
         if tuple(store.sequence_names) != tuple(names):
             raise ValueError(f"the store's sequences {list(store.sequence_names)} are not the scorer's {list(names)}")
