@@ -104,7 +104,7 @@ def run(setup: ScorerSetup, m: int, k: int, repeats: int, work: Path) -> dict:
         appends["extend_user"].append(timed(lambda: plain.extend_user(before, {names[-1]: [event_text]})))
         state = plain.extend_user(before, {names[-1]: [event_text]})
     return {"ranks": ranks, "appends": {n: np.array(v) for n, v in appends.items()}, "diff": diff,
-            "names": names, "items": len(keys)}
+            "names": names, "items": len(keys), "upper": len(plain.model.upper.layers)}
 
 
 def table(result: dict) -> list[str]:
@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"`{command}` on {datetime.date.today().isoformat()}, {where}; "
             f"{(time.perf_counter() - started) / 60:.1f} min in all. {args.note}".rstrip(), "",
             f"One user, n = {len(result['names'])} sequences ({', '.join(result['names'])}) of M item ids drawn from "
-            f"the {result['items']:,} MovieLens-100K items, K distinct candidates; MiniLM {setup.lower_layers} + "
-            f"{6 - setup.lower_layers} layers with the full CTR head (count, similarity, item-id features; "
+            f"the {result['items']:,} items of {setup.data}, K distinct candidates; {setup.model} {setup.lower_layers}"
+            f" + {result['upper']} layers with the full CTR head (count, similarity, item-id features; "
             "untrained: timing only). The three rank paths timed round-robin, p50 / p99 over the repeats; text lookup "
             "share: the CPU time inside `ScoringPipeline.lookup` over the request's. CPU: the process's CPU time per "
             "request (`time.process_time`), which moves less than the wall time with other jobs' load. Appends: the "

@@ -6,6 +6,7 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from engine.encoding.text_checks import InputError
@@ -30,9 +31,10 @@ def test_appends_and_reads_from_a_position():
     history = store.read(7)
     assert history.totals == (2, 1) and history.items == (("SKU-1", "17"), ("0017",))
     assert store.read("7", start=(1, 1)).items == (("17",), ())
+    assert store.append(7, {"click": np.array([17, 18])[:1]}) == (3, 1)  # a numpy array of ids is a list of ids
     assert 7 in store and "u2" not in store and len(store) == 1
-    with pytest.raises(ValueError, match=r"start \[3, 0\] is not a position"):
-        store.read(7, start=(3, 0))
+    with pytest.raises(ValueError, match=r"start \[4, 0\] is not a position"):
+        store.read(7, start=(4, 0))
 
 
 @pytest.mark.parametrize("events,want", [

@@ -29,6 +29,8 @@ from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from engine.encoding.text_checks import InputError
 from weights import bounded_json
 from weights.atomic import atomic_write, file_lock, remove_stale_temps
@@ -103,7 +105,7 @@ class HistoryStore(abc.ABC):
                              f"{list(self.sequence_names)}")
         out = {}
         for name, ids in events.items():
-            if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)) or np.ndim(ids) != 1:
                 raise InputError(f"events[{name!r}] must be a list of item ids, got {type(ids).__name__}")
             keys = []
             for j, value in enumerate(ids):
