@@ -23,8 +23,9 @@ dtype; the float64 sum of the final states (d values); the texts still read (the
 `recent_events` for the count features) and two counts. So a cached user takes about
     bytes = sum over sequences of  L * 2 * W * Hkv * Dh * bytes_per_value  +  8 d
 (L upper layers, W <= max_behaviors its window's length), besides references to its texts; `UserState.nbytes`
-gives the exact tensor bytes. The texts are looked up again (hash lookups) at each `rank`: the similarity and
-count features read the ABE rows and texts, never the states.
+gives the exact tensor bytes. The similarity and count features read the ABE rows and texts, never the
+states: a state keeps its window's table rows (and a `rank` of it looks no text up) when every window text is a
+row of the table; a window holding texts encoded on the fly has its texts looked up again at each `rank`.
 
 A state is immutable: `extend` returns a new one (sharing the unchanged sequences) and leaves the old valid,
 so states can be cached and read from several threads. It carries the `PipelineVersion` it was computed at
