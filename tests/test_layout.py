@@ -20,6 +20,8 @@ MAX_MODULES_PER_FOLDER = 12
 
 _ENGINE_ROOMS = ("engine.backbone", "engine.config", "engine.deploy", "engine.distributed", "engine.encoding",
                  "engine.export", "engine.features", "engine.model", "engine.serving")
+_SERVING = (*(r for r in _ENGINE_ROOMS if r not in ("engine.serving", "engine.deploy", "engine.export")), "kernels",
+            "weights")
 # What each room may import besides itself. A module's room is the longest key its dotted name starts with
 # ("engine" is the package's __init__ alone). An entry names a room, or one module of a room when only that
 # module is meant (encoding packs id lists with `engine.model.packing`; it never runs the model).
@@ -33,8 +35,9 @@ ROOMS: dict[str, tuple[str, ...]] = {
     "engine.model": ("engine.backbone", "engine.config", "engine.features", "kernels", "weights"),
     "engine.encoding": ("engine.backbone", "engine.config", "engine.distributed", "engine.model.packing",
                         "kernels", "weights"),
-    "engine.serving": (*(r for r in _ENGINE_ROOMS if r not in ("engine.serving", "engine.deploy", "engine.export")),
-                       "kernels", "weights"),
+    "engine.serving": _SERVING,
+    # id-keyed serving (the user-history store, IdRanker): a sub-room of serving, which never imports it
+    "engine.serving.by_id": ("engine.serving", *_SERVING),
     # what runs in front of a BAHEScorer in production: the request queue, versioned folders, the hot-swap handle
     "engine.deploy": ("engine.config", "engine.serving", "kernels", "weights"),
     # BAHE as a feature provider: the feature block, the training record, the block of live requests (a scorer's

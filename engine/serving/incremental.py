@@ -23,8 +23,9 @@ dtype; the float64 sum of the final states (d values); the texts still read (the
 `recent_events` for the count features) and two counts. So a cached user takes about
     bytes = sum over sequences of  L * 2 * W * Hkv * Dh * bytes_per_value  +  8 d
 (L upper layers, W <= max_behaviors its window's length), besides references to its texts; `UserState.nbytes`
-gives the exact tensor bytes. The texts are looked up again (hash lookups) at each `rank`: the similarity and
-count features read the ABE rows and texts, never the states.
+gives the exact tensor bytes. The similarity and count features read the ABE rows and texts, never the
+states: a state keeps its window's table rows (and a `rank` of it looks no text up) when every window text is a
+row of the table; a window holding texts encoded on the fly has its texts looked up again at each `rank`.
 
 A state is immutable: `extend` returns a new one (sharing the unchanged sequences) and leaves the old valid,
 so states can be cached and read from several threads. It carries the `PipelineVersion` it was computed at
@@ -35,7 +36,7 @@ kernels, so the two agree to rounding.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 
 from engine.serving.inputs import InputError, check_visible, parse_history_counts, parse_users, read_windows, user_sequences
 from engine.model.bahe_model import BAHEModel, gather_rows
-from engine.serving.pipeline import PipelineVersion, ScoringBatch
+from engine.serving.pipeline import PipelineVersion, ScoringBatch, ScoringPipeline
 from engine.serving.transfer import to_device
 from engine.serving.ranking import Ranking, check_top_k, parse_candidates, ranking
 from engine.features.side_features import recent_counts
@@ -61,7 +62,9 @@ class SequenceState:
     lacks; total: how many behaviors the sequence has had (texts are the last of them); start: the window's
     first behavior, ModelConfig.window_start(total); counted: the count features' value (total, or the
     caller's history_counts); keys, values: per upper layer (W, Hkv, Dh), W = total - start, keys after RoPE;
-    state_sum: (d,) float64, the sum of the window's final states."""
+    state_sum: (d,) float64, the sum of the window's final states; rows: (W,) int64 the window's behavior-table
+    rows when every window text was a row of the table (rows only get appended, so they stay valid while the
+    state does; a rank then looks no text up), None when some were encoded on the fly."""
     texts: tuple[str, ...]
     total: int
     start: int
@@ -69,6 +72,7 @@ class SequenceState:
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
     state_sum: torch.Tensor
+    rows: np.ndarray | None = None
 
     @property
     def window(self) -> tuple[str, ...]:
@@ -167,7 +171,7 @@ def _advance(scorer, previous: list[SequenceState | None], texts: list[list[str]
     with pipeline.lock, stage("lookup"), kernel_path(scorer.kernels):
         rows, extra = pipeline.lookup("behaviors", [t for f in fresh for t in f],
                                       scorer.config.scoring.unknown_behavior, lengths, users=[0])
-        table, version = pipeline.table_rows("behaviors"), pipeline.version()
+        table, version, known = pipeline.table_rows("behaviors"), pipeline.version(), len(pipeline.behaviors)
     bounds, out, keep = np.concatenate([[0], np.cumsum(lengths)]), [], _recent_kept(scorer)
     dev = to_device({"rows": rows, "extra": extra}, device)
     with torch.inference_mode(), kernel_path(scorer.kernels), stage("upper_layers"):
@@ -184,8 +188,12 @@ def _advance(scorer, previous: list[SequenceState | None], texts: list[list[str]
                 chunk = dev["rows"][bounds[s]:bounds[s + 1]]
                 keys, values, state_sum = append_window(model, table, chunk, dev["extra"], keys, values, state_sum)
             first = min(start, max(total - keep, 0))  # the window and the last `recent_events`
+            new_rows = rows[bounds[s]:bounds[s + 1]]
+            kept = reuse[s].rows if reuse[s] is not None else np.empty(0, dtype=np.int64)
+            window_rows = (None if kept is None or (new_rows >= known).any()  # ids >= known: encoded on the fly
+                           else np.concatenate([kept, new_rows]))
             out.append(SequenceState(tuple(seq[first - (total - len(seq)):]), total, start, counted[s], keys, values,
-                                     state_sum))
+                                     state_sum, window_rows))
     return UserState(tuple(out), version, scorer.config.model.sequence_names)
 
 
@@ -213,13 +221,17 @@ def _new_behaviors(scorer, behaviors: object) -> list[list[str]]:
     return out
 
 
+class StaleStateError(ValueError):
+    """A UserState computed with other weights, dtype or tables than the scorer has now."""
+
+
 def check_state(scorer, state: object) -> UserState:
     if not isinstance(state, UserState):
         raise InputError(f"expected a UserState (from BAHEScorer.user_state), got {type(state).__name__}")
     check_causal(scorer.model)
     if state.names != scorer.config.model.sequence_names or not scorer.pipeline.version().serves(state.version):
-        raise ValueError("this UserState was computed with other weights, dtype, tables or sequence names than the "
-                         "scorer has now; build it again with scorer.user_state(user)")
+        raise StaleStateError("this UserState was computed with other weights, dtype, tables or sequence names than "
+                              "the scorer has now; build it again with scorer.user_state(user)")
     return state
 
 
@@ -239,32 +251,53 @@ def pooled(model: BAHEModel, state: UserState) -> torch.Tensor:
     return torch.stack(rows)[None]
 
 
+def score_states(scorer, states: Sequence[UserState], pair_user: np.ndarray,
+                 items: Callable[[ScoringPipeline], tuple[np.ndarray, np.ndarray | None]],
+                 categories: np.ndarray | None, per_user: bool) -> np.ndarray:
+    """(P,) probabilities of pairs (states[pair_user[p]], item p) from the states' pooled vectors (no upper layer
+    runs), the window rows and texts they keep and their counts for the side features. `items(pipeline)`, called
+    under the pipeline's lock, gives the pairs' item rows (ids >= N index the (X, d) rows it returns beside);
+    categories: (P, F) buckets or None; per_user: each state's pairs contiguous (rank), else any order (score).
+    StaleStateError when the tables' version does not serve every state (checked under the lock, with the tables)."""
+    pipeline, config, n = scorer.pipeline, scorer.config.model, len(scorer.config.model.sequence_names)
+    sequences = [s for state in states for s in state.sequences]
+    lengths = np.array([s.total - s.start for s in sequences], dtype=np.int64)
+    with pipeline.lock, stage("lookup"), kernel_path(scorer.kernels):
+        if all(s.rows is not None for s in sequences):  # every window row kept: no text is looked up
+            behavior_rows = np.concatenate([s.rows for s in sequences]).astype(np.int64, copy=False)
+            behavior_extra = None
+        else:
+            behavior_rows, behavior_extra = pipeline.lookup("behaviors", [t for s in sequences for t in s.window],
+                                                            scorer.config.scoring.unknown_behavior, lengths,
+                                                            users=list(range(len(states))))
+        item_rows, item_extra = items(pipeline)
+        tables = pipeline.placed()
+    if not all(tables.version.serves(state.version) for state in states):
+        raise StaleStateError("a UserState was computed with other weights, dtype or tables than the scorer has now")
+    recent = (recent_counts([[list(s.texts) for s in state.sequences] for state in states], config.recent_events, n,
+                            lengths=np.array([[s.total for s in state.sequences] for state in states]))
+              if config.count_features and config.recent_events else None)
+    user_counts = np.array([[s.counted for s in state.sequences] for state in states], dtype=np.int64)[pair_user]
+    with torch.inference_mode():
+        user = torch.cat([pooled(scorer.model, state) for state in states])
+    batch = ScoringBatch(behavior_rows, np.concatenate([[0], np.cumsum(lengths)]), item_rows, pair_user, user_counts,
+                         recent, categories, behavior_extra, item_extra)
+    return pipeline.score(batch, tables, per_user=per_user, user=user)
+
+
 def rank_state(scorer, state: UserState, candidates: Sequence[str], top_k: int | None,
                side_features: dict | None) -> Ranking:
-    """`BAHEScorer.rank` of a UserState: its pooled vectors (no upper layer runs), the window texts and counts
-    for the side features, the head over the candidates."""
+    """`BAHEScorer.rank` of a UserState: its pooled vectors (no upper layer runs), the window rows or texts and
+    counts for the side features, the head over the candidates (`score_states`)."""
     check_top_k(top_k)
     state = check_state(scorer, state)
     items = parse_candidates([candidates], 1)[0]
     categories = scorer.pipeline.categories(None if side_features is None else [side_features], 1, "user")
     if not items:
         return ranking(np.empty(0, dtype=np.float32), top_k)
-    windows = [s.window for s in state.sequences]
-    lengths = np.array([len(w) for w in windows], dtype=np.int64)
-    scoring, config, n, pipeline = scorer.config.scoring, scorer.config.model, len(windows), scorer.pipeline
-    with pipeline.lock, stage("lookup"), kernel_path(scorer.kernels):
-        behavior_rows, behavior_extra = pipeline.lookup("behaviors", [t for w in windows for t in w],
-                                                        scoring.unknown_behavior, lengths, users=[0])
-        item_rows, item_extra = pipeline.lookup("items", items, scoring.unknown_item,
-                                                label=lambda i: f"candidates[{i}]")
-        tables = pipeline.placed()
-    recent = (recent_counts([[list(s.texts) for s in state.sequences]], config.recent_events, n,
-                            lengths=np.array([[s.total for s in state.sequences]]))
-              if config.count_features and config.recent_events else None)
     pair_user = np.zeros(len(items), dtype=np.int64)
-    user_counts = np.array([[s.counted for s in state.sequences]], dtype=np.int64)[pair_user]
-    with torch.inference_mode():
-        user = pooled(scorer.model, state)
-    batch = ScoringBatch(behavior_rows, np.concatenate([[0], np.cumsum(lengths)]), item_rows, pair_user, user_counts,
-                         recent, None if categories is None else categories[pair_user], behavior_extra, item_extra)
-    return ranking(pipeline.score(batch, tables, per_user=True, user=user), top_k)
+
+    def lookup(pipeline: ScoringPipeline) -> tuple[np.ndarray, np.ndarray | None]:
+        return pipeline.lookup("items", items, scorer.config.scoring.unknown_item, label=lambda i: f"candidates[{i}]")
+    return ranking(score_states(scorer, [state], pair_user, lookup, None if categories is None else
+                                categories[pair_user], per_user=True), top_k)
