@@ -68,7 +68,7 @@ def test_a_chosen_subset_writes_its_own_section(tiny_checkpoints, tmp_path, monk
           "--lower-layers", "2", "--results", str(results), "--splits", "time",
           "--models", "BAHE", "LightGBM, side + text features"])
     text = results.read_text()
-    assert "quick table" in text and "<!-- demo:bert:ml1m-time-2-models -->" in text
+    assert "quick table" in text and "<!-- demo:bert:ml1m-time/BAHE+LightGBM-side_+_text_features -->" in text
     assert text.count("| time | ") == 4 and "sequential id" not in text  # main and cold tables, 2 rows each
     with pytest.raises(ValueError, match="unknown models or splits"):
         Ml1mConfig(config.demo, splits=("tme",))

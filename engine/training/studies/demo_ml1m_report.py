@@ -136,10 +136,11 @@ def section_name(config: Ml1mConfig) -> str:
     """The RESULTS.md section of a run: 'ml1m' (full), 'ml1m-quick', or named after the chosen splits and rows, so
     a partial run never overwrites the full or quick table."""
     defaults = (QUICK_MODELS, QUICK_SPLITS) if config.quick else (ALL_MODELS, ALL_SPLITS)
+    decay = "-lr-decay" if config.demo.lr_decay else ""
     if (config.models, config.splits) == defaults:
-        return "ml1m-quick" if config.quick else "ml1m"
-    slug = "-".join(name.replace(" ", "_") for name in config.splits)
-    return f"ml1m-{slug}-{len(config.models)}-models"
+        return ("ml1m-quick" if config.quick else "ml1m") + decay
+    slug = "+".join(config.splits) + "/" + "+".join(config.models)
+    return "ml1m-" + slug.replace(", ", "-").replace(" ", "_") + decay
 
 
 def run_ml1m_demo(config: Ml1mConfig, command: str = "bahe demo --data ml1m") -> Ml1mRun:
