@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from engine.config import EncoderConfig, ModelConfig, ScorerConfig
 from engine.distributed import Launch
 from engine.training.data.example_features import log_categorical_features
+from engine.training.data.item_features import ItemLevelFeatures
 
 def scorer_config(args: argparse.Namespace, log) -> ScorerConfig:
     """The scorer a `bahe train` run builds: its layers and max_behaviors, the log's sequences, the categorical
@@ -25,34 +25,28 @@ def scorer_config(args: argparse.Namespace, log) -> ScorerConfig:
                         model=ModelConfig(sequence_names=log.sequence_names, max_behaviors=args.max_behaviors,
                                           categorical_features=categorical))
 
-def id_vocabulary(log, folder: Path, write: bool = True, users: list[str] | None = None):
+def id_vocabulary(log, folder: Path, write: bool = True, users: list[str] | None = None,
+                  item_features: dict[str, dict[str, str]] | None = None):
     """Extend the append-only id vocabulary of the scorer `folder` (weights.id_vocabulary, `ids.json`) with the
-    log's user ids (or `users`) and item ids and texts; `write=False` checks only (run it before training, so a
+    log's user ids (or `users`), item ids and texts and item-level features (or `item_features`: a streamed log's,
+    gathered batch by batch); `write=False` checks only (run it before training, so a
     conflict stops the run before anything is saved). SystemExit naming the item whose stored text differs."""
     from weights.id_vocabulary import FILE_NAME, IdError, VocabularyFile
     items = dict(zip(log.item_key(log.item_ids), log.item_id_texts))
     users = log.user_key(np.unique(log.user)) if users is None else users
     try:
         return VocabularyFile.update(folder / FILE_NAME, users, items, write=write,
-                                     item_features=item_level_features(log))
+                                     item_features=item_level_features(log) if item_features is None else item_features)
     except IdError as err:
         raise SystemExit(f"bahe train: {err}") from None
 
 
 def item_level_features(log) -> dict[str, dict[str, str]]:
-    """The log's categorical features that are item-level - one known value per item on all its events (as a
-    catalog's cat_ columns are), and not one per user (gender, age: a user's) - as name -> item key -> value,
-    for `ids.json` (scoring by item id fills them in)."""
-    out = {}
-    for name, values in log.categorical.items():
-        frame = pd.DataFrame({"item": log.item, "user": log.user, "value": values}).dropna()
-        by_item = frame[["item", "value"]].drop_duplicates()
-        per_user = not frame[["user", "value"]].drop_duplicates()["user"].duplicated().any()
-        if by_item.empty or by_item["item"].duplicated().any() or per_user:
-            continue
-        frame = by_item
-        out[name] = dict(zip(log.item_key(frame["item"].to_numpy()), frame["value"].tolist()))
-    return out
+    """The log's item-level categorical features (engine.training.data.item_features) as name -> item key ->
+    value, for `ids.json` (scoring by item id fills them in)."""
+    features = ItemLevelFeatures()
+    features.add(log.user, log.item, log.categorical)
+    return features.result(log.item_key)
 
 
 def stream_users(stream) -> list[str]:
