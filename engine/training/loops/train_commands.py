@@ -127,7 +127,8 @@ def train_streamed(args: argparse.Namespace) -> None:
         raise SystemExit("bahe train: --train/--val/--test-examples do not apply to --stream; cap the work with "
                          "--steps-per-shard and --eval-per-shard")
     try:
-        stream = prepare_stream(args.data, args.stream, StreamConfig(shards=args.shards, time_buckets=args.shards))
+        stream = prepare_stream(args.data, args.stream, StreamConfig(shards=args.shards, time_buckets=args.shards),
+                                catalog=args.catalog, timestamps=args.timestamps)
     except (LogFormatError, OSError, ValueError) as err:
         raise SystemExit(f"bahe train: {err}") from None
     print(json.dumps({"events": stream.events, "shards": stream.shards, "largest_shard": max(stream.shard_events),
@@ -135,7 +136,7 @@ def train_streamed(args: argparse.Namespace) -> None:
     catalog = catalog_log(stream)
     config = scorer_config(args, catalog)
     out = Path(args.out)
-    id_vocabulary(catalog, out / "scorer", write=False, users=[])
+    id_vocabulary(catalog, out / "scorer", write=False, users=[], item_features=stream.item_features)
     scorer, report = build_scorer(args.model, catalog, config, out / "tables", device=args.device)
     print(f"tables: {report.items} item texts -> {report.unique_behaviors} unique rows in {report.seconds:.1f} s")
     bahe, device = BAHECTR(scorer, catalog), str(scorer.device)
@@ -146,7 +147,7 @@ def train_streamed(args: argparse.Namespace) -> None:
     test = evaluate_stream(bahe, stream, "test", device=device, budget=budget)
     bahe.set_item_counts(stream.item_ids, stream.item_counts_before[stream.test_start], stream.sequence_names)
     scorer.save_pretrained(out / "scorer")
-    id_vocabulary(catalog, out / "scorer", users=stream_users(stream))
+    id_vocabulary(catalog, out / "scorer", users=stream_users(stream), item_features=stream.item_features)
     print(f"test AUC {test['auc']:.4f}, log loss {test['logloss']:.4f} ({test['examples']} examples), best epoch "
           f"{result.best_epoch}, {sum(result.epoch_seconds) / len(result.epoch_seconds):.1f} s/epoch; "
           f"scorer saved to {out / 'scorer'}")
@@ -161,8 +162,6 @@ def train_command(args: argparse.Namespace, launch: Launch | None) -> None:
     from engine.training.loops.train import TrainConfig
     from engine.training.studies.experiment import SampleConfig, build_scorer, load_data, sample_split, train_and_test
     if args.stream:
-        if args.catalog or args.timestamps != "auto":
-            raise SystemExit("bahe train: --catalog and --timestamps are not built for --stream yet")
         if args.distributed:
             raise SystemExit("bahe train: --stream runs in one process; --distributed with it is not built yet")
         return train_streamed(args)
