@@ -26,9 +26,12 @@ def cmd_encode(args: argparse.Namespace) -> None:
     except (OSError, ValueError) as err:
         raise SystemExit(f"bahe encode: {err}") from None
     device = launch.device() if launch else "cpu"
-    encoder = AtomicEncoder.from_checkpoint(Checkpoint(resolve_model(args.model)), args.lower_layers,
-                                            max_tokens=args.max_tokens, device=device,
-                                            progress=launch is None or launch.is_writer)
+    try:  # a split the checkpoint has not (--lower-layers past its layers, negative), a bad model: one line
+        encoder = AtomicEncoder.from_checkpoint(Checkpoint(resolve_model(args.model)), args.lower_layers,
+                                                max_tokens=args.max_tokens, device=device,
+                                                progress=launch is None or launch.is_writer)
+    except ValueError as err:  # CheckpointError, a config value out of range: the message names both numbers
+        raise SystemExit(f"bahe encode: {err}") from None
     out = Path(args.out)
     start = time.perf_counter()  # the encoding and the write, not the model's loading
     if launch is not None:
