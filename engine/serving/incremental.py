@@ -240,13 +240,15 @@ def pooled(model: BAHEModel, state: UserState) -> torch.Tensor:
 
 
 def rank_state(scorer, state: UserState, candidates: Sequence[str], top_k: int | None,
-               side_features: dict | None) -> Ranking:
+               side_features: dict | None, candidate_features: Sequence[dict | None] | None = None) -> Ranking:
     """`BAHEScorer.rank` of a UserState: its pooled vectors (no upper layer runs), the window texts and counts
     for the side features, the head over the candidates."""
     check_top_k(top_k)
     state = check_state(scorer, state)
     items = parse_candidates([candidates], 1)[0]
-    categories = scorer.pipeline.categories(None if side_features is None else [side_features], 1, "user")
+    pair_user = np.zeros(len(items), dtype=np.int64)
+    categories = scorer.pipeline.ranked_categories(None if side_features is None else [side_features],
+                                                   candidate_features, pair_user, 1)
     if not items:
         return ranking(np.empty(0, dtype=np.float32), top_k)
     windows = [s.window for s in state.sequences]
@@ -261,10 +263,9 @@ def rank_state(scorer, state: UserState, candidates: Sequence[str], top_k: int |
     recent = (recent_counts([[list(s.texts) for s in state.sequences]], config.recent_events, n,
                             lengths=np.array([[s.total for s in state.sequences]]))
               if config.count_features and config.recent_events else None)
-    pair_user = np.zeros(len(items), dtype=np.int64)
     user_counts = np.array([[s.counted for s in state.sequences]], dtype=np.int64)[pair_user]
     with torch.inference_mode():
         user = pooled(scorer.model, state)
     batch = ScoringBatch(behavior_rows, np.concatenate([[0], np.cumsum(lengths)]), item_rows, pair_user, user_counts,
-                         recent, None if categories is None else categories[pair_user], behavior_extra, item_extra)
+                         recent, categories, behavior_extra, item_extra)
     return ranking(pipeline.score(batch, tables, per_user=True, user=user), top_k)

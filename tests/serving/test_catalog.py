@@ -89,3 +89,62 @@ def test_the_catalog_fills_item_features_the_caller_left_out(folder, tmp_path):
     scorer = BAHEScorer.from_pretrained(folder, device="cpu")
     np.testing.assert_array_equal(score_items(scorer, catalog, [{}, {}], ["a", "b"]),
                                   scorer.score([{}, {}], ["toy story", "coffee"]))
+
+
+GENRES = {"SKU-0001": "Animation", "17": "Books", "u-\u00e9": None, "0017": "Drinks"}  # u-é: genre unknown
+
+
+@pytest.fixture(scope="module")
+def genre_folder(tiny_checkpoints, tmp_path_factory):
+    """A scorer trained with an item-level feature (genre, from a training catalog) and every bucket seen, its
+    ids.json holding each item's genre."""
+    import torch
+    from engine import EncoderConfig, ModelConfig, ScorerConfig
+    root = tmp_path_factory.mktemp("genre")
+    config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=2),
+                          model=ModelConfig(sequence_names=("click", "buy", "search"), max_behaviors=6,
+                                            categorical_features=("user_id", "genre"), categorical_buckets=32))
+    torch.manual_seed(0)
+    scorer = BAHEScorer.create(tiny_checkpoints["llama"], behavior_texts=BEHAVIORS, item_texts=ITEMS,
+                               tables_dir=root / "tables", config=config, device="cpu", progress=False)
+    with torch.no_grad():
+        for p in scorer.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        scorer.model.side.category_seen[:] = True
+    scorer.save_pretrained(root / "scorer")
+    VocabularyFile.update(root / "scorer" / FILE_NAME, ["u1"], {str(k): t for k, t in zip(IDS, ITEMS)},
+                          item_features={"genre": {k: g for k, g in GENRES.items() if g is not None}})
+    return root / "scorer"
+
+
+def test_rank_by_id_fills_each_candidates_catalog_features(genre_folder):
+    """Before, rank_items dropped the items' catalog features (rank took one dict for all candidates): a ranking
+    by id scored other probabilities than the same request carrying the items' texts and genres."""
+    scorer, catalog = BAHEScorer.from_pretrained(genre_folder, device="cpu"), ItemCatalog.open(genre_folder)
+    user = {"click": BEHAVIORS[:3], "buy": BEHAVIORS[3:4]}
+    genres = [GENRES["SKU-0001"], GENRES["17"], None, GENRES["0017"]]
+    own = [None if g is None else {"genre": g} for g in genres]
+    by_id = rank_items(scorer, catalog, user, IDS, top_k=3, side_features={"user_id": "u1"})
+    by_text = scorer.rank(user, ITEMS, top_k=3, side_features={"user_id": "u1"}, candidate_features=own)
+    np.testing.assert_array_equal(by_id.scores, by_text.scores)
+    np.testing.assert_array_equal(by_id.order, by_text.order)
+    pairs = scorer.score([user] * len(ITEMS), ITEMS, side_features=[{"user_id": "u1", "genre": g} for g in genres])
+    np.testing.assert_allclose(by_id.scores, pairs, rtol=0, atol=1e-6)  # rank and score: the same probabilities
+    np.testing.assert_allclose(score_items(scorer, catalog, [user] * len(IDS), IDS,
+                                           side_features=[{"user_id": "u1"}] * len(IDS)), pairs, rtol=0, atol=1e-6)
+    without = scorer.rank(user, ITEMS, side_features={"user_id": "u1"})  # what rank_items gave before
+    assert np.abs(without.scores - by_id.scores).max() > 1e-4
+    mine = rank_items(scorer, catalog, user, IDS, side_features={"user_id": "u1", "genre": "Drinks"})
+    np.testing.assert_array_equal(mine.scores, scorer.rank(user, ITEMS, side_features={"user_id": "u1",
+                                                                                       "genre": "Drinks"}).scores)
+
+
+@pytest.mark.parametrize("features,want", [
+    ([{"genre": "a"}], r"candidate_features must be a list with one dict \(or None\) per candidate \(4\)"),
+    ([None, {"shop": "x"}, None, None], r"candidate_features\[1\] has unknown feature\(s\) \['shop'\]"),
+    ([None, None, {"genre": 1.5}, None], r"candidate_features\[2\]\['genre'\] must be a str, an int or None"),
+])
+def test_candidate_features_are_checked_naming_the_candidate(genre_folder, features, want):
+    scorer = BAHEScorer.from_pretrained(genre_folder, device="cpu")
+    with pytest.raises(InputError, match=want):
+        scorer.rank({"click": BEHAVIORS[:2]}, ITEMS, candidate_features=features)
