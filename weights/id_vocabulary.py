@@ -11,7 +11,8 @@ changes its number and is never removed, so numbers are exact ids (no hashing, h
 later updates only extend. `VocabularyFile` is its on-disk form beside a scorer's parts (`ids.json`: the
 user keys, and the item keys with each item's text): `update` re-reads the file under its lock, keeps every
 stored key and text, appends the new ones and writes the result atomically (temp file, fsync, rename); an
-item that comes back with another text is refused (`IdError` naming both), the file left as it was."""
+item that comes back with another text is refused (`IdError` naming both), the file left as it was.
+`carry_vocabulary` takes a scorer's vocabulary along when it is saved to another folder."""
 from __future__ import annotations
 
 import json
@@ -109,9 +110,13 @@ class VocabularyFile:
     @classmethod
     def read(cls, path: str | Path) -> VocabularyFile:
         """The vocabulary stored at `path` (IdError for a file that is not one; FileNotFoundError if absent)."""
-        path = Path(path)
+        return cls.loads(Path(path).read_bytes(), path)
+
+    @classmethod
+    def loads(cls, data: bytes, path: str | Path) -> VocabularyFile:
+        """The vocabulary in `data`, the bytes of the file `path` (named in errors): IdError for one that is not."""
         try:
-            raw = bounded_json.loads(path.read_bytes(), max_bytes=MAX_FILE_BYTES)
+            raw = bounded_json.loads(data, max_bytes=MAX_FILE_BYTES)
         except ValueError as err:
             raise IdError(f"{path}: not an id vocabulary ({err})") from None
         if not isinstance(raw, dict) or raw.get("format") != "bahe-ids":
@@ -175,3 +180,23 @@ class VocabularyFile:
             if write:
                 stored.write(path)
         return stored
+
+
+def carry_vocabulary(data: bytes, source: str | Path, folder: str | Path, write: bool = True) -> None:
+    """Put the vocabulary `data` (the bytes of the file `source`, read when a scorer was opened) into the scorer
+    folder `folder`, as `save_pretrained` to another folder does: written as it is (atomically, under the file's
+    lock) where the folder has none, else merged into the folder's by `update` (append-only: its stored keys,
+    texts and features stay; IdError naming an item whose stored text differs, nothing written). IdError naming
+    `source` for data that is not a vocabulary. `write=False`: check only."""
+    carried = VocabularyFile.loads(data, source)
+    path = Path(folder) / FILE_NAME
+    with file_lock(path):
+        if not path.exists():
+            if write:
+                with atomic_write(path) as handle:
+                    handle.write(data)
+            return
+    features = {name: {key: value for key, value in zip(carried.items.keys, values) if value is not None}
+                for name, values in carried.item_features.items()}
+    VocabularyFile.update(path, carried.users.keys, dict(zip(carried.items.keys, carried.item_texts)), write=write,
+                          item_features=features)

@@ -27,6 +27,8 @@ from engine.features.side_features import recent_counts
 from engine.model.stages import stage
 from kernels import ops
 from weights.checkpoint import Checkpoint
+from weights.id_vocabulary import FILE_NAME as ID_FILE
+from weights.id_vocabulary import MAX_FILE_BYTES as ID_MAX_BYTES
 from weights.registry import resolve_model
 from engine.backbone.split import UpperEncoder, has_layer
 from weights.table import EMBEDDING_DTYPES, BehaviorTable
@@ -53,6 +55,7 @@ class BAHEScorer:
             raise ValueError(f"kernels must be one of {ops.BACKENDS}, got {kernels!r}")
         self.pipeline = ScoringPipeline(config=config, encoder=encoder, model=model, behaviors=behaviors, items=items,
                                         device=resolve_device(device), kernels=kernels)
+        self.ids: tuple[Path, bytes] | None = None  # (folder, its ids.json bytes) when opened from a folder with one
 
     @property
     def model(self) -> BAHEModel:
@@ -133,6 +136,11 @@ class BAHEScorer:
         scorer = cls(config=config, checkpoint=ckpt, encoder=encoder, model=model, behaviors=behaviors, items=items,
                      device=device, kernels=kernels)
         scorer.pipeline.load_item_vectors(files.get("item_vectors"))
+        try:  # the id vocabulary as it is now, carried by save_pretrained to another folder (bounded: 1 GiB)
+            with open(path / ID_FILE, "rb") as handle:
+                scorer.ids = (path, handle.read(ID_MAX_BYTES + 1))
+        except FileNotFoundError:
+            pass
         return scorer
 
     @classmethod
@@ -160,11 +168,13 @@ class BAHEScorer:
     def save_pretrained(self, path: str | Path) -> None:
         """Write the scorer folder crash-safely: a crash at any moment leaves the old or the new scorer,
         never a mix (engine.serving.scorer_folder). What the folder keeps is decided from its files at commit
-        time: saving an out-of-date scorer over a folder writes this scorer whole."""
+        time: saving an out-of-date scorer over a folder writes this scorer whole. The id vocabulary of the folder
+        the scorer was opened from (`ids.json`, as it was then) goes along to another folder, merged append-only
+        into one the folder has (IdError naming an id whose text differs there; nothing is written then)."""
         with self.pipeline.lock:
             write_folder(Path(path), config=self.config, checkpoint=self.checkpoint, encoder=self.encoder,
                          model=self.model, behaviors=self.behaviors, items=self.items,
-                         item_vectors=self.pipeline.save_item_vectors)
+                         item_vectors=self.pipeline.save_item_vectors, ids=self.ids)
 
     # ----- scoring ------------------------------------------------------------------------
     def set_calibration(self, calibration: CalibrationConfig) -> None:

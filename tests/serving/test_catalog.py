@@ -148,3 +148,41 @@ def test_candidate_features_are_checked_naming_the_candidate(genre_folder, featu
     scorer = BAHEScorer.from_pretrained(genre_folder, device="cpu")
     with pytest.raises(InputError, match=want):
         scorer.rank({"click": BEHAVIORS[:2]}, ITEMS, candidate_features=features)
+
+
+def test_save_pretrained_to_another_folder_carries_the_id_vocabulary(folder, tmp_path):
+    """Before, ids.json stayed behind: a scorer saved elsewhere could no longer score by item id."""
+    scorer = BAHEScorer.from_pretrained(folder, device="cpu")
+    user = [{"click": BEHAVIORS[:2]}]
+    scorer.save_pretrained(tmp_path / "moved")
+    assert (tmp_path / "moved" / FILE_NAME).read_bytes() == (folder / FILE_NAME).read_bytes()
+    moved = BAHEScorer.from_pretrained(tmp_path / "moved", device="cpu")
+    np.testing.assert_array_equal(score_items(moved, ItemCatalog.open(tmp_path / "moved"), user, ["SKU-0001"]),
+                                  scorer.score(user, [ITEMS[0]]))
+    assert not list((tmp_path / "moved").glob("*.tmp*"))  # written by temp file + rename
+    # a folder with a vocabulary of its own: merged append-only, its ids kept
+    VocabularyFile.update(tmp_path / "other" / FILE_NAME, ["u9"], {"X-1": "big book"})
+    scorer.save_pretrained(tmp_path / "other")
+    merged = VocabularyFile.read(tmp_path / "other" / FILE_NAME)
+    assert merged.users.keys == ["u9", "u1"] and merged.items.keys == ["X-1", *map(str, IDS)]
+    # one whose id has another text: refused before anything is written
+    VocabularyFile.update(tmp_path / "clash" / FILE_NAME, [], {"17": "coffee"})
+    before = sorted(p.name for p in (tmp_path / "clash").iterdir() if not p.name.endswith(".lock"))
+    with pytest.raises(ValueError, match=r"item '17' has the text 'coffee' in the vocabulary and 'big book' now"):
+        scorer.save_pretrained(tmp_path / "clash")
+    assert sorted(p.name for p in (tmp_path / "clash").iterdir() if not p.name.endswith(".lock")) == before
+    # the scorer carries the vocabulary it was opened with, whatever its folder holds since
+    (folder / FILE_NAME).rename(tmp_path / "kept.json")
+    try:
+        scorer.save_pretrained(tmp_path / "later")
+    finally:
+        (tmp_path / "kept.json").rename(folder / FILE_NAME)
+    assert VocabularyFile.read(tmp_path / "later" / FILE_NAME).text_of("17") == ITEMS[1]
+    scorer.save_pretrained(folder)  # its own folder: the file there is left as it is
+    assert VocabularyFile.read(folder / FILE_NAME).items.keys == list(map(str, IDS))
+
+
+def test_a_scorer_without_a_vocabulary_saves_none(tiny_checkpoints, tmp_path):
+    make_scorer(tiny_checkpoints["llama"], tmp_path).save_pretrained(tmp_path / "a")
+    BAHEScorer.from_pretrained(tmp_path / "a", device="cpu").save_pretrained(tmp_path / "b")
+    assert not (tmp_path / "a" / FILE_NAME).exists() and not (tmp_path / "b" / FILE_NAME).exists()
