@@ -1,5 +1,8 @@
-"""Behavior logs bigger than memory: `prepare_stream` reads a CSV/parquet log as a stream of record batches
-(pyarrow datasets) and lays it out on disk so that training holds one user shard at a time.
+"""Behavior logs bigger than memory: `prepare_stream` reads a CSV/parquet log as a stream of record batches (CSV:
+the project's one strict reader, engine.encoding.csv_rows, as load_log reads it; parquet: pyarrow datasets) and
+lays it out on disk so that training holds one user shard at a time. It accepts and refuses what load_log
+does, with load_log's messages (file lines of a CSV file, not rows of a batch), an item catalog and the
+timestamp kinds included.
 
 Why this layout. Every feature of an example is past-only (features.py), and all but one are per user:
 histories, user counts, recent counts, `examples` (min_history) depend on the user's own events only, so
