@@ -132,6 +132,9 @@ def test_rank_by_id_fills_each_candidates_catalog_features(genre_folder):
     np.testing.assert_allclose(by_id.scores, pairs, rtol=0, atol=1e-6)  # rank and score: the same probabilities
     np.testing.assert_allclose(score_items(scorer, catalog, [user] * len(IDS), IDS,
                                            side_features=[{"user_id": "u1"}] * len(IDS)), pairs, rtol=0, atol=1e-6)
+    state = scorer.user_state(user)  # a kept UserState ranks with its candidates' features too
+    np.testing.assert_allclose(rank_items(scorer, catalog, state, IDS, side_features={"user_id": "u1"}).scores,
+                               by_id.scores, rtol=0, atol=1e-6)
     without = scorer.rank(user, ITEMS, side_features={"user_id": "u1"})  # what rank_items gave before
     assert np.abs(without.scores - by_id.scores).max() > 1e-4
     mine = rank_items(scorer, catalog, user, IDS, side_features={"user_id": "u1", "genre": "Drinks"})
