@@ -137,12 +137,39 @@ class VocabularyFile:
             raise IdError(f"{path}: item_features must map names to one string or null per item")
         return cls(IdVocabulary(users), IdVocabulary(items), texts, features)
 
-    def write(self, path: str | Path) -> None:
-        """Write atomically (temp file, fsync, rename)."""
+    def dumps(self) -> bytes:
+        """The file's bytes (UTF-8 JSON)."""
         body = {"format": "bahe-ids", "format_version": FORMAT_VERSION, "users": self.users.keys,
                 "items": self.items.keys, "item_texts": self.item_texts, "item_features": self.item_features}
+        return json.dumps(body, ensure_ascii=False).encode("utf-8")
+
+    def write(self, path: str | Path) -> None:
+        """Write atomically (temp file, fsync, rename)."""
         with atomic_write(Path(path)) as handle:
-            handle.write(json.dumps(body, ensure_ascii=False).encode("utf-8"))
+            handle.write(self.dumps())
+
+    def merge(self, users: Iterable[str], items: Mapping[str, str],
+              item_features: Mapping[str, Mapping[str, str]] | None = None, where: str = FILE_NAME) -> None:
+        """Extend in memory, append-only (see `update`); IdError naming `where` and the item whose stored text
+        differs, this vocabulary then left as it was."""
+        for key, text in items.items():
+            known = self.text_of(key)
+            if known is not None and known != text:
+                raise IdError(f"{where}: item {key!r} has the text {known!r} in the vocabulary and {text!r} now; "
+                              "an id keeps its text (give the changed item a new id)")
+        self.users.extend(users)
+        before = len(self.items)
+        self.items.extend(items)
+        self.item_texts.extend(items[key] for key in self.items.keys[before:])
+        for name, by_key in (item_features or {}).items():
+            values = self.item_features.setdefault(name, [None] * before)
+            values.extend([None] * (len(self.items) - len(values)))
+            for key, value in by_key.items():
+                number = self.items.numbers([key])[0]
+                if number >= 0 and values[number] is None and value is not None:
+                    values[number] = value
+        for values in self.item_features.values():
+            values.extend([None] * (len(self.items) - len(values)))
 
     @classmethod
     def update(cls, path: str | Path, users: Iterable[str], items: Mapping[str, str],
@@ -159,24 +186,7 @@ class VocabularyFile:
                 stored = cls.read(path)
             except FileNotFoundError:
                 stored = cls(IdVocabulary(), IdVocabulary(), [])
-            for key, text in items.items():
-                known = stored.text_of(key)
-                if known is not None and known != text:
-                    raise IdError(f"{path}: item {key!r} has the text {known!r} in the vocabulary and {text!r} now; "
-                                  "an id keeps its text (give the changed item a new id)")
-            stored.users.extend(users)
-            before = len(stored.items)
-            stored.items.extend(items)
-            stored.item_texts.extend(items[key] for key in stored.items.keys[before:])
-            for name, by_key in (item_features or {}).items():
-                values = stored.item_features.setdefault(name, [None] * before)
-                values.extend([None] * (len(stored.items) - len(values)))
-                for key, value in by_key.items():
-                    number = stored.items.numbers([key])[0]
-                    if number >= 0 and values[number] is None and value is not None:
-                        values[number] = value
-            for values in stored.item_features.values():
-                values.extend([None] * (len(stored.items) - len(values)))
+            stored.merge(users, items, item_features, str(path))
             if write:
                 stored.write(path)
         return stored

@@ -107,7 +107,7 @@ def _genre_fixture(tmp_path, iso: bool):
 
 @pytest.mark.parametrize("iso", [False, True])
 def test_a_streamed_log_takes_a_catalog_and_timestamps_as_load_log_does(tmp_path, iso):
-    from engine.training.loops.train_commands import item_level_features
+    from engine.training.data.item_features import item_level_features
     from engine.training.streaming.stream import StreamConfig, prepare_stream
     events, items = _genre_fixture(tmp_path, iso)
     kind = "iso8601" if iso else "integer"

@@ -206,7 +206,7 @@ def test_item_features_are_stored_once_and_never_changed(tmp_path):
 
 
 def test_catalog_features_are_item_level_and_user_features_are_not(tmp_path):
-    from engine.training.loops.train_commands import item_level_features
+    from engine.training.data.item_features import item_level_features
     (tmp_path / "items.csv").write_text("item_id,item_text,cat_genre\nSKU-1,Heat,Action\nSKU-2,Up,Family\n17,Big,"
                                         "Comedy\n")
     (tmp_path / "log.csv").write_text("user_id,item_id,timestamp,label,cat_gender\nu0,SKU-1,100,1,M\nu0,17,200,0,M\n"

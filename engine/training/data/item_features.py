@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["ItemLevelFeatures"]
+__all__ = ["ItemLevelFeatures", "item_level_features"]
 
 _CLASH = object()  # two values met
 
@@ -44,3 +44,10 @@ class ItemLevelFeatures:
             codes = np.array(list(by_item), dtype=np.int64)
             out[name] = dict(zip(item_key(codes), by_item.values()))
         return out
+
+
+def item_level_features(log) -> dict[str, dict[str, str]]:
+    """A BehaviorLog's item-level features as name -> item key -> value (what `ids.json` stores)."""
+    features = ItemLevelFeatures()
+    features.add(log.user, log.item, log.categorical)
+    return features.result(log.item_key)

@@ -12,7 +12,7 @@ import numpy as np
 from engine.config import EncoderConfig, ModelConfig, ScorerConfig
 from engine.distributed import Launch
 from engine.training.data.example_features import log_categorical_features
-from engine.training.data.item_features import ItemLevelFeatures
+from engine.training.data.item_features import item_level_features
 
 def scorer_config(args: argparse.Namespace, log) -> ScorerConfig:
     """The scorer a `bahe train` run builds: its layers and max_behaviors, the log's sequences, the categorical
@@ -39,24 +39,6 @@ def id_vocabulary(log, folder: Path, write: bool = True, users: list[str] | None
                                      item_features=item_level_features(log) if item_features is None else item_features)
     except IdError as err:
         raise SystemExit(f"bahe train: {err}") from None
-
-
-def item_level_features(log) -> dict[str, dict[str, str]]:
-    """The log's item-level categorical features (engine.training.data.item_features) as name -> item key ->
-    value, for `ids.json` (scoring by item id fills them in)."""
-    features = ItemLevelFeatures()
-    features.add(log.user, log.item, log.categorical)
-    return features.result(log.item_key)
-
-
-def stream_users(stream) -> list[str]:
-    """The user ids of a streamed log: its keys, or the integer ids of its shards (read column by column)."""
-    if stream.user_keys is not None:
-        return stream.user_keys.tolist()
-    import pyarrow.parquet as pq
-    ids = [pq.read_table(stream.folder / f"users-{p}.parquet", columns=["user_id"])["user_id"].to_numpy()
-           for p in range(stream.shards)]
-    return [str(u) for u in np.unique(np.concatenate(ids)).tolist()] if ids else []
 
 
 def bucket_report(log, config: ScorerConfig) -> dict[str, dict]:
@@ -147,7 +129,7 @@ def train_streamed(args: argparse.Namespace) -> None:
     test = evaluate_stream(bahe, stream, "test", device=device, budget=budget)
     bahe.set_item_counts(stream.item_ids, stream.item_counts_before[stream.test_start], stream.sequence_names)
     scorer.save_pretrained(out / "scorer")
-    id_vocabulary(catalog, out / "scorer", users=stream_users(stream), item_features=stream.item_features)
+    id_vocabulary(catalog, out / "scorer", users=stream.user_ids(), item_features=stream.item_features)
     print(f"test AUC {test['auc']:.4f}, log loss {test['logloss']:.4f} ({test['examples']} examples), best epoch "
           f"{result.best_epoch}, {sum(result.epoch_seconds) / len(result.epoch_seconds):.1f} s/epoch; "
           f"scorer saved to {out / 'scorer'}")

@@ -119,6 +119,15 @@ class StreamedLog:
                            for name in self.categorical}, self.user_keys, self.item_keys)
         return Shard(log, events[order], item_counts, log.split_at(self.val_start, self.test_start))
 
+    def user_ids(self) -> list[str]:
+        """The log's user ids (their keys, or the integer ids of its shards, read column by column), sorted by code."""
+        if self.user_keys is not None:
+            return self.user_keys.tolist()
+        import pyarrow.parquet as pq
+        ids = [pq.read_table(self.folder / f"users-{p}.parquet", columns=["user_id"])["user_id"].to_numpy()
+               for p in range(self.shards)]
+        return [str(u) for u in np.unique(np.concatenate(ids)).tolist()] if ids else []
+
     def __iter__(self) -> Iterator[Shard]:
         for p in range(self.shards):
             yield self.load(p)
