@@ -26,9 +26,12 @@ def cmd_encode(args: argparse.Namespace) -> None:
     except (OSError, ValueError) as err:
         raise SystemExit(f"bahe encode: {err}") from None
     device = launch.device() if launch else "cpu"
-    encoder = AtomicEncoder.from_checkpoint(Checkpoint(resolve_model(args.model)), args.lower_layers,
-                                            max_tokens=args.max_tokens, device=device,
-                                            progress=launch is None or launch.is_writer)
+    try:  # a split the checkpoint has not (--lower-layers past its layers, negative), a bad model: one line
+        encoder = AtomicEncoder.from_checkpoint(Checkpoint(resolve_model(args.model)), args.lower_layers,
+                                                max_tokens=args.max_tokens, device=device,
+                                                progress=launch is None or launch.is_writer)
+    except ValueError as err:  # CheckpointError, a config value out of range: the message names both numbers
+        raise SystemExit(f"bahe encode: {err}") from None
     out = Path(args.out)
     start = time.perf_counter()  # the encoding and the write, not the model's loading
     if launch is not None:
@@ -194,27 +197,19 @@ def cmd_update(args: argparse.Namespace) -> None:
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
-    from engine.deploy.versions import ScorerVersions, VersionError
-    versions = ScorerVersions(args.root)
+    from engine.deploy.versions import VersionError, rollback_lines
     try:
-        was = versions.current().name
-        now = versions.rollback()
+        print(rollback_lines(args.root))
     except (VersionError, OSError) as err:
         raise SystemExit(f"bahe rollback: {err}") from None
-    print(f"{args.root}: now serving {now.name} (was {was})")
 
 
 def cmd_versions(args: argparse.Namespace) -> None:
-    from engine.deploy.versions import ScorerVersions, VersionError
+    from engine.deploy.versions import VersionError, history_lines
     try:
-        history = ScorerVersions(args.root).history()
+        print("\n".join(history_lines(args.root)))
     except (VersionError, OSError) as err:
         raise SystemExit(f"bahe versions: {err}") from None
-    for version in history:
-        gate = version.note.get("gate", {})
-        figures = f" gate AUC {gate['current']['auc']:.4f} -> {gate['next']['auc']:.4f}" if gate else ""
-        print(f"{version.name}{' (current)' if version is history[-1] else ''}  {version.note.get('published_at', '')}"
-              f"{figures}")
 
 
 def add_refresh_commands(sub) -> None:

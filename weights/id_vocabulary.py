@@ -11,7 +11,8 @@ changes its number and is never removed, so numbers are exact ids (no hashing, h
 later updates only extend. `VocabularyFile` is its on-disk form beside a scorer's parts (`ids.json`: the
 user keys, and the item keys with each item's text): `update` re-reads the file under its lock, keeps every
 stored key and text, appends the new ones and writes the result atomically (temp file, fsync, rename); an
-item that comes back with another text is refused (`IdError` naming both), the file left as it was."""
+item that comes back with another text is refused (`IdError` naming both), the file left as it was.
+`carry_vocabulary` takes a scorer's vocabulary along when it is saved to another folder."""
 from __future__ import annotations
 
 import json
@@ -109,9 +110,13 @@ class VocabularyFile:
     @classmethod
     def read(cls, path: str | Path) -> VocabularyFile:
         """The vocabulary stored at `path` (IdError for a file that is not one; FileNotFoundError if absent)."""
-        path = Path(path)
+        return cls.loads(Path(path).read_bytes(), path)
+
+    @classmethod
+    def loads(cls, data: bytes, path: str | Path) -> VocabularyFile:
+        """The vocabulary in `data`, the bytes of the file `path` (named in errors): IdError for one that is not."""
         try:
-            raw = bounded_json.loads(path.read_bytes(), max_bytes=MAX_FILE_BYTES)
+            raw = bounded_json.loads(data, max_bytes=MAX_FILE_BYTES)
         except ValueError as err:
             raise IdError(f"{path}: not an id vocabulary ({err})") from None
         if not isinstance(raw, dict) or raw.get("format") != "bahe-ids":
@@ -132,12 +137,39 @@ class VocabularyFile:
             raise IdError(f"{path}: item_features must map names to one string or null per item")
         return cls(IdVocabulary(users), IdVocabulary(items), texts, features)
 
-    def write(self, path: str | Path) -> None:
-        """Write atomically (temp file, fsync, rename)."""
+    def dumps(self) -> bytes:
+        """The file's bytes (UTF-8 JSON)."""
         body = {"format": "bahe-ids", "format_version": FORMAT_VERSION, "users": self.users.keys,
                 "items": self.items.keys, "item_texts": self.item_texts, "item_features": self.item_features}
+        return json.dumps(body, ensure_ascii=False).encode("utf-8")
+
+    def write(self, path: str | Path) -> None:
+        """Write atomically (temp file, fsync, rename)."""
         with atomic_write(Path(path)) as handle:
-            handle.write(json.dumps(body, ensure_ascii=False).encode("utf-8"))
+            handle.write(self.dumps())
+
+    def merge(self, users: Iterable[str], items: Mapping[str, str],
+              item_features: Mapping[str, Mapping[str, str]] | None = None, where: str = FILE_NAME) -> None:
+        """Extend in memory, append-only (see `update`); IdError naming `where` and the item whose stored text
+        differs, this vocabulary then left as it was."""
+        for key, text in items.items():
+            known = self.text_of(key)
+            if known is not None and known != text:
+                raise IdError(f"{where}: item {key!r} has the text {known!r} in the vocabulary and {text!r} now; "
+                              "an id keeps its text (give the changed item a new id)")
+        self.users.extend(users)
+        before = len(self.items)
+        self.items.extend(items)
+        self.item_texts.extend(items[key] for key in self.items.keys[before:])
+        for name, by_key in (item_features or {}).items():
+            values = self.item_features.setdefault(name, [None] * before)
+            values.extend([None] * (len(self.items) - len(values)))
+            for key, value in by_key.items():
+                number = self.items.numbers([key])[0]
+                if number >= 0 and values[number] is None and value is not None:
+                    values[number] = value
+        for values in self.item_features.values():
+            values.extend([None] * (len(self.items) - len(values)))
 
     @classmethod
     def update(cls, path: str | Path, users: Iterable[str], items: Mapping[str, str],
@@ -154,24 +186,27 @@ class VocabularyFile:
                 stored = cls.read(path)
             except FileNotFoundError:
                 stored = cls(IdVocabulary(), IdVocabulary(), [])
-            for key, text in items.items():
-                known = stored.text_of(key)
-                if known is not None and known != text:
-                    raise IdError(f"{path}: item {key!r} has the text {known!r} in the vocabulary and {text!r} now; "
-                                  "an id keeps its text (give the changed item a new id)")
-            stored.users.extend(users)
-            before = len(stored.items)
-            stored.items.extend(items)
-            stored.item_texts.extend(items[key] for key in stored.items.keys[before:])
-            for name, by_key in (item_features or {}).items():
-                values = stored.item_features.setdefault(name, [None] * before)
-                values.extend([None] * (len(stored.items) - len(values)))
-                for key, value in by_key.items():
-                    number = stored.items.numbers([key])[0]
-                    if number >= 0 and values[number] is None and value is not None:
-                        values[number] = value
-            for values in stored.item_features.values():
-                values.extend([None] * (len(stored.items) - len(values)))
+            stored.merge(users, items, item_features, str(path))
             if write:
                 stored.write(path)
         return stored
+
+
+def carry_vocabulary(data: bytes, source: str | Path, folder: str | Path, write: bool = True) -> None:
+    """Put the vocabulary `data` (the bytes of the file `source`, read when a scorer was opened) into the scorer
+    folder `folder`, as `save_pretrained` to another folder does: written as it is (atomically, under the file's
+    lock) where the folder has none, else merged into the folder's by `update` (append-only: its stored keys,
+    texts and features stay; IdError naming an item whose stored text differs, nothing written). IdError naming
+    `source` for data that is not a vocabulary. `write=False`: check only."""
+    carried = VocabularyFile.loads(data, source)
+    path = Path(folder) / FILE_NAME
+    with file_lock(path):
+        if not path.exists():
+            if write:
+                with atomic_write(path) as handle:
+                    handle.write(data)
+            return
+    features = {name: {key: value for key, value in zip(carried.items.keys, values) if value is not None}
+                for name, values in carried.item_features.items()}
+    VocabularyFile.update(path, carried.users.keys, dict(zip(carried.items.keys, carried.item_texts)), write=write,
+                          item_features=features)

@@ -207,3 +207,23 @@ class Staged:
             if NAME.fullmatch(path.name) and path.name not in kept:
                 remove_path(path)
         return Version(name, final, note)
+
+
+def rollback_lines(root: str | Path) -> str:
+    """`bahe rollback ROOT`: make the previous version current; the line saying which serves now (VersionError,
+    OSError when there is none to go back to or the root is unreadable)."""
+    versions = ScorerVersions(root)
+    was = versions.current().name
+    return f"{root}: now serving {versions.rollback().name} (was {was})"
+
+
+def history_lines(root: str | Path) -> list[str]:
+    """`bahe versions ROOT`: one line per kept version, oldest first - name, publish time, the gate's AUCs."""
+    history = ScorerVersions(root).history()
+    lines = []
+    for version in history:
+        gate = version.note.get("gate", {})
+        figures = f" gate AUC {gate['current']['auc']:.4f} -> {gate['next']['auc']:.4f}" if gate else ""
+        lines.append(f"{version.name}{' (current)' if version is history[-1] else ''}  "
+                     f"{version.note.get('published_at', '')}{figures}")
+    return lines

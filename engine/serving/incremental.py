@@ -286,18 +286,19 @@ def score_states(scorer, states: Sequence[UserState], pair_user: np.ndarray,
 
 
 def rank_state(scorer, state: UserState, candidates: Sequence[str], top_k: int | None,
-               side_features: dict | None) -> Ranking:
+               side_features: dict | None, candidate_features: Sequence[dict | None] | None = None) -> Ranking:
     """`BAHEScorer.rank` of a UserState: its pooled vectors (no upper layer runs), the window rows or texts and
-    counts for the side features, the head over the candidates (`score_states`)."""
+    counts for the side features, each candidate's own features under the user's, the head over the candidates
+    (`score_states`)."""
     check_top_k(top_k)
     state = check_state(scorer, state)
     items = parse_candidates([candidates], 1)[0]
-    categories = scorer.pipeline.categories(None if side_features is None else [side_features], 1, "user")
+    pair_user = np.zeros(len(items), dtype=np.int64)
+    categories = scorer.pipeline.ranked_categories(None if side_features is None else [side_features],
+                                                   candidate_features, pair_user, 1)
     if not items:
         return ranking(np.empty(0, dtype=np.float32), top_k)
-    pair_user = np.zeros(len(items), dtype=np.int64)
 
     def lookup(pipeline: ScoringPipeline) -> tuple[np.ndarray, np.ndarray | None]:
         return pipeline.lookup("items", items, scorer.config.scoring.unknown_item, label=lambda i: f"candidates[{i}]")
-    return ranking(score_states(scorer, [state], pair_user, lookup, None if categories is None else
-                                categories[pair_user], per_user=True), top_k)
+    return ranking(score_states(scorer, [state], pair_user, lookup, categories, per_user=True), top_k)

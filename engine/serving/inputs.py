@@ -208,19 +208,20 @@ def at_line(message: str, numbers: Sequence[int]) -> str:
     return f"line {numbers[int(found.group(2))]}: {key}{message[found.end():]}"
 
 
-def parse_side_features(side_features: object, count: int, names: tuple[str, ...], unit: str) -> list[list]:
+def parse_side_features(side_features: object, count: int, names: tuple[str, ...], unit: str,
+                        what: str = "side_features") -> list[list]:
     """Per categorical feature (in `names` order) the `count` values of `side_features`: None (every value
     unknown) or a list with one dict (or None) per `unit` of feature name -> str, int or None (unknown); a name
     left out is unknown. InputError naming the entry and feature for anything else."""
     columns: list[list] = [[None] * count for _ in names]
     if side_features is None:
         return columns
-    for i, features in _keyed_entries(side_features, count, names, "side_features", unit, "feature name -> value",
+    for i, features in _keyed_entries(side_features, count, names, what, unit, "feature name -> value",
                                       "feature(s)", f"this model takes {list(names)}"):
         for f, name in enumerate(names):
             value = features.get(name)
             if isinstance(value, bool) or not isinstance(value, (str, int, np.integer, type(None))):
-                raise InputError(f"side_features[{i}][{name!r}] must be a str, an int or None, got "
+                raise InputError(f"{what}[{i}][{name!r}] must be a str, an int or None, got "
                                  f"{type(value).__name__}")
             columns[f][i] = int(value) if isinstance(value, np.integer) else value
     return columns

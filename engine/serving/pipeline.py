@@ -206,14 +206,30 @@ class ScoringPipeline:
                 self._mirrors = (weights, self.model.item_counts.cpu().numpy(), side.category_seen.cpu().numpy())
             return self._mirrors[1], self._mirrors[2]
 
-    def categories(self, side_features: object, count: int, unit: str) -> np.ndarray | None:
+    def categories(self, side_features: object, count: int, unit: str,
+                   what: str = "side_features") -> np.ndarray | None:
         """(count, F) hashed buckets of the categorical features (engine.features.categorical; -1: unknown), None
         without any; `score` maps them to embedding rows with the seen buckets of its weights."""
         names, config = self.config.model.categorical_features, self.config.model
-        columns = parse_side_features(side_features, count, names, unit)
+        columns = parse_side_features(side_features, count, names, unit, what)
         if not names:
             return None
         return category_buckets(names, columns, config.categorical_buckets)
+
+    def ranked_categories(self, side_features: object, candidate_features: object,
+                          pair_user: np.ndarray, users: int) -> np.ndarray | None:
+        """(P, F) buckets of ranked pairs: user u's `side_features` (one dict or None per user) and, when given,
+        pair p's `candidate_features` (one dict or None per pair: an item's own features, such as a catalog's
+        genre) under them - a feature the user's dict names wins, as `ItemCatalog.with_features` merges.
+        InputError naming `side_features[u]` or `candidate_features[p]`."""
+        categories = self.categories(side_features, users, "user")
+        if candidate_features is None:
+            return None if categories is None else categories[pair_user]
+        self.categories(candidate_features, pair_user.size, "candidate", "candidate_features")  # checked
+        per_user = side_features if side_features is not None else [None] * users
+        merged = [{**(own or {}), **(per_user[u] or {})} or None
+                  for own, u in zip(candidate_features, pair_user.tolist())]
+        return self.categories(merged, pair_user.size, "pair")
 
     def dense(self, batch: ScoringBatch, tables: PlacedTables) -> np.ndarray | None:
         """(P, F) count features of the pairs (engine.features.side_features), from the host mirror."""

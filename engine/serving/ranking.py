@@ -178,5 +178,12 @@ def score_items(scorer, catalog: ItemCatalog, users: Sequence[dict], item_ids: S
 
 def rank_items(scorer, catalog: ItemCatalog, user: dict, candidate_ids: Sequence[object], *,
                top_k: int | None = None, **options) -> Ranking:
-    """`scorer.rank(user, texts of candidate_ids, top_k=top_k, **options)`: a Ranking in candidate order."""
-    return scorer.rank(user, catalog.texts(candidate_ids, "candidates"), top_k=top_k, **options)
+    """`scorer.rank(user, texts of candidate_ids, top_k=top_k, **options)`: a Ranking in candidate order. Each
+    candidate's categorical features stored in the catalog go to `rank` as its `candidate_features` (the
+    user's `side_features` win where they name the same feature), so a ranking by id scores as the same request
+    carrying the items' texts and features."""
+    texts = catalog.texts(candidate_ids, "candidates")
+    if "candidate_features" not in options:
+        own = catalog.with_features(candidate_ids, None, scorer.config.model.categorical_features)
+        options["candidate_features"] = own if any(f is not None for f in own) else None
+    return scorer.rank(user, texts, top_k=top_k, **options)

@@ -27,6 +27,8 @@ from engine.features.side_features import recent_counts
 from engine.model.stages import stage
 from kernels import ops
 from weights.checkpoint import Checkpoint
+from weights.id_vocabulary import FILE_NAME as ID_FILE
+from weights.id_vocabulary import MAX_FILE_BYTES as ID_MAX_BYTES
 from weights.registry import resolve_model
 from engine.backbone.split import UpperEncoder, has_layer
 from weights.table import EMBEDDING_DTYPES, BehaviorTable
@@ -53,6 +55,7 @@ class BAHEScorer:
             raise ValueError(f"kernels must be one of {ops.BACKENDS}, got {kernels!r}")
         self.pipeline = ScoringPipeline(config=config, encoder=encoder, model=model, behaviors=behaviors, items=items,
                                         device=resolve_device(device), kernels=kernels)
+        self.ids: tuple[Path, bytes] | None = None  # (folder, its ids.json bytes) when opened from a folder with one
 
     @property
     def model(self) -> BAHEModel:
@@ -133,6 +136,11 @@ class BAHEScorer:
         scorer = cls(config=config, checkpoint=ckpt, encoder=encoder, model=model, behaviors=behaviors, items=items,
                      device=device, kernels=kernels)
         scorer.pipeline.load_item_vectors(files.get("item_vectors"))
+        try:  # the id vocabulary as it is now, carried by save_pretrained to another folder (bounded: 1 GiB)
+            with open(path / ID_FILE, "rb") as handle:
+                scorer.ids = (path, handle.read(ID_MAX_BYTES + 1))
+        except FileNotFoundError:
+            pass
         return scorer
 
     @classmethod
@@ -160,11 +168,13 @@ class BAHEScorer:
     def save_pretrained(self, path: str | Path) -> None:
         """Write the scorer folder crash-safely: a crash at any moment leaves the old or the new scorer,
         never a mix (engine.serving.scorer_folder). What the folder keeps is decided from its files at commit
-        time: saving an out-of-date scorer over a folder writes this scorer whole."""
+        time: saving an out-of-date scorer over a folder writes this scorer whole. The id vocabulary of the folder
+        the scorer was opened from (`ids.json`, as it was then) goes along to another folder, merged append-only
+        into one the folder has (IdError naming an id whose text differs there; nothing is written then)."""
         with self.pipeline.lock:
             write_folder(Path(path), config=self.config, checkpoint=self.checkpoint, encoder=self.encoder,
                          model=self.model, behaviors=self.behaviors, items=self.items,
-                         item_vectors=self.pipeline.save_item_vectors)
+                         item_vectors=self.pipeline.save_item_vectors, ids=self.ids)
 
     # ----- scoring ------------------------------------------------------------------------
     def set_calibration(self, calibration: CalibrationConfig) -> None:
@@ -216,18 +226,22 @@ class BAHEScorer:
 
     def rank(self, user: dict[str, Sequence[str]] | UserState, candidates: Sequence[str], *,
              top_k: int | None = None, history_counts: dict[str, int] | None = None,
-             side_features: dict | None = None) -> Ranking:
+             side_features: dict | None = None,
+             candidate_features: Sequence[dict | None] | None = None) -> Ranking:
         """One user against K candidate item texts: its sequences run through the upper layers once, the head
         over the K candidates in one batch. -> Ranking(scores (K,) float32 in candidate order, order (top_k or
         K,) best first). Inputs are checked as `score`'s (InputError naming `candidates[i]`). `user` may be a
-        `UserState` (`user_state`, `extend_user`): no upper layer runs, the same scores as its whole user's."""
+        `UserState` (`user_state`, `extend_user`): no upper layer runs, the same scores as its whole user's.
+        `side_features`: the user's features, for every candidate; `candidate_features[i]`: candidate i's own (an
+        item-level feature such as its genre), under the user's (a name both give: the user's value)."""
         if isinstance(user, UserState):
             if history_counts is not None:
                 raise InputError("a UserState carries its counts: pass history_counts to user_state, not rank")
-            return rank_state(self, user, candidates, top_k, side_features)
+            return rank_state(self, user, candidates, top_k, side_features, candidate_features)
         counts = None if history_counts is None else [history_counts]
         side = None if side_features is None else [side_features]
-        return self._rank_many([user], [candidates], top_k, counts, side, label=lambda i: f"candidates[{i}]")[0]
+        return self._rank_many([user], [candidates], top_k, counts, side, label=lambda i: f"candidates[{i}]",
+                               candidate_features=candidate_features)[0]
 
     def rank_many(self, users: Sequence[dict[str, Sequence[str]]], candidates: Sequence[Sequence[str]], *,
                   top_k: int | None = None,
@@ -237,21 +251,22 @@ class BAHEScorer:
         pass: every user's sequences through the upper layers once, each user's candidates through the head."""
         return self._rank_many(users, candidates, top_k, history_counts, side_features)
 
-    def _rank_many(self, users, candidates, top_k, history_counts, side_features, label=None) -> list[Ranking]:
+    def _rank_many(self, users, candidates, top_k, history_counts, side_features, label=None,
+                   candidate_features=None) -> list[Ranking]:
         check_top_k(top_k)
         sequences = parse_users(users, self.config)
         lists = parse_candidates(candidates, len(sequences))
         user_counts = parse_history_counts(history_counts, users, self.config.model.sequence_names)
-        categories = self.pipeline.categories(side_features, len(sequences), "user")
         sizes = np.array([len(c) for c in lists], dtype=np.int64)
         pair_user = np.repeat(np.arange(len(lists)), sizes)
+        categories = self.pipeline.ranked_categories(side_features, candidate_features, pair_user, len(sequences))
         flat = [text for c in lists for text in c]
         starts = np.cumsum(sizes) - sizes
         if label is None:  # candidates[u][j] of flat index i
             label = lambda i: f"candidates[{pair_user[i]}][{i - starts[pair_user[i]]}]"  # noqa: E731
         probs = (self._score_pairs(sequences, range(len(sequences)), user_counts[pair_user], pair_user, flat,
-                                   label=label, per_user=True, categories=None if categories is None else
-                                   categories[pair_user]) if flat else np.empty(0, dtype=np.float32))
+                                   label=label, per_user=True, categories=categories)
+                 if flat else np.empty(0, dtype=np.float32))
         return [ranking(probs[lo:lo + k], top_k) for lo, k in zip(starts, sizes)]
 
     def user_state(self, user: dict[str, Sequence[str]], *, history_counts: dict[str, int] | None = None) -> UserState:

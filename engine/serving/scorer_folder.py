@@ -8,6 +8,8 @@ Folder layout (written by `write_folder`):
   items.safetensors      item table
   item_vectors.safetensors  the item tower's output per item-table row, signed (engine.serving.item_vectors); optional:
                          folders written before format 4 lack it and compute the vectors on load
+  ids.json               optional: the id vocabulary `bahe train` keeps (weights.id_vocabulary), append-only; not
+                         a part of scorer.json: a save never removes it, a save to another folder carries it
 Each part has a second name (`backbone.1`, `model.1.safetensors`, ...). Saving over a scorer writes
 every part under the name the current scorer.json does not use, then replaces scorer.json (temp file,
 fsync, rename): that rename commits the save, so a crash at any moment leaves the old or the new
@@ -40,6 +42,8 @@ from engine.config import CONFIG_VERSION, ScorerConfig
 from weights import bounded_json
 from weights.atomic import atomic_write, file_lock, remove_stale_temps
 from weights.checkpoint import Checkpoint
+from weights.id_vocabulary import FILE_NAME as ID_FILE
+from weights.id_vocabulary import carry_vocabulary
 from weights.safetensors_io import source_of, write_safetensors
 from weights.table import BehaviorTable, TableError
 
@@ -133,19 +137,26 @@ def _refuse_outside_links(folder: Path, part: Path) -> None:
 
 def write_folder(path: Path, *, config: ScorerConfig, checkpoint: Checkpoint, encoder: AtomicEncoder,
                  model: torch.nn.Module, behaviors: BehaviorTable, items: BehaviorTable,
-                 item_vectors: Callable[[Path], None] | None = None) -> None:
+                 item_vectors: Callable[[Path], None] | None = None,
+                 ids: tuple[Path, bytes] | None = None) -> None:
     """Write the scorer folder crash-safely (see the module docstring): every part under the name the
     current scorer.json does not use, each file by temp file + fsync + rename, then scorer.json, which
     commits the save. A part the folder already holds for this scorer (saved over itself) is kept; what
     to keep is read from the folder under its lock. `item_vectors(target)` writes that part (atomically),
-    if given; it is always written afresh."""
+    if given; it is always written afresh. `ids`: (the folder the scorer came from, the bytes of its `ids.json`
+    then): carried into another folder (weights.id_vocabulary.carry_vocabulary) just before the commit, after a
+    check before any part is written (an id whose text differs there: IdError, the folder left as it was)."""
     path.mkdir(parents=True, exist_ok=True)
     tables = {"behaviors": behaviors, "items": items}
+    if ids is not None and ids[0].resolve() == path.resolve():
+        ids = None  # its own folder: the ids.json there is this scorer's, or later extended
     with contextlib.ExitStack() as locks:
         locks.enter_context(file_lock(path / SCORER_FILE))
         for part in tables:  # appenders to the folder's tables wait: a kept table is not replaced meanwhile
             for name in PARTS[part]:
                 locks.enter_context(file_lock(path / name))
+        if ids is not None:
+            carry_vocabulary(ids[1], ids[0] / ID_FILE, path, write=False)
         live, live_signature = _live_parts(path)
         files = {}
         for part, names in PARTS.items():
@@ -170,6 +181,8 @@ def write_folder(path: Path, *, config: ScorerConfig, checkpoint: Checkpoint, en
                 tables[part].save_copy(target)
         meta = {"format": "bahe-scorer", "format_version": FORMAT_VERSION, "config": config.to_dict(),
                 "signature": encoder.signature.to_metadata(), "files": files}
+        if ids is not None:  # before the commit: a killed save leaves the old scorer with more ids, never fewer
+            carry_vocabulary(ids[1], ids[0] / ID_FILE, path)
         remove_stale_temps(path / SCORER_FILE)
         with atomic_write(path / SCORER_FILE) as handle:
             handle.write(json.dumps(meta, indent=2).encode())

@@ -154,11 +154,82 @@ def test_encode_refuses_bad_text_lines(tiny_checkpoints, tmp_path, data, why):
 
 def test_encode_refuses_empty_and_invisible_column_cells(tiny_checkpoints, tmp_path):
     table = tmp_path / "texts.csv"
-    for cells, why in ((["bought latte", ""], "row 1: text is empty"), (["\u2060", "ok"], "row 0: text has no visible")):
+    for cells, why in ((["bought latte", ""], "line 3, column 'text': text is empty"),
+                       (["\u2060", "ok"], "line 2, column 'text': text has no visible")):
         table.write_text("text,n\n" + "".join(f"{c},1\n" for c in cells))
-        with pytest.raises(SystemExit, match=rf"texts.csv: column 'text' {why}"):
+        with pytest.raises(SystemExit, match=rf"texts.csv: {why}"):
             cli.main(["encode", str(table), "--column", "text", "--model", str(tiny_checkpoints["qwen2"]),
                       "--lower-layers", "2", "--out", str(tmp_path / "t.safetensors")])
+
+
+@pytest.mark.parametrize("data,why", [
+    (b'text,n\nbought latte,1\n"Heat" (1995),2\n', r"line 3: a quoted field goes on after its closing quote"),
+    (b"text,n\nbought latte,1\n\nHeat,2,3\n", r"line 4 has 3 fields, but the header has 2"),
+    (b'text,n\n"two\nlines",1\n,2\n', r"line 4, column 'text': text is empty"),  # a row spanning lines 2-3 above
+    (b"text,n\nbought latte,1\nbad \xff,2\n", r"line 3 is not UTF-8 text \(byte 0xff at column 5\)"),
+    (b'text,n\n"never closed,1\n', r"line 2: a quoted field is never closed"),
+    (b"name,n\nbought latte,1\n", r"column 'text' not in the file \(columns: \['name', 'n'\]\)"),
+])
+def test_encode_column_reads_csv_as_logs_are_read_naming_the_file_line(tiny_checkpoints, tmp_path, data, why):
+    """`--column` goes through the project's one strict CSV reader: pandas rewrote `"Heat" (1995)` to `Heat (1995)`
+    and named data rows, not the file line a user opens in an editor."""
+    table = tmp_path / "texts.csv"
+    table.write_bytes(data)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["encode", str(table), "--column", "text", "--model", str(tiny_checkpoints["qwen2"]),
+                  "--lower-layers", "2", "--out", str(tmp_path / "t.safetensors")])
+    assert isinstance(stop.value.code, str) and "\n" not in stop.value.code
+    assert re.fullmatch(rf"bahe encode: {re.escape(str(table))}: {why}.*", stop.value.code), stop.value.code
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_encode_column_of_csv_and_parquet_without_pandas(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    texts = ['"The ""Heat"" (1995)"', "He said \"hi\"", '"a, b"', "bought latte"]
+    (tmp_path / "t.csv").write_text("n,text\n" + "".join(f"{i},{t}\n" for i, t in enumerate(texts)))
+    from engine.encoding.text_files import read_texts
+    want = ['The "Heat" (1995)', 'He said "hi"', "a, b", "bought latte"]
+    assert read_texts(tmp_path / "t.csv", "text") == want
+    pq.write_table(pa.table({"text": want, "n": [1, 2, 3, 4]}), tmp_path / "t.parquet")
+    assert read_texts(tmp_path / "t.parquet", "text") == want
+    pq.write_table(pa.table({"text": ["ok", None]}), tmp_path / "null.parquet")
+    with pytest.raises(ValueError, match=r"null.parquet: row 1, column 'text': text must be a str"):
+        read_texts(tmp_path / "null.parquet", "text")
+    probe = ("import sys\n"
+             "class NoPandas:  # as if pandas were not installed\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name.split('.')[0] == 'pandas': raise ModuleNotFoundError(name)\n"
+             "sys.meta_path.insert(0, NoPandas())\n"
+             "from engine.encoding.text_files import read_texts\n"
+             f"assert len(read_texts({str(tmp_path / 't.csv')!r}, 'text')) == 4\n"
+             "assert 'pandas' not in sys.modules\n"
+             f"assert len(read_texts({str(tmp_path / 't.parquet')!r}, 'text')) == 4\n")
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("layers", ["5", "9", "-1"])
+def test_encode_with_a_split_the_checkpoint_has_not_is_one_line_naming_both_numbers(tiny_checkpoints, tmp_path,
+                                                                                     layers):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("bought latte\n")
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["encode", str(texts), "--model", str(tiny_checkpoints["llama"]), "--lower-layers", layers,
+                  "--out", str(tmp_path / "t.safetensors")])
+    assert isinstance(stop.value.code, str) and "\n" not in stop.value.code
+    assert stop.value.code.startswith("bahe encode: ") and stop.value.code.endswith(
+        f"num_lower_layers must be in [0, 4] for the 4 layers config.json names (num_hidden_layers), got {layers}")
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_encode_with_no_lower_layer_builds_a_table_of_token_embeddings(tiny_checkpoints, tmp_path, capsys):
+    """0 is a split the config allows (EncoderConfig.num_lower_layers >= 0; every layer above is trained), so
+    encode takes it: the rows are the pooled token embeddings."""
+    texts = tmp_path / "texts.txt"
+    texts.write_text("bought latte\nhello\n")
+    cli.main(["encode", str(texts), "--model", str(tiny_checkpoints["bert"]), "--lower-layers", "0",
+              "--out", str(tmp_path / "t.safetensors")])
+    assert "2 texts -> 2 unique rows" in capsys.readouterr().out
 
 
 def test_encode_drops_a_leading_byte_order_mark(tiny_checkpoints, tmp_path, capsys):

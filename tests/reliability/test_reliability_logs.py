@@ -250,19 +250,19 @@ def test_row_lines_match_a_record_by_record_read(cells, blank, crlf):
     record-by-record pass (csv's own line count) on quoted line breaks, doubled quotes, quotes inside unquoted
     fields, blank lines and CRLF."""
     import io
-    from engine.training.data import log_files
+    from engine.encoding import csv_rows
     end = "\r\n" if crlf else "\n"
     text = "x,y,z" + end + "".join(",".join(row) + end + (end if b else "") for row, b in zip(cells, blank))
-    fast = log_files._parse_fast(text.encode(), text)
-    checked = log_files._parse_checked(text, "log.csv")
+    fast = csv_rows._parse_fast(text.encode(), text)
+    (checked,) = csv_rows._records(io.StringIO(text, newline=""), "log.csv", ValueError, 0)
     if fast is not None:
         assert fast[0] == checked[0] and fast[1] == checked[1] and list(fast[2]) == list(checked[2])
     assert all(a < b for a, b in zip(checked[2], checked[2][1:]))
 
 
 def test_the_one_pass_reader_takes_quoted_line_breaks_and_doubled_quotes():
-    from engine.training.data import log_files
+    from engine.encoding import csv_rows
     text = 'x,y\r\n"a\r\nb","say ""hi"""\r\n\r\n1,2\r\n'
-    header, rows, lines = log_files._parse_fast(text.encode(), text)
+    header, rows, lines = csv_rows._parse_fast(text.encode(), text)
     assert header == ["x", "y"] and rows == [["a\r\nb", 'say "hi"'], ["1", "2"]] and lines.tolist() == [2, 5]
-    assert log_files._parse_fast(b'x,y\n1,He"at\n', 'x,y\n1,He"at\n') is None  # left to the checked pass
+    assert csv_rows._parse_fast(b'x,y\n1,He"at\n', 'x,y\n1,He"at\n') is None  # left to the checked pass

@@ -1,5 +1,8 @@
 """Item catalog files (engine.training.data.log_files.join_catalog) and timestamps as integers or ISO-8601 times
 (engine.training.data.log_columns): what is accepted, and the line and column of each refusal."""
+import csv
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -83,3 +86,97 @@ def test_timestamp_refusals_name_the_line(tmp_path, cells, timestamps, want):
         load_log(tmp_path / "log.csv", timestamps=timestamps)
     with pytest.raises(ValueError, match="timestamps must be one of"):
         load_log(tmp_path / "log.csv", timestamps="seconds")
+
+
+# ----- the same options for a streamed log (`bahe train --stream`) ---------------------------------------------
+def _genre_fixture(tmp_path, iso: bool):
+    """The CI fixture split into events (string ids; ISO-8601 or epoch-ms timestamps) and an item catalog with an
+    item-level feature (cat_genre, one per item)."""
+    frame = pd.read_parquet(FIXTURE)
+    frame["item_id"] = "SKU-" + frame["item_id"].astype(str)
+    frame["user_id"] = "u" + frame["user_id"].astype(str)
+    millis = frame["timestamp"].astype(np.int64) * 1000
+    frame["timestamp"] = (pd.to_datetime(millis, unit="ms", utc=True).dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+                          if iso else millis)
+    items = frame[["item_id", "item_text"]].drop_duplicates().reset_index(drop=True)
+    items["cat_genre"] = [text.rsplit("|", 1)[-1].strip() for text in items["item_text"]]
+    frame.drop(columns="item_text").to_csv(tmp_path / "events.csv", index=False)
+    items.to_csv(tmp_path / "items.csv", index=False)
+    return tmp_path / "events.csv", tmp_path / "items.csv"
+
+
+@pytest.mark.parametrize("iso", [False, True])
+def test_a_streamed_log_takes_a_catalog_and_timestamps_as_load_log_does(tmp_path, iso):
+    from engine.training.data.item_features import item_level_features
+    from engine.training.streaming.stream import StreamConfig, prepare_stream
+    events, items = _genre_fixture(tmp_path, iso)
+    kind = "iso8601" if iso else "integer"
+    memory = load_log(events, catalog=items, timestamps=kind)
+    for timestamps in ("auto", kind):
+        stream = prepare_stream(events, tmp_path / "work", StreamConfig(shards=3, time_buckets=4, batch_rows=61),
+                                catalog=items, timestamps=timestamps)
+        assert stream.item_texts == memory.item_texts and stream.item_keys.tolist() == memory.item_keys.tolist()
+        assert stream.categorical == tuple(memory.categorical) and "genre" in stream.categorical
+        assert stream.item_features == item_level_features(memory)  # the user's gender, age ... are not item-level
+        assert list(stream.item_features) == ["genre"] and len(stream.item_features["genre"]) == len(memory.item_ids)
+        assert (stream.val_start, stream.test_start) == (memory.split().val_start, memory.split().test_start)
+        got = sorted((k, t, g) for shard in stream for k, t, g in zip(
+            shard.log.item_key(shard.log.item), shard.log.timestamp.tolist(),
+            shard.log.category_values("genre", np.arange(shard.log.num_events))))
+        want = sorted(zip(memory.item_key(memory.item), memory.timestamp.tolist(),
+                          memory.category_values("genre", np.arange(memory.num_events))))
+        assert got == want
+
+
+def _edit(path, line: int, column: str, value: str) -> None:
+    """Set one cell of file line `line` (header = line 1) of a CSV file without quoted line breaks."""
+    lines = path.read_text().split("\n")
+    header = lines[0].split(",")
+    cells = next(csv.reader([lines[line - 1]]))
+    cells[header.index(column)] = value
+    out = io.StringIO()
+    csv.writer(out, lineterminator="").writerow(cells)
+    lines[line - 1] = out.getvalue()
+    path.write_text("\n".join(lines))
+
+
+@pytest.mark.parametrize("edit,timestamps,want", [
+    (("events", 301, "item_id", "SKU-0"), "auto", "line 301, column 'item_id': item 'SKU-0' is not in the catalog"),
+    (("items", 5, "item_id", "SKU-286"), "auto", "line 5, column 'item_id': item 'SKU-286' is listed twice"),
+    (None, "iso8601", "line 2, column 'timestamp': '888549960000' is not an ISO-8601 time"),
+    (("events", 301, "timestamp", "2024-05-01"), "auto", "line 301, column 'timestamp': must hold integers"),
+])
+def test_catalog_and_timestamp_refusals_in_a_stream_are_load_logs(tmp_path, edit, timestamps, want):
+    from engine.training.streaming.stream import StreamConfig, prepare_stream
+    files = dict(zip(("events", "items"), _genre_fixture(tmp_path, iso=False)))
+    if edit is not None:
+        _edit(files[edit[0]], *edit[1:])
+    with pytest.raises(LogFormatError) as whole:
+        load_log(files["events"], catalog=files["items"], timestamps=timestamps)
+    assert want in str(whole.value)
+    with pytest.raises(LogFormatError) as streamed:
+        prepare_stream(files["events"], tmp_path / "work", StreamConfig(shards=2, batch_rows=50),
+                       catalog=files["items"], timestamps=timestamps)
+    assert str(streamed.value) == str(whole.value)
+
+
+def test_bahe_train_stream_with_a_catalog_and_iso_timestamps(tiny_checkpoints, tmp_path, capsys):
+    """Before, `--stream` refused `--catalog` and `--timestamps`; now the scorer's ids.json holds the catalog's
+    items, their texts and their item-level features, as `bahe train` without --stream saves them."""
+    from engine import cli
+    from weights.id_vocabulary import FILE_NAME, VocabularyFile
+    events, items = _genre_fixture(tmp_path, iso=True)
+    common = ["--model", str(tiny_checkpoints["llama"]), "--lower-layers", "2", "--max-behaviors", "8", "--epochs",
+              "1", "--device", "cpu", "--catalog", str(items), "--timestamps", "iso8601", "--data", str(events)]
+    cli.main(["train", *common, "--out", str(tmp_path / "streamed"), "--stream", str(tmp_path / "work"), "--shards",
+              "2", "--steps-per-shard", "2", "--eval-per-shard", "20"])
+    assert "test AUC" in capsys.readouterr().out
+    cli.main(["train", *common, "--out", str(tmp_path / "whole"), "--train-examples", "64", "--val-examples", "32",
+              "--test-examples", "32"])
+    streamed = VocabularyFile.read(tmp_path / "streamed" / "scorer" / FILE_NAME)
+    whole = VocabularyFile.read(tmp_path / "whole" / "scorer" / FILE_NAME)
+    catalog = pd.read_csv(items, dtype=str)
+    assert dict(zip(streamed.items.keys, streamed.item_texts)) == dict(zip(catalog["item_id"], catalog["item_text"]))
+    assert streamed.features_of("SKU-1") == whole.features_of("SKU-1") == {
+        "genre": catalog.set_index("item_id").loc["SKU-1", "cat_genre"]}
+    assert sorted(streamed.users.keys) == sorted(whole.users.keys)

@@ -171,6 +171,10 @@ def test_a_stream_whose_string_ids_start_late_is_refused(tmp_path):
     with pytest.raises(LogFormatError, match=r"rows 0 to 193 hold integer ids only, the rows from row 194 on hold "
                                              r"other ids"):
         prepare_stream(tmp_path / "log.parquet", tmp_path / "work", StreamConfig(shards=2, batch_rows=97))
+    frame.to_csv(tmp_path / "log.csv", index=False)  # a CSV file: its lines, header = line 1
+    with pytest.raises(LogFormatError, match=r"log.csv: lines 2 to 195 hold integer ids only, the lines from line "
+                                             r"196 on hold other ids"):
+        prepare_stream(tmp_path / "log.csv", tmp_path / "work", StreamConfig(shards=2, batch_rows=97))
 
 
 def test_bahe_train_stream_on_string_ids_saves_their_vocabulary(tiny_checkpoints, tmp_path, capsys):
@@ -202,7 +206,7 @@ def test_item_features_are_stored_once_and_never_changed(tmp_path):
 
 
 def test_catalog_features_are_item_level_and_user_features_are_not(tmp_path):
-    from engine.training.loops.train_commands import item_level_features
+    from engine.training.data.item_features import item_level_features
     (tmp_path / "items.csv").write_text("item_id,item_text,cat_genre\nSKU-1,Heat,Action\nSKU-2,Up,Family\n17,Big,"
                                         "Comedy\n")
     (tmp_path / "log.csv").write_text("user_id,item_id,timestamp,label,cat_gender\nu0,SKU-1,100,1,M\nu0,17,200,0,M\n"

@@ -141,20 +141,82 @@ def test_bad_logs_fail_naming_the_problem_and_the_file_row(tmp_path, break_it, m
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("rows,message", [
-    (2000, "log.csv: row 1900, column 'timestamp': must hold integers, got 'soon'"),  # the file's row, not the batch's
-    (200_000, "invalid value 'soon'"),  # past pyarrow's first block, whose types it inferred: its own message
-])
-def test_a_csv_cell_of_the_wrong_type_fails_naming_it(tmp_path, rows, message):
+@pytest.mark.parametrize("rows,batch_rows", [(2000, 100), (20_000, 5000)])
+def test_a_csv_cell_of_the_wrong_type_fails_naming_it(tmp_path, rows, batch_rows):
+    """The file LINE (header = line 1), not the batch's row nor the file's data row, as load_log names it."""
     frame = _frame(rows).astype({"timestamp": object})
     frame.loc[rows - 100, "timestamp"] = "soon"
     path = tmp_path / "log.csv"
     frame.to_csv(path, index=False)
-    with pytest.raises(LogFormatError, match="log.csv") as err:
-        prepare_stream(path, tmp_path / "work", StreamConfig(shards=2, batch_rows=100 if rows < 10_000 else 5000))
-    assert message in str(err.value)
+    with pytest.raises(LogFormatError) as err:
+        prepare_stream(path, tmp_path / "work", StreamConfig(shards=2, batch_rows=batch_rows))
+    assert str(err.value) == f"{path}: line {rows - 100 + 2}, column 'timestamp': must hold integers, got 'soon'"
+    with pytest.raises(LogFormatError) as whole:
+        load_log(path)
+    assert str(whole.value) == str(err.value)
     with pytest.raises(FileNotFoundError):
         prepare_stream(tmp_path / "absent.csv", tmp_path / "work")
+
+
+GOOD = ["user_id,item_id,timestamp,label,item_text", *(f"u{i % 3},{i % 4},{i},{i % 2},Movie {i % 4}"
+                                                       for i in range(12))]
+
+
+def _broken(kind: str) -> bytes:
+    """The good CSV with one defect at file line 9 (data row 7)."""
+    lines = list(GOOD)
+    if kind == "stray quote":  # text after a closing quote: pandas and pyarrow read it as Heat (1995)
+        lines[8] = 'u1,3,7,1,"Movie 3" (1995)'
+    elif kind == "short row":
+        lines[8] = "u1,3,7,1"
+    elif kind == "long row":
+        lines[8] += ",extra"
+    elif kind == "open quote":
+        lines[8] = 'u1,3,7,1,"Movie 3'
+    elif kind == "not utf-8":
+        data = ("\n".join(lines) + "\n").encode()
+        return data.replace(b"u1,3,7,1,Movie 3", b"u1,3,7,1,Movie \xff")
+    elif kind == "header twice":
+        lines[0] = "user_id,item_id,timestamp,label,item_id"
+    elif kind == "quoted line break":  # not a defect: a row spanning lines 9-10; the bad cell is on line 11
+        lines[8] = 'u1,7,7,1,"Movie 7\nthe sequel"'
+        lines[9] = "u2,0,8,soon,Movie 0"
+    elif kind == "item text":
+        lines[10] = "u0,1,9,1,Movie 9"  # item 1 has "Movie 1" on line 3, 7, 11
+    elif kind == "empty":
+        return b""
+    elif kind == "header only":
+        return (GOOD[0] + "\n").encode()
+    return ("\n".join(lines) + "\n").encode()
+
+
+@pytest.mark.parametrize("kind,want", [
+    ("stray quote", "line 9: a quoted field goes on after its closing quote"),
+    ("short row", "line 9 has 4 fields, but the header has 5"),
+    ("long row", "line 9 has 6 fields, but the header has 5"),
+    ("open quote", "line 9: a quoted field is never closed"),
+    ("not utf-8", r"line 9 is not UTF-8 text \(byte 0xff at column 16\)"),
+    ("header twice", r"line 1: the header names column\(s\) \['item_id'\] more than once"),
+    ("quoted line break", "line 11, column 'label': must hold integers, got 'soon'"),
+    ("item text", r"item_id 1 has two different texts: 'Movie 1' \(line 3\) and 'Movie 9' \(line 11\)"),
+    ("empty", "the file is empty"),
+    ("header only", "the table has no rows"),
+])
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_malformed_csv_fails_in_the_stream_exactly_as_load_log(tmp_path, kind, want, gz):
+    """One parser for both (engine.encoding.csv_rows): the same message, naming the file line, whatever batch the
+    defect falls in; before, the stream read CSV through pyarrow, which rewrote `"Movie 3" (1995)` silently."""
+    import gzip
+    data = _broken(kind)
+    path = tmp_path / ("log.csv.gz" if gz else "log.csv")
+    path.write_bytes(gzip.compress(data) if gz else data)
+    with pytest.raises(LogFormatError) as whole:
+        load_log(path)
+    assert __import__("re").search(want, str(whole.value)), str(whole.value)
+    for batch_rows in (1, 3, 4, 100):
+        with pytest.raises(LogFormatError) as streamed:
+            prepare_stream(path, tmp_path / "work", StreamConfig(shards=2, batch_rows=batch_rows))
+        assert str(streamed.value) == str(whole.value), batch_rows
 
 
 def _model(log: BehaviorLog) -> SideOnlyCTR:

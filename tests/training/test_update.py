@@ -265,3 +265,39 @@ def test_streamed_update_gates_and_publishes(periods, tmp_path, capsys):
     expected[:current.model.item_counts.shape[0]] = current.model.item_counts
     expected[rows] += torch.from_numpy(by_item)
     assert torch.equal(nxt.model.item_counts, expected)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_next_carries_currents_id_vocabulary_extended_with_the_new_log(periods, tmp_path, stream):
+    """Before, NEXT's version folder had no ids.json: after an update, scoring by item id failed. Now it holds
+    CURRENT's vocabulary (its ids keep their numbers) extended with the new log's ids; an item id of the new log
+    whose text differs from CURRENT's refuses the update before training, nothing published."""
+    import shutil
+    from weights.id_vocabulary import FILE_NAME, IdError, VocabularyFile
+    from engine.training.streaming.update_stream import update_streamed
+    tmp, old, new = periods
+    shutil.copytree(tmp / "current", tmp_path / "current")
+    stored = VocabularyFile.update(tmp_path / "current" / FILE_NAME, old.user_key(np.unique(old.user)),
+                                   dict(zip(old.item_key(old.item_ids), old.item_id_texts)))
+    root = tmp_path / "root"
+    ScorerVersions.create(root, tmp_path / "current")
+
+    def run():
+        if stream:
+            return update_streamed(root, tmp / "new.parquet", tmp_path / "work", _config(epochs=0), shards=2,
+                                   device="cpu")
+        return update_scorer(root, new, _config(epochs=0), device="cpu")
+    result = run()
+    carried = VocabularyFile.read(result.published.path / FILE_NAME)
+    assert carried.users.keys[:len(stored.users)] == stored.users.keys
+    assert carried.items.keys[:len(stored.items)] == stored.items.keys
+    assert set(carried.users.keys) == set(stored.users.keys) | set(new.user_key(np.unique(new.user)))
+    texts = dict(zip(carried.items.keys, carried.item_texts))
+    assert all(texts[k] == t for k, t in zip(new.item_key(new.item_ids), new.item_id_texts))
+    clash = str(new.item_key(new.item_ids[:1])[0])
+    raw = VocabularyFile.read(result.published.path / FILE_NAME)
+    raw.item_texts[raw.items.numbers([clash])[0]] = "another text"
+    raw.write(result.published.path / FILE_NAME)
+    with pytest.raises(IdError, match=rf"item '{clash}' has the text 'another text' in the vocabulary"):
+        run()
+    assert ScorerVersions(root).current().name == result.published.name  # nothing published

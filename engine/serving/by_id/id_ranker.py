@@ -211,16 +211,18 @@ class IdRanker:
         key = user_key(user_id)
         numbers = self.catalog.numbers(candidate_item_ids, "candidates")
         side = self._side(key, side_features)
+        own = self.catalog.with_features(list(candidate_item_ids), None, self.scorer.config.model.categorical_features)
+        candidate_features = own if any(f is not None for f in own) else None  # the catalog's, as rank_items fills
         if not self.incremental:
             texts = self.catalog.vocabulary.item_texts
             return self.scorer.rank(self._texts(self.store.read(key)), [texts[i] for i in numbers], top_k=top_k,
-                                    side_features=side)
-        categories = self.scorer.pipeline.categories(None if side is None else [side], 1, "user")
+                                    side_features=side, candidate_features=candidate_features)
+        pair_user = np.zeros(numbers.size, dtype=np.int64)
+        categories = self.scorer.pipeline.ranked_categories(None if side is None else [side], candidate_features,
+                                                            pair_user, 1)
         if not numbers.size:
             self._state(key, verify=False)  # an unknown user is refused all the same
             return ranking(np.empty(0, dtype=np.float32), top_k)
-        pair_user = np.zeros(numbers.size, dtype=np.int64)
-        categories = None if categories is None else categories[pair_user]
         return ranking(self._scored([key], lambda states: score_states(
             self.scorer, states, pair_user, self._item_rows(numbers, "candidates"), categories, per_user=True)), top_k)
 
@@ -243,6 +245,8 @@ class IdRanker:
             side_features = [None] * len(keys)
         if isinstance(side_features, (list, tuple)) and len(side_features) == len(keys):
             side_features = [self._side(k, s) for k, s in zip(keys, side_features)]
+        side_features = self.catalog.with_features(list(item_ids), side_features,
+                                                   self.scorer.config.model.categorical_features)
         distinct = list(dict.fromkeys(keys))
         if not self.incremental:
             texts = self.catalog.vocabulary.item_texts

@@ -47,21 +47,23 @@ class LogFormatError(ValueError):
 Place = Callable[[int], str]
 
 
-def row_places(lines: np.ndarray | None) -> Place:
-    """Data row i -> 'line L' (`lines[i]`: the file line a CSV row starts on) or, without lines, 'row i'."""
-    return (lambda i: f"row {i}") if lines is None else (lambda i: f"line {int(lines[i])}")
+def row_places(lines: np.ndarray | None, first_row: int = 0) -> Place:
+    """Data row i -> 'line L' (`lines[i]`: the file line a CSV row starts on) or, without lines, 'row R' (R =
+    `first_row` + i: a record batch's row in its file)."""
+    return (lambda i: f"row {first_row + i}") if lines is None else (lambda i: f"line {int(lines[i])}")
 
 
 def validate_frame(frame: pd.DataFrame, sequence_names: Sequence[str] | None, source: str,
                    lines: np.ndarray | None = None, timestamps: str = "auto",
-                   vocabularies: dict | None = None) -> tuple:
+                   vocabularies: dict | None = None, first_row: int = 0) -> tuple:
     """(user, item, timestamp, label, membership, item_texts, sequence_names, categorical, ids) of a table in the
     file schema, in `BehaviorLog`'s field order (ids: {"user": keys or None, "item": keys or None}, see
     `log_columns`); LogFormatError naming the place (`lines[i]`: CSV file line of data row i; else the row) and
     column of the first violation. `sequence_names` fixes the order of the sequences (it must name every
     sequence in the table); by default they come in order of first appearance. `source` names the table.
     `timestamps`: 'auto', 'integer' or 'iso8601' (`log_columns`); `vocabularies` ({"user": IdVocabulary,
-    "item": IdVocabulary}, a log read in parts): number every id through them (`log_columns.id_codes`)."""
+    "item": IdVocabulary}, a log read in parts): number every id through them (`log_columns.id_codes`);
+    `first_row`: the file row of the table's row 0 (a record batch of a parquet file), for the places named."""
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise LogFormatError(f"{source}: missing column(s) {missing}; expected {list(REQUIRED_COLUMNS)} "
@@ -69,7 +71,7 @@ def validate_frame(frame: pd.DataFrame, sequence_names: Sequence[str] | None, so
     if len(frame) == 0:
         raise LogFormatError(f"{source}: the table has no rows")
     frame = frame.reset_index(drop=True)
-    at = row_places(lines)
+    at = row_places(lines, first_row)
     categorical = {str(c)[len(CATEGORY_PREFIX):]: _category_column(frame[c], str(c), source, at)
                    for c in frame.columns if str(c).startswith(CATEGORY_PREFIX)}
     if "" in categorical or "user_id" in categorical:

@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from engine.config import EncoderConfig, ModelConfig, ScorerConfig
 from engine.distributed import Launch
 from engine.training.data.example_features import log_categorical_features
+from engine.training.data.item_features import item_level_features
 
 def scorer_config(args: argparse.Namespace, log) -> ScorerConfig:
     """The scorer a `bahe train` run builds: its layers and max_behaviors, the log's sequences, the categorical
@@ -25,34 +25,20 @@ def scorer_config(args: argparse.Namespace, log) -> ScorerConfig:
                         model=ModelConfig(sequence_names=log.sequence_names, max_behaviors=args.max_behaviors,
                                           categorical_features=categorical))
 
-def id_vocabulary(log, folder: Path, write: bool = True, users: list[str] | None = None):
+def id_vocabulary(log, folder: Path, write: bool = True, users: list[str] | None = None,
+                  item_features: dict[str, dict[str, str]] | None = None):
     """Extend the append-only id vocabulary of the scorer `folder` (weights.id_vocabulary, `ids.json`) with the
-    log's user ids (or `users`) and item ids and texts; `write=False` checks only (run it before training, so a
+    log's user ids (or `users`), item ids and texts and item-level features (or `item_features`: a streamed log's,
+    gathered batch by batch); `write=False` checks only (run it before training, so a
     conflict stops the run before anything is saved). SystemExit naming the item whose stored text differs."""
     from weights.id_vocabulary import FILE_NAME, IdError, VocabularyFile
     items = dict(zip(log.item_key(log.item_ids), log.item_id_texts))
     users = log.user_key(np.unique(log.user)) if users is None else users
     try:
         return VocabularyFile.update(folder / FILE_NAME, users, items, write=write,
-                                     item_features=item_level_features(log))
+                                     item_features=item_level_features(log) if item_features is None else item_features)
     except IdError as err:
         raise SystemExit(f"bahe train: {err}") from None
-
-
-def item_level_features(log) -> dict[str, dict[str, str]]:
-    """The log's categorical features that are item-level - one known value per item on all its events (as a
-    catalog's cat_ columns are), and not one per user (gender, age: a user's) - as name -> item key -> value,
-    for `ids.json` (scoring by item id fills them in)."""
-    out = {}
-    for name, values in log.categorical.items():
-        frame = pd.DataFrame({"item": log.item, "user": log.user, "value": values}).dropna()
-        by_item = frame[["item", "value"]].drop_duplicates()
-        per_user = not frame[["user", "value"]].drop_duplicates()["user"].duplicated().any()
-        if by_item.empty or by_item["item"].duplicated().any() or per_user:
-            continue
-        frame = by_item
-        out[name] = dict(zip(log.item_key(frame["item"].to_numpy()), frame["value"].tolist()))
-    return out
 
 
 def record_training(folder: Path, test_start: int, data: str, rows: dict[str, np.ndarray] | None) -> None:
@@ -61,16 +47,6 @@ def record_training(folder: Path, test_start: int, data: str, rows: dict[str, np
     from engine.export.record import write_record
     examples = -1 if rows is None else int(rows["train"].size + rows["val"].size)  # -1: not counted (streamed)
     write_record(folder, labels_before=test_start, users=None, data=str(data), examples=examples)
-
-
-def stream_users(stream) -> list[str]:
-    """The user ids of a streamed log: its keys, or the integer ids of its shards (read column by column)."""
-    if stream.user_keys is not None:
-        return stream.user_keys.tolist()
-    import pyarrow.parquet as pq
-    ids = [pq.read_table(stream.folder / f"users-{p}.parquet", columns=["user_id"])["user_id"].to_numpy()
-           for p in range(stream.shards)]
-    return [str(u) for u in np.unique(np.concatenate(ids)).tolist()] if ids else []
 
 
 def bucket_report(log, config: ScorerConfig) -> dict[str, dict]:
@@ -142,7 +118,8 @@ def train_streamed(args: argparse.Namespace) -> None:
         raise SystemExit("bahe train: --train/--val/--test-examples do not apply to --stream; cap the work with "
                          "--steps-per-shard and --eval-per-shard")
     try:
-        stream = prepare_stream(args.data, args.stream, StreamConfig(shards=args.shards, time_buckets=args.shards))
+        stream = prepare_stream(args.data, args.stream, StreamConfig(shards=args.shards, time_buckets=args.shards),
+                                catalog=args.catalog, timestamps=args.timestamps)
     except (LogFormatError, OSError, ValueError) as err:
         raise SystemExit(f"bahe train: {err}") from None
     print(json.dumps({"events": stream.events, "shards": stream.shards, "largest_shard": max(stream.shard_events),
@@ -150,7 +127,7 @@ def train_streamed(args: argparse.Namespace) -> None:
     catalog = catalog_log(stream)
     config = scorer_config(args, catalog)
     out = Path(args.out)
-    id_vocabulary(catalog, out / "scorer", write=False, users=[])
+    id_vocabulary(catalog, out / "scorer", write=False, users=[], item_features=stream.item_features)
     scorer, report = build_scorer(args.model, catalog, config, out / "tables", device=args.device)
     print(f"tables: {report.items} item texts -> {report.unique_behaviors} unique rows in {report.seconds:.1f} s")
     bahe, device = BAHECTR(scorer, catalog), str(scorer.device)
@@ -162,7 +139,7 @@ def train_streamed(args: argparse.Namespace) -> None:
     bahe.set_item_counts(stream.item_ids, stream.item_counts_before[stream.test_start], stream.sequence_names)
     scorer.save_pretrained(out / "scorer")
     record_training(out / "scorer", stream.test_start, args.data, None)
-    id_vocabulary(catalog, out / "scorer", users=stream_users(stream))
+    id_vocabulary(catalog, out / "scorer", users=stream.user_ids(), item_features=stream.item_features)
     print(f"test AUC {test['auc']:.4f}, log loss {test['logloss']:.4f} ({test['examples']} examples), best epoch "
           f"{result.best_epoch}, {sum(result.epoch_seconds) / len(result.epoch_seconds):.1f} s/epoch; "
           f"scorer saved to {out / 'scorer'}")
@@ -177,8 +154,6 @@ def train_command(args: argparse.Namespace, launch: Launch | None) -> None:
     from engine.training.loops.train import TrainConfig
     from engine.training.studies.experiment import SampleConfig, build_scorer, load_data, sample_split, train_and_test
     if args.stream:
-        if args.catalog or args.timestamps != "auto":
-            raise SystemExit("bahe train: --catalog and --timestamps are not built for --stream yet")
         if args.distributed:
             raise SystemExit("bahe train: --stream runs in one process; --distributed with it is not built yet")
         return train_streamed(args)

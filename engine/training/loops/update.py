@@ -37,7 +37,10 @@ from engine.model.head import CTRHead
 from engine.serving.scorer import BAHEScorer
 from engine.serving.scorer_folder import BEHAVIORS_FILE, ITEMS_FILE
 from engine.deploy.versions import ScorerVersions, Version
+from weights.id_vocabulary import FILE_NAME as ID_FILE
+from weights.id_vocabulary import VocabularyFile
 from engine.training.data.example_features import item_count_table
+from engine.training.data.item_features import item_level_features
 from engine.training.data.log import BehaviorLog
 from engine.training.loops.ctr_models import BAHECTR
 from engine.training.loops.data_parallel import DataParallel, split_users
@@ -205,6 +208,20 @@ def scorer_with(current: BAHEScorer, model: BAHEModel, behaviors: BehaviorTable,
                       model=model, behaviors=behaviors, items=items, device=current.device, kernels=current.kernels)
 
 
+def next_vocabulary(current: BAHEScorer, users: Sequence[str], log: BehaviorLog,
+                    item_features: dict | None = None) -> tuple[Path, bytes] | None:
+    """CURRENT's id vocabulary (its `ids.json` as opened; None when it has none) extended, append-only, with the
+    new log's user ids (`users`), item ids, texts and item-level features (`log`'s, or `item_features`), as NEXT
+    carries it into its version folder; IdError naming an item whose text differs, before any training."""
+    if current.ids is None:
+        return None
+    folder, data = current.ids
+    vocabulary = VocabularyFile.loads(data, folder / ID_FILE)
+    vocabulary.merge(users, dict(zip(log.item_key(log.item_ids), log.item_id_texts)),
+                     item_level_features(log) if item_features is None else item_features, str(folder / ID_FILE))
+    return folder, vocabulary.dumps()
+
+
 def check_log(current: BAHEScorer, data: BehaviorLog) -> None:
     """ValueError naming what the log lacks of what the scorer reads: a sequence, a categorical feature's column."""
     missing = [n for n in current.config.model.sequence_names if n not in data.sequence_names]
@@ -232,6 +249,7 @@ def update_scorer(root: str | Path, new: BehaviorLog, config: UpdateConfig | Non
     current = BAHEScorer.from_pretrained(version.path, device=device)
     data = combined_log(new, history)
     check_log(current, data)
+    ids = next_vocabulary(current, data.user_key(np.unique(data.user)), data)
     rows = _periods(data, new, config, np.random.default_rng(config.train.seed))
     sizes = {k: int(v.size) for k, v in rows.items()}
     # each rank appends the same texts with the same frozen layers to its own copy: identical rows everywhere
@@ -239,6 +257,7 @@ def update_scorer(root: str | Path, new: BehaviorLog, config: UpdateConfig | Non
         behaviors, items, appended = next_tables(current, data, Path(work))
         baseline = scorer_with(current, grown_model(current.model, len(items)), behaviors, items)
         upcoming = scorer_with(current, grown_model(current.model, len(items)), behaviors, items)
+        upcoming.ids = ids  # saved with NEXT: CURRENT's ids and the new log's
         for head in (m for m in upcoming.model.modules() if isinstance(m, CTRHead)):
             head.freeze_norm()  # CURRENT's standardization, not statistics of a few new batches
         trained = BAHECTR(upcoming, data)

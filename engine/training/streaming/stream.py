@@ -1,5 +1,8 @@
-"""Behavior logs bigger than memory: `prepare_stream` reads a CSV/parquet log as a stream of record batches
-(pyarrow datasets) and lays it out on disk so that training holds one user shard at a time.
+"""Behavior logs bigger than memory: `prepare_stream` reads a CSV/parquet log as a stream of record batches (CSV:
+the project's one strict reader, engine.encoding.csv_rows, as load_log reads it; parquet: pyarrow datasets) and
+lays it out on disk so that training holds one user shard at a time. It accepts and refuses what load_log
+does, with load_log's messages (file lines of a CSV file, not rows of a batch), an item catalog and the
+timestamp kinds included.
 
 Why this layout. Every feature of an example is past-only (features.py), and all but one are per user:
 histories, user counts, recent counts, `examples` (min_history) depend on the user's own events only, so
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,8 +37,11 @@ from pathlib import Path
 import numpy as np
 
 from engine.training.data.log import BehaviorLog, TimeSplit, cut_ranks
-from engine.training.data.log_files import PARQUET_ORDER_KEY, log_file_kind
-from engine.training.data.log_schema import CATEGORY_PREFIX, LogFormatError, validate_frame
+from engine.encoding.csv_rows import csv_row_batches
+from engine.training.data.item_features import ItemLevelFeatures
+from engine.training.data.log_columns import TIMESTAMP_KINDS, keys_of, timestamp_kind
+from engine.training.data.log_files import PARQUET_ORDER_KEY, ItemCatalogFile, csv_frame, log_file_kind
+from engine.training.data.log_schema import CATEGORY_PREFIX, LogFormatError, row_places, validate_frame
 from engine.training.streaming.membership_bits import MAX_SEQUENCES, pack_membership, unpack_membership
 from engine.training.streaming.stream_items import item_count_pass
 from engine.training.streaming.stream_time import histogram, order_statistics, to_key
@@ -85,6 +90,7 @@ class StreamedLog:
     shard_events: list[int] = field(default_factory=list)
     user_keys: np.ndarray | None = field(repr=False, default=None)  # the ids behind the codes (log_columns), or None
     item_keys: np.ndarray | None = field(repr=False, default=None)
+    item_features: dict[str, dict[str, str]] = field(repr=False, default_factory=dict)  # item-level: ids.json
 
     @property
     def item_ids(self) -> np.ndarray:
@@ -113,55 +119,59 @@ class StreamedLog:
                            for name in self.categorical}, self.user_keys, self.item_keys)
         return Shard(log, events[order], item_counts, log.split_at(self.val_start, self.test_start))
 
+    def user_ids(self) -> list[str]:
+        """The log's user ids (their keys, or the integer ids of its shards, read column by column), sorted by code."""
+        if self.user_keys is not None:
+            return self.user_keys.tolist()
+        import pyarrow.parquet as pq
+        ids = [pq.read_table(self.folder / f"users-{p}.parquet", columns=["user_id"])["user_id"].to_numpy()
+               for p in range(self.shards)]
+        return [str(u) for u in np.unique(np.concatenate(ids)).tolist()] if ids else []
+
     def __iter__(self) -> Iterator[Shard]:
         for p in range(self.shards):
             yield self.load(p)
 
 
-def record_batches(path: str | os.PathLike, batch_rows: int, columns: Sequence[str] | None = None):
-    """(the dataset's schema metadata, an iterator of pyarrow record batches of at most `batch_rows` rows);
-    read ahead one batch at a time, so memory holds about one batch, not the file."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.dataset as ds
-
+def record_batches(path: str | os.PathLike, batch_rows: int):
+    """(the file's schema metadata, an iterator of (frame, lines, first_row) record batches of at most
+    `batch_rows` rows): a CSV file through the project's one strict reader (engine.encoding.csv_rows: cells as
+    exact strings, `lines` the file line of each row, errors naming the line as load_log's), a parquet file
+    through pyarrow (`lines` None, `first_row` the file row of the batch's row 0). Read ahead one batch at a
+    time, so memory holds about one batch, not the file."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(path)
-    if log_file_kind(path) == "csv":  # texts verbatim, as load_log reads them: never null, "NA" stays "NA"
-        fmt = ds.CsvFileFormat(convert_options=pacsv.ConvertOptions(
-            column_types={"item_text": pa.string(), "sequence": pa.string()}, strings_can_be_null=False))
-    else:
-        fmt = ds.ParquetFileFormat()
+    if log_file_kind(path) == "csv":
+        _, batches = csv_row_batches(path, batch_rows, LogFormatError)
+        return {}, ((*csv_frame(rows), 0) for rows in batches)
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
     try:
-        dataset = ds.dataset(path, format=fmt)
+        dataset = ds.dataset(path, format=ds.ParquetFileFormat())
         schema = dataset.schema
     except (pa.ArrowException, OSError) as err:
-        raise LogFormatError(f"{path}: not a readable {log_file_kind(path)} file ({err})") from None
-    names = [c for c in columns if c in schema.names] if columns is not None else None
-    batches = dataset.to_batches(columns=names, batch_size=batch_rows, batch_readahead=1, fragment_readahead=1,
-                                 use_threads=False)
-    return schema.metadata or {}, _guarded(batches, path)
+        raise LogFormatError(f"{path}: not a readable parquet file ({err})") from None
+    batches = dataset.to_batches(batch_size=batch_rows, batch_readahead=1, fragment_readahead=1, use_threads=False)
+    return schema.metadata or {}, _parquet_frames(batches, path)
 
 
-def _guarded(batches, path: str):
+def _parquet_frames(batches, path: str):
     import pyarrow as pa
 
+    first_row = 0
     try:
-        yield from batches
-    except (pa.ArrowException, OSError) as err:  # a CSV cell that does not parse as its column's type
-        raise LogFormatError(f"{path}: {err}") from None
+        for batch in batches:
+            yield batch.to_pandas(), None, first_row
+            first_row += batch.num_rows
+    except (pa.ArrowException, OSError) as err:
+        raise LogFormatError(f"{path}: not a readable parquet file ({err})") from None
 
 
-_ROW = re.compile(r"\brow (\d+)")
-
-
-def _validated(batch, offset: int, sequence_names, source: str, vocabularies: dict | None):
-    """validate_frame on one record batch, its error naming the row of the file."""
-    try:
-        return validate_frame(batch.to_pandas(), sequence_names, source, None, "auto", vocabularies)
-    except LogFormatError as err:
-        raise LogFormatError(_ROW.sub(lambda m: f"row {int(m.group(1)) + offset}", str(err))) from None
+def _validated(frame, lines, first_row: int, sequence_names, source: str, timestamps: str, vocabularies: dict | None):
+    """validate_frame on one record batch, its errors naming the file line (CSV) or row (parquet)."""
+    return validate_frame(frame, sequence_names, source, lines, timestamps, vocabularies, first_row)
 
 
 def _shard_of(user: np.ndarray, shards: int) -> np.ndarray:
@@ -171,18 +181,24 @@ def _shard_of(user: np.ndarray, shards: int) -> np.ndarray:
 
 
 def prepare_stream(path: str | os.PathLike, folder: str | os.PathLike, config: StreamConfig = StreamConfig(),
-                   sequence_names: Sequence[str] | None = None) -> StreamedLog:
+                   sequence_names: Sequence[str] | None = None, *, catalog: str | os.PathLike | None = None,
+                   timestamps: str = "auto") -> StreamedLog:
     """Lay the log at `path` out under `folder` for streaming: user shards, item counts per event, split cut
     points. `folder` must be new, empty, or one this function made (it is emptied first); ValueError for any
-    other. Errors in the log as load_log's: LogFormatError naming the file and row."""
+    other. `catalog` (an item catalog file) and `timestamps` ('auto': decided on the first row, 'integer',
+    'iso8601') as load_log's. Errors in the log as load_log's: LogFormatError naming the file and the line (CSV)
+    or row (parquet) and column."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if config.shards < 1 or config.time_buckets < 1 or config.batch_rows < 1:
         raise ValueError(f"shards, time_buckets and batch_rows must be >= 1, got {config}")
+    if timestamps not in TIMESTAMP_KINDS:
+        raise ValueError(f"timestamps must be one of {TIMESTAMP_KINDS}, got {timestamps!r}")
     path, folder = os.fspath(path), Path(folder)
     if folder.is_dir() and any(folder.iterdir()) and not (folder / _MARKER).is_file():
         raise ValueError(f"{folder}: not empty and not a stream folder (no {_MARKER}); give an empty or new folder")
+    items = None if catalog is None else ItemCatalogFile.read(catalog)  # a bad catalog fails before any work
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     (folder / _MARKER).write_text(json.dumps({"log": os.path.abspath(path), "shards": config.shards}))
@@ -191,25 +207,36 @@ def prepare_stream(path: str | os.PathLike, folder: str | os.PathLike, config: S
         sequence_names = json.loads(metadata[PARQUET_ORDER_KEY])
     names: list[str] = list(sequence_names) if sequence_names is not None else []
     texts: dict[int, str] = {}
+    first_seen: dict[int, int] = {}  # item -> the line (CSV) or row (parquet) of its first event
     categorical: tuple[str, ...] | None = None
     writers: list = [None] * config.shards
     vocabularies: dict | None = None  # set once the log's ids turn out to be keys (strings ...)
+    item_features = ItemLevelFeatures()
     shard_events = [0] * config.shards
-    n, lo, hi = 0, None, None
+    n, lo, hi, span = 0, None, None, ("", "")
     try:
-        for batch in batches:
-            if batch.num_rows == 0:
+        for frame, lines, first_row in batches:
+            if len(frame) == 0:
                 continue
-            parts = _validated(batch, n, sequence_names, path, vocabularies)
+            if items is not None:
+                frame = items.join(frame, lines, path, first_row)
+            if n == 0 and "timestamp" in frame.columns:  # 'auto': the first row decides, as in load_log
+                timestamps = timestamp_kind(frame["timestamp"], timestamps)
+            parts = _validated(frame, lines, first_row, sequence_names, path, timestamps, vocabularies)
             if vocabularies is None and (parts[-1]["user"] is not None or parts[-1]["item"] is not None):
                 if n:  # integer ids so far were kept as they are: they cannot join a numbering now
-                    raise LogFormatError(f"{path}: rows 0 to {n - 1} hold integer ids only, the rows from row {n} "
-                                         "on hold other ids (strings, or integers past int64); put a string id among "
-                                         "the first rows, or load the log whole")
+                    word, here = _place(lines, first_row, 0).split()
+                    raise LogFormatError(f"{path}: {word}s {span[0]} to {span[1]} hold integer ids only, the {word}s "
+                                         f"from {word} {here} on hold other ids (strings, or integers past int64); "
+                                         "put a string id among the first rows, or load the log whole")
                 vocabularies = {"user": IdVocabulary(), "item": IdVocabulary()}  # string ids: numbered in one pass
-                parts = _validated(batch, n, sequence_names, path, vocabularies)
+                parts = _validated(frame, lines, first_row, sequence_names, path, timestamps, vocabularies)
             user, item, timestamp, label, member, batch_texts, batch_names, cats, _ = parts
-            _merge_texts(texts, batch_texts, path, n, None if vocabularies is None else vocabularies["item"])
+            span = (span[0] if n else _place(lines, first_row, 0).split()[1],
+                    _place(lines, first_row, len(frame) - 1).split()[1])  # the places read so far
+            _merge_texts(texts, first_seen, batch_texts, item, lines, first_row, path,
+                         None if vocabularies is None else vocabularies["item"])
+            item_features.add(user, item, cats)
             mask = _mask(member, batch_names, names)
             if categorical is None:
                 categorical = tuple(cats)
@@ -243,6 +270,7 @@ def prepare_stream(path: str | os.PathLike, folder: str | os.PathLike, config: S
                          config.min_history, shard_events=shard_events)
     if vocabularies is not None:
         stream.user_keys, stream.item_keys = (np.array(vocabularies[k].keys, dtype=object) for k in ("user", "item"))
+    stream.item_features = item_features.result(lambda codes: keys_of(codes, stream.item_keys))
 
     def timestamps():
         for p in range(config.shards):
@@ -256,14 +284,25 @@ def prepare_stream(path: str | os.PathLike, folder: str | os.PathLike, config: S
     return stream
 
 
-def _merge_texts(texts: dict[int, str], batch: dict[int, str], path: str, offset: int,
-                 items: IdVocabulary | None) -> None:
-    for item, text in batch.items():
-        known = texts.setdefault(item, text)
+def _place(lines: np.ndarray | None, first_row: int, i: int) -> str:
+    """Row i of a record batch as load_log names it: 'line L' (CSV) or 'row R' (parquet)."""
+    return row_places(lines, first_row)(i)
+
+
+def _merge_texts(texts: dict[int, str], first_seen: dict[int, int], batch: dict[int, str], item: np.ndarray,
+                 lines: np.ndarray | None, first_row: int, path: str, items: IdVocabulary | None) -> None:
+    """Add a batch's item texts; an item whose text differs from an earlier batch's is refused as load_log
+    refuses it, naming both texts at the first event of each."""
+    codes, first = np.unique(item, return_index=True)
+    places = dict(zip(codes.tolist(), (lines[first] if lines is not None else first + first_row).tolist()))
+    word = "row" if lines is None else "line"
+    for code, text in batch.items():
+        known = texts.setdefault(code, text)
+        first_seen.setdefault(code, places[code])
         if known != text:
-            name = item if items is None else items.keys[item]
-            raise LogFormatError(f"{path}: item_id {name} has two different texts: {known!r} (before row {offset}) "
-                                 f"and {text!r} (rows from {offset} on)")
+            name = code if items is None else items.keys[code]
+            raise LogFormatError(f"{path}: item_id {name} has two different texts: {known!r} ({word} "
+                                 f"{first_seen[code]}) and {text!r} ({word} {places[code]})")
 
 
 def _mask(member: np.ndarray, batch_names: Sequence[str], names: list[str]) -> np.ndarray:

@@ -21,7 +21,7 @@ from engine.training.loops.ctr_models import BAHECTR
 from engine.training.streaming.stream_train import StreamBudget, catalog_log, fit_stream, use_shard
 from engine.training.loops.train import predict
 from engine.training.loops.update import (UpdateConfig, UpdateResult, check_fractions, check_log, extend_item_counts,
-                                          grown_model, judge_and_publish, next_tables, scorer_with)
+                                          grown_model, judge_and_publish, next_tables, next_vocabulary, scorer_with)
 
 
 def update_streamed(root: str | Path, log_path: str | Path, work: str | Path, config: UpdateConfig | None = None, *,
@@ -37,10 +37,12 @@ def update_streamed(root: str | Path, log_path: str | Path, work: str | Path, co
         val=config.val_fraction))
     catalog = catalog_log(stream)
     check_log(current, catalog)
+    ids = next_vocabulary(current, stream.user_ids(), catalog, stream.item_features)
     with tempfile.TemporaryDirectory(prefix=".update-work-", dir=versions.root) as tables:
         behaviors, items, appended = next_tables(current, catalog, Path(tables))
         baseline = scorer_with(current, grown_model(current.model, len(items)), behaviors, items)
         upcoming = scorer_with(current, grown_model(current.model, len(items)), behaviors, items)
+        upcoming.ids = ids  # saved with NEXT: CURRENT's ids and the new log's
         for head in (m for m in upcoming.model.modules() if isinstance(m, CTRHead)):
             head.freeze_norm()  # CURRENT's standardization (config.train.norm_batches is not used)
         trained, before = BAHECTR(upcoming, catalog), BAHECTR(baseline, catalog)
