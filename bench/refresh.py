@@ -157,6 +157,7 @@ def run(args: argparse.Namespace) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     base_seconds = full_train(args, part(log, first, cuts[0]), cuts[0], work / "base")
+    print(f"base scorer: {int((log.timestamp < cuts[0]).sum()):,} events, {base_seconds:.0f} s", flush=True)
     root = work / "updated"
     ScorerVersions.create(root, work / "base" / "scorer", keep=args.steps + 1)
     update = UpdateConfig(train=TrainConfig(epochs=args.update_epochs, seed=args.seed, norm_batches=0,
@@ -173,6 +174,7 @@ def run(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         result = update_scorer(root, new, update, history=history, device="cpu")
         a_seconds = time.perf_counter() - start
+        print(f"step {j}: update {a_seconds:.0f} s", flush=True)
         b_seconds = full_train(args, part(log, first, cuts[j]), cuts[j], work / f"retrained-{j}")
         probs["a"] = served_scores(result.published.path, seen, rows)
         probs["b"] = served_scores(work / f"retrained-{j}" / "scorer", seen, rows)
