@@ -11,6 +11,8 @@ import logging
 import numbers
 import os
 import shutil
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,8 @@ import filelock
 log = logging.getLogger(__name__)
 
 TEMP_MARK = ".tmp-"
+OWNER_LOCK = ".owner.lock"  # in an `owned_temp_dir`: locked by the process that made it, for as long as it lives
+_IMPORTED = time.time()
 
 
 class FileLockTimeout(filelock.Timeout):
@@ -127,6 +131,59 @@ def remove_stale_temps(path: Path) -> None:
     for stale in path.parent.glob(f".{path.name}{TEMP_MARK}*"):
         log.info("removing leftover temporary %s", stale)
         remove_path(stale)
+
+
+def process_start_time() -> float:
+    """When this process started (Unix time; from /proc on Linux, else when this module was imported)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as stat:
+            boot = next(float(line.split()[1]) for line in stat if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED
+
+
+@contextlib.contextmanager
+def owned_temp_dir(parent: str | Path, prefix: str) -> Iterator[Path]:
+    """A new folder `parent/<prefix><random>` for this process's scratch files, deleted when the block exits
+    (return or exception). While the block runs the process holds a lock on the folder's OWNER_LOCK file, which
+    the kernel drops if the process dies, so `remove_orphaned_dirs` can tell a live folder from a killed one's."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    lock = filelock.FileLock(path / OWNER_LOCK, timeout=0, preserve_lock_file=True)
+    try:
+        lock.acquire()
+        yield path
+    finally:
+        remove_path(path)
+        if lock.is_locked:
+            lock.release()
+
+
+def remove_orphaned_dirs(parent: str | Path, prefix: str, before: float | None = None) -> list[Path]:
+    """Delete the folders `parent/<prefix>*` (`owned_temp_dir`'s) whose process has ended - no process holds
+    their lock - and that were last modified before `before` (default: this process's start), so a folder
+    another process is still setting up is never touched. -> the folders deleted."""
+    before = process_start_time() if before is None else before
+    removed = []
+    for path in sorted(Path(parent).glob(f"{prefix}*")):
+        try:
+            if path.is_symlink() or not path.is_dir() or path.stat().st_mtime >= before:
+                continue
+        except FileNotFoundError:  # removed meanwhile by another cleaner
+            continue
+        lock = filelock.FileLock(path / OWNER_LOCK, timeout=0, preserve_lock_file=True)
+        try:
+            lock.acquire()
+        except (filelock.Timeout, FileNotFoundError):  # its process is alive, or another cleaner removed it
+            continue
+        try:
+            log.info("removing %s, left by a process that ended", path)
+            remove_path(path)
+            removed.append(path)
+        finally:
+            lock.release()
+    return removed
 
 
 def check_lock_timeout(timeout: object) -> None:

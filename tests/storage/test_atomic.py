@@ -1,11 +1,15 @@
 """weights/atomic.py: atomic file and folder replacement, stale temporaries, the file lock."""
+import multiprocessing
 import os
 import pickle
+import signal
+import time
 
 import filelock
 import pytest
 
-from weights.atomic import TEMP_MARK, FileLockTimeout, atomic_folder, atomic_write, file_lock, remove_stale_temps
+from weights.atomic import (OWNER_LOCK, TEMP_MARK, FileLockTimeout, atomic_folder, atomic_write, file_lock,
+                            owned_temp_dir, process_start_time, remove_orphaned_dirs, remove_stale_temps)
 
 
 def _temps(folder):
@@ -88,3 +92,52 @@ def test_file_lock_refuses_nan_and_negative_timeouts(tmp_path, timeout):
         with file_lock(tmp_path / "t", timeout=timeout):
             pass
     assert os.listdir(tmp_path) == []
+
+
+def _hold(parent, ready, done, kill):
+    """In a forked child: make an owned folder, say so, then die by SIGKILL inside it or wait to be told to leave."""
+    with owned_temp_dir(parent, ".work-") as path:
+        (path / "data.bin").write_bytes(b"x")
+        ready.send(str(path))
+        if kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+        done.recv()
+
+
+def _child(parent, kill):
+    fork = multiprocessing.get_context("fork")
+    (ready_out, ready_in), (done_out, done_in) = fork.Pipe(False), fork.Pipe(False)
+    child = fork.Process(target=_hold, args=(parent, ready_in, done_out, kill), daemon=True)
+    child.start()
+    return child, ready_out.recv(), done_in
+
+
+def test_owned_temp_dir_is_removed_on_return_and_on_error(tmp_path):
+    with owned_temp_dir(tmp_path, ".work-") as path:
+        assert path.parent == tmp_path and path.name.startswith(".work-") and (path / OWNER_LOCK).exists()
+    assert not path.exists()
+    with pytest.raises(RuntimeError, match="boom"), owned_temp_dir(tmp_path, ".work-") as path:
+        (path / "a").write_text("a")
+        raise RuntimeError("boom")
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_remove_orphaned_dirs_takes_killed_owners_old_folders_of_its_prefix_only(tmp_path):
+    assert time.time() - 7 * 86400 < process_start_time() <= time.time()
+    killed, dead, _ = _child(tmp_path, kill=True)
+    killed.join(30)
+    assert killed.exitcode == -signal.SIGKILL and os.path.isdir(dead)  # a hard kill leaves its folder
+    alive, live, done = _child(tmp_path, kill=False)
+    (tmp_path / ".other-1").mkdir()                      # not its kind
+    (tmp_path / ".work-nolock").mkdir()                  # its kind, no lock file: a writer killed while starting
+    assert remove_orphaned_dirs(tmp_path, ".work-") == []  # all younger than this process: left alone
+    past = process_start_time() - 60
+    for name in (dead, live, tmp_path / ".work-nolock", tmp_path / ".other-1"):
+        os.utime(name, (past, past))
+    removed = remove_orphaned_dirs(tmp_path, ".work-")
+    assert sorted(map(str, removed)) == sorted([dead, str(tmp_path / ".work-nolock")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".other-1", os.path.basename(live)])
+    assert (tmp_path / os.path.basename(live) / "data.bin").read_bytes() == b"x"  # a live owner's folder is kept
+    done.send(True)
+    alive.join(30)
+    assert alive.exitcode == 0 and not os.path.exists(live)

@@ -19,9 +19,11 @@ from engine.training.data.log import BehaviorLog
 from engine.training.data.log_files import write_log
 from engine.training.loops.ctr_models import BAHECTR
 from engine.training.loops.train import TrainConfig, fit
+from engine.training.loops import update as update_module
 from engine.training.loops.update import GateRule, UpdateConfig, combined_log, grown_model, update_scorer
 from engine.training.studies.experiment import build_scorer
 from tests.synthetic_logs import tiny_movielens
+from weights.atomic import process_start_time
 
 LENIENT = GateRule(min_auc_gain=-1.0, max_logloss_increase=10.0, max_calibration_error=10.0, resamples=200)
 
@@ -97,6 +99,7 @@ def test_update_appends_warm_starts_extends_and_publishes(periods, tmp_path):
             assert torch.equal(new_state[key], value), key
     note = result.published.note
     assert note["previous"] == "v000001" and note["gate"]["passed"] and note["rows"]["gate"] > 0
+    assert not list(root.glob(".update-work-*"))  # the work folder is gone after a success
 
 
 def test_grown_current_scores_as_current_serves(periods, tmp_path):
@@ -199,11 +202,47 @@ def test_update_killed_mid_publish_leaves_current_serving(periods, tmp_path):
     child.join(300)
     assert child.exitcode == -signal.SIGKILL
     assert ScorerVersions(root).current().name == "v000001"
+    left = list(root.glob(".update-work-*"))  # a hard kill leaves its work folder; the next update removes it
+    assert len(left) == 1
+    past = process_start_time() - 60  # the killed update's folder predates the next update's process
+    os.utime(left[0], (past, past))
     np.testing.assert_array_equal(BAHEScorer.from_pretrained(ScorerVersions(root).current().path, device="cpu").score(
         [{"liked": new.item_id_texts[:3]}], new.item_id_texts[3:4]), served)
     result = update_scorer(root, new, _config(), device="cpu")  # the next update cleans up and publishes
     assert result.published.name == "v000003"  # v000002 was renamed in, never published: its name is not reused
     assert sorted(p.name for p in (root / VERSIONS_DIR).iterdir()) == ["v000001", "v000003"]
+    assert not list(root.glob(".update-work-*"))
+
+
+def _terminated_mid_fit(root, new):
+    torch.set_num_threads(1)
+    real = update_module.fit
+
+    def fit_then_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` would, while the update trains
+        return real(*args, **kwargs)
+    update_module.fit = fit_then_sigterm
+    update_scorer(root, new, _config(), device="cpu")
+
+
+def test_update_cleans_its_work_folder_on_error_and_sigterm(periods, tmp_path, monkeypatch):
+    tmp, old, new = periods
+    root = tmp_path / "root"
+    ScorerVersions.create(root, tmp / "current")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory, say")
+    monkeypatch.setattr(update_module, "fit", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        update_scorer(root, new, _config(), device="cpu")
+    assert not list(root.glob(".update-work-*")) and ScorerVersions(root).current().name == "v000001"
+    monkeypatch.undo()
+    child = multiprocessing.get_context("fork").Process(target=_terminated_mid_fit, args=(root, new), daemon=True)
+    child.start()
+    child.join(300)
+    assert child.exitcode == 128 + signal.SIGTERM  # SystemExit after the cleanup, not death by the signal
+    assert not list(root.glob(".update-work-*")) and ScorerVersions(root).current().name == "v000001"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # this process's handler is untouched
 
 
 def _update_rank(rank, port, argv, out):

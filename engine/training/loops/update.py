@@ -15,13 +15,18 @@
    rows are what CURRENT computes on the fly for a text it lacks, and its grown item rows are its unseen row, so
    these are CURRENT's served scores). NEXT publishes only if `GateRule` passes (or `force`).
 5. Publish: NEXT's served item counts are CURRENT's plus the whole new log's; the folder is written into a staged
-   version and published with the gate's figures in version.json (atomic: a crash leaves CURRENT serving)."""
+   version and published with the gate's figures in version.json (atomic: a crash leaves CURRENT serving).
+NEXT's tables are written in a work folder under the root (`.update-work-*`, `update_work`), deleted on every exit
+but a hard kill (a SIGTERM or SIGHUP becomes SystemExit while the update runs); a later update deletes the ones
+killed updates left (only those no live process holds, older than itself)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-import tempfile
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,10 +51,43 @@ from engine.training.loops.ctr_models import BAHECTR
 from engine.training.loops.data_parallel import DataParallel, split_users
 from engine.training.loops.train import FitResult, TrainConfig, fit, predict
 from engine.training.studies.metrics import Interval, log_loss, paired_auc_difference, roc_auc
-from weights.atomic import copy_atomic
+from weights.atomic import copy_atomic, owned_temp_dir, remove_orphaned_dirs
 from weights.table import BehaviorTable
 
 log = logging.getLogger(__name__)
+
+WORK_PREFIX = ".update-work-"
+
+
+@contextlib.contextmanager
+def exit_on_terminate() -> Iterator[None]:
+    """Inside the block, SIGTERM and SIGHUP raise SystemExit(128 + signal) instead of ending the process at once, so
+    cleanup (`finally`, context managers) runs. Only in the main thread and for signals left at their default
+    action (an ignored or handled signal keeps its handler); restored on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(signum, frame):  # noqa: ARG001 - the signal module's handler signature
+        raise SystemExit(128 + signum)
+    changed = {s: signal.signal(s, leave) for s in (signal.SIGTERM, signal.SIGHUP)
+               if signal.getsignal(s) is signal.SIG_DFL}
+    try:
+        yield
+    finally:
+        for s, previous in changed.items():
+            signal.signal(s, previous)
+
+
+@contextlib.contextmanager
+def update_work(root: str | Path) -> Iterator[Path]:
+    """The update's work folder under the version root `root`: the `.update-work-*` folders of updates that ended
+    without cleaning up (killed) deleted first; the new one deleted on every exit of the block (SIGTERM/SIGHUP
+    included: `exit_on_terminate`)."""
+    for path in remove_orphaned_dirs(root, WORK_PREFIX):
+        log.info("removed %s, left by an update that was killed", path)
+    with exit_on_terminate(), owned_temp_dir(root, WORK_PREFIX) as work:
+        yield work
 
 
 @dataclass
@@ -253,8 +291,8 @@ def update_scorer(root: str | Path, new: BehaviorLog, config: UpdateConfig | Non
     rows = _periods(data, new, config, np.random.default_rng(config.train.seed))
     sizes = {k: int(v.size) for k, v in rows.items()}
     # each rank appends the same texts with the same frozen layers to its own copy: identical rows everywhere
-    with tempfile.TemporaryDirectory(prefix=".update-work-", dir=versions.root) as work:
-        behaviors, items, appended = next_tables(current, data, Path(work))
+    with update_work(versions.root) as work:
+        behaviors, items, appended = next_tables(current, data, work)
         baseline = scorer_with(current, grown_model(current.model, len(items)), behaviors, items)
         upcoming = scorer_with(current, grown_model(current.model, len(items)), behaviors, items)
         upcoming.ids = ids  # saved with NEXT: CURRENT's ids and the new log's

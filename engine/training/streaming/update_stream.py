@@ -8,7 +8,6 @@ histories are the new log's own (no history log, so nothing to replay). The serv
 CURRENT's plus every event of the new log, summed over the shards."""
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,8 @@ from engine.training.loops.ctr_models import BAHECTR
 from engine.training.streaming.stream_train import StreamBudget, catalog_log, fit_stream, use_shard
 from engine.training.loops.train import predict
 from engine.training.loops.update import (UpdateConfig, UpdateResult, check_fractions, check_log, extend_item_counts,
-                                          grown_model, judge_and_publish, next_tables, next_vocabulary, scorer_with)
+                                          grown_model, judge_and_publish, next_tables, next_vocabulary, scorer_with,
+                                          update_work)
 
 
 def update_streamed(root: str | Path, log_path: str | Path, work: str | Path, config: UpdateConfig | None = None, *,
@@ -38,8 +38,8 @@ def update_streamed(root: str | Path, log_path: str | Path, work: str | Path, co
     catalog = catalog_log(stream)
     check_log(current, catalog)
     ids = next_vocabulary(current, stream.user_ids(), catalog, stream.item_features)
-    with tempfile.TemporaryDirectory(prefix=".update-work-", dir=versions.root) as tables:
-        behaviors, items, appended = next_tables(current, catalog, Path(tables))
+    with update_work(versions.root) as tables:
+        behaviors, items, appended = next_tables(current, catalog, tables)
         baseline = scorer_with(current, grown_model(current.model, len(items)), behaviors, items)
         upcoming = scorer_with(current, grown_model(current.model, len(items)), behaviors, items)
         upcoming.ids = ids  # saved with NEXT: CURRENT's ids and the new log's
