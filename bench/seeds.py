@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
 def ml1m_main(args: argparse.Namespace, command: str) -> dict:
     """`--data ml1m`: the ML-1M demo's headline rows over the seeds (engine.training.studies.seed_runs)."""
     from engine.training.studies.experiment import load_data
-    epochs = args.epochs if "--epochs" in command else 2
-    config = replace(DemoConfig.from_args(args), epochs=epochs, raw_train_examples=0,
+    from engine.training.studies.demo_ml1m import ML1M_TRAINING
+    epochs = args.epochs if "--epochs" in command else ML1M_TRAINING["epochs"]
+    config = replace(DemoConfig.from_args(args), **{**ML1M_TRAINING, "epochs": epochs},
                      out=args.work_dir or Path("artifacts/demo") / f"ml1m-{Path(args.model).name}")
     with cpu_threads(args.threads):
         machine = machine_label()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -142,19 +143,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
         raise SystemExit("bahe demo: --quick is the MovieLens-1M demo's short run; add --data ml1m")
     name = Path(args.model).name
     out = Path(args.out) if args.out else Path("artifacts/demo") / (f"ml1m-{name}" if ml1m else name)
-    overrides = {"epochs": args.epochs or 2, "raw_train_examples": 0, "seed": args.seed,
-                 "lr_decay": args.lr_decay} if ml1m else {}
+    from engine.training.studies.demo_ml1m import ML1M_TRAINING, Ml1mConfig
+    overrides = {**ML1M_TRAINING, "epochs": args.epochs or ML1M_TRAINING["epochs"], "seed": args.seed,
+                 "lr_decay": not args.constant_lr} if ml1m else {}
     if args.lower_layers is not None:
         overrides["num_lower_layers"] = args.lower_layers
     config = DemoConfig.preset(args.model, data=args.data, out=out, results=Path(args.results), **overrides)
     if not ml1m:
         run_demo(config)
         return
-    from engine.training.studies.demo_ml1m import Ml1mConfig
     from engine.training.studies.demo_ml1m_report import run_ml1m_demo
     run_ml1m_demo(Ml1mConfig(config, quick=args.quick, threads=args.threads, models=tuple(args.models or ()),
                              splits=tuple(args.splits or ())),
-                  command=" ".join(["bahe", *sys.argv[1:]]) if sys.argv[1:] else "bahe demo --data ml1m")
+                  command=shlex.join(["bahe", *sys.argv[1:]]) if sys.argv[1:] else "bahe demo --data ml1m")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
@@ -327,8 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "'held-out items'); the RESULTS.md section is named after them")
     p.add_argument("--epochs", type=int, help="with --data ml1m: most epochs per neural model (default 2)")
     p.add_argument("--lower-layers", type=int, help="frozen lower layers (default: the model's preset, minilm 5)")
-    p.add_argument("--lr-decay", action="store_true", help="with --data ml1m: learning rates decay linearly to 0 "
-                   "over the planned epochs (default: constant)")
+    p.add_argument("--constant-lr", action="store_true", help="with --data ml1m: constant learning rates (default: "
+                   "linear decay to 0 over the planned epochs, docs/results-movielens-1m.md)")
     p.add_argument("--seed", type=int, default=0, help="with --data ml1m: weights, data order, held-out items")
     p.add_argument("--out", help="output folder (default: artifacts/demo/<model>)")
     p.add_argument("--results", default="bench/RESULTS.md")

@@ -17,7 +17,7 @@ def _config(tiny_checkpoints, tmp_path, **kw):
     folder = write_ml1m_files(tmp_path / "ml-1m")
     demo = DemoConfig(model=str(tiny_checkpoints["bert"]), data=str(folder), out=tmp_path / "demo",
                       results=tmp_path / "RESULTS.md", num_lower_layers=2, max_behaviors=32, id_only_behaviors=5,
-                      epochs=1, batch_size=64, raw_train_examples=0)
+                      epochs=1, batch_size=64, raw_train_examples=0, lr_decay=True)  # the ML-1M demo's default
     return Ml1mConfig(demo, held_out_fraction=0.4, overlap_users=4, threads=1, **kw)
 
 
@@ -90,6 +90,7 @@ def test_a_second_run_reuses_the_finished_rows(tiny_checkpoints, tmp_path, monke
     for a, b in zip(first.results, second.results):
         assert np.array_equal(a.row.probs, b.row.probs) and a.row.auc == b.row.auc and a.gauc == b.gauc
         assert a.overlap == b.overlap and a.search == b.search and a.row.train_seconds == b.row.train_seconds
-    other_seed = Ml1mConfig(replace(config.demo, seed=1), quick=True, models=config.models, overlap_users=4, threads=1)
-    with pytest.raises(AssertionError, match="fitted again"):
-        run_ml1m_demo(other_seed, command="test")
+    for other in (replace(config.demo, seed=1), replace(config.demo, lr_decay=False)):
+        with pytest.raises(AssertionError, match="fitted again"):
+            run_ml1m_demo(Ml1mConfig(other, quick=True, models=config.models, overlap_users=4, threads=1),
+                          command="test")

@@ -136,7 +136,7 @@ def section_name(config: Ml1mConfig) -> str:
     """The RESULTS.md section of a run: 'ml1m' (full), 'ml1m-quick', or named after the chosen splits and rows, so
     a partial run never overwrites the full or quick table."""
     defaults = (QUICK_MODELS, QUICK_SPLITS) if config.quick else (ALL_MODELS, ALL_SPLITS)
-    decay = "-lr-decay" if config.demo.lr_decay else ""
+    decay = "" if config.demo.lr_decay else "-constant-lr"  # the ML-1M default decays (cli: --constant-lr)
     if (config.models, config.splits) == defaults:
         return ("ml1m-quick" if config.quick else "ml1m") + decay
     slug = "+".join(config.splits) + "/" + "+".join(config.models)
