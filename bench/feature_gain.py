@@ -45,16 +45,6 @@ SIDE, TEXT, BAHE = "LightGBM, side features", "LightGBM, side + text features", 
 PAIRS = ((TEXT, SIDE), (BAHE, SIDE), (BAHE, TEXT))
 
 
-def user_subset(data: BehaviorLog, users: int | None, seed: int) -> BehaviorLog:
-    """The log of `users` users drawn at random with `seed` (all of them: None)."""
-    if users is None or users >= np.unique(data.user).size:
-        return data
-    frame = data.to_frame()
-    chosen = np.random.default_rng(seed).choice(np.unique(frame["user_id"]), users, replace=False)
-    return BehaviorLog.from_frame(frame[frame["user_id"].isin(chosen)].reset_index(drop=True),
-                                  sequence_names=data.sequence_names)
-
-
 def split_rows(data: BehaviorLog, split: str) -> dict[str, np.ndarray]:
     return dict((data.split() if split == "time" else per_user_split(data)).items())
 
@@ -86,7 +76,7 @@ def bahe_block(args: argparse.Namespace, data: BehaviorLog, rows: np.ndarray
 def run(args: argparse.Namespace) -> tuple[list[str], dict]:
     """Fit the three rows, return the report's lines and the figures."""
     started = time.perf_counter()
-    data = user_subset(load_data(args.data), args.max_users, args.seed)
+    data = load_data(args.data).user_sample(args.max_users, args.seed)
     parts = split_rows(data, args.split)
     rows = np.unique(np.concatenate(list(parts.values())))
     block, folders, meta = bahe_block(args, data, rows)

@@ -81,13 +81,6 @@ def served_scores(folder: Path, log: BehaviorLog, rows: np.ndarray, *, extend_wi
         return predict(model, log, rows, batch_size=batch_size)
 
 
-def part(log: BehaviorLog, lo: int, hi: int) -> BehaviorLog:
-    """The events with lo <= timestamp < hi."""
-    frame = log.to_frame()
-    keep = (frame["timestamp"] >= lo) & (frame["timestamp"] < hi)
-    return BehaviorLog.from_frame(frame[keep].reset_index(drop=True), sequence_names=log.sequence_names)
-
-
 def boundaries(log: BehaviorLog, steps: int, size: int) -> list[int]:
     """steps + 2 timestamps B: the base period is [first, B[0]), slice j is [B[j-1], B[j]) (j = 1..steps+1), each
     about `size` events (cuts fall on timestamp values). ValueError if the log is too short for them."""
@@ -146,17 +139,12 @@ def _difference(labels, a, b, users, seed) -> dict[str, list[float]]:
 
 def run(args: argparse.Namespace) -> dict:
     """The walk forward (module docstring); -> the figures."""
-    log = load_data(args.data)
-    if args.users is not None:
-        frame = log.to_frame()
-        users = np.random.default_rng(args.seed).choice(np.unique(log.user), args.users, replace=False)
-        log = BehaviorLog.from_frame(frame[frame["user_id"].isin(users)].reset_index(drop=True),
-                                     sequence_names=log.sequence_names)
+    log = load_data(args.data).user_sample(args.users, args.seed)
     cuts = boundaries(log, args.steps, args.slice)
     first, work = int(log.timestamp.min()), args.work_dir
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    base_seconds = full_train(args, part(log, first, cuts[0]), cuts[0], work / "base")
+    base_seconds = full_train(args, log.between(first, cuts[0]), cuts[0], work / "base")
     print(f"base scorer: {int((log.timestamp < cuts[0]).sum()):,} events, {base_seconds:.0f} s", flush=True)
     root = work / "updated"
     ScorerVersions.create(root, work / "base" / "scorer", keep=args.steps + 1)
@@ -165,8 +153,8 @@ def run(args: argparse.Namespace) -> dict:
                           keep=args.steps + 1, **({} if args.replay is None else {"replay": args.replay}))
     steps, pooled = [], {"labels": [], "users": [], **{k: [] for k in KINDS}}
     for j in range(1, args.steps + 1):
-        new, history = part(log, cuts[j - 1], cuts[j]), part(log, first, cuts[j - 1])
-        seen = part(log, first, cuts[j + 1])  # up to the end of the next period, which is scored
+        new, history = log.between(cuts[j - 1], cuts[j]), log.between(first, cuts[j - 1])
+        seen = log.between(first, cuts[j + 1])  # up to the end of the next period, which is scored
         t = seen.timestamp[seen.examples]
         rows = seen.examples[t >= cuts[j]]
         yesterday = ScorerVersions(root).current().path
@@ -175,7 +163,7 @@ def run(args: argparse.Namespace) -> dict:
         result = update_scorer(root, new, update, history=history, device="cpu")
         a_seconds = time.perf_counter() - start
         print(f"step {j}: update {a_seconds:.0f} s", flush=True)
-        b_seconds = full_train(args, part(log, first, cuts[j]), cuts[j], work / f"retrained-{j}")
+        b_seconds = full_train(args, log.between(first, cuts[j]), cuts[j], work / f"retrained-{j}")
         probs["a"] = served_scores(result.published.path, seen, rows)
         probs["b"] = served_scores(work / f"retrained-{j}" / "scorer", seen, rows)
         probs["c"] = served_scores(work / "base" / "scorer", seen, rows)

@@ -28,12 +28,6 @@ from engine.training.studies.experiment import build_scorer, cpu_threads, load_d
 from engine.training.studies.metrics import log_loss, paired_auc_difference, roc_auc
 
 
-def _part(log: BehaviorLog, lo: int, hi: int) -> BehaviorLog:
-    frame = log.to_frame()
-    keep = (frame["timestamp"] >= lo) & (frame["timestamp"] < hi)
-    return BehaviorLog.from_frame(frame[keep].reset_index(drop=True), sequence_names=log.sequence_names)
-
-
 def _scores(folder: Path, data: BehaviorLog, rows: np.ndarray) -> np.ndarray:
     scorer = BAHEScorer.from_pretrained(folder, device="cpu")
     return predict(BAHECTR(scorer, data), data, rows, batch_size=256)
@@ -58,15 +52,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    log = load_data(args.data)
-    if args.users is not None:
-        frame = log.to_frame()
-        users = np.random.default_rng(args.seed).choice(np.unique(log.user), args.users, replace=False)
-        log = BehaviorLog.from_frame(frame[frame["user_id"].isin(users)].reset_index(drop=True),
-                                     sequence_names=log.sequence_names)
+    log = load_data(args.data).user_sample(args.users, args.seed)
     times = np.sort(log.timestamp)
     cut = int(times[int(args.old * times.size)])
-    old, new = _part(log, int(times[0]), cut), _part(log, cut, int(times[-1]) + 1)
+    old, new = log.between(int(times[0]), cut), log.between(cut, int(times[-1]) + 1)
     work = args.work_dir
     shutil.rmtree(work, ignore_errors=True)
     config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=args.lower_layers),

@@ -315,3 +315,20 @@ def test_direct_construction_sorts_stably():
     np.testing.assert_array_equal(log.membership[:, 0], [True, True, False, True])
     assert log.label.dtype == np.int8 and log.label.tolist() == [1, 0, 0, 1]
     assert log.sequence_texts([2]) == [{"s": ["c", "d"]}]
+
+
+def test_period_and_user_sample_keep_whole_events():
+    """`between` keeps exactly the events of [lo, hi); `user_sample` all events of the drawn users, by their ids."""
+    rng = np.random.default_rng(3)
+    frame = random_frame(rng, 400, 12, 50, with_sequence=True)
+    log = BehaviorLog.from_frame(frame, min_history=0)
+    period = log.between(10_000, 30_000)
+    inside = frame[(frame["timestamp"] >= 10_000) & (frame["timestamp"] < 30_000)]
+    assert period.num_events == len(inside) and period.sequence_names == log.sequence_names
+    assert sorted(period.to_frame()["timestamp"]) == sorted(inside["timestamp"])
+    sample = log.user_sample(5, seed=1)
+    ids = set(sample.to_frame()["user_id"])
+    assert len(ids) == 5 and ids <= set(frame["user_id"])
+    assert sample.num_events == int(frame["user_id"].isin(ids).sum())
+    assert set(log.user_sample(5, seed=1).to_frame()["user_id"]) == ids  # the seed fixes the draw
+    assert log.user_sample(None, seed=1) is log and log.user_sample(99, seed=1) is log

@@ -15,7 +15,6 @@ from engine.cli import main
 from engine.deploy import versions as versions_module
 from engine.deploy.versions import VERSIONS_DIR, ScorerVersions
 from engine.training.data.example_features import item_count_table
-from engine.training.data.log import BehaviorLog
 from engine.training.data.log_files import write_log
 from engine.training.loops.ctr_models import BAHECTR
 from engine.training.loops.train import TrainConfig, fit
@@ -26,12 +25,6 @@ from tests.synthetic_logs import tiny_movielens
 from weights.atomic import process_start_time
 
 LENIENT = GateRule(min_auc_gain=-1.0, max_logloss_increase=10.0, max_calibration_error=10.0, resamples=200)
-
-
-def _part(log, lo, hi):
-    frame = log.to_frame()
-    keep = (frame["timestamp"] >= lo) & (frame["timestamp"] < hi)
-    return BehaviorLog.from_frame(frame[keep].reset_index(drop=True), sequence_names=log.sequence_names)
 
 
 def _shas(folder):
@@ -46,7 +39,7 @@ def periods(tiny_checkpoints, tmp_path_factory):
     log = tiny_movielens()
     times = np.sort(log.timestamp)
     cut = int(times[int(0.6 * times.size)])
-    old, new = _part(log, 0, cut), _part(log, cut, int(times[-1]) + 1)
+    old, new = log.between(0, cut), log.between(cut, int(times[-1]) + 1)
     config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=2),
                           model=ModelConfig(sequence_names=log.sequence_names, max_behaviors=16,
                                             categorical_features=("user_id", "gender")))
@@ -60,6 +53,13 @@ def periods(tiny_checkpoints, tmp_path_factory):
     write_log(new, tmp / "new.parquet")
     write_log(old, tmp / "old.parquet")
     return tmp, old, new
+
+
+def _lenient_update(tmp, root, *extra):
+    """`bahe update` of the periods' CURRENT with LENIENT's gate flags, one epoch, on the CPU; `extra` flags after."""
+    return ["update", "--scorer", str(tmp / "current"), "--data", str(tmp / "new.parquet"), "--out", str(root),
+            "--epochs", "1", "--min-auc-gain", "-1", "--max-logloss-increase", "10", "--max-calibration-error", "10",
+            "--device", "cpu", *extra]
 
 
 def _config(epochs=1, rule=LENIENT, **kwargs):
@@ -158,9 +158,7 @@ def test_gate_refuses_and_force_publishes(periods, tmp_path, capsys):
 def test_update_with_history_and_replay_and_bad_inputs(periods, tmp_path, capsys):
     tmp, old, new = periods
     root = tmp_path / "root"
-    main(["update", "--scorer", str(tmp / "current"), "--data", str(tmp / "new.parquet"), "--out", str(root),
-          "--history", str(tmp / "old.parquet"), "--replay", "0.5", "--epochs", "1", "--min-auc-gain", "-1",
-          "--max-logloss-increase", "10", "--max-calibration-error", "10", "--device", "cpu"])
+    main(_lenient_update(tmp, root, "--history", str(tmp / "old.parquet"), "--replay", "0.5"))
     out = capsys.readouterr().out
     assert "new version root, v000001" in out and "published v000002" in out
     note = ScorerVersions(root).current().note
@@ -265,9 +263,7 @@ def test_update_on_two_ranks_publishes_once(periods, tmp_path):
     import torch.multiprocessing as mp
     tmp, old, new = periods
     root = tmp_path / "root"
-    argv = ["update", "--scorer", str(tmp / "current"), "--data", str(tmp / "new.parquet"), "--out", str(root),
-            "--epochs", "1", "--batch-size", "64", "--min-auc-gain", "-1", "--max-logloss-increase", "10",
-            "--max-calibration-error", "10", "--device", "cpu", "--distributed"]
+    argv = _lenient_update(tmp, root, "--batch-size", "64", "--distributed")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -287,9 +283,7 @@ def test_streamed_update_gates_and_publishes(periods, tmp_path, capsys):
     newest events; NEXT's tables and item counts as the in-memory update's."""
     tmp, old, new = periods
     root = tmp_path / "root"
-    main(["update", "--scorer", str(tmp / "current"), "--data", str(tmp / "new.parquet"), "--out", str(root),
-          "--stream", str(tmp_path / "work"), "--shards", "3", "--epochs", "1", "--min-auc-gain", "-1",
-          "--max-logloss-increase", "10", "--max-calibration-error", "10", "--device", "cpu"])
+    main(_lenient_update(tmp, root, "--stream", str(tmp_path / "work"), "--shards", "3"))
     out = capsys.readouterr().out
     assert "AUC(NEXT) - AUC(CURRENT)" in out and "published v000002" in out
     note = ScorerVersions(root).current().note

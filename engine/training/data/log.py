@@ -212,6 +212,23 @@ class BehaviorLog:
                              SEQUENCE_COLUMN: cells[combo_of.reshape(-1)],
                              **{CATEGORY_PREFIX + name: values for name, values in self.categorical.items()}})
 
+    def between(self, lo: int, hi: int) -> BehaviorLog:
+        """The log of the events with lo <= timestamp < hi (a period: histories start at lo)."""
+        frame = self.to_frame()
+        return self._of_rows(frame, (frame["timestamp"] >= lo) & (frame["timestamp"] < hi))
+
+    def user_sample(self, users: int | None, seed: int) -> BehaviorLog:
+        """The log of `users` users drawn at random with `seed`, all their events (all users: None or at least as
+        many as it holds)."""
+        if users is None or users >= np.unique(self.user).size:
+            return self
+        frame = self.to_frame()
+        chosen = np.random.default_rng(seed).choice(np.unique(frame["user_id"]), users, replace=False)
+        return self._of_rows(frame, frame["user_id"].isin(chosen))
+
+    def _of_rows(self, frame: pd.DataFrame, keep: pd.Series) -> BehaviorLog:
+        return BehaviorLog.from_frame(frame[keep].reset_index(drop=True), sequence_names=self.sequence_names)
+
     def category_values(self, name: str, rows: np.ndarray) -> list:
         """Feature `name`'s values (str, or None: unknown) at event `rows`: the user id for "user_id", else the
         log's cat_<name> column; KeyError naming the features the log has."""

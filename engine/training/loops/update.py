@@ -293,11 +293,7 @@ def update_scorer(root: str | Path, new: BehaviorLog, config: UpdateConfig | Non
     # each rank appends the same texts with the same frozen layers to its own copy: identical rows everywhere
     with update_work(versions.root) as work:
         behaviors, items, appended = next_tables(current, data, work)
-        baseline = scorer_with(current, grown_model(current.model, len(items)), behaviors, items)
-        upcoming = scorer_with(current, grown_model(current.model, len(items)), behaviors, items)
-        upcoming.ids = ids  # saved with NEXT: CURRENT's ids and the new log's
-        for head in (m for m in upcoming.model.modules() if isinstance(m, CTRHead)):
-            head.freeze_norm()  # CURRENT's standardization, not statistics of a few new batches
+        baseline, upcoming = scorer_pair(current, behaviors, items, ids)
         trained = BAHECTR(upcoming, data)
         train_rows = np.union1d(rows["train"], rows["replay"])
         result = fit(trained, data, train_rows, rows["val"], config.train, device=str(upcoming.device),
@@ -326,6 +322,19 @@ def update_scorer(root: str | Path, new: BehaviorLog, config: UpdateConfig | Non
             raise error
     gate, published = outcome
     return UpdateResult(version.name, published, gate, result, appended, sizes, int(data.timestamp[gate_rows].min()))
+
+
+def scorer_pair(current: BAHEScorer, behaviors: BehaviorTable, items: BehaviorTable, ids: tuple[Path, bytes] | None
+                ) -> tuple[BAHEScorer, BAHEScorer]:
+    """(CURRENT, NEXT-to-train), both over the grown tables: CURRENT's weights as it serves them, and a copy that
+    carries `ids` (CURRENT's and the new log's) and keeps CURRENT's standardization in its heads (frozen norms,
+    not statistics of a few new batches)."""
+    baseline = scorer_with(current, grown_model(current.model, len(items)), behaviors, items)
+    upcoming = scorer_with(current, grown_model(current.model, len(items)), behaviors, items)
+    upcoming.ids = ids
+    for head in (m for m in upcoming.model.modules() if isinstance(m, CTRHead)):
+        head.freeze_norm()
+    return baseline, upcoming
 
 
 def judge_and_publish(versions: ScorerVersions, version: Version, labels: np.ndarray, users: np.ndarray,

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.model.head import CTRHead
 from engine.serving.scorer import BAHEScorer
 from engine.deploy.versions import ScorerVersions
 from engine.training.streaming.stream import StreamConfig, prepare_stream
@@ -20,8 +19,7 @@ from engine.training.loops.ctr_models import BAHECTR
 from engine.training.streaming.stream_train import StreamBudget, catalog_log, fit_stream, use_shard
 from engine.training.loops.train import predict
 from engine.training.loops.update import (UpdateConfig, UpdateResult, check_fractions, check_log, extend_item_counts,
-                                          grown_model, judge_and_publish, next_tables, next_vocabulary, scorer_with,
-                                          update_work)
+                                          judge_and_publish, next_tables, next_vocabulary, scorer_pair, update_work)
 
 
 def update_streamed(root: str | Path, log_path: str | Path, work: str | Path, config: UpdateConfig | None = None, *,
@@ -40,11 +38,7 @@ def update_streamed(root: str | Path, log_path: str | Path, work: str | Path, co
     ids = next_vocabulary(current, stream.user_ids(), catalog, stream.item_features)
     with update_work(versions.root) as tables:
         behaviors, items, appended = next_tables(current, catalog, tables)
-        baseline = scorer_with(current, grown_model(current.model, len(items)), behaviors, items)
-        upcoming = scorer_with(current, grown_model(current.model, len(items)), behaviors, items)
-        upcoming.ids = ids  # saved with NEXT: CURRENT's ids and the new log's
-        for head in (m for m in upcoming.model.modules() if isinstance(m, CTRHead)):
-            head.freeze_norm()  # CURRENT's standardization (config.train.norm_batches is not used)
+        baseline, upcoming = scorer_pair(current, behaviors, items, ids)  # (config.train.norm_batches unused)
         trained, before = BAHECTR(upcoming, catalog), BAHECTR(baseline, catalog)
         result = fit_stream(trained, stream, config.train, budget=budget, device=str(upcoming.device))
         ids = stream.item_ids
