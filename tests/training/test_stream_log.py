@@ -17,7 +17,8 @@ from engine.training.streaming import stream_items
 from engine.training.streaming.stream import StreamConfig, prepare_stream
 from engine.training.streaming.stream_time import histogram, order_statistics, to_key
 from engine.training.data.example_features import PastCounts
-from engine.training.streaming.stream_train import ShardCounts, StreamBudget, catalog_log, fit_stream
+from engine.training.streaming.stream_train import (ShardCounts, StreamBudget, catalog_log, fit_stream,
+                                                   planned_steps)
 from engine.training.loops.train import TrainConfig, fit
 from tests.synthetic_logs import FIXTURE, random_log
 
@@ -224,9 +225,11 @@ def _model(log: BehaviorLog) -> SideOnlyCTR:
     return SideOnlyCTR(ModelConfig(sequence_names=log.sequence_names, head_hidden=(16, 8), recent_events=2), log)
 
 
-def test_one_shard_trains_exactly_as_the_in_memory_loop(tmp_path):
+@pytest.mark.parametrize("lr_decay", [False, True])
+def test_one_shard_trains_exactly_as_the_in_memory_loop(tmp_path, lr_decay):
+    """Same losses, AUCs and weights, with constant rates and with the linear decay (planned over the stream)."""
     memory = load_log(FIXTURE)
-    config = TrainConfig(epochs=2, patience=2, batch_size=32, norm_batches=3, progress=False)
+    config = TrainConfig(epochs=2, patience=2, batch_size=32, norm_batches=3, progress=False, lr_decay=lr_decay)
     split = memory.split()
     reference = _model(memory)
     want = fit(reference, memory, split.train, split.val, config)
@@ -249,6 +252,8 @@ def test_training_visits_every_shard_within_the_budget(tmp_path):
     assert whole.history[0]["examples"] == train and math.isfinite(whole.history[0]["train_loss"])
     capped = fit_stream(_model(catalog_log(stream)), stream, config, budget=StreamBudget(steps_per_shard=2))
     assert capped.history[0]["examples"] == 3 * 2 * 64
+    assert planned_steps(stream, config, StreamBudget()) == sum(-(-shard.split.train.size // 64) for shard in stream)
+    assert planned_steps(stream, config, StreamBudget(steps_per_shard=2)) == 3 * 2
 
 
 def test_bahe_train_stream_trains_and_saves_a_scorer(tiny_checkpoints, tmp_path, capsys):

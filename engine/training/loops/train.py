@@ -160,6 +160,38 @@ def linear_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.op
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / max(total_steps, 1)))
 
 
+class Optimization:
+    """The step both training loops take (`fit`, the streamed `fit_stream`): zero the gradients, back-propagate,
+    clip the trainable parameters' norm, step AdamW and, with config.lr_decay, the linear decay over
+    `total_steps` (the planned epochs' optimizer steps)."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, total_steps: int) -> None:
+        self.optimizer, self.trainable = make_optimizer(model, config)
+        self.max_grad_norm = config.max_grad_norm
+        self.schedule = linear_decay(self.optimizer, total_steps) if config.lr_decay else None
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.trainable, self.max_grad_norm)
+        self.optimizer.step()
+        if self.schedule is not None:
+            self.schedule.step()
+
+
+def end_epoch(model: nn.Module, result: FitResult, best: BestEpoch, seconds: float, train_loss: float,
+              val: dict[str, float], **extra: int) -> bool:
+    """Record a finished epoch in `result` (its time, train loss, validation AUC and log loss, `extra`), log it,
+    and say whether early stopping ends training (`best`, which keeps the best epoch's state)."""
+    epoch = len(result.history) + 1
+    result.epoch_seconds.append(seconds)
+    result.history.append({"epoch": epoch, "train_loss": train_loss, "val_auc": val["auc"],
+                           "val_logloss": val["logloss"], **extra})
+    log.info("%s epoch %d: train loss %.4f, val AUC %.4f, %.1f s%s", model.name, epoch, train_loss, val["auc"],
+             seconds, "".join(f", {k} {v}" for k, v in extra.items()))
+    return best.stops_after(epoch, val["auc"])
+
+
 def _step_loss(model: nn.Module, runner: nn.Module, data: BehaviorLog, chunk: np.ndarray, device: torch.device,
                parallel: DataParallel | None) -> tuple[torch.Tensor, float]:
     """The loss to back-propagate for the global batch `chunk`, and its sum of per-example BCE on this rank.
@@ -187,9 +219,8 @@ def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: n
     shared = parallel is not None and parallel.world_size > 1
     torch.manual_seed(config.seed + (parallel.rank if shared else 0))  # dropout masks differ across ranks
     rng = np.random.default_rng(config.seed)
-    optimizer, trainable = make_optimizer(model, config)
     steps_per_epoch = -(-train_rows.size // config.batch_size)  # row_batches' count
-    schedule = linear_decay(optimizer, config.epochs * steps_per_epoch) if config.lr_decay else None
+    optimization = Optimization(model, config, config.epochs * steps_per_epoch)
     runner = parallel.wrap(model) if shared else model  # DDP: rank 0's parameters and buffers, everywhere
     result = FitResult(best_val_auc=-1.0, best_epoch=-1)
     best = BestEpoch(model, result, config.patience)
@@ -206,12 +237,7 @@ def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: n
                        disable=not config.progress, leave=False)
             for chunk in bar:
                 loss, summed = _step_loss(model, runner, data, chunk, device, parallel)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-                optimizer.step()
-                if schedule is not None:
-                    schedule.step()
+                optimization.step(loss)
                 if trim is not None:
                     trim()
                 total_loss += summed
@@ -219,13 +245,9 @@ def fit(model: nn.Module, data: BehaviorLog, train_rows: np.ndarray, val_rows: n
             if shared:
                 total_loss = parallel.sum_float(total_loss)
                 parallel.sync_seen(model)
-            result.epoch_seconds.append(time.perf_counter() - start)
+            seconds = time.perf_counter() - start
             val = evaluate(model, data, val_rows, batch_size=config.eval_batch_size, device=device, parallel=parallel)
-            result.history.append({"epoch": epoch + 1, "train_loss": total_loss / max(train_rows.size, 1),
-                                   "val_auc": val["auc"], "val_logloss": val["logloss"]})
-            log.info("%s epoch %d: train loss %.4f, val AUC %.4f, %.1f s", model.name, epoch + 1,
-                     result.history[-1]["train_loss"], val["auc"], result.epoch_seconds[-1])
-            if best.stops_after(epoch + 1, val["auc"]):
+            if end_epoch(model, result, best, seconds, total_loss / max(train_rows.size, 1), val):
                 break
     result.peak_memory_bytes, result.added_memory_bytes = peak.bytes, peak.added
     best.restore()

@@ -29,8 +29,8 @@ from engine.training.streaming.stream import Shard, StreamedLog
 from engine.training.data.example_features import PastCounts, counts_before, recent_counts
 from engine.training.studies.memory import PeakMemory
 from engine.training.studies.metrics import log_loss, roc_auc
-from engine.training.loops.train import (BestEpoch, FitResult, TrainConfig, calibrate_norms, epoch_order,
-                                         make_optimizer, predict, row_batches)
+from engine.training.loops.train import (BestEpoch, FitResult, Optimization, TrainConfig, calibrate_norms, end_epoch,
+                                         epoch_order, predict, row_batches)
 
 __all__ = ["ShardCounts", "StreamBudget", "catalog_log", "use_shard", "evaluate_stream", "fit_stream"]
 
@@ -102,6 +102,14 @@ def evaluate_stream(model: nn.Module, stream: StreamedLog, part: str, *, batch_s
             "seconds_per_1k": 1000 * seconds / max(labels.size, 1)}
 
 
+def planned_steps(stream: StreamedLog, config: TrainConfig, budget: StreamBudget) -> int:
+    """The optimizer steps of one `fit_stream` epoch: per shard, its train batches up to the budget's cap (a pass
+    over the shards, made only for config.lr_decay's schedule)."""
+    batches = [-(-shard.split.train.size // config.batch_size) for shard in stream]  # row_batches' count
+    cap = budget.steps_per_shard
+    return sum(batches if cap is None else (min(b, cap) for b in batches))
+
+
 def fit_stream(model: nn.Module, stream: StreamedLog, config: TrainConfig, *, budget: StreamBudget = StreamBudget(),
                device: torch.device | str = "cpu") -> FitResult:
     """`fit` over the streamed log's train examples, validated on its val examples after each epoch; the best
@@ -110,7 +118,8 @@ def fit_stream(model: nn.Module, stream: StreamedLog, config: TrainConfig, *, bu
     model.to(device)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    optimizer, trainable = make_optimizer(model, config)
+    optimization = Optimization(model, config, config.epochs * planned_steps(stream, config, budget)
+                                if config.lr_decay else 0)
     loss_fn = nn.BCEWithLogitsLoss()
     result = FitResult(best_val_auc=-1.0, best_epoch=-1)
     best = BestEpoch(model, result, config.patience)
@@ -135,22 +144,15 @@ def fit_stream(model: nn.Module, stream: StreamedLog, config: TrainConfig, *, bu
                     batch = model.prepare(shard.log, chunk).to(device)
                     labels = torch.from_numpy(shard.log.label[chunk].astype(np.float32)).to(device)
                     loss = loss_fn(model(batch), labels)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-                    optimizer.step()
+                    optimization.step(loss)
                     total_loss += loss.item() * chunk.size
                     trained += chunk.size
                     bar.update(1)
                 del shard
             bar.close()
-            result.epoch_seconds.append(time.perf_counter() - start)
+            seconds = time.perf_counter() - start
             val = evaluate_stream(model, stream, "val", batch_size=config.eval_batch_size, device=device, budget=budget)
-            result.history.append({"epoch": epoch + 1, "train_loss": total_loss / max(trained, 1),
-                                   "val_auc": val["auc"], "val_logloss": val["logloss"], "examples": trained})
-            log.info("%s epoch %d: %d examples, train loss %.4f, val AUC %.4f, %.1f s", model.name, epoch + 1, trained,
-                     result.history[-1]["train_loss"], val["auc"], result.epoch_seconds[-1])
-            if best.stops_after(epoch + 1, val["auc"]):
+            if end_epoch(model, result, best, seconds, total_loss / max(trained, 1), val, examples=trained):
                 break
     result.peak_memory_bytes, result.added_memory_bytes = peak.bytes, peak.added
     best.restore()
