@@ -292,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="targets per batch (timeline batches: a few users)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--backbone-lr", type=float, default=5e-5)
+    p.add_argument("--lr-decay", action="store_true", help="both rates fall linearly to 0 over the epochs' steps")
     p.add_argument("--train-examples", type=int)
     p.add_argument("--val-examples", type=int)
     p.add_argument("--test-examples", type=int)
@@ -357,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("--epochs", int, 2), ("--batch-size", int, 256), ("--seed", int, 0),
                                 ("--device", str, "cpu")):
         p.add_argument(flag, type=kind, default=default, help="with --folds: as `bahe train`'s")
+    p.add_argument("--lr-decay", action="store_true", help="with --folds: as `bahe train`'s")
     p.set_defaults(func=cmd_features, categorical="all", max_tokens=32, lr=1e-3, backbone_lr=5e-5)
 
     # Everything after `bench` / `profile` goes to the benchmark's own parser ('+' prefix: '--x' stays an argument).

@@ -52,3 +52,15 @@ def test_train_then_score(tiny_checkpoints, tmp_path, capsys, monkeypatch):
     cli.main(["score", "--scorer", str(out / "scorer"), "--input", str(requests), "--device", "cpu"])
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(lines) == 2 and all(0 < x["p_click"] < 1 for x in lines)
+
+
+def test_train_and_fold_flags_make_one_train_config(tmp_path):
+    """`bahe train` and `bahe features --folds` read their optimization flags through one train_config;
+    --lr-decay reaches it (off by default)."""
+    from engine.training.loops.train_commands import train_config
+    parser = cli.build_parser()
+    train = parser.parse_args(["train", "--out", str(tmp_path), "--epochs", "2", "--lr", "0.002", "--lr-decay"])
+    features = parser.parse_args(["features", "--data", "log.csv", "--out", "f.parquet", "--folds", "3"])
+    got, default = train_config(train), train_config(features)
+    assert (got.epochs, got.lr, got.lr_decay) == (2, 0.002, True)
+    assert default.lr_decay is False and default.epochs == 2 and default.backbone_lr == 5e-5

@@ -146,11 +146,9 @@ def features_command(args: argparse.Namespace) -> None:
 def train_folds(args: argparse.Namespace, data: BehaviorLog) -> list[Path]:
     """`--folds K`: the K out-of-fold scorers, trained with `bahe train`'s settings into --work."""
     from engine.training.export.fold_scorers import train_fold_scorers
-    from engine.training.loops.train import TrainConfig
-    from engine.training.loops.train_commands import scorer_config
+    from engine.training.loops.train_commands import scorer_config, train_config
     work = Path(args.work) if args.work else Path(args.out).with_suffix("").with_name(Path(args.out).stem + "-folds")
-    train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr,
-                        seed=args.seed)
+    train = train_config(args)
     try:
         return train_fold_scorers(data, args.folds, work, model=args.model, config=scorer_config(args, data),
                                   train=train, source=args.data, device=args.device, seed=args.seed)

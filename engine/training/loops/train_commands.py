@@ -13,6 +13,7 @@ from engine.config import EncoderConfig, ModelConfig, ScorerConfig
 from engine.distributed import Launch
 from engine.training.data.example_features import log_categorical_features
 from engine.training.data.item_features import item_level_features
+from engine.training.loops.train import TrainConfig
 
 def scorer_config(args: argparse.Namespace, log) -> ScorerConfig:
     """The scorer a `bahe train` run builds: its layers and max_behaviors, the log's sequences, the categorical
@@ -58,6 +59,12 @@ def bucket_report(log, config: ScorerConfig) -> dict[str, dict]:
             for name in config.model.categorical_features}
 
 
+def train_config(args: argparse.Namespace, **overrides) -> TrainConfig:
+    """The optimization settings of `bahe train`'s flags (also `bahe features --folds`'s fold scorers)."""
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr,
+                       seed=args.seed, lr_decay=args.lr_decay, **overrides)
+
+
 def train_distributed(launch, args: argparse.Namespace, data, split, rows, config) -> None:
     """`bahe train --distributed`: every rank trains its users' share under DDP; rank 0 saves the scorer."""
     from engine import distributed
@@ -65,7 +72,6 @@ def train_distributed(launch, args: argparse.Namespace, data, split, rows, confi
     from engine.training.loops.data_parallel import DataParallel
     from engine.training.studies.experiment import train_and_test
     from engine.training.loops.parallel_setup import parallel_scorer
-    from engine.training.loops.train import TrainConfig
     out = Path(args.out)
     try:
         device = launch.device(args.device)
@@ -75,9 +81,7 @@ def train_distributed(launch, args: argparse.Namespace, data, split, rows, confi
     try:
         scorer, report = parallel_scorer(args.model, data, config, out / "tables", launch, str(device))
         bahe = BAHECTR(scorer, data)
-        result = train_and_test(bahe, data, rows, TrainConfig(
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr, seed=args.seed,
-            progress=launch.is_writer), device=str(device), parallel=DataParallel.from_process_group())
+        result = train_and_test(bahe, data, rows, train_config(args, progress=launch.is_writer), device=str(device), parallel=DataParallel.from_process_group())
         bahe.store_item_counts(data, split.test_start)
         error = None
         if launch.is_writer:
@@ -111,7 +115,6 @@ def train_streamed(args: argparse.Namespace) -> None:
     from engine.training.streaming.stream import StreamConfig, prepare_stream
     from engine.training.studies.experiment import build_scorer
     from engine.training.streaming.stream_train import StreamBudget, catalog_log, evaluate_stream, fit_stream
-    from engine.training.loops.train import TrainConfig
     if args.data in ("movielens", "ml1m"):
         raise SystemExit("bahe train: --stream reads a CSV/parquet log file; give its path as --data")
     if (args.train_examples, args.val_examples, args.test_examples) != (None, None, None):
@@ -132,8 +135,7 @@ def train_streamed(args: argparse.Namespace) -> None:
     print(f"tables: {report.items} item texts -> {report.unique_behaviors} unique rows in {report.seconds:.1f} s")
     bahe, device = BAHECTR(scorer, catalog), str(scorer.device)
     budget = StreamBudget(args.steps_per_shard, args.eval_per_shard, args.seed)
-    result = fit_stream(bahe, stream, TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                                  backbone_lr=args.backbone_lr, seed=args.seed),
+    result = fit_stream(bahe, stream, train_config(args),
                         budget=budget, device=device)
     test = evaluate_stream(bahe, stream, "test", device=device, budget=budget)
     bahe.set_item_counts(stream.item_ids, stream.item_counts_before[stream.test_start], stream.sequence_names)
@@ -151,7 +153,6 @@ def train_command(args: argparse.Namespace, launch: Launch | None) -> None:
     from engine.training.data.log_files import load_log
     from engine.training.data.log_schema import LogFormatError
     from engine.training.loops.ctr_models import BAHECTR
-    from engine.training.loops.train import TrainConfig
     from engine.training.studies.experiment import SampleConfig, build_scorer, load_data, sample_split, train_and_test
     if args.stream:
         if args.distributed:
@@ -180,8 +181,7 @@ def train_command(args: argparse.Namespace, launch: Launch | None) -> None:
     print(f"tables: {report.behavior_events} behavior events -> {report.unique_behaviors} unique rows "
           f"({report.dedup_ratio:.0f}x dedup) in {report.seconds:.1f} s")
     bahe = BAHECTR(scorer, data)
-    result = train_and_test(bahe, data, rows, TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr, seed=args.seed),
+    result = train_and_test(bahe, data, rows, train_config(args),
         device=str(scorer.device))
     bahe.store_item_counts(data, split.test_start)  # the item statistics served: the training period's
     scorer.save_pretrained(out / "scorer")
