@@ -2,6 +2,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from engine import cli
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "movielens_tiny.parquet"
@@ -64,3 +66,17 @@ def test_train_and_fold_flags_make_one_train_config(tmp_path):
     got, default = train_config(train), train_config(features)
     assert (got.epochs, got.lr, got.lr_decay) == (2, 0.002, True)
     assert default.lr_decay is False and default.epochs == 2 and default.backbone_lr == 5e-5
+
+
+def test_train_reads_a_movielens_1m_folder_and_refuses_a_catalog_for_it(tiny_checkpoints, tmp_path, capsys):
+    """`bahe train --data` takes what its help names: a folder of MovieLens-1M's .dat files (as 'ml1m' reads the
+    packaged one), not only log files; --catalog / --timestamps for a packaged data set stop with one line."""
+    from tests.ml1m_fixture import write_ml1m_files
+    folder = write_ml1m_files(tmp_path / "ml-1m")
+    out = tmp_path / "run"
+    cli.main(["train", "--data", str(folder), "--model", str(tiny_checkpoints["llama"]), "--out", str(out),
+              "--lower-layers", "2", "--max-behaviors", "8", "--epochs", "1", "--train-examples", "60",
+              "--val-examples", "20", "--test-examples", "30", "--device", "cpu"])
+    assert "test AUC" in capsys.readouterr().out and (out / "scorer" / "scorer.json").is_file()
+    with pytest.raises(SystemExit, match="'ml1m' is a packaged data set"):
+        cli.main(["train", "--data", "ml1m", "--catalog", "items.csv", "--out", str(tmp_path / "x")])

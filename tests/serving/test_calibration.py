@@ -6,7 +6,8 @@ import pytest
 
 from engine.config import CalibrationConfig, ScorerConfig
 from engine.model.calibration import calibrate, fit_calibration
-from engine.training.studies.calibration_metrics import expected_calibration_error, reliability_curve
+from engine.training.studies.calibration_metrics import (ece_interval, ece_noise_floor, expected_calibration_error,
+                                                         reliability_curve)
 from engine.training.studies.metrics import log_loss, roc_auc
 
 
@@ -77,3 +78,29 @@ def test_reliability_curve_against_a_hand_count():
     np.testing.assert_allclose(curve.observed, [0.5, 0.75])
     np.testing.assert_allclose(curve.count, [2, 4])
     assert curve.ece == pytest.approx((2 * 0.45 + 4 * abs(0.75 - 0.775)) / 6)
+
+
+def test_the_noise_floor_shrinks_with_examples_and_bounds_a_calibrated_ece():
+    """Perfectly calibrated probabilities: their measured ECE lies under the floor's 95th percentile most of the
+    time, and the floor falls about as 1 / sqrt(n)."""
+    rng = np.random.default_rng(5)
+    small, large = rng.uniform(0.05, 0.95, 2_000), rng.uniform(0.05, 0.95, 32_000)
+    floor_small, floor_large = ece_noise_floor(small), ece_noise_floor(large)
+    assert floor_small[0] < floor_small[1] and 3 < floor_small[0] / floor_large[0] < 5
+    measured = [expected_calibration_error(rng.random(small.size) < small, small) for _ in range(40)]
+    assert sum(m <= floor_small[1] for m in measured) >= 34
+    y, p, _ = _distorted(n=2000, seed=6)
+    assert expected_calibration_error(y, p) > 5 * ece_noise_floor(p)[1]  # a real miscalibration stands out
+
+
+def test_weights_count_examples_and_the_user_interval_holds_the_ece():
+    y, p, _ = _distorted(n=3000, seed=7)
+    twice = reliability_curve(np.r_[y, y[:100]], np.r_[p, p[:100]])
+    weighted = reliability_curve(y, p, weights=np.r_[np.full(100, 2.0), np.ones(y.size - 100)])
+    np.testing.assert_allclose(weighted.observed, twice.observed)
+    np.testing.assert_allclose(weighted.count, twice.count)
+    users = np.arange(y.size) // 10
+    ece, low, high = ece_interval(y, p, users, resamples=200)
+    assert ece == expected_calibration_error(y, p) and low < ece < high
+    with pytest.raises(ValueError, match="weights"):
+        reliability_curve(y, p, weights=np.ones(3))

@@ -27,12 +27,36 @@ def serving_inputs(data: BehaviorLog, rows: np.ndarray, categorical: tuple[str, 
 
 
 def served(scorer: BAHEScorer, data: BehaviorLog, rows: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, float]:
-    """Probabilities of the log's example `rows` through `score`, `chunk` pairs per call, and the seconds taken."""
-    users, items, side = serving_inputs(data, rows, scorer.config.model.categorical_features)
-    start, out = time.perf_counter(), []
-    for lo in range(0, len(items), chunk):
-        out.append(scorer.score(users[lo:lo + chunk], items[lo:lo + chunk], side_features=side[lo:lo + chunk]))
-    return (np.concatenate(out) if out else np.empty(0, np.float32)), time.perf_counter() - start
+    """Probabilities of the log's example `rows` through `score`, `chunk` pairs per call (their requests built per
+    call: memory holds one chunk's histories, not the whole split's), and the seconds spent scoring."""
+    seconds, out = 0.0, []
+    for lo in range(0, rows.size, chunk):
+        users, items, side = serving_inputs(data, rows[lo:lo + chunk], scorer.config.model.categorical_features)
+        start = time.perf_counter()
+        out.append(scorer.score(users, items, side_features=side))
+        seconds += time.perf_counter() - start
+    return (np.concatenate(out) if out else np.empty(0, np.float32)), seconds
+
+
+@dataclass(frozen=True)
+class ServedSplit:
+    """A scorer's raw served probabilities on the validation and test examples of a log's time split."""
+    val_labels: np.ndarray
+    val_probs: np.ndarray
+    test_labels: np.ndarray
+    test_probs: np.ndarray
+    test_users: np.ndarray
+
+    @classmethod
+    def of(cls, scorer: BAHEScorer, data: BehaviorLog, chunk: int = 256) -> ServedSplit:
+        """Scored through `served` with any calibration of the scorer's switched off (raw probabilities)."""
+        scorer.set_calibration(CalibrationConfig())
+        split = data.split()
+        if split.val.size == 0 or split.test.size == 0:
+            raise ValueError(f"the log's time split has {split.val.size} validation and {split.test.size} test "
+                             "examples; calibration needs both")
+        return cls(data.label[split.val], served(scorer, data, split.val, chunk)[0], data.label[split.test],
+                   served(scorer, data, split.test, chunk)[0], data.user[split.test])
 
 
 @dataclass(frozen=True)
@@ -42,6 +66,14 @@ class CalibrationReport:
     test_examples: int
     before: dict[str, float]   # test log loss, ECE, AUC with the scorer's raw probabilities
     after: dict[str, float]    # the same, calibrated
+
+    @classmethod
+    def fit(cls, kind: str, served_split: ServedSplit) -> CalibrationReport:
+        """Fit `kind` ('platt' or 'isotonic') on the validation probabilities; measure on the test ones."""
+        s = served_split
+        fitted = fit_calibration(s.val_labels, s.val_probs, kind)
+        return cls(fitted, int(s.val_labels.size), int(s.test_labels.size), _metrics(s.test_labels, s.test_probs),
+                   _metrics(s.test_labels, calibrate(fitted, s.test_probs)))
 
     def lines(self) -> list[str]:
         rows = ["| test metric | before | after |", "|---|---|---|"]
@@ -59,18 +91,8 @@ def calibrate_scorer(folder: str | Path, data: BehaviorLog, kind: str = "platt",
     """Fit `kind` on the validation examples of `data.split()`, measure on its test examples, and (if `save`)
     write the calibration into the scorer folder. Any calibration already there is replaced, not stacked."""
     scorer = BAHEScorer.from_pretrained(folder, device="cpu")
-    scorer.set_calibration(CalibrationConfig())
-    split = data.split()
-    if split.val.size == 0 or split.test.size == 0:
-        raise ValueError(f"the log's time split has {split.val.size} validation and {split.test.size} test examples; "
-                         "calibration needs both")
-    val_probs, _ = served(scorer, data, split.val, chunk)
-    fitted = fit_calibration(data.label[split.val], val_probs, kind)
-    test_probs, _ = served(scorer, data, split.test, chunk)
-    labels = data.label[split.test]
-    report = CalibrationReport(fitted, int(split.val.size), int(split.test.size), _metrics(labels, test_probs),
-                               _metrics(labels, calibrate(fitted, test_probs)))
+    report = CalibrationReport.fit(kind, ServedSplit.of(scorer, data, chunk))
     if save:
-        scorer.set_calibration(fitted)
+        scorer.set_calibration(report.calibration)
         scorer.save_pretrained(folder)
     return report

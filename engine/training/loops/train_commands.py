@@ -113,9 +113,9 @@ def train_streamed(args: argparse.Namespace) -> None:
     from engine.training.loops.ctr_models import BAHECTR
     from engine.training.data.log_schema import LogFormatError
     from engine.training.streaming.stream import StreamConfig, prepare_stream
-    from engine.training.studies.experiment import build_scorer
+    from engine.training.studies.experiment import build_scorer, is_dataset
     from engine.training.streaming.stream_train import StreamBudget, catalog_log, evaluate_stream, fit_stream
-    if args.data in ("movielens", "ml1m"):
+    if is_dataset(args.data):
         raise SystemExit("bahe train: --stream reads a CSV/parquet log file; give its path as --data")
     if (args.train_examples, args.val_examples, args.test_examples) != (None, None, None):
         raise SystemExit("bahe train: --train/--val/--test-examples do not apply to --stream; cap the work with "
@@ -150,7 +150,6 @@ def train_streamed(args: argparse.Namespace) -> None:
 def train_command(args: argparse.Namespace, launch: Launch | None) -> None:
     """`bahe train`: load the log, build the tables, train (in one process, --distributed or --stream), save the
     scorer with its id vocabulary; errors in the log end the command with one line."""
-    from engine.training.data.log_files import load_log
     from engine.training.data.log_schema import LogFormatError
     from engine.training.loops.ctr_models import BAHECTR
     from engine.training.studies.experiment import SampleConfig, build_scorer, load_data, sample_split, train_and_test
@@ -159,11 +158,8 @@ def train_command(args: argparse.Namespace, launch: Launch | None) -> None:
             raise SystemExit("bahe train: --stream runs in one process; --distributed with it is not built yet")
         return train_streamed(args)
     try:
-        if args.data == "movielens" and (args.catalog or args.timestamps != "auto"):
-            raise SystemExit("bahe train: --catalog and --timestamps apply to a log file given as --data")
-        data = load_data(args.data) if args.data == "movielens" else load_log(
-            args.data, catalog=args.catalog, timestamps=args.timestamps)
-    except (LogFormatError, OSError) as err:
+        data = load_data(args.data, catalog=args.catalog, timestamps=args.timestamps)
+    except (LogFormatError, OSError, ValueError) as err:
         raise SystemExit(f"bahe train: {err}") from None
     split = data.split()
     rows = sample_split(split, SampleConfig(args.train_examples, args.val_examples, args.test_examples, args.seed))

@@ -61,15 +61,23 @@ DATA_SOURCES = "'movielens' (MovieLens-100K), 'ml1m' (MovieLens-1M), a folder of
                "CSV/parquet log file"
 
 
-def load_data(source: str) -> BehaviorLog:
-    """The log that `--data` names (DATA_SOURCES): the embedded MovieLens-100K or -1M, or a file or folder."""
+def is_dataset(source: str) -> bool:
+    """Whether `--data` names a packaged data set (MovieLens-100K, -1M or a folder of -1M's .dat files), not a log."""
+    return source in ("movielens", "ml1m") or is_movielens_1m_dir(source)
+
+
+def load_data(source: str, *, catalog: str | None = None, timestamps: str = "auto") -> BehaviorLog:
+    """The log that `--data` names: the embedded MovieLens-100K or -1M, a folder of -1M's files, or a log file
+    (with an item `catalog` file and its `timestamps` format, load_log's; a data set has its own)."""
+    if is_dataset(source) and (catalog or timestamps != "auto"):
+        raise ValueError(f"--catalog and --timestamps apply to a log file; {source!r} is a packaged data set")
     if source == "movielens":
         return load_movielens()
     if source == "ml1m":
         return load_movielens_1m()
     if is_movielens_1m_dir(source):
         return load_movielens_1m(source)
-    return load_log(source)
+    return load_log(source, catalog=catalog, timestamps=timestamps)
 
 
 def sample_split(split: TimeSplit, sample: SampleConfig) -> dict[str, np.ndarray]:
