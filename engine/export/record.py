@@ -5,13 +5,14 @@ BAHE's weights (upper layers, head, id embeddings) are fitted on click labels, s
 vectors - for an example whose label it trained on (or early-stopped on) is an in-sample prediction: a ranker
 stacked on it learns to trust it more than it deserves on new data. The record says which examples those can be:
 every example of the listed users (all users: `users` None) with timestamp < `labels_before`. Written by
-`bahe train` (labels_before: the time split's test start, as train and validation examples lie before it) and by
-the out-of-fold trainer of `bahe features --folds` (its fold's training users only).
+`bahe train` (labels_before: the time split's test start, as train and validation examples lie before it), by
+the out-of-fold trainer of `bahe features --folds` (its fold's training users only) and by `bahe update` (CURRENT's
+record widened by the fine-tuning's examples, all before the gate period: engine.training.loops.update.next_record).
 
 The record names the weights it describes (`weights`: the scorer version). A record whose weights are not the
 folder's model (the folder was trained further and saved over, or a record copied into another scorer) describes
-nothing and reads as absent: the export then refuses, as for a scorer without any record (`bahe update` versions,
-scorers from the Python API). Calibration changes scorer.json, not the weights: the record stays valid.
+nothing and reads as absent: the export then refuses, as for a scorer without any record (scorers from the Python
+API, and `bahe update` versions of a CURRENT without one). Calibration changes scorer.json, not the weights: the record stays valid.
 """
 from __future__ import annotations
 

@@ -334,3 +334,30 @@ def test_next_carries_currents_id_vocabulary_extended_with_the_new_log(periods, 
     with pytest.raises(IdError, match=rf"item '{clash}' has the text 'another text' in the vocabulary"):
         run()
     assert ScorerVersions(root).current().name == result.published.name  # nothing published
+
+
+def test_next_carries_a_widened_training_record_only_when_current_has_one(periods, tmp_path):
+    """NEXT's training.json: CURRENT's record joined with the fine-tuning's examples (every label before the gate
+    period, CURRENT's users and the new log's), so the feature export refuses NEXT's in-sample logits; a CURRENT
+    without a record gives a NEXT without one (the export refuses it whole)."""
+    import shutil
+    from engine.export.record import read_record, write_record
+    tmp, old, new = periods
+    plain = tmp_path / "plain"
+    ScorerVersions.create(plain, tmp / "current")
+    assert read_record(update_scorer(plain, new, _config(), device="cpu").published.path) is None
+    recorded = tmp_path / "recorded-current"
+    shutil.copytree(tmp / "current", recorded)
+    prior = write_record(recorded, labels_before=int(new.timestamp.min()), users=["1", "2"], data="old.parquet",
+                         examples=50)
+    root = tmp_path / "root"
+    ScorerVersions.create(root, recorded)
+    result = update_scorer(root, new, _config(), device="cpu", source="new.parquet")
+    record = read_record(result.published.path)
+    assert record is not None and record.written_by == "bahe update" and record.data == "old.parquet + new.parquet"
+    assert record.labels_before == result.gate_start > prior.labels_before
+    assert set(record.users) == {"1", "2"} | set(new.user_key(np.unique(new.user)))
+    assert record.examples == prior.examples + result.rows["train"] + result.rows["replay"] + result.rows["val"]
+    gate_user = new.user_key(new.user[new.timestamp >= result.gate_start][:1])
+    assert not record.saw(gate_user, np.array([result.gate_start]))[0]  # the gate period's labels stay unseen
+    assert record.saw(gate_user, np.array([result.gate_start - 1]))[0]

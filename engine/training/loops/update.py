@@ -37,6 +37,7 @@ from torch import nn
 
 from engine import distributed
 from engine.encoding.abe import ReusingEncoder
+from engine.export.record import read_record, write_record
 from engine.model.bahe_model import BAHEModel
 from engine.model.head import CTRHead
 from engine.serving.scorer import BAHEScorer
@@ -275,11 +276,12 @@ def check_log(current: BAHEScorer, data: BehaviorLog) -> None:
 
 def update_scorer(root: str | Path, new: BehaviorLog, config: UpdateConfig | None = None, *,
                   history: BehaviorLog | None = None, device: str = "auto",
-                  parallel: DataParallel | None = None) -> UpdateResult:
+                  parallel: DataParallel | None = None, source: str = "the new log") -> UpdateResult:
     """Make NEXT from the current version of the version root `root` and the new period's log `new`, gate it on the
     newest events, and publish it if it passes (see the module docstring). CURRENT keeps serving throughout.
     With `parallel` (every rank of a torchrun job calls this alike): data-parallel fine-tuning, each rank scores its
-    users' share of the gate period, rank 0 judges and publishes, every rank returns the same verdict."""
+    users' share of the gate period, rank 0 judges and publishes, every rank returns the same verdict. `source` names
+    the new log in NEXT's training record (`next_record`)."""
     config = config or UpdateConfig()
     shared = parallel is not None and parallel.world_size > 1
     versions = ScorerVersions(root, config.keep)
@@ -309,10 +311,13 @@ def update_scorer(root: str | Path, new: BehaviorLog, config: UpdateConfig | Non
         outcome, error = None, None
         if writer:
             try:
+                seen = np.concatenate([train_rows, rows["val"]])
+                record = next_record(version.path, int(data.timestamp[gate_rows].min()),
+                                     data.user_key(np.unique(data.user[seen])), source, int(seen.size))
                 outcome = judge_and_publish(versions, version, data.label[gate_rows], data.user[gate_rows], probs,
                                             upcoming, lambda: extend_item_counts(trained, *item_count_table(new),
                                                                                  new.sequence_names),
-                                            config, {"appended": appended, "rows": sizes})
+                                            config, {"appended": appended, "rows": sizes}, record)
             except Exception as err:  # noqa: BLE001 - with ranks: every rank raises it (broadcast_outcome)
                 error = err
         if shared:
@@ -337,17 +342,35 @@ def scorer_pair(current: BAHEScorer, behaviors: BehaviorTable, items: BehaviorTa
     return baseline, upcoming
 
 
+def next_record(current: Path, labels_before: int, users: Sequence[str], source: str, examples: int
+                ) -> dict | None:
+    """NEXT's training record (engine.export.record's fields): what CURRENT's weights saw (its record) joined with
+    what the fine-tuning saw (`examples` train, replay and validation examples of `users`, all before
+    `labels_before`, the gate's start), widened to one rule - the later cut, the union of the users - so that the
+    feature export never takes a seen label for an unseen one. None when CURRENT has no record: nothing says what
+    its weights saw, so NEXT gets none and the export refuses it."""
+    prior = read_record(current)
+    if prior is None:
+        return None
+    return {"labels_before": max(prior.labels_before, labels_before),
+            "users": None if prior.users is None else sorted(set(prior.users) | set(map(str, users))),
+            "data": f"{prior.data} + {source}", "examples": prior.examples + examples, "written_by": "bahe update"}
+
+
 def judge_and_publish(versions: ScorerVersions, version: Version, labels: np.ndarray, users: np.ndarray,
                       probs: dict[str, np.ndarray], upcoming: BAHEScorer, extend_counts: Callable[[], None],
-                      config: UpdateConfig, note: dict) -> tuple[GateReport, Version | None]:
+                      config: UpdateConfig, note: dict, record: dict | None) -> tuple[GateReport, Version | None]:
     """The gate's verdict on the gate examples' scores; if it passes (or config.force), NEXT's item counts extended
-    (`extend_counts`) and NEXT published with the gate's figures and `note` in version.json."""
+    (`extend_counts`) and NEXT published with the gate's figures and `note` in version.json and its training
+    `record` (next_record; None: none) in training.json."""
     gate = judge(labels.astype(np.float64), probs["current"], probs["next"], users, config.gate)
     if not (gate.passed or config.force):
         return gate, None
     extend_counts()
     with versions.stage() as staged:
         upcoming.save_pretrained(staged.path)
+        if record is not None:
+            write_record(staged.path, **record)
         return gate, staged.publish({"previous": version.name, "forced": not gate.passed, "gate": {
             "current": gate.current, "next": gate.next, "auc_difference": asdict(gate.auc_difference),
             "passed": gate.passed, "reasons": gate.reasons}, **note})

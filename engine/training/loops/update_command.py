@@ -62,7 +62,7 @@ def run_update(args: argparse.Namespace) -> None:
             if said:
                 print(said)
             result, writer = update_scorer(out, load_data(args.data), _config(args, True), history=load_data(
-                args.history) if args.history else None, device=args.device), True
+                args.history) if args.history else None, device=args.device, source=args.data), True
         else:
             result, writer = _run_distributed(args, out)
     except (LogFormatError, OSError, ValueError, distributed.LaunchError) as err:
@@ -93,7 +93,7 @@ def _run_distributed(args: argparse.Namespace, out: Path) -> tuple[UpdateResult,
             raise error
         result = update_scorer(out, load_data(args.data), _config(args, launch.is_writer),
                                history=load_data(args.history) if args.history else None, device=str(device),
-                               parallel=DataParallel.from_process_group())
+                               parallel=DataParallel.from_process_group(), source=args.data)
     except Exception as err:  # noqa: BLE001 - one line per rank, as in `bahe train --distributed`
         raise SystemExit(f"bahe update: rank {launch.rank}: {err}") from None
     finally:

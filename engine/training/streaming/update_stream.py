@@ -19,7 +19,8 @@ from engine.training.loops.ctr_models import BAHECTR
 from engine.training.streaming.stream_train import StreamBudget, catalog_log, fit_stream, use_shard
 from engine.training.loops.train import predict
 from engine.training.loops.update import (UpdateConfig, UpdateResult, check_fractions, check_log, extend_item_counts,
-                                          judge_and_publish, next_tables, next_vocabulary, scorer_pair, update_work)
+                                          judge_and_publish, next_record, next_tables, next_vocabulary, scorer_pair,
+                                          update_work)
 
 
 def update_streamed(root: str | Path, log_path: str | Path, work: str | Path, config: UpdateConfig | None = None, *,
@@ -64,5 +65,7 @@ def update_streamed(root: str | Path, log_path: str | Path, work: str | Path, co
             versions, version, np.concatenate(labels), np.concatenate(users),
             {name: np.concatenate(p) for name, p in probs.items()}, upcoming,
             lambda: extend_item_counts(trained, ids, counts, stream.sequence_names), config,
-            {"appended": appended, "rows": sizes, "stream": {"shards": stream.shards, "events": stream.events}})
+            {"appended": appended, "rows": sizes, "stream": {"shards": stream.shards, "events": stream.events}},
+            next_record(version.path, stream.test_start, stream.user_ids(), str(log_path),
+                        sizes["train"] + sizes["val"]))
     return UpdateResult(version.name, published, gate, result, appended, sizes, stream.test_start)
