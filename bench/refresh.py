@@ -45,7 +45,7 @@ from engine.training.studies.experiment import build_scorer, cpu_threads, load_d
 from engine.training.studies.metrics import gauc, paired_auc_difference, paired_gauc_difference, roc_auc
 from engine.training.studies.results_sections import machine, write_section
 
-MARKER = "bench:refresh"
+MARKER = "bench:refresh:{data}"  # one section per log: <!-- bench:refresh:movielens -->, ...:ml1m
 KINDS = {"a": "updated", "b": "full retrain", "c": "never updated", "d": "yesterday's weights, today's tables"}
 
 
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n".join(table(results)))
     if args.results_md:
         given = sys.argv[1:] if argv is None else argv
-        write_section(args.results_md, MARKER, section(results, args, " ".join(["python -m bench.refresh", *given]),
+        write_section(args.results_md, MARKER.format(data=Path(args.data).stem), section(results, args, " ".join(["python -m bench.refresh", *given]),
                                                        host))
     return results
 

@@ -47,7 +47,7 @@ def test_refresh_walks_forward_and_writes_the_table(tiny_checkpoints, tmp_path):
         assert d["auc"][0] == pytest.approx(a - b) and d["auc"][1] <= d["auc"][0] <= d["auc"][2]
     assert figures["seconds"]["a"] == pytest.approx(sum(s["seconds"]["a"] for s in steps))
     text = results_md.read_text()
-    assert "<!-- bench:refresh -->" in text and "python -m bench.refresh --data" in text
+    assert "<!-- bench:refresh:movielens_tiny -->" in text and "python -m bench.refresh --data" in text
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| step |") and table[0].count("|") == 15
     assert [line.split(" | ")[0] for line in table[1:4]] == ["| 1", "| 2", "| pooled"]
