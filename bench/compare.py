@@ -38,7 +38,9 @@ subset of the data set's train examples (the paper's own table compares training
 Outputs (under --out-dir, default bench/results): compare.json (every number of the run),
 compare.csv (one row per (side, M), appended, labeled with the machine and time, so runs on
 different machines sit side by side), scaling-<model>.png (log-log time and memory vs M); and the section
-of --results-md (bench/RESULTS.md) between `<!-- bench:compare:<model> -->` and `<!-- /bench -->`.
+of --results-md (bench/RESULTS.md) between `<!-- bench:compare:<model> -->` and `<!-- /bench -->`. Another
+--data than MovieLens-100K adds its name: compare-<data>.json, scaling-<model>-<data>.png and
+`bench:compare:<model>:<data>`.
 Kernel-level timings: `python -m bench.kernels`; latency suites: `pytest bench/ --benchmark-only`.
 """
 from __future__ import annotations
@@ -64,7 +66,7 @@ from engine.training.studies.scaling import (RawTokenSide, ScalingConfig, break_
 
 log = logging.getLogger(__name__)
 
-MARKER = "bench:compare:{model}"  # the section <!-- bench:compare:<model> --> ... <!-- /bench --> of RESULTS.md
+MARKER = "bench:compare:{model}"  # <!-- bench:compare:<model>[:<data>] --> ... <!-- /bench --> of RESULTS.md
 
 
 @dataclass
@@ -117,20 +119,21 @@ def run(config: CompareConfig, command: str = "python -m bench.compare") -> dict
     run_id = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     config.out_dir.mkdir(parents=True, exist_ok=True)
     model_name = Path(config.model).name  # an embedded name (no slash) is its own name
-    png = config.out_dir / f"scaling-{model_name}.png"
+    on = "" if config.data == "movielens" else f"-{Path(config.data).stem}"  # the default data set: no suffix
+    png = config.out_dir / f"scaling-{model_name}{on}.png"
     plot(points, png, f"BAHE vs raw-token LLM ({config.model}) - {machine}")
     write_csv(config.out_dir / "compare.csv", points, machine, run_id, torch.get_num_threads())
     result = summary(config, command, machine, run_id, elapsed, points, fitted, cost, training, train_examples)
-    (config.out_dir / "compare.json").write_text(json.dumps(result, indent=1, default=float))
+    (config.out_dir / f"compare{on}.json").write_text(json.dumps(result, indent=1, default=float))
     if config.results_md is not None:
         link = os.path.relpath(png, config.results_md.resolve().parent if config.results_md.is_absolute()
                                else config.results_md.parent)
-        marker = MARKER.format(model=model_name)
+        marker = MARKER.format(model=model_name) + on.replace("-", ":", 1)
         write_section(config.results_md, marker, report_lines(config, command, machine, points, fitted, cost,
                                                               training, train_examples, elapsed, link, n,
                                                               oversubscribed))
         print(f"wrote {config.results_md} (section <!-- {marker} -->)")
-    print(f"wrote {png}, {config.out_dir / 'compare.json'}, {config.out_dir / 'compare.csv'}; "
+    print(f"wrote {png}, {config.out_dir / f'compare{on}.json'}, {config.out_dir / 'compare.csv'}; "
           f"{elapsed / 60:.1f} min in all")
     return result
 

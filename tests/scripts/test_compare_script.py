@@ -22,10 +22,10 @@ def test_compare_and_profile_end_to_end(tmp_path, tiny_checkpoints):
                             "--val-examples", "16", "--train-behaviors", "2", "--train-batch-size", "4",
                             "--out-dir", str(out), "--results-md", str(results_md)])
 
-    plot = f"scaling-{Path(model).name}.png"
-    for name in (plot, "compare.json", "compare.csv"):
+    plot = f"scaling-{Path(model).name}-movielens_tiny.png"  # another data set than MovieLens-100K: named
+    for name in (plot, "compare-movielens_tiny.json", "compare.csv"):
         assert (out / name).stat().st_size > 0, name
-    assert json.loads((out / "compare.json").read_text())["run"] == summary["run"]
+    assert json.loads((out / "compare-movielens_tiny.json").read_text())["run"] == summary["run"]
     ran = [p for p in summary["points"] if p["time_ratio"] is not None]
     assert ran, "the raw-token side ran at no M"
     assert all(p["time_ratio"] > 0 and p["memory_ratio"] > 0 and p["break_even_users"] > 0 for p in ran)
@@ -34,7 +34,7 @@ def test_compare_and_profile_end_to_end(tmp_path, tiny_checkpoints):
     assert summary["abe"]["per_second"] > 0 and summary["abe"]["dedup_ratio"] >= 1
     assert summary["training"]["time_ratio"] > 0 and summary["training"]["added_memory_ratio"] > 0
     text = results_md.read_text()
-    marker = f"<!-- bench:compare:{Path(model).name} -->"
+    marker = f"<!-- bench:compare:{Path(model).name}:movielens_tiny -->"
     assert "demo table" in text and text.count(marker) == 1 and "<!-- /bench -->" in text
     assert f"](results/{plot})" in text
 
