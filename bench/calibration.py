@@ -1,5 +1,6 @@
-"""Calibration of a trained scorer (issue 23 item 4): its raw served probabilities and the Platt and isotonic maps
-fitted on the validation part of the log's time split, measured on the test part - log loss, ECE with a 95%
+"""Calibration of a trained scorer (issue 23 item 4): its raw served probabilities, the Platt and isotonic maps
+fitted on the validation part of the log's time split, and a Platt map refitted for each test period on the newest
+labels before it (what a daily recalibration would serve), measured on the test part - log loss, ECE with a 95%
 user-bootstrap interval, the ECE a perfectly calibrated model would show on this many examples (the noise floor,
 engine.training.studies.calibration_metrics), AUC - and the reliability curves as a table and a plot. The scorer
 folder is only read (`bahe calibrate` saves a map into it).
@@ -23,34 +24,38 @@ import numpy as np
 
 from engine.model.calibration import calibrate
 from engine.serving.scorer import BAHEScorer
-from engine.training.loops.calibrate import CalibrationReport, ServedSplit
+from engine.training.loops.calibrate import CalibrationReport, ServedSplit, rolling_calibration
 from engine.training.studies.calibration_metrics import ece_interval, ece_noise_floor, reliability_curve
 from engine.training.studies.experiment import cpu_threads, load_data
+from engine.training.studies.metrics import log_loss, roc_auc
 from engine.training.studies.results_sections import machine, write_section
 
 KINDS = ("platt", "isotonic")
+ROLLING = "rolling platt"  # refitted per test period on the newest labels (engine.training.loops.calibrate)
 
 
-def measure(scorer_dir: Path, data_name: str, resamples: int) -> dict:
+def measure(scorer_dir: Path, data_name: str, resamples: int, periods: int, window: int) -> dict:
     """Every figure of the module docstring, as a JSON-ready dict."""
     data = load_data(data_name)
     start = time.perf_counter()
     served = ServedSplit.of(BAHEScorer.from_pretrained(scorer_dir, device="cpu"), data)
     seconds = time.perf_counter() - start
     reports = {kind: CalibrationReport.fit(kind, served) for kind in KINDS}
-    probs = {"raw": served.test_probs, **{k: calibrate(r.calibration, served.test_probs) for k, r in reports.items()}}
+    probs = {"raw": served.test_probs, **{k: calibrate(r.calibration, served.test_probs) for k, r in reports.items()},
+             ROLLING: rolling_calibration(served, "platt", periods=periods, window=window)}
     rows = {}
     for name, p in probs.items():
         ece, low, high = ece_interval(served.test_labels, p, served.test_users, resamples=resamples)
         floor, floor95 = ece_noise_floor(p)
-        metrics = reports["platt"].before if name == "raw" else reports[name].after
         curve = reliability_curve(served.test_labels, p)
-        rows[name] = {"logloss": metrics["log loss"], "auc": metrics["AUC"], "ece": ece, "ece_low": low,
+        rows[name] = {"logloss": log_loss(served.test_labels, p), "auc": roc_auc(served.test_labels, p), "ece": ece,
+                      "ece_low": low,
                       "ece_high": high, "floor": floor, "floor95": floor95,
                       "curve": {"predicted": curve.predicted.tolist(), "observed": curve.observed.tolist(),
                                 "count": curve.count.tolist()}}
     fits = {k: (f"a = {r.calibration.a:.3f}, b = {r.calibration.b:+.3f}" if k == "platt"
                 else f"{len(r.calibration.x)} points") for k, r in reports.items()}
+    fits[ROLLING] = f"refitted for each of {periods} test periods on the newest {window:,} labeled examples before it"
     return {"scorer": str(scorer_dir), "data": data_name, "val_examples": int(served.val_labels.size),
             "test_examples": int(served.test_labels.size), "test_users": int(np.unique(served.test_users).size),
             "val_positive_rate": float(served.val_labels.mean()), "test_positive_rate": float(served.test_labels.mean()),
@@ -104,13 +109,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data", default="movielens", help="the log it was trained on (engine.training.studies."
                    "experiment.load_data)")
     p.add_argument("--resamples", type=int, default=1000, help="user-bootstrap resamples of the ECE")
+    p.add_argument("--periods", type=int, default=20, help="test periods of the rolling Platt map")
+    p.add_argument("--window", type=int, default=20_000, help="labeled examples each rolling fit uses")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     p.add_argument("--results-md", default="bench/RESULTS.md", help="markdown file to update ('' to skip)")
     args = p.parse_args(argv)
     with cpu_threads(args.threads):
         host = machine()
-        result = measure(args.scorer, args.data, args.resamples)
+        result = measure(args.scorer, args.data, args.resamples, args.periods, args.window)
     name = Path(args.data).stem
     args.out_dir.mkdir(parents=True, exist_ok=True)
     png = args.out_dir / f"calibration-{name}.png"

@@ -27,10 +27,11 @@ def test_calibration_bench_reports_every_map_and_leaves_the_scorer(tiny_checkpoi
     scorer = out / "scorer"
     before = _shas(scorer)
     results = tmp_path / "RESULTS.md"
-    got = calibration.main(["--scorer", str(scorer), "--data", str(FIXTURE), "--resamples", "50", "--out-dir",
+    got = calibration.main(["--scorer", str(scorer), "--data", str(FIXTURE), "--resamples", "50", "--periods", "3",
+                            "--window", "100", "--out-dir",
                             str(tmp_path / "figures"), "--results-md", str(results)])
     assert _shas(scorer) == before
-    assert set(got["rows"]) == {"raw", "platt", "isotonic"}
+    assert set(got["rows"]) == {"raw", "platt", "isotonic", "rolling platt"}
     platt = calibrate_scorer(scorer, load_data(str(FIXTURE)), "platt", save=False)
     assert got["rows"]["platt"]["ece"] == pytest.approx(platt.after["ECE"])
     assert got["rows"]["raw"]["logloss"] == pytest.approx(platt.before["log loss"])

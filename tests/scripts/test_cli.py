@@ -80,3 +80,21 @@ def test_train_reads_a_movielens_1m_folder_and_refuses_a_catalog_for_it(tiny_che
     assert "test AUC" in capsys.readouterr().out and (out / "scorer" / "scorer.json").is_file()
     with pytest.raises(SystemExit, match="'ml1m' is a packaged data set"):
         cli.main(["train", "--data", "ml1m", "--catalog", "items.csv", "--out", str(tmp_path / "x")])
+
+
+def test_train_with_one_seed_makes_one_scorer_whatever_ran_before(tiny_checkpoints, tmp_path):
+    """--seed fixes the new weights as well as the data order: two runs, the global RNG moved in between, save
+    byte-equal models."""
+    import hashlib
+
+    import torch
+    models = []
+    for run in ("a", "b"):
+        torch.rand(7)  # whatever the process did before
+        out = tmp_path / run
+        cli.main(["train", "--data", str(FIXTURE), "--model", str(tiny_checkpoints["llama"]), "--out", str(out),
+                  "--lower-layers", "2", "--max-behaviors", "8", "--epochs", "1", "--train-examples", "60",
+                  "--val-examples", "20", "--test-examples", "20", "--device", "cpu", "--seed", "3"])
+        models.append(hashlib.sha256(b"".join(p.read_bytes() for p in sorted((out / "scorer").glob("*.safetensors"))))
+                      .hexdigest())
+    assert models[0] == models[1]

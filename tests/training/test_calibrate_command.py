@@ -1,5 +1,6 @@
 """`bahe calibrate` end to end on the CI fixture: a trained scorer gets a Platt map fitted on the validation split,
-saved in scorer.json; the reopened scorer's scores are exactly the map of its raw scores, rankings unchanged."""
+saved in scorer.json; the reopened scorer's scores are exactly the map of its raw scores, rankings unchanged. The
+rolling recalibration study is past-only and follows a drifting click rate."""
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,8 @@ from engine import BAHEScorer, cli
 from engine.config import CalibrationConfig
 from engine.model.calibration import calibrate
 from engine.training.data import load_log
-from engine.training.loops.calibrate import served
+from engine.training.loops.calibrate import ServedSplit, rolling_calibration, served
+from engine.training.studies.calibration_metrics import expected_calibration_error
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "movielens_tiny.parquet"
 
@@ -45,3 +47,27 @@ def test_calibrate_fits_saves_and_scores_through_the_map(tiny_checkpoints, tmp_p
     users = data.sequence_texts(rows[:1], None)
     candidates = data.target_texts(rows[:20])
     assert np.array_equal(calibrated.rank(users[0], candidates).order, raw_scorer.rank(users[0], candidates).order)
+
+
+def _drifting(seed: int = 0, n: int = 6000) -> ServedSplit:
+    """A scorer whose probabilities are right on validation but whose test click rate falls with time."""
+    rng = np.random.default_rng(seed)
+    q = rng.uniform(0.1, 0.9, 2 * n)
+    times = np.arange(2 * n)
+    shift = np.where(times < n, 0.0, -0.25 * (times - n) / n)  # the test period drifts down
+    truth = np.clip(q + shift, 0.01, 0.99)
+    labels = (rng.random(2 * n) < truth).astype(np.int64)
+    users = rng.integers(0, 300, 2 * n)
+    return ServedSplit(labels[:n], q[:n], labels[n:], q[n:], users[n:], times[:n], times[n:])
+
+
+def test_rolling_recalibration_is_past_only_and_follows_the_drift():
+    s = _drifting()
+    rolling = rolling_calibration(s, periods=10, window=1500)
+    assert expected_calibration_error(s.test_labels, rolling) < 0.5 * expected_calibration_error(s.test_labels,
+                                                                                                   s.test_probs)
+    future = ServedSplit(s.val_labels, s.val_probs, np.r_[s.test_labels[:3000], 1 - s.test_labels[3000:]],
+                         s.test_probs, s.test_users, s.val_times, s.test_times)
+    changed = rolling_calibration(future, periods=10, window=1500)
+    np.testing.assert_array_equal(changed[:3000], rolling[:3000])  # labels after a period never reach its map
+    assert not np.array_equal(changed[3600:], rolling[3600:])

@@ -40,12 +40,15 @@ def served(scorer: BAHEScorer, data: BehaviorLog, rows: np.ndarray, chunk: int =
 
 @dataclass(frozen=True)
 class ServedSplit:
-    """A scorer's raw served probabilities on the validation and test examples of a log's time split."""
+    """A scorer's raw served probabilities on the validation and test examples of a log's time split, with the
+    examples' timestamps (validation first, then test, each ascending by time as the split's rows are)."""
     val_labels: np.ndarray
     val_probs: np.ndarray
     test_labels: np.ndarray
     test_probs: np.ndarray
     test_users: np.ndarray
+    val_times: np.ndarray
+    test_times: np.ndarray
 
     @classmethod
     def of(cls, scorer: BAHEScorer, data: BehaviorLog, chunk: int = 256) -> ServedSplit:
@@ -56,7 +59,36 @@ class ServedSplit:
             raise ValueError(f"the log's time split has {split.val.size} validation and {split.test.size} test "
                              "examples; calibration needs both")
         return cls(data.label[split.val], served(scorer, data, split.val, chunk)[0], data.label[split.test],
-                   served(scorer, data, split.test, chunk)[0], data.user[split.test])
+                   served(scorer, data, split.test, chunk)[0], data.user[split.test], data.timestamp[split.val],
+                   data.timestamp[split.test])
+
+
+def rolling_calibration(s: ServedSplit, kind: str = "platt", *, periods: int = 20, window: int = 20_000
+                        ) -> np.ndarray:
+    """(test,) probabilities calibrated as a map refitted every period would serve them: the test examples cut by
+    time into `periods` parts of about equal count; each part mapped by `kind` fitted on the newest `window`
+    labeled examples (validation, then earlier test parts) of strictly earlier timestamps - labels a CTR system
+    has logged by then. What a daily `bahe calibrate` on the newest log would give, measured past-only. A window
+    that gives no increasing map keeps the last good one (the raw scores before any), as a failed refit would."""
+    times = np.concatenate([s.val_times, s.test_times])
+    labels = np.concatenate([s.val_labels, s.test_labels])
+    probs = np.concatenate([s.val_probs, s.test_probs])
+    order = np.argsort(times, kind="stable")
+    times, labels, probs = times[order], labels[order], probs[order]
+    out = np.empty_like(s.test_probs)
+    fitted = CalibrationConfig()
+    test_order = np.argsort(s.test_times, kind="stable")
+    for part in np.array_split(test_order, periods):
+        if not part.size:
+            continue
+        known = int(np.searchsorted(times, s.test_times[part].min(), side="left"))  # strictly earlier
+        lo = max(0, known - window)
+        try:
+            fitted = fit_calibration(labels[lo:known], probs[lo:known], kind)
+        except ValueError:  # one class only, or scores that do not rank the window's labels
+            pass
+        out[part] = calibrate(fitted, s.test_probs[part])
+    return out
 
 
 @dataclass(frozen=True)

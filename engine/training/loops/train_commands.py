@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from engine.config import EncoderConfig, ModelConfig, ScorerConfig
 from engine.distributed import Launch
@@ -153,6 +154,7 @@ def train_command(args: argparse.Namespace, launch: Launch | None) -> None:
     from engine.training.data.log_schema import LogFormatError
     from engine.training.loops.ctr_models import BAHECTR
     from engine.training.studies.experiment import SampleConfig, build_scorer, load_data, sample_split, train_and_test
+    torch.manual_seed(args.seed)  # the new weights too, not only the data order: one --seed, one run
     if args.stream:
         if args.distributed:
             raise SystemExit("bahe train: --stream runs in one process; --distributed with it is not built yet")
