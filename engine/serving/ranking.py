@@ -8,7 +8,7 @@ follow the key rule (17 and "17" are one item). The catalog is read once, when o
 into the same folder extends the file (append-only) and a catalog opened again sees the new items."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +54,24 @@ def parse_candidates(candidates: object, num_users: int) -> list[list[str]]:
             raise InputError(f"candidates[{u}] must be a list of item texts, got {type(items).__name__}")
         out.append(list(items))
     return out
+
+
+def parse_candidate_features(candidate_features: object, lists: list[list[str]],
+                             check: Callable[[int, object, int], object]) -> list | None:
+    """rank_many's candidate_features - None, or per user None or one dict (or None) per candidate of
+    candidates[u] - flattened to one entry per ranked pair. User u's entry is checked by `check(u, entry,
+    len(candidates[u]))`, the pipeline's categorical parser, whose errors name it."""
+    if candidate_features is None:
+        return None
+    if not isinstance(candidate_features, (list, tuple)) or len(candidate_features) != len(lists):
+        raise InputError(f"candidate_features must be a list with one entry (a list or None) per user, "
+                         f"{len(lists)} here")
+    flat = []
+    for u, (own, items) in enumerate(zip(candidate_features, lists)):
+        own = [None] * len(items) if own is None else own
+        check(u, own, len(items))
+        flat += list(own)
+    return flat
 
 
 def distinct_users(sequences: list[list[list[str]]]) -> tuple[list[int], np.ndarray]:

@@ -17,7 +17,8 @@ from engine.config import CalibrationConfig, ScorerConfig, ScoringConfig
 from engine.serving.inputs import InputError, parse_history_counts, parse_items, parse_users, read_windows, text_list
 from engine.serving.incremental import UserState, build_state, extend_state, rank_state
 from engine.serving.pipeline import ScoringBatch, ScoringPipeline
-from engine.serving.ranking import Ranking, check_top_k, distinct_users, parse_candidates, ranking
+from engine.serving.ranking import (Ranking, check_top_k, distinct_users, parse_candidate_features,
+                                    parse_candidates, ranking)
 from engine.serving.user_cache import CacheStats
 from engine.model.bahe_model import BAHEModel, PackedBatch
 from engine.serving.scorer_setup import build_encoder, kernel_path, open_or_build_table, resolve_device, trained_items
@@ -241,21 +242,28 @@ class BAHEScorer:
         counts = None if history_counts is None else [history_counts]
         side = None if side_features is None else [side_features]
         return self._rank_many([user], [candidates], top_k, counts, side, label=lambda i: f"candidates[{i}]",
-                               candidate_features=candidate_features)[0]
+                               candidate_features=None if candidate_features is None else [candidate_features],
+                               features_of=lambda u: "candidate_features")[0]
 
     def rank_many(self, users: Sequence[dict[str, Sequence[str]]], candidates: Sequence[Sequence[str]], *,
                   top_k: int | None = None,
                   history_counts: Sequence[dict[str, int] | None] | None = None,
-                  side_features: Sequence[dict | None] | None = None) -> list[Ranking]:
-        """`rank` for many users, each with its own candidate list (candidates[u]) and side features, in one
-        pass: every user's sequences through the upper layers once, each user's candidates through the head."""
-        return self._rank_many(users, candidates, top_k, history_counts, side_features)
+                  side_features: Sequence[dict | None] | None = None,
+                  candidate_features: Sequence[Sequence[dict | None] | None] | None = None) -> list[Ranking]:
+        """`rank` for many users, each with its own candidate list (candidates[u]), side features and candidates'
+        own features (candidate_features[u][j] for candidates[u][j], or None for a user), in one pass: every
+        user's sequences through the upper layers once, each user's candidates through the head."""
+        return self._rank_many(users, candidates, top_k, history_counts, side_features,
+                               candidate_features=candidate_features)
 
     def _rank_many(self, users, candidates, top_k, history_counts, side_features, label=None,
-                   candidate_features=None) -> list[Ranking]:
+                   candidate_features=None, features_of=lambda u: f"candidate_features[{u}]") -> list[Ranking]:
         check_top_k(top_k)
         sequences = parse_users(users, self.config)
         lists = parse_candidates(candidates, len(sequences))
+        candidate_features = parse_candidate_features(
+            candidate_features, lists, lambda u, own, count: self.pipeline.categories(own, count, "candidate",
+                                                                                       features_of(u)))
         user_counts = parse_history_counts(history_counts, users, self.config.model.sequence_names)
         sizes = np.array([len(c) for c in lists], dtype=np.int64)
         pair_user = np.repeat(np.arange(len(lists)), sizes)

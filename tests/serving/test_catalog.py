@@ -153,6 +153,27 @@ def test_candidate_features_are_checked_naming_the_candidate(genre_folder, featu
         scorer.rank({"click": BEHAVIORS[:2]}, ITEMS, candidate_features=features)
 
 
+def test_rank_many_takes_each_users_candidate_features(genre_folder):
+    """rank_many with candidate_features[u][j]: each user's ranking equals its own rank with them; errors name the
+    user and the candidate."""
+    scorer = BAHEScorer.from_pretrained(genre_folder, device="cpu")
+    users = [{"click": BEHAVIORS[:3]}, {"click": BEHAVIORS[2:4], "buy": BEHAVIORS[:1]}]
+    lists = [ITEMS, ITEMS[1:3]]
+    own = [[{"genre": "Drinks"}, None, {"genre": "Snacks"}, None], None]
+    many = scorer.rank_many(users, lists, side_features=[{"user_id": "u1"}, None], candidate_features=own)
+    one = scorer.rank(users[0], ITEMS, side_features={"user_id": "u1"}, candidate_features=own[0])
+    np.testing.assert_allclose(many[0].scores, one.scores, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(many[1].scores, scorer.rank(users[1], ITEMS[1:3]).scores, rtol=0, atol=1e-6)
+    assert np.abs(many[0].scores - scorer.rank(users[0], ITEMS, side_features={"user_id": "u1"}).scores).max() > 1e-4
+    with pytest.raises(InputError, match=r"candidate_features\[1\] must be a list with one dict \(or None\) per "
+                                         r"candidate \(2\)"):
+        scorer.rank_many(users, lists, candidate_features=[None, [None]])
+    with pytest.raises(InputError, match=r"candidate_features\[0\]\[1\] has unknown feature\(s\) \['shop'\]"):
+        scorer.rank_many(users, lists, candidate_features=[[None, {"shop": "x"}, None, None], None])
+    with pytest.raises(InputError, match="one entry \\(a list or None\\) per user, 2 here"):
+        scorer.rank_many(users, lists, candidate_features=[None])
+
+
 def test_save_pretrained_to_another_folder_carries_the_id_vocabulary(folder, tmp_path):
     """Before, ids.json stayed behind: a scorer saved elsewhere could no longer score by item id."""
     scorer = BAHEScorer.from_pretrained(folder, device="cpu")
