@@ -5,7 +5,7 @@ user-bootstrap interval, the ECE a perfectly calibrated model would show on this
 engine.training.studies.calibration_metrics), AUC - and the reliability curves as a table and a plot. The scorer
 folder is only read (`bahe calibrate` saves a map into it).
 
-    python -m bench.calibration --scorer DIR [--data ml1m] [--threads 2]
+    python -m bench.reliability --scorer DIR [--data ml1m] [--threads 2]
 
 Outputs: the section `<!-- bench:calibration:<data> -->` of --results-md and calibration-<data>.png and .json
 under --out-dir.
@@ -103,7 +103,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="python -m bench.calibration", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m bench.reliability", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--scorer", type=Path, required=True, help="a scorer folder (read only)")
     p.add_argument("--data", default="movielens", help="the log it was trained on (engine.training.studies."
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         link = os.path.relpath(png, Path(args.results_md).resolve().parent)
         write_section(args.results_md, f"bench:calibration:{name}", [
             f"### Calibration on {args.data}: raw, Platt and isotonic", "",
-            f"`python -m bench.calibration {' '.join(argv)}` on {datetime.date.today().isoformat()}, {host}. Maps "
+            f"`python -m bench.reliability {' '.join(argv)}` on {datetime.date.today().isoformat()}, {host}. Maps "
             f"fitted on the time split's {result['val_examples']:,} validation examples (positive rate "
             f"{result['val_positive_rate']:.3f}), measured on its {result['test_examples']:,} test examples "
             f"({result['test_users']:,} users, positive rate {result['test_positive_rate']:.3f}) through "

@@ -1,4 +1,4 @@
-"""bench/calibration.py end to end on a scorer trained on the MovieLens fixture: the maps are fitted on validation
+"""bench/reliability.py end to end on a scorer trained on the MovieLens fixture: the maps are fitted on validation
 and measured on test as `bahe calibrate` does, the figures agree with the metrics recomputed from the JSON's curves,
 the plot and the results section are written, and the scorer folder is left as it was."""
 import hashlib
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import calibration
+from bench import reliability
 from engine import cli
 from engine.training.loops.calibrate import calibrate_scorer
 from engine.training.studies.experiment import load_data
@@ -27,7 +27,7 @@ def test_calibration_bench_reports_every_map_and_leaves_the_scorer(tiny_checkpoi
     scorer = out / "scorer"
     before = _shas(scorer)
     results = tmp_path / "RESULTS.md"
-    got = calibration.main(["--scorer", str(scorer), "--data", str(FIXTURE), "--resamples", "50", "--periods", "3",
+    got = reliability.main(["--scorer", str(scorer), "--data", str(FIXTURE), "--resamples", "50", "--periods", "3",
                             "--window", "100", "--out-dir",
                             str(tmp_path / "figures"), "--results-md", str(results)])
     assert _shas(scorer) == before
