@@ -167,6 +167,16 @@ class ItemCatalog:
         """The catalog's categorical features of `item_id` among `names` (those a model was trained with)."""
         return {k: v for k, v in self.vocabulary.features_of(id_key(item_id)).items() if k in names}
 
+    def features_of_numbers(self, numbers: np.ndarray, names: Sequence[str]) -> list[dict | None] | None:
+        """The catalog's features among `names` of the items numbered `numbers` (`numbers`' result), one dict or
+        None each; None when no item has any - at once, with no per-item work, when the catalog stores none of
+        `names` (the id-keyed rank's common case)."""
+        columns = {n: v for n, v in self.vocabulary.item_features.items() if n in names}
+        if not columns:
+            return None
+        out = [{n: v[k] for n, v in columns.items() if v[k] is not None} or None for k in numbers.tolist()]
+        return out if any(f is not None for f in out) else None
+
     def with_features(self, item_ids: Sequence[object], side_features: object, names: Sequence[str]) -> object:
         """`side_features` (None or one dict or None per item) with each item's catalog features filled in
         where the caller gave none (an item id of None: an item given by text, left as it is); anything else
@@ -200,8 +210,9 @@ def rank_items(scorer, catalog: ItemCatalog, user: dict, candidate_ids: Sequence
     candidate's categorical features stored in the catalog go to `rank` as its `candidate_features` (the
     user's `side_features` win where they name the same feature), so a ranking by id scores as the same request
     carrying the items' texts and features."""
-    texts = catalog.texts(candidate_ids, "candidates")
+    numbers = catalog.numbers(candidate_ids, "candidates")
     if "candidate_features" not in options:
-        own = catalog.with_features(candidate_ids, None, scorer.config.model.categorical_features)
-        options["candidate_features"] = own if any(f is not None for f in own) else None
-    return scorer.rank(user, texts, top_k=top_k, **options)
+        options["candidate_features"] = catalog.features_of_numbers(numbers,
+                                                                   scorer.config.model.categorical_features)
+    texts = catalog.vocabulary.item_texts
+    return scorer.rank(user, [texts[k] for k in numbers.tolist()], top_k=top_k, **options)

@@ -153,6 +153,24 @@ def test_candidate_features_are_checked_naming_the_candidate(genre_folder, featu
         scorer.rank({"click": BEHAVIORS[:2]}, ITEMS, candidate_features=features)
 
 
+def test_id_ranker_ranks_with_each_candidates_catalog_features(genre_folder):
+    """IdRanker.rank fills the candidates' catalog features (from their catalog numbers) as rank_items does."""
+    from engine.serving.by_id.history_store import MemoryHistoryStore
+    from engine.serving.by_id.id_ranker import IdRanker
+    scorer, catalog = BAHEScorer.from_pretrained(genre_folder, device="cpu"), ItemCatalog.open(genre_folder)
+    ranker = IdRanker(scorer, MemoryHistoryStore(scorer.config.model.sequence_names, catalog.vocabulary.items),
+                      catalog)
+    ranker.append("u1", {"click": ["SKU-0001", 17]})
+    by_id = ranker.rank("u1", IDS, side_features={"user_id": "u1"})
+    want = rank_items(scorer, catalog, {"click": ITEMS[:2]}, IDS, side_features={"user_id": "u1"})
+    np.testing.assert_allclose(by_id.scores, want.scores, rtol=0, atol=1e-5)
+    plain = scorer.rank({"click": ITEMS[:2]}, ITEMS, side_features={"user_id": "u1"})  # no catalog features
+    assert np.abs(plain.scores - by_id.scores).max() > 1e-4
+    numbers = catalog.numbers(IDS)
+    assert catalog.features_of_numbers(numbers, ("user_id",)) is None  # no stored feature among the names
+    assert catalog.features_of_numbers(numbers, ("genre",)) == catalog.with_features(IDS, None, ("genre",))
+
+
 def test_rank_many_takes_each_users_candidate_features(genre_folder):
     """rank_many with candidate_features[u][j]: each user's ranking equals its own rank with them; errors name the
     user and the candidate."""

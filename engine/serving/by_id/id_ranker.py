@@ -211,8 +211,8 @@ class IdRanker:
         key = user_key(user_id)
         numbers = self.catalog.numbers(candidate_item_ids, "candidates")
         side = self._side(key, side_features)
-        own = self.catalog.with_features(list(candidate_item_ids), None, self.scorer.config.model.categorical_features)
-        candidate_features = own if any(f is not None for f in own) else None  # the catalog's, as rank_items fills
+        candidate_features = self.catalog.features_of_numbers(  # the catalog's, as rank_items fills them
+            numbers, self.scorer.config.model.categorical_features)
         if not self.incremental:
             texts = self.catalog.vocabulary.item_texts
             return self.scorer.rank(self._texts(self.store.read(key)), [texts[i] for i in numbers], top_k=top_k,
