@@ -62,4 +62,5 @@ def test_ml1m_seeds_on_the_generated_fixture(tmp_path, tiny_checkpoints):
     assert bahe[0] != bahe[1], "the seed reaches BAHE's training"  # (24 test examples: AUCs may tie)
     text = results_md.read_text()
     assert "<!-- bench:seeds:bert:ml1m -->" in text and text.count("| AUC(BAHE) - AUC(") == 3
+    assert text.count("| GAUC(BAHE) - GAUC(") == 3
     assert text.count("| GAUC |") == 4

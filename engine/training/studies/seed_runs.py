@@ -134,8 +134,9 @@ def run_ml1m_seeds(config: DemoConfig, seeds: Sequence[int], threads: int | None
 
 
 def ml1m_seed_lines(runs: list, labels: np.ndarray, users: np.ndarray) -> list[str]:
-    """Per model: AUC and GAUC per seed with mean ± sd; then BAHE's paired AUC difference to each peer per seed."""
-    from engine.training.studies.metrics import paired_auc_difference
+    """Per model: AUC and GAUC per seed with mean ± sd; then BAHE's paired AUC and GAUC differences to each peer per
+    seed."""
+    from engine.training.studies.metrics import paired_auc_difference, paired_gauc_difference
     seeds = " | ".join(f"seed {seed}" for seed, _ in runs)
     rule = "|---" * (len(runs) + 3) + "|"
     names = [r.row.name for r in runs[0][1].results]
@@ -147,13 +148,14 @@ def ml1m_seed_lines(runs: list, labels: np.ndarray, users: np.ndarray) -> list[s
         lines.append(f"| {name} | GAUC | " + " | ".join(_cell(r.gauc) for r in rows)
                      + f" | {_pm([r.gauc.value for r in rows])} |")
     lines += ["", f"| paired difference | {seeds} | mean ± sd | seeds above 0 |", "|---" * (len(runs) + 3) + "|"]
-    for other in (n for n in names if n != "BAHE"):
-        diffs = []
-        for _, run in runs:
-            test = run.splits["time"]["test"]
-            mine = {r.row.name: r.row.probs for r in run.results}
-            diffs.append(paired_auc_difference(labels[test], mine["BAHE"], mine[other], users[test]))
-        above = sum(verdict(d) == "above 0" for d in diffs)
-        lines.append(f"| AUC(BAHE) - AUC({other}) | " + " | ".join(_cell(d, True) for d in diffs)
-                     + f" | {_pm([d.value for d in diffs], True)} | {above} of {len(diffs)} |")
+    for metric, paired in (("AUC", paired_auc_difference), ("GAUC", paired_gauc_difference)):
+        for other in (n for n in names if n != "BAHE"):
+            diffs = []
+            for _, run in runs:
+                test = run.splits["time"]["test"]
+                mine = {r.row.name: r.row.probs for r in run.results}
+                diffs.append(paired(labels[test], mine["BAHE"], mine[other], users[test]))
+            above = sum(verdict(d) == "above 0" for d in diffs)
+            lines.append(f"| {metric}(BAHE) - {metric}({other}) | " + " | ".join(_cell(d, True) for d in diffs)
+                         + f" | {_pm([d.value for d in diffs], True)} | {above} of {len(diffs)} |")
     return lines
