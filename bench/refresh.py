@@ -297,8 +297,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n".join(table(results)))
     if args.results_md:
         given = sys.argv[1:] if argv is None else argv
-        write_section(args.results_md, MARKER.format(data=Path(args.data).stem), section(results, args, " ".join(["python -m bench.refresh", *given]),
-                                                       host))
+        command = " ".join(["python -m bench.refresh", *given])
+        write_section(args.results_md, MARKER.format(data=Path(args.data).stem), section(results, args, command, host))
     return results
 
 

@@ -58,7 +58,8 @@ def measure(scorer_dir: Path, data_name: str, resamples: int, periods: int, wind
     fits[ROLLING] = f"refitted for each of {periods} test periods on the newest {window:,} labeled examples before it"
     return {"scorer": str(scorer_dir), "data": data_name, "val_examples": int(served.val_labels.size),
             "test_examples": int(served.test_labels.size), "test_users": int(np.unique(served.test_users).size),
-            "val_positive_rate": float(served.val_labels.mean()), "test_positive_rate": float(served.test_labels.mean()),
+            "val_positive_rate": float(served.val_labels.mean()),
+            "test_positive_rate": float(served.test_labels.mean()),
             "serving_seconds": seconds, "fits": fits, "rows": rows}
 
 

@@ -12,7 +12,8 @@ record widened by the fine-tuning's examples, all before the gate period: engine
 The record names the weights it describes (`weights`: the scorer version). A record whose weights are not the
 folder's model (the folder was trained further and saved over, or a record copied into another scorer) describes
 nothing and reads as absent: the export then refuses, as for a scorer without any record (scorers from the Python
-API, and `bahe update` versions of a CURRENT without one). Calibration changes scorer.json, not the weights: the record stays valid.
+API, and `bahe update` versions of a CURRENT without one). Calibration changes scorer.json, not the weights: the
+record stays valid.
 """
 from __future__ import annotations
 

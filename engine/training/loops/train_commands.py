@@ -82,7 +82,8 @@ def train_distributed(launch, args: argparse.Namespace, data, split, rows, confi
     try:
         scorer, report = parallel_scorer(args.model, data, config, out / "tables", launch, str(device))
         bahe = BAHECTR(scorer, data)
-        result = train_and_test(bahe, data, rows, train_config(args, progress=launch.is_writer), device=str(device), parallel=DataParallel.from_process_group())
+        result = train_and_test(bahe, data, rows, train_config(args, progress=launch.is_writer), device=str(device),
+                                parallel=DataParallel.from_process_group())
         bahe.store_item_counts(data, split.test_start)
         error = None
         if launch.is_writer:
