@@ -49,6 +49,25 @@ def test_calibrate_fits_saves_and_scores_through_the_map(tiny_checkpoints, tmp_p
     assert np.array_equal(calibrated.rank(users[0], candidates).order, raw_scorer.rank(users[0], candidates).order)
 
 
+@pytest.mark.slow
+def test_served_split_of_a_user_sample_is_the_whole_splits_rows_of_those_users(tiny_checkpoints, tmp_path):
+    out = tmp_path / "run"
+    cli.main(["train", "--data", str(FIXTURE), "--model", str(tiny_checkpoints["llama"]), "--out", str(out),
+              "--lower-layers", "2", "--max-behaviors", "8", "--epochs", "1", "--device", "cpu"])
+    scorer, data = BAHEScorer.from_pretrained(out / "scorer", device="cpu"), load_log(FIXTURE)
+    whole = ServedSplit.of(scorer, data)
+    sampled = ServedSplit.of(scorer, data, users=2, seed=1)
+    held = np.unique(np.concatenate([data.user[data.split().val], whole.test_users]))
+    assert held.size > 2 and 0 < np.unique(sampled.test_users).size <= 2
+    kept = np.isin(whole.test_users, sampled.test_users)
+    assert kept.sum() == sampled.test_labels.size < whole.test_labels.size
+    np.testing.assert_allclose(sampled.test_probs, whole.test_probs[kept], atol=1e-6)
+    np.testing.assert_array_equal(sampled.test_times, whole.test_times[kept])
+    assert sampled.val_labels.size < whole.val_labels.size
+    with pytest.raises(ValueError, match="users must be >= 1"):
+        ServedSplit.of(scorer, data, users=0)
+
+
 def _drifting(seed: int = 0, n: int = 6000) -> ServedSplit:
     """A scorer whose probabilities are right on validation but whose test click rate falls with time."""
     rng = np.random.default_rng(seed)

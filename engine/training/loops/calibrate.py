@@ -51,16 +51,25 @@ class ServedSplit:
     test_times: np.ndarray
 
     @classmethod
-    def of(cls, scorer: BAHEScorer, data: BehaviorLog, chunk: int = 256) -> ServedSplit:
-        """Scored through `served` with any calibration of the scorer's switched off (raw probabilities)."""
+    def of(cls, scorer: BAHEScorer, data: BehaviorLog, chunk: int = 256, *, users: int | None = None,
+           seed: int = 0) -> ServedSplit:
+        """Scored through `served` with any calibration of the scorer's switched off (raw probabilities).
+        `users`: only the validation and test examples of that many users drawn with `seed` (None: all), the split
+        still cut on the whole log (the one the scorer trained on), so a sampled example is one the split holds."""
         scorer.set_calibration(CalibrationConfig())
         split = data.split()
-        if split.val.size == 0 or split.test.size == 0:
-            raise ValueError(f"the log's time split has {split.val.size} validation and {split.test.size} test "
-                             "examples; calibration needs both")
-        return cls(data.label[split.val], served(scorer, data, split.val, chunk)[0], data.label[split.test],
-                   served(scorer, data, split.test, chunk)[0], data.user[split.test], data.timestamp[split.val],
-                   data.timestamp[split.test])
+        val, test = split.val, split.test
+        if users is not None:
+            if users < 1:
+                raise ValueError(f"users must be >= 1 or None (all), got {users}")
+            held = np.unique(data.user[np.concatenate([val, test])])
+            chosen = np.random.default_rng(seed).choice(held, min(users, held.size), replace=False)
+            val, test = val[np.isin(data.user[val], chosen)], test[np.isin(data.user[test], chosen)]
+        if val.size == 0 or test.size == 0:
+            raise ValueError(f"the log's time split has {val.size} validation and {test.size} test examples"
+                             f"{'' if users is None else f' among {users} sampled users'}; calibration needs both")
+        return cls(data.label[val], served(scorer, data, val, chunk)[0], data.label[test],
+                   served(scorer, data, test, chunk)[0], data.user[test], data.timestamp[val], data.timestamp[test])
 
 
 def rolling_calibration(s: ServedSplit, kind: str = "platt", *, periods: int = 20, window: int = 20_000
