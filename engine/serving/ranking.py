@@ -162,11 +162,6 @@ class ItemCatalog:
             raise InputError(f"{where}: item id {key!r} is not in the catalog {self.source} ({len(self)} items)")
         return text
 
-
-    def features(self, item_id: object, names: Sequence[str]) -> dict[str, str]:
-        """The catalog's categorical features of `item_id` among `names` (those a model was trained with)."""
-        return {k: v for k, v in self.vocabulary.features_of(id_key(item_id)).items() if k in names}
-
     def features_of_numbers(self, numbers: np.ndarray, names: Sequence[str]) -> list[dict | None] | None:
         """The catalog's features among `names` of the items numbered `numbers` (`numbers`' result), one dict or
         None each; None when no item has any - at once, with no per-item work, when the catalog stores none of
@@ -180,17 +175,18 @@ class ItemCatalog:
     def with_features(self, item_ids: Sequence[object], side_features: object, names: Sequence[str]) -> object:
         """`side_features` (None or one dict or None per item) with each item's catalog features filled in
         where the caller gave none (an item id of None: an item given by text, left as it is); anything else
-        is returned as it came, for `score` to refuse."""
+        is returned as it came, for `score` to refuse. InputError naming item_ids[i] for an id not held."""
         if side_features is None:
             side_features = [None] * len(item_ids)
         if not isinstance(side_features, (list, tuple)) or len(side_features) != len(item_ids):
             return side_features
-        filled = []
-        for item_id, given in zip(item_ids, side_features):
-            known = {} if item_id is None else self.features(item_id, names)  # None: an item given by text
-            filled.append({**known, **given} if isinstance(given, dict) else given if given is not None else
-                          known or None)
-        return filled
+        held = [i for i, item_id in enumerate(item_ids) if item_id is not None]
+        known: list[dict | None] = [None] * len(item_ids)
+        found = self.features_of_numbers(self.numbers([item_ids[i] for i in held]), names) if held else None
+        for i, features in zip(held, found or ()):
+            known[i] = features
+        return [{**(k or {}), **given} if isinstance(given, dict) else given if given is not None else k
+                for k, given in zip(known, side_features)]
 
 
 def score_items(scorer, catalog: ItemCatalog, users: Sequence[dict], item_ids: Sequence[object],

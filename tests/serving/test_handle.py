@@ -20,6 +20,8 @@ USERS = random_users(np.random.default_rng(4), 6)
 APPENDS = [{"click": [BEHAVIORS[(3 * k) % len(BEHAVIORS)]], "search": [BEHAVIORS[(5 * k + 1) % len(BEHAVIORS)]]}
            for k in range(6)]
 SWAPS, CLIENTS = 20, 8
+TOLERANCE = 1e-4  # incremental vs whole-user and batched (the queue's rank_many) vs alone rounding: up to 1.2e-5
+# measured on this tiny random model's large logits; the versions' results differ by far more (the fixture checks)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,12 @@ def weights(tiny_checkpoints, tmp_path_factory):
             extended.append(direct.rank(grown, CANDIDATES).scores)
         expected.append({"score": direct.score(USERS, ITEMS[:2] * 3),
                          "rank": [direct.rank(u, CANDIDATES).scores for u in USERS], "extend": extended})
-    assert not np.allclose(expected[0]["score"], expected[1]["score"], atol=1e-3)
+    for a in range(3):
+        for b in range(a):
+            for key in ("rank", "extend"):
+                gaps = [np.abs(x - y).max() for x, y in zip(expected[a][key], expected[b][key])]
+                assert min(gaps) > 100 * TOLERANCE, f"versions {a} and {b} rank alike: {key} gaps {gaps}"
+            assert np.abs(expected[a]["score"] - expected[b]["score"]).max() > 100 * TOLERANCE
     return folders, expected
 
 
@@ -55,8 +62,8 @@ def _publish(root, folder):
 
 
 def _which(result, wanted):
-    """Index of the version whose direct result `result` is (1e-5: incremental vs whole-user rounding), or None."""
-    hits = [v for v, w in enumerate(wanted) if np.allclose(result, w, rtol=0, atol=1e-5)]
+    """Index of the version whose direct result `result` is (within TOLERANCE), or None."""
+    hits = [v for v, w in enumerate(wanted) if np.allclose(result, w, rtol=0, atol=TOLERANCE)]
     return hits[0] if len(hits) == 1 else None
 
 
@@ -92,7 +99,9 @@ def test_twenty_swaps_under_eight_clients(weights, tmp_path):
                     wanted = [e["extend"][appended - 1] for e in expected]
                 version = _which(got, wanted)
                 if version is None:
-                    raise AssertionError(f"client {c} op {op}: {got} is no version's direct result")
+                    gaps = [float(np.abs(np.asarray(got) - w).max()) for w in wanted]
+                    raise AssertionError(f"client {c} op {op}: {got} is no version's direct result (largest "
+                                         f"differences from each version's: {gaps})")
                 with lock:
                     seen.add(version)
             except Exception as err:  # noqa: BLE001 - counted, reported below
