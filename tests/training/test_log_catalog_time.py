@@ -180,3 +180,37 @@ def test_bahe_train_stream_with_a_catalog_and_iso_timestamps(tiny_checkpoints, t
     assert streamed.features_of("SKU-1") == whole.features_of("SKU-1") == {
         "genre": catalog.set_index("item_id").loc["SKU-1", "cat_genre"]}
     assert sorted(streamed.users.keys) == sorted(whole.users.keys)
+
+
+@pytest.mark.slow  # trains a scorer, then updates it twice
+@pytest.mark.parametrize("stream", [False, True])
+def test_bahe_update_reads_a_catalog_log_as_bahe_train_does(tiny_checkpoints, tmp_path, capsys, stream):
+    """A scorer trained on events + an item catalog (ISO-8601 times) is updated on the next period's events in the
+    same format: `bahe update --catalog --timestamps`, in memory and streamed; NEXT holds the catalog's items."""
+    from engine import cli
+    from engine.deploy.versions import ScorerVersions
+    from weights.id_vocabulary import FILE_NAME, VocabularyFile
+    events, items = _genre_fixture(tmp_path, iso=True)
+    frame = pd.read_csv(events, dtype=str)
+    times = pd.to_datetime(frame["timestamp"])
+    cut = times.sort_values().iloc[400]
+    old, new = frame[times < cut], frame[times >= cut]  # the new period starts after the old one ends
+    old.to_csv(tmp_path / "old.csv", index=False)
+    new.to_csv(tmp_path / "new.csv", index=False)
+    log_format = ["--catalog", str(items), "--timestamps", "iso8601"]
+    cli.main(["train", "--model", str(tiny_checkpoints["llama"]), "--lower-layers", "2", "--max-behaviors", "8",
+              "--epochs", "1", "--device", "cpu", "--data", str(tmp_path / "old.csv"), *log_format,
+              "--out", str(tmp_path / "run")])
+    root = tmp_path / "root"
+    extra = ["--stream", str(tmp_path / "work"), "--shards", "2"] if stream else ["--history", str(tmp_path / "old.csv")]
+    cli.main(["update", "--scorer", str(tmp_path / "run" / "scorer"), "--out", str(root), "--data",
+              str(tmp_path / "new.csv"), *log_format, "--epochs", "1", "--force", "--device", "cpu", *extra])
+    assert "published v000002" in capsys.readouterr().out
+    nxt = VocabularyFile.read(ScorerVersions(root).current().path / FILE_NAME)
+    catalog = pd.read_csv(items, dtype=str).set_index("item_id")
+    held = set(old["item_id"]) | set(new["item_id"])
+    assert held <= set(nxt.items.keys)
+    assert all(nxt.text_of(key) == catalog.loc[key, "item_text"] for key in held)
+    with pytest.raises(SystemExit, match="timestamp"):  # the format is read, not guessed: integers refused
+        cli.main(["update", "--out", str(root), "--data", str(tmp_path / "new.csv"), "--catalog", str(items),
+                  "--timestamps", "integer", "--epochs", "1", "--device", "cpu"])

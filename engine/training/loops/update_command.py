@@ -9,6 +9,7 @@ from pathlib import Path
 
 from engine import distributed
 from engine.deploy.versions import ScorerVersions, VersionError
+from engine.training.data.log import BehaviorLog
 from engine.training.data.log_schema import LogFormatError
 from engine.training.loops.data_parallel import DataParallel
 from engine.training.loops.train import TrainConfig
@@ -28,6 +29,11 @@ def _root(args: argparse.Namespace, out: Path) -> str | None:
         raise VersionError(f"--scorer {args.scorer} is not the current version of {out}; the update always starts "
                            "from the root's current version")
     return None
+
+
+def _log(args: argparse.Namespace, source: str | None) -> BehaviorLog | None:
+    """The log file `source` read with --catalog and --timestamps (None: none given)."""
+    return None if source is None else load_data(source, catalog=args.catalog, timestamps=args.timestamps)
 
 
 def _config(args: argparse.Namespace, progress: bool) -> UpdateConfig:
@@ -55,14 +61,15 @@ def run_update(args: argparse.Namespace) -> None:
             if said:
                 print(said)
             result, writer = update_streamed(out, args.data, args.stream, _config(args, True), shards=args.shards,
-                                             device=args.device), True
+                                             device=args.device, catalog=args.catalog,
+                                             timestamps=args.timestamps), True
         elif not args.distributed:
             distributed.check_not_launched("bahe update")
             said = _root(args, out)
             if said:
                 print(said)
-            result, writer = update_scorer(out, load_data(args.data), _config(args, True), history=load_data(
-                args.history) if args.history else None, device=args.device, source=args.data), True
+            result, writer = update_scorer(out, _log(args, args.data), _config(args, True), history=_log(
+                args, args.history), device=args.device, source=args.data), True
         else:
             result, writer = _run_distributed(args, out)
     except (LogFormatError, OSError, ValueError, distributed.LaunchError) as err:
@@ -91,8 +98,8 @@ def _run_distributed(args: argparse.Namespace, out: Path) -> tuple[UpdateResult,
         distributed.broadcast_outcome(error)
         if error is not None:
             raise error
-        result = update_scorer(out, load_data(args.data), _config(args, launch.is_writer),
-                               history=load_data(args.history) if args.history else None, device=str(device),
+        result = update_scorer(out, _log(args, args.data), _config(args, launch.is_writer),
+                               history=_log(args, args.history), device=str(device),
                                parallel=DataParallel.from_process_group(), source=args.data)
     except Exception as err:  # noqa: BLE001 - one line per rank, as in `bahe train --distributed`
         raise SystemExit(f"bahe update: rank {launch.rank}: {err}") from None

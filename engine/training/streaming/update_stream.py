@@ -24,8 +24,10 @@ from engine.training.loops.update import (UpdateConfig, UpdateResult, check_frac
 
 
 def update_streamed(root: str | Path, log_path: str | Path, work: str | Path, config: UpdateConfig | None = None, *,
-                    shards: int = 16, budget: StreamBudget = StreamBudget(), device: str = "auto") -> UpdateResult:
-    """`update_scorer` for the log file `log_path`, streamed through the folder `work` (see the module docstring)."""
+                    shards: int = 16, budget: StreamBudget = StreamBudget(), device: str = "auto",
+                    catalog: str | Path | None = None, timestamps: str = "auto") -> UpdateResult:
+    """`update_scorer` for the log file `log_path` (read with the item `catalog` file and `timestamps` format, as
+    `load_log`), streamed through the folder `work` (see the module docstring)."""
     config = config or UpdateConfig()
     check_fractions(config)
     versions = ScorerVersions(root, config.keep)
@@ -33,7 +35,7 @@ def update_streamed(root: str | Path, log_path: str | Path, work: str | Path, co
     current = BAHEScorer.from_pretrained(version.path, device=device)
     stream = prepare_stream(log_path, work, StreamConfig(
         shards=shards, time_buckets=shards, train=1 - config.gate_fraction - config.val_fraction,
-        val=config.val_fraction))
+        val=config.val_fraction), catalog=catalog, timestamps=timestamps)
     catalog = catalog_log(stream)
     check_log(current, catalog)
     ids = next_vocabulary(current, stream.user_ids(), catalog, stream.item_features)
