@@ -202,7 +202,8 @@ def test_bahe_update_reads_a_catalog_log_as_bahe_train_does(tiny_checkpoints, tm
               "--epochs", "1", "--device", "cpu", "--data", str(tmp_path / "old.csv"), *log_format,
               "--out", str(tmp_path / "run")])
     root = tmp_path / "root"
-    extra = ["--stream", str(tmp_path / "work"), "--shards", "2"] if stream else ["--history", str(tmp_path / "old.csv")]
+    extra = (["--stream", str(tmp_path / "work"), "--shards", "2"] if stream
+             else ["--history", str(tmp_path / "old.csv")])
     cli.main(["update", "--scorer", str(tmp_path / "run" / "scorer"), "--out", str(root), "--data",
               str(tmp_path / "new.csv"), *log_format, "--epochs", "1", "--force", "--device", "cpu", *extra])
     assert "published v000002" in capsys.readouterr().out

@@ -36,13 +36,13 @@ def update_streamed(root: str | Path, log_path: str | Path, work: str | Path, co
     stream = prepare_stream(log_path, work, StreamConfig(
         shards=shards, time_buckets=shards, train=1 - config.gate_fraction - config.val_fraction,
         val=config.val_fraction), catalog=catalog, timestamps=timestamps)
-    catalog = catalog_log(stream)
-    check_log(current, catalog)
-    ids = next_vocabulary(current, stream.user_ids(), catalog, stream.item_features)
+    stream_catalog = catalog_log(stream)
+    check_log(current, stream_catalog)
+    ids = next_vocabulary(current, stream.user_ids(), stream_catalog, stream.item_features)
     with update_work(versions.root) as tables:
-        behaviors, items, appended = next_tables(current, catalog, tables)
+        behaviors, items, appended = next_tables(current, stream_catalog, tables)
         baseline, upcoming = scorer_pair(current, behaviors, items, ids)  # (config.train.norm_batches unused)
-        trained, before = BAHECTR(upcoming, catalog), BAHECTR(baseline, catalog)
+        trained, before = BAHECTR(upcoming, stream_catalog), BAHECTR(baseline, stream_catalog)
         result = fit_stream(trained, stream, config.train, budget=budget, device=str(upcoming.device))
         ids = stream.item_ids
         counts = np.zeros((ids.size, len(stream.sequence_names)), dtype=np.int64)
