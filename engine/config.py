@@ -86,6 +86,8 @@ class ModelConfig:
     count_features: bool = True     # dense past-count features of user (its sequences) and item (stored stats)
     recent_events: int = 10         # with count_features: shares of each sequence among the user's last events
     item_id_dim: int = 16           # learned item-id embedding width, keyed by item-table row (0: none)
+    id_rows: bool = False           # the upper layers read each behavior's and item's frozen ABE row plus a learned
+                                    # id row of the same width (zero at first; rows added after training: text only)
     similarity_temperatures: tuple[float, ...] = (0.02, 0.05, 0.1)  # soft counts of behaviors like the item
                                     # per sequence and temperature, from the ABE rows (engine.features.similarity; (): none)
     categorical_features: tuple[str, ...] = ()  # hashed categorical side features, e.g. ("user_id", "gender")
@@ -127,7 +129,7 @@ class ModelConfig:
 
     def text_only(self) -> ModelConfig:
         """This model's text part alone (no side features, MLP head): what the raw-token baseline has."""
-        return replace(self, count_features=False, recent_events=0, item_id_dim=0, head_cross_layers=0,
+        return replace(self, count_features=False, recent_events=0, item_id_dim=0, id_rows=False, head_cross_layers=0,
                        similarity_features=False, head_text_dim=0, similarity_temperatures=(), categorical_features=())
 
 
@@ -190,13 +192,14 @@ class CalibrationConfig:
                 raise ValueError("x and y must be non-decreasing and y within [0, 1] for isotonic calibration")
 
 
-CONFIG_VERSION = 5  # the scorer.json format version this code writes
+CONFIG_VERSION = 6  # the scorer.json format version this code writes
 # Model keys introduced by a scorer.json format version, with the meaning a file of an older version had.
 INTRODUCED_MODEL_KEYS = {
     3: {"attention": "family", "similarity_features": False, "head_text_dim": 0, "head_cross_layers": 0,
         "count_features": False, "recent_events": 0, "item_id_dim": 0},
     4: {"similarity_temperatures": (), "categorical_features": ()},
     5: {"window_step": 1},  # before 5 a long history was read as its last M behaviors
+    6: {"id_rows": False},
 }
 
 

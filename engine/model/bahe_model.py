@@ -82,6 +82,15 @@ def gather_rows(table: torch.Tensor, extra: torch.Tensor | None, rows: torch.Ten
     return torch.where(known[:, None], out, fresh)
 
 
+def add_id_rows(x: torch.Tensor, id_rows: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """x (T, d) + the learned id row of each table row `rows` (T,) (ModelConfig.id_rows); rows past the trained
+    ones (appended after training, or encoded on the fly) add nothing, so they read their text alone."""
+    if id_rows is None or id_rows.shape[0] == 0:
+        return x
+    known = rows < id_rows.shape[0]
+    return x + (id_rows[torch.where(known, rows, torch.zeros_like(rows))] * known[:, None]).to(x.dtype)
+
+
 def pool_user_item(states: torch.Tensor, offsets: torch.Tensor, empty_sequence: torch.Tensor,
                    users: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean-pool packed states laid out as U*n user sequences (user-major) then U item sequences
@@ -104,9 +113,11 @@ class BAHEModel(nn.Module):
     (`engine.features.side_features`; the item's counts are stored per item-table row in `item_counts`), soft counts
     of each sequence's behaviors like the item (`engine.features.similarity`, from the frozen ABE rows) and a
     learned item-id embedding keyed by item-table row (rows past the trained ones share one unseen
-    bucket), all into a DCN-v2 + MLP head over [user sequences, item, sequence * item, side]."""
+    bucket), all into a DCN-v2 + MLP head over [user sequences, item, sequence * item, side]. With
+    `config.id_rows`, every behavior and item the upper layers read is its ABE row plus a learned id row keyed by
+    its table row (`num_behaviors` / `num_items` trained rows; `add_id_rows`): text and ids in one sequence."""
 
-    def __init__(self, upper: UpperEncoder, config: ModelConfig, num_items: int = 0) -> None:
+    def __init__(self, upper: UpperEncoder, config: ModelConfig, num_items: int = 0, num_behaviors: int = 0) -> None:
         super().__init__()
         self.config = config
         self.upper = upper
@@ -117,6 +128,9 @@ class BAHEModel(nn.Module):
         self.register_buffer("item_counts", torch.zeros(num_items if config.count_features else 0, n,
                                                          dtype=torch.int64), persistent=config.count_features)
         self.side = SideInputs(config, num_items)
+        self.behavior_id_rows, self.item_id_rows = ((nn.Parameter(torch.zeros(num_behaviors, d)),
+                                                     nn.Parameter(torch.zeros(num_items, d))) if config.id_rows
+                                                    else (None, None))
         self.empty_sequence, self.head = user_item_head(config, d, self.side.width)
 
     @property
@@ -133,9 +147,11 @@ class BAHEModel(nn.Module):
         as one-behavior sequences -> (T + U, d), offsets (U*n + U + 1,)."""
         users, dtype = batch.num_users, self.compute_dtype
         total = batch.behavior_rows.numel()
-        behaviors = gather_rows(behavior_table, batch.behavior_extra, batch.behavior_rows, batch.offsets,
-                            self.behavior_pos, batch.max_len, dtype)
-        items = gather_rows(item_table, batch.item_extra, batch.item_rows, None, None, None, dtype)
+        behaviors = add_id_rows(gather_rows(behavior_table, batch.behavior_extra, batch.behavior_rows, batch.offsets,
+                                            self.behavior_pos, batch.max_len, dtype),
+                                self.behavior_id_rows, batch.behavior_rows)
+        items = add_id_rows(gather_rows(item_table, batch.item_extra, batch.item_rows, None, None, None, dtype),
+                            self.item_id_rows, batch.item_rows)
         item_offsets = total + torch.arange(1, users + 1, device=batch.offsets.device)
         return torch.cat([behaviors, items]), torch.cat([batch.offsets, item_offsets])
 
@@ -173,8 +189,8 @@ class BAHEModel(nn.Module):
         item: a ranking request runs it once for all of its candidates."""
         users = (offsets.numel() - 1) // self.num_sequences
         with stage("gather"):
-            x = gather_rows(behavior_table, behavior_extra, behavior_rows, offsets, self.behavior_pos, max_len,
-                        self.compute_dtype)
+            x = add_id_rows(gather_rows(behavior_table, behavior_extra, behavior_rows, offsets, self.behavior_pos,
+                                        max_len, self.compute_dtype), self.behavior_id_rows, behavior_rows)
         with stage("upper_layers"):
             states = self.upper.forward_packed(x, offsets, max_len)
         with stage("pooling"):
@@ -187,7 +203,8 @@ class BAHEModel(nn.Module):
         (the mean over one behavior is its state). It depends on nothing but the item's table row, so a
         scorer computes it once per item (engine.serving.item_vectors)."""
         k = item_rows.numel()
-        x = gather_rows(item_table, item_extra, item_rows, None, None, None, self.compute_dtype)
+        x = add_id_rows(gather_rows(item_table, item_extra, item_rows, None, None, None, self.compute_dtype),
+                        self.item_id_rows, item_rows)
         if k == 0:
             return x
         return self.upper.forward_packed(x, torch.arange(k + 1, device=x.device), 1)

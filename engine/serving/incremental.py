@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.serving.inputs import InputError, check_visible, parse_history_counts, parse_users, read_windows, user_sequences
-from engine.model.bahe_model import BAHEModel, gather_rows
+from engine.model.bahe_model import BAHEModel, add_id_rows, gather_rows
 from engine.serving.pipeline import PipelineVersion, ScoringBatch, ScoringPipeline
 from engine.serving.transfer import to_device
 from engine.serving.ranking import Ranking, check_top_k, parse_candidates, ranking
@@ -130,7 +130,8 @@ def append_window(model: BAHEModel, behavior_table: torch.Tensor, rows: torch.Te
     upper, k, position = model.upper, rows.numel(), keys[0].shape[0]
     offsets = torch.arange(2, device=rows.device) * k  # [0, k], made on the device: no transfer
     pos = None if model.behavior_pos is None else model.behavior_pos[position:]
-    x = gather_rows(behavior_table, extra, rows, offsets, pos, k, model.compute_dtype)
+    x = add_id_rows(gather_rows(behavior_table, extra, rows, offsets, pos, k, model.compute_dtype),
+                    model.behavior_id_rows, rows)
     new_keys, new_values = [], []
     for layer, cached_k, cached_v in zip(upper.layers, keys, values):
         def attend(h: torch.Tensor, attn=layer.attn, cached_k=cached_k, cached_v=cached_v) -> torch.Tensor:

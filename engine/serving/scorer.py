@@ -21,7 +21,8 @@ from engine.serving.ranking import (Ranking, check_top_k, distinct_users, parse_
                                     parse_candidates, ranking)
 from engine.serving.user_cache import CacheStats
 from engine.model.bahe_model import BAHEModel, PackedBatch
-from engine.serving.scorer_setup import build_encoder, kernel_path, open_or_build_table, resolve_device, trained_items
+from engine.serving.scorer_setup import (build_encoder, kernel_path, open_or_build_table, resolve_device,
+                                        trained_behaviors, trained_items)
 from engine.serving.scorer_folder import (BEHAVIORS_FILE, ITEMS_FILE, ScorerFormatError, open_folder, scorer_json_stamp,
                                   write_folder)
 from engine.features.side_features import recent_counts
@@ -124,7 +125,8 @@ class BAHEScorer:
             def build() -> BAHEModel:
                 upper = UpperEncoder(ckpt.config, lower_layers, UpperEncoder.has_bias_from_state(
                     list(state), "upper.layers.", num_upper), causal=config.model.attention == "causal")
-                return BAHEModel(upper, config.model, num_items=trained_items(state))
+                return BAHEModel(upper, config.model, num_items=trained_items(state),
+                                 num_behaviors=trained_behaviors(state))
             with torch.device("meta"):  # shapes checked against the weights before any memory is taken:
                 build().load_state_dict(state, assign=True)  # an absurd config is refused without allocating for it
             model = build()
@@ -162,7 +164,7 @@ class BAHEScorer:
         items = open_or_build_table(tables_dir / ITEMS_FILE, item_texts, ReusingEncoder(encoder, behaviors), dtype,
                                     "item")
         upper = UpperEncoder.from_checkpoint(ckpt, lower_layers, causal=config.model.attention == "causal")
-        bahe = BAHEModel(upper, config.model, num_items=len(items))
+        bahe = BAHEModel(upper, config.model, num_items=len(items), num_behaviors=len(behaviors))
         return cls(config=config, checkpoint=ckpt, encoder=encoder, model=bahe, behaviors=behaviors, items=items,
                    device=device, kernels=kernels)
 

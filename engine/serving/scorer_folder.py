@@ -47,7 +47,7 @@ from weights.id_vocabulary import carry_vocabulary
 from weights.safetensors_io import source_of, write_safetensors
 from weights.table import BehaviorTable, TableError
 
-FORMAT_VERSION = CONFIG_VERSION  # 2: scorer.json names its parts ("files"); 3-5: model keys
+FORMAT_VERSION = CONFIG_VERSION  # 2: scorer.json names its parts ("files"); 3-6: model keys
                                  # (config.INTRODUCED_MODEL_KEYS); 4: also the optional item_vectors part
 SCORER_FILE, MODEL_FILE, BACKBONE = "scorer.json", "model.safetensors", "backbone"
 BEHAVIORS_FILE, ITEMS_FILE, ITEM_VECTORS_FILE = "behaviors.safetensors", "items.safetensors", "item_vectors.safetensors"

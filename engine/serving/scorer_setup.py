@@ -39,7 +39,14 @@ def trained_items(state: dict[str, torch.Tensor]) -> int:
     """How many item-table rows a saved model was trained with (its id embedding / item statistics)."""
     if "side.item_id.weight" in state:
         return state["side.item_id.weight"].shape[0] - 1
+    if "item_id_rows" in state:
+        return state["item_id_rows"].shape[0]
     return state["item_counts"].shape[0] if "item_counts" in state else 0
+
+
+def trained_behaviors(state: dict[str, torch.Tensor]) -> int:
+    """How many behavior-table rows a saved model learned id rows for (ModelConfig.id_rows; 0 without them)."""
+    return state["behavior_id_rows"].shape[0] if "behavior_id_rows" in state else 0
 
 
 def open_or_build_table(path: Path, texts: Sequence[str], encoder: TextEncoder, dtype: str,

@@ -131,14 +131,16 @@ def test_prefix_similarity_equals_the_serving_path(tiny_checkpoints, tmp_path, l
     torch.testing.assert_close(timeline, single, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("max_behaviors, window_step", [(1000, 0), (8, 0), (5, 2)])
-def test_timeline_equals_the_scorer_on_whole_histories(tiny_checkpoints, tmp_path, log, max_behaviors, window_step):
+@pytest.mark.parametrize("max_behaviors, window_step, id_rows", [(1000, 0, False), (8, 0, False), (5, 2, False),
+                                                                   (8, 0, True)])
+def test_timeline_equals_the_scorer_on_whole_histories(tiny_checkpoints, tmp_path, log, max_behaviors, window_step,
+                                                       id_rows):
     """What is trained is what is served: the scorer, given each target's whole history as texts, cuts the same
     windows itself and returns sigmoid of the timeline logit (a model without the count features, whose item
-    side the scorer takes from its snapshot rather than the log's past)."""
+    side the scorer takes from its snapshot rather than the log's past); with learned id rows too."""
     config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=2),
                           model=ModelConfig(sequence_names=log.sequence_names, max_behaviors=max_behaviors,
-                                            window_step=window_step, count_features=False))
+                                            window_step=window_step, count_features=False, id_rows=id_rows))
     torch.manual_seed(0)
     texts = log.item_id_texts
     scorer = BAHEScorer.create(tiny_checkpoints["bert"], behavior_texts=texts, item_texts=texts,

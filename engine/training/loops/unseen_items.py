@@ -19,6 +19,12 @@ def _side_item_rows(side: SideInputs, rows: np.ndarray) -> None:
         weight[torch.from_numpy(rows)] = weight[weight.shape[0] - 1].clone()
 
 
+def _text_only(id_rows: torch.Tensor | None, rows: np.ndarray) -> None:
+    """Zero the learned id rows (ModelConfig.id_rows) of table `rows`: those items read their ABE row alone."""
+    if id_rows is not None:
+        id_rows[torch.from_numpy(rows[rows < id_rows.shape[0]])] = 0
+
+
 @torch.no_grad()
 def give_unseen_bucket(model: nn.Module, item_ids: np.ndarray) -> None:
     """Make `model` score the items `item_ids` as unseen ids: BAHE and the model without text take their
@@ -31,6 +37,8 @@ def give_unseen_bucket(model: nn.Module, item_ids: np.ndarray) -> None:
         model.give_unseen_bucket(item_ids)
     elif isinstance(model, BAHECTR):
         _side_item_rows(model.model.side, model.item_row[item_ids])
+        _text_only(model.model.behavior_id_rows, model.behavior_row[item_ids])
+        _text_only(model.model.item_id_rows, model.item_row[item_ids])
     elif isinstance(model, SequentialIdCTR):
         rows = model.item_rows(item_ids)
         rows = rows[rows != model.unseen_row]

@@ -179,8 +179,8 @@ def combined_log(new: BehaviorLog, history: BehaviorLog | None) -> BehaviorLog:
 
 
 def grown_model(model: BAHEModel, num_items: int) -> BAHEModel:
-    """A copy of `model` for an item table of `num_items` rows: its item-id embedding and item counts keep their
-    rows; new rows start as the unseen-item row (embedding) and at 0 (counts)."""
+    """A copy of `model` for an item table of `num_items` rows: its item-id embedding, item counts and item id rows
+    keep their rows; new rows start as the unseen-item row (embedding) and at 0 (counts, id rows)."""
     model = copy.deepcopy(model)
     side = model.side
     if side.item_id is not None:
@@ -191,6 +191,11 @@ def grown_model(model: BAHEModel, num_items: int) -> BAHEModel:
         weight = old[trained].expand(num_items + 1, -1).clone()
         weight[:trained] = old[:trained]
         side.item_id = nn.Embedding.from_pretrained(weight, freeze=False)
+    if model.item_id_rows is not None:  # new items start at zero: their text alone (ModelConfig.id_rows)
+        old_rows = model.item_id_rows.detach()
+        rows = old_rows.new_zeros(num_items, old_rows.shape[1])
+        rows[:old_rows.shape[0]] = old_rows
+        model.item_id_rows = nn.Parameter(rows)
     if model.item_counts.numel():
         counts = torch.zeros(num_items, model.item_counts.shape[1], dtype=torch.int64, device=model.item_counts.device)
         counts[:model.item_counts.shape[0]] = model.item_counts

@@ -61,6 +61,7 @@ class DemoConfig:
     users_to_show: int = 3               # "top movies": users ranked against the whole item table
     extra_baselines: bool = True         # logistic regression and id-only too (off: the headline rows alone)
     lr_decay: bool = False               # linear learning-rate decay over the planned steps (TrainConfig)
+    id_rows: bool = False                # BAHE's upper layers read ABE rows + learned id rows (ModelConfig.id_rows)
 
     @classmethod
     def preset(cls, model: str = "minilm", **overrides) -> DemoConfig:
@@ -91,6 +92,8 @@ class DemoConfig:
                        help="folder of the cached tables (None: the demo's, artifacts/demo/<model>)")
         p.add_argument("--threads", type=int, default=None, help="torch and scikit-learn CPU threads "
                        "(None: their choice)")
+        p.add_argument("--id-rows", action="store_true", help="BAHE's upper layers read each behavior's ABE row plus "
+                       "a learned id row (ModelConfig.id_rows)")
         p.add_argument("--out-dir", type=Path, default=Path("bench/results"), help="folder of the JSON (and plot)")
         p.add_argument("--results-md", default="bench/RESULTS.md", help="markdown file to update ('' to skip)")
 
@@ -99,7 +102,7 @@ class DemoConfig:
         """The preset of `args.model` with the flags of `add_arguments` (and `overrides`) applied."""
         values = {"data": args.data, "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
                   "out": args.work_dir or Path("artifacts/demo") / Path(args.model).name,
-                  "results": Path(args.results_md) if args.results_md else None}
+                  "results": Path(args.results_md) if args.results_md else None, "id_rows": args.id_rows}
         if args.lower_layers is not None:
             values["num_lower_layers"] = args.lower_layers
         return cls.preset(args.model, **values, **overrides)
@@ -183,7 +186,7 @@ def demo_scorer(config: DemoConfig, data) -> tuple[BAHEScorer, TableReport]:
     scorer_config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=config.num_lower_layers,
                                                        max_tokens=config.max_tokens),
                                  model=ModelConfig(sequence_names=data.sequence_names,
-                                                   max_behaviors=config.max_behaviors,
+                                                   max_behaviors=config.max_behaviors, id_rows=config.id_rows,
                                                    categorical_features=log_categorical_features(
                                                        "all" if config.categorical else "none", data)))
     return _seeded(config.seed, lambda: build_scorer(config.model, data, scorer_config, config.out / "tables",
@@ -201,7 +204,7 @@ def model_variant(scorer: BAHEScorer, model_config: ModelConfig, seed: int) -> B
     ckpt, lower = scorer.checkpoint, scorer.config.encoder.num_lower_layers
     causal = model_config.attention == "causal"
     model = _seeded(seed, lambda: BAHEModel(UpperEncoder.from_checkpoint(ckpt, lower, causal=causal), model_config,
-                                            num_items=len(scorer.items)))
+                                            num_items=len(scorer.items), num_behaviors=len(scorer.behaviors)))
     return BAHEScorer(config=replace(scorer.config, model=model_config), checkpoint=ckpt, encoder=scorer.encoder,
                       model=model, behaviors=scorer.behaviors, items=scorer.items, device="cpu")
 

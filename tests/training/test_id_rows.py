@@ -1,0 +1,109 @@
+"""Learned id rows beside the frozen ABE rows (ModelConfig.id_rows): zero at first, trained, saved and served, and
+read as text alone for rows the model never trained (appended later, held out, or encoded on the fly)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine import BAHEScorer, EncoderConfig, ModelConfig, ScorerConfig
+from engine.model.bahe_model import add_id_rows
+from engine.training.data import load_log
+from engine.training.loops.ctr_models import BAHECTR, rows_by_user
+from engine.training.loops.sequential_id import SequentialIdCTR
+from engine.training.loops.unseen_items import give_unseen_bucket
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "movielens_tiny.parquet"
+
+
+@pytest.fixture(scope="module")
+def log():
+    return load_log(FIXTURE)
+
+
+def _scorer(checkpoint: Path, tables: Path, log, id_rows: bool) -> BAHEScorer:
+    config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=2),
+                          model=ModelConfig(sequence_names=log.sequence_names, max_behaviors=16, count_features=False,
+                                            id_rows=id_rows))
+    torch.manual_seed(0)
+    return BAHEScorer.create(checkpoint, behavior_texts=log.item_id_texts, item_texts=log.item_id_texts,
+                             tables_dir=tables, config=config, device="cpu", progress=False)
+
+
+def _requests(log, count: int = 40):
+    rows = rows_by_user(log.examples, log, np.random.default_rng(1))[:count]
+    return rows, log.sequence_texts(rows, None), log.target_texts(rows)
+
+
+def test_add_id_rows_adds_trained_rows_and_nothing_past_them():
+    x = torch.randn(5, 3)
+    id_rows = torch.arange(6, dtype=torch.float32).view(2, 3)
+    rows = torch.tensor([0, 1, 2, 7, 1])
+    out = add_id_rows(x, id_rows, rows)
+    torch.testing.assert_close(out[[0, 1, 4]], x[[0, 1, 4]] + id_rows[[0, 1, 1]])
+    torch.testing.assert_close(out[[2, 3]], x[[2, 3]])
+    assert add_id_rows(x, None, rows) is x
+
+
+def test_zero_id_rows_score_as_the_model_without_them(tiny_checkpoints, tmp_path, log):
+    with_ids = _scorer(tiny_checkpoints["bert"], tmp_path / "t", log, id_rows=True)
+    without = _scorer(tiny_checkpoints["bert"], tmp_path / "t", log, id_rows=False)
+    assert with_ids.model.behavior_id_rows.shape == (len(with_ids.behaviors), with_ids.model.upper.hidden_size)
+    assert with_ids.model.item_id_rows.shape[0] == len(with_ids.items)
+    assert without.model.behavior_id_rows is None
+    _, users, items = _requests(log)
+    np.testing.assert_allclose(with_ids.score(users, items), without.score(users, items), rtol=1e-6, atol=1e-7)
+
+
+def test_trained_id_rows_change_scores_and_survive_save_and_load(tiny_checkpoints, tmp_path, log):
+    scorer = _scorer(tiny_checkpoints["bert"], tmp_path / "t", log, id_rows=True)
+    ctr = BAHECTR(scorer, log)
+    rows, users, items = _requests(log)
+    before = scorer.score(users, items)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(ctr(ctr.prepare(log, rows)),
+                                                                torch.from_numpy(log.label[rows]).float())
+    loss.backward()
+    assert scorer.model.behavior_id_rows.grad.abs().sum() > 0 and scorer.model.item_id_rows.grad.abs().sum() > 0
+    with torch.no_grad():
+        scorer.model.behavior_id_rows.add_(torch.randn_like(scorer.model.behavior_id_rows))
+        scorer.model.item_id_rows.add_(torch.randn_like(scorer.model.item_id_rows))
+    trained = scorer.score(users, items)
+    assert np.abs(trained - before).max() > 1e-3
+    scorer.save_pretrained(tmp_path / "scorer")
+    loaded = BAHEScorer.from_pretrained(tmp_path / "scorer", device="cpu")
+    assert loaded.config.model.id_rows
+    torch.testing.assert_close(loaded.model.behavior_id_rows, scorer.model.behavior_id_rows)
+    np.testing.assert_allclose(loaded.score(users, items), trained, rtol=1e-6, atol=1e-7)
+
+
+def test_held_out_items_read_their_text_alone(tiny_checkpoints, tmp_path, log):
+    scorer = _scorer(tiny_checkpoints["bert"], tmp_path / "t", log, id_rows=True)
+    ctr = BAHECTR(scorer, log)
+    with torch.no_grad():
+        scorer.model.behavior_id_rows.normal_()
+        scorer.model.item_id_rows.normal_()
+    held = log.item_ids[:3]
+    give_unseen_bucket(ctr, held)
+    assert scorer.model.behavior_id_rows[torch.from_numpy(ctr.behavior_row[held])].abs().sum() == 0
+    assert scorer.model.item_id_rows[torch.from_numpy(ctr.item_row[held])].abs().sum() == 0
+    others = np.setdiff1d(log.item_ids, held)
+    assert scorer.model.item_id_rows[torch.from_numpy(ctr.item_row[others])].abs().sum() > 0
+
+
+def test_the_sequential_id_model_takes_no_second_id_rows(tiny_checkpoints, tmp_path, log):
+    scorer = _scorer(tiny_checkpoints["bert"], tmp_path / "t", log, id_rows=True)
+    model = SequentialIdCTR.from_scorer(scorer, log, log.examples[:50])
+    assert not model.config.id_rows and model.model.behavior_id_rows is None
+
+
+def test_an_update_grows_item_id_rows_with_zeros_and_saves(tiny_checkpoints, tmp_path, log):
+    from engine.training.loops.update import grown_model
+    scorer = _scorer(tiny_checkpoints["bert"], tmp_path / "t", log, id_rows=True)
+    with torch.no_grad():
+        scorer.model.item_id_rows.normal_()
+    trained = scorer.model.item_id_rows.shape[0]
+    grown = grown_model(scorer.model, trained + 4)
+    assert grown.item_id_rows.shape[0] == trained + 4 and isinstance(grown.item_id_rows, torch.nn.Parameter)
+    torch.testing.assert_close(grown.item_id_rows[:trained], scorer.model.item_id_rows)
+    assert grown.item_id_rows[trained:].abs().sum() == 0
+    assert scorer.model.item_id_rows.shape[0] == trained, "the current model is left as it was"
