@@ -93,7 +93,7 @@ class DemoConfig:
         p.add_argument("--threads", type=int, default=None, help="torch and scikit-learn CPU threads "
                        "(None: their choice)")
         p.add_argument("--id-rows", action="store_true", help="BAHE's upper layers read each behavior's ABE row plus "
-                       "a learned id row (ModelConfig.id_rows)")
+                       "a learned id row (ModelConfig.id_rows; always with --data ml1m)")
         p.add_argument("--out-dir", type=Path, default=Path("bench/results"), help="folder of the JSON (and plot)")
         p.add_argument("--results-md", default="bench/RESULTS.md", help="markdown file to update ('' to skip)")
 
