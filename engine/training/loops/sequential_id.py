@@ -83,8 +83,8 @@ class SequentialIdCTR(nn.Module):
         if config.attention != "causal":
             raise ValueError("the sequential id model trains by timelines, which need causal upper layers "
                              f"(ModelConfig.attention='causal'), got attention={config.attention!r}")
-        config = replace(config, similarity_temperatures=(), id_rows=False)  # cosines of ABE rows: the LLM part;
-        # its rows are all learned ids already
+        # no similarity counts (cosines of ABE rows: the LLM part) and no id rows on top (its rows are learned ids)
+        config = replace(config, similarity_temperatures=(), id_rows=False)
         upper = copy.deepcopy(like)
         for layer in upper.layers:
             layer.attn.causal = True

@@ -63,8 +63,9 @@ ALL_MODELS = ("BAHE", "CTR model without text", "gradient boosting (classic)", "
 QUICK_MODELS = (LIGHTGBM_SIDE, LIGHTGBM_TEXT, "BAHE", "sequential id")  # the cheap rows first: figures sooner
 ALL_SPLITS, QUICK_SPLITS = ("per-user", "held-out items", "time"), ("time",)
 NOTES = {
-    "BAHE": "text vectors (MiniLM upper layer over whole histories; ABE rows + learned id rows, the ML-1M "
-            "default) + counts + similarity counts + item id + categorical; timeline training",
+    "BAHE": "text vectors (MiniLM upper layer over whole histories of ABE rows, + learned id rows where "
+            "ModelConfig.id_rows, the ML-1M default) + counts + similarity counts + item id + categorical; timeline "
+            "training",
     "CTR model without text": "the same CTR model without the LLM part (ablation)",
     "gradient boosting (classic)": "past-only statistics, genres, year",
     "logistic regression (classic)": "same features",
