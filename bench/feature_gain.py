@@ -33,10 +33,10 @@ from engine.training.data.user_split import per_user_split
 from engine.training.export.features_command import export_block
 from engine.training.export.fold_scorers import train_fold_scorers
 from engine.training.loops.train import TrainConfig
-from engine.training.studies.demo_ml1m import frozen_rows, undefined_as_nan
+from engine.training.studies.demo_ml1m import frozen_rows
 from engine.training.studies.experiment import cpu_threads, load_data
 from engine.training.studies.metrics import (auc_interval, gauc_interval, paired_auc_difference,
-                                             paired_gauc_difference)
+                                             paired_gauc_difference, undefined_as_nan)
 from engine.training.studies.results_sections import machine, write_section
 
 log = logging.getLogger(__name__)

@@ -4,6 +4,8 @@ tokens fit the backbone's positions (engine.training.studies.length_sweep).
 
     python -m bench.history                          # minilm, M in 5 10 20 50 100 200 all, 2 epochs
     python -m bench.history --model smollm2 --ms 5 20 all --threads 2
+    python -m bench.history --data ml1m --ms 5 20 100 all --raw-train-examples 0 --threads 1
+                                                     # MovieLens-1M with its demo's training (ML1M_TRAINING)
 
 Outputs: the section `<!-- bench:history:<model> -->` of --results-md (bench/RESULTS.md), the plot
 history-<model>.png (AUC vs M, log x, 95% interval bands) and history-<model>.json (every number) under --out-dir.
@@ -19,9 +21,9 @@ import sys
 from pathlib import Path
 
 from engine.training.studies.demo import DemoConfig
-from engine.training.studies.experiment import cpu_threads
-from engine.training.studies.length_sweep import (ALL_BEHAVIORS, DEFAULT_MS, parse_m, plot, raw_stop_line, run_history, summary,
-                                     table_lines)
+from engine.training.studies.experiment import cpu_threads, is_movielens_1m
+from engine.training.studies.length_sweep import (DEFAULT_MS, parse_m, plot, raw_stop_line, run_history, summary,
+                                                  table_lines)
 from engine.training.studies.results_sections import machine as machine_label, write_section
 from weights.registry import EMBEDDED
 
@@ -46,6 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     raw = {k: v for k, v in (("raw_train_examples", args.raw_train_examples),
                              ("raw_test_examples", args.raw_test_examples)) if v is not None}
+    if is_movielens_1m(args.data):  # the ML-1M demo's learning-rate decay and id rows; the raw subset as asked
+        from engine.training.studies.demo_ml1m import ML1M_TRAINING
+        raw = {"lr_decay": ML1M_TRAINING["lr_decay"], "id_rows": ML1M_TRAINING["id_rows"], **raw}
     config = DemoConfig.from_args(args, **raw)
     ms = [parse_m(m) for m in args.ms]
     command = " ".join(["python -m bench.history", *argv])
@@ -72,8 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"Time split of {config.data}: BAHE's full model on all {result.train_examples:,} training examples, "
             f"tested on all {result.test_examples:,} test examples; the raw-token LLM and BAHE's text part "
             f"(no side features, same M) on the same subset ({sizes['train']:,} train / {sizes['val']:,} validation "
-            f"/ {sizes['test']:,} test examples). M = all: {ALL_BEHAVIORS:,} behaviors per sequence, every "
-            "MovieLens user's whole history. AUC intervals: 95% bootstrap over test users (1,000 resamples).", "",
+            f"/ {sizes['test']:,} test examples). M = all: {result.all_behaviors:,} behaviors per sequence, every "
+            "user's whole history. AUC and GAUC intervals: 95% bootstrap over test users (1,000 resamples).", "",
             *table, "", raw_stop_line(result), "", f"![AUC vs M]({link})"])
         print(f"wrote {results_md} (section <!-- {MARKER.format(model=name)} -->)")
     print(f"wrote {png}, {js}; {result.elapsed / 60:.1f} min in all")

@@ -6,6 +6,7 @@ seeds and the paired differences per seed (engine.training.studies.seed_runs).
     python -m bench.seeds --splits time --seeds 0 1 2 3 4 --threads 2
     python -m bench.seeds --data ml1m                # MovieLens-1M: the demo's --quick rows (BAHE, sequential
                                                      # id, both LightGBM rows; time split), AUC and GAUC, 2 epochs
+    python -m bench.seeds --data ml1m --splits per-user --seeds 1 2   # the same rows on the per-user split
 
 Outputs: the section `<!-- bench:seeds:<model> -->` of --results-md (bench/RESULTS.md) and seeds-<model>.json
 (every number) under --out-dir.
@@ -20,9 +21,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from engine.training.data.movielens_1m import is_movielens_1m_dir
 from engine.training.studies.demo import DemoConfig
-from engine.training.studies.experiment import cpu_threads
+from engine.training.studies.experiment import cpu_threads, is_movielens_1m
 from engine.training.studies.results_sections import machine as machine_label, write_section
 from engine.training.studies.seed_runs import ml1m_seed_lines, run_ml1m_seeds, run_seeds, summary, table_lines
 from weights.registry import EMBEDDED
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING)
     args = build_parser().parse_args(argv)
     command = " ".join(["python -m bench.seeds", *argv])
-    if args.data == "ml1m" or is_movielens_1m_dir(args.data):
+    if is_movielens_1m(args.data):
         return ml1m_main(args, command)
     config = DemoConfig.from_args(args, splits=tuple(args.splits))
     with cpu_threads(args.threads):
@@ -76,33 +76,39 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def ml1m_main(args: argparse.Namespace, command: str) -> dict:
-    """`--data ml1m`: the ML-1M demo's headline rows over the seeds (engine.training.studies.seed_runs)."""
+    """`--data ml1m`: the ML-1M demo's headline rows over the seeds (engine.training.studies.seed_runs), on the time
+    split unless --splits names others; one RESULTS.md section per split."""
     from engine.training.studies.experiment import load_data
     from engine.training.studies.demo_ml1m import ML1M_TRAINING
     epochs = args.epochs if "--epochs" in command else ML1M_TRAINING["epochs"]
+    splits = args.splits if "--splits" in command else ["time"]
     config = replace(DemoConfig.from_args(args), **{**ML1M_TRAINING, "epochs": epochs},
                      out=args.work_dir or Path("artifacts/demo") / f"ml1m-{Path(args.model).name}")
     with cpu_threads(args.threads):
         machine = machine_label()
-        runs, elapsed = run_ml1m_seeds(config, args.seeds, args.threads)
+        runs, elapsed = run_ml1m_seeds(config, args.seeds, args.threads, splits)
     data = load_data(config.data)
-    table = ml1m_seed_lines(runs, data.label, data.user)
-    print("\n".join(table))
     numbers = {"command": command, "machine": machine, "elapsed_s": elapsed,
-               "rows": [{"seed": seed, "model": r.row.name, "auc": r.row.auc.value, "gauc": r.gauc.value,
-                         "logloss": r.row.logloss, "s_per_epoch": r.row.train_seconds, "wall_s": r.wall_seconds}
-                        for seed, run in runs for r in run.results]}
+               "rows": [{"seed": seed, "split": r.row.split, "model": r.row.name, "auc": r.row.auc.value,
+                         "gauc": r.gauc.value, "logloss": r.row.logloss, "s_per_epoch": r.row.train_seconds,
+                         "wall_s": r.wall_seconds} for seed, run in runs for r in run.results]}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"seeds-ml1m-{Path(config.model).name}.json").write_text(json.dumps(numbers, indent=1))
-    if config.results is not None:
-        marker = MARKER.format(model=Path(config.model).name) + ":ml1m"
+    for split in splits:
+        table = ml1m_seed_lines(runs, data.label, data.user, split)
+        print(f"{split} split:\n" + "\n".join(table))
+        if config.results is None:
+            continue
+        marker = MARKER.format(model=Path(config.model).name) + ":ml1m" + ("" if split == "time" else f":{split}")
+        rule = ("Time split (cuts at the 80% and 90% quantiles of event timestamps; history: strictly earlier seconds)"
+                if split == "time" else "Per-user split (each user's last 10% of examples test, the 10% before "
+                "validation; history: strictly earlier seconds)")
         write_section(config.results, marker, [
-            f"### MovieLens-1M headline rows over seeds {', '.join(map(str, args.seeds))}", "",
+            f"### MovieLens-1M headline rows over seeds {', '.join(map(str, args.seeds))}, {split} split", "",
             f"`{command}` on {datetime.date.today().isoformat()}, {machine}; {elapsed / 60:.1f} min in all.",
-            "Time split (cuts at the 80% and 90% quantiles of event timestamps; history: strictly earlier seconds), "
-            f"all training examples, {config.epochs} epoch(s) for the neural models; each seed draws new weights, "
-            "data order and LightGBM's seed. Cells: test AUC or GAUC [95% bootstrap interval over test users].", "",
-            *table])
+            f"{rule}, all training examples, {config.epochs} epoch(s) for the neural models; each seed draws new "
+            "weights, data order and LightGBM's seed. Cells: test AUC or GAUC [95% bootstrap interval over test "
+            "users].", "", *table])
         print(f"wrote {config.results} (section <!-- {marker} -->)")
     return numbers
 

@@ -136,9 +136,9 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from engine.training.data.movielens_1m import is_movielens_1m_dir
     from engine.training.studies.demo import DemoConfig, run_demo
-    ml1m = args.data == "ml1m" or is_movielens_1m_dir(args.data)
+    from engine.training.studies.experiment import is_movielens_1m
+    ml1m = is_movielens_1m(args.data)
     if args.quick and not ml1m:
         raise SystemExit("bahe demo: --quick is the MovieLens-1M demo's short run; add --data ml1m")
     name = Path(args.model).name

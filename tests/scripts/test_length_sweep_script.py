@@ -3,6 +3,7 @@ stops within a few behaviors) and the MovieLens fixture."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench import history
@@ -26,6 +27,7 @@ def test_history_sweep_writes_table_plot_and_json(tmp_path, tiny_checkpoints):
     assert json.loads((out / f"history-{name}.json").read_text()) == json.loads(json.dumps(summary))
     for row in summary["rows"]:
         assert 0 <= row["auc_low"] <= row["auc"] <= row["auc_high"] <= 1 and row["test_users"] > 0
+        assert 0 <= row["gauc_low"] <= row["gauc"] <= row["gauc_high"] <= 1
         assert row["s_per_epoch"] > 0
     full = [r for r in summary["rows"] if r["model"] == "BAHE"]
     assert [r["m"] for r in full] == ["2", "4", "all"] and full[-1]["max_behaviors"] == 1024
@@ -47,3 +49,12 @@ def test_history_sweep_writes_table_plot_and_json(tmp_path, tiny_checkpoints):
     assert "| 2 | raw-token LLM, subset | 40 |" in text and f"stops at M = {summary['raw_stop']}" in text
     history.main(argv)  # a second run replaces its section
     assert results_md.read_text().count(f"<!-- bench:history:{name} -->") == 1
+
+
+def test_all_is_the_longest_history_where_that_exceeds_the_default():
+    from types import SimpleNamespace
+
+    from engine.training.studies.length_sweep import ALL_BEHAVIORS, whole_history
+    short = SimpleNamespace(user=np.repeat([3, 7], [5, 40]))
+    long = SimpleNamespace(user=np.repeat([3, 7], [5, ALL_BEHAVIORS + 290]))
+    assert whole_history(short) == ALL_BEHAVIORS and whole_history(long) == ALL_BEHAVIORS + 290

@@ -53,14 +53,15 @@ def test_ml1m_seeds_on_the_generated_fixture(tmp_path, tiny_checkpoints):
     results_md, out = tmp_path / "RESULTS.md", tmp_path / "results"
     argv = ["--model", str(tiny_checkpoints["bert"]), "--data", str(folder), "--lower-layers", "2", "--seeds", "0",
             "1", "--epochs", "1", "--batch-size", "64", "--threads", "1", "--work-dir", str(tmp_path / "work"),
-            "--out-dir", str(out), "--results-md", str(results_md)]
+            "--out-dir", str(out), "--results-md", str(results_md), "--splits", "time", "per-user"]
     numbers = seeds.main(argv)
     models = ["LightGBM, side features", "LightGBM, side + text features", "BAHE", "sequential id"]
-    assert [(r["seed"], r["model"]) for r in numbers["rows"]] == [(s, m) for s in (0, 1) for m in models]
+    assert [(r["seed"], r["split"], r["model"]) for r in numbers["rows"]] == [
+        (s, split, m) for s in (0, 1) for split in ("time", "per-user") for m in models]
     assert all(0 <= r["auc"] <= 1 and 0 <= r["gauc"] <= 1 for r in numbers["rows"])
     bahe = [r["logloss"] for r in numbers["rows"] if r["model"] == "BAHE"]
     assert bahe[0] != bahe[1], "the seed reaches BAHE's training"  # (24 test examples: AUCs may tie)
     text = results_md.read_text()
-    assert "<!-- bench:seeds:bert:ml1m -->" in text and text.count("| AUC(BAHE) - AUC(") == 3
-    assert text.count("| GAUC(BAHE) - GAUC(") == 3
-    assert text.count("| GAUC |") == 4
+    assert "<!-- bench:seeds:bert:ml1m -->" in text and "<!-- bench:seeds:bert:ml1m:per-user -->" in text
+    assert text.count("| AUC(BAHE) - AUC(") == 6 and text.count("| GAUC(BAHE) - GAUC(") == 6
+    assert text.count("| GAUC |") == 8 and "per-user split" in text

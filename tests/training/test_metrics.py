@@ -11,8 +11,8 @@ from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import roc_auc_score
 
 from engine.training.studies.metrics import (auc_interval, calibration_bins, gauc, gauc_interval, log_loss,
-                                             paired_auc_difference, paired_gauc_difference, roc_auc, user_aucs,
-                                             weighted_roc_auc)
+                                             paired_auc_difference, paired_gauc_difference, roc_auc, undefined_as_nan,
+                                             user_aucs, weighted_roc_auc)
 
 
 @settings(max_examples=60, deadline=None)
@@ -204,3 +204,13 @@ def test_calibration_bins():
         (pytest.approx((0.05 + 0.15 + 0.12) / 3), pytest.approx(1 / 3), 3),
         (pytest.approx((0.95 + 1.0 + 0.5) / 3), pytest.approx(2 / 3), 3)]
     assert [n for *_, n in calibration_bins(labels, probs)] == [1, 2, 1, 2]  # bins 0, 1, 5, 9; empty ones left out
+
+
+def test_undefined_gauc_becomes_nan_not_an_error():
+    """Every test user with one class only: GAUC is undefined; the reports print NaN instead of stopping."""
+    labels, scores, users = np.array([1, 1, 0, 0]), np.array([0.9, 0.2, 0.4, 0.1]), np.array([0, 0, 1, 1])
+    with pytest.raises(ValueError):
+        gauc_interval(labels, scores, users)
+    nan = undefined_as_nan(gauc_interval, labels, scores, users)
+    assert math.isnan(nan.value) and math.isnan(nan.low) and nan.users == 0
+    assert undefined_as_nan(auc_interval, labels, scores, users) == auc_interval(labels, scores, users)

@@ -45,7 +45,7 @@ from engine.training.studies.demo import DemoConfig, DemoRow, demo_scorer, initi
 from engine.serving.scorer import BAHEScorer
 from engine.training.studies.experiment import TableReport, load_data
 from engine.training.studies.metrics import (Interval, auc_interval, calibration_bins, gauc, gauc_interval, log_loss,
-                                             roc_auc)
+                                             roc_auc, undefined_as_nan)
 from engine.training.studies.top_lists import (TopListOverlap, anchor_rows, model_top_overlap, neural_scores,
                                                probe_log)
 from weights.atomic import atomic_write
@@ -182,18 +182,6 @@ def fit_and_score(name: str, data: BehaviorLog, rows: dict, ctx: dict, held: np.
             give_unseen_bucket(model, held)
         score = neural_scores(model)
     return score(data, rows["test"]), seconds, score, search
-
-
-UNDEFINED = Interval(float("nan"), float("nan"), float("nan"), 0)
-
-
-def undefined_as_nan(metric: Callable[..., Interval], *args) -> Interval:
-    """`metric(*args)`, or an all-NaN Interval where it is undefined (no test user with both classes: only in
-    tiny logs)."""
-    try:
-        return metric(*args)
-    except ValueError:
-        return UNDEFINED
 
 
 def _maybe(metric: Callable, *args) -> float | None:

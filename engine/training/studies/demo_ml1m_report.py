@@ -8,8 +8,9 @@ from pathlib import Path
 
 from engine.training.studies.demo import verdict
 from engine.training.studies.demo_ml1m import (ALL_MODELS, ALL_SPLITS, QUICK_MODELS, QUICK_SPLITS, Ml1mConfig, Ml1mRun,
-                                              run_ml1m, undefined_as_nan)
-from engine.training.studies.metrics import Interval, paired_auc_difference, paired_gauc_difference
+                                              run_ml1m)
+from engine.training.studies.metrics import (Interval, paired_auc_difference, paired_gauc_difference,
+                                             undefined_as_nan)
 from engine.training.studies.results_sections import machine, write_section
 from weights.registry import EMBEDDED
 

@@ -66,6 +66,12 @@ def is_dataset(source: str) -> bool:
     return source in ("movielens", "ml1m") or is_movielens_1m_dir(source)
 
 
+def is_movielens_1m(source: str) -> bool:
+    """Whether `--data` names MovieLens-1M ('ml1m' or a folder of its .dat files): its studies train with
+    ML1M_TRAINING (engine.training.studies.demo_ml1m)."""
+    return source == "ml1m" or is_movielens_1m_dir(source)
+
+
 def load_data(source: str, *, catalog: str | None = None, timestamps: str = "auto") -> BehaviorLog:
     """The log that `--data` names: the embedded MovieLens-100K or -1M, a folder of -1M's files, or a log file
     (with an item `catalog` file and its `timestamps` format, load_log's; a data set has its own)."""

@@ -5,8 +5,8 @@ At each M: BAHE's full CTR model (the demo's: text + counts + similarity counts 
 the concatenated tokens of M behaviors fit the backbone's positions (BERT: 512 per sequence), the
 raw-token LLM beside BAHE's text part (`ModelConfig.text_only()`, the same M) on one fixed subset of
 the examples (`raw_subset`). The raw side stops at the first M whose longest sequence over that subset
-needs more tokens than there are positions. "all" is the default `ModelConfig.max_behaviors` (1024),
-every MovieLens user's whole history. Every AUC comes with its 95% user-bootstrap interval.
+needs more tokens than there are positions. "all" is the default `ModelConfig.max_behaviors` (1024), or the
+log's longest user history where that is longer (MovieLens-1M: 2,314): every user's whole history. Every AUC and GAUC comes with its 95% user-bootstrap interval.
 """
 from __future__ import annotations
 
@@ -24,16 +24,22 @@ from engine.training.loops.ctr_models import BAHECTR
 from engine.training.studies.demo import (DemoConfig, DemoRow, demo_scorer, longest_sequence_tokens, model_variant,
                                   neural_row, raw_subset, raw_token_model, raw_vs_text_part)
 from engine.training.studies.experiment import load_data
+from engine.training.studies.metrics import Interval, gauc_interval, undefined_as_nan
 
 log = logging.getLogger(__name__)
 
 ALL = "all"
 DEFAULT_MS: tuple[str, ...] = ("5", "10", "20", "50", "100", "200", ALL)
-ALL_BEHAVIORS = ModelConfig.__dataclass_fields__["max_behaviors"].default  # every MovieLens user's whole history
+ALL_BEHAVIORS = ModelConfig.__dataclass_fields__["max_behaviors"].default  # every MovieLens-100K user's history
 
 
-def m_behaviors(m: int | None) -> int:
-    return ALL_BEHAVIORS if m is None else m
+def m_behaviors(m: int | None, all_behaviors: int = ALL_BEHAVIORS) -> int:
+    return all_behaviors if m is None else m
+
+
+def whole_history(data) -> int:
+    """M for 'all': the default max_behaviors, or the log's longest user history where that is longer."""
+    return max(ALL_BEHAVIORS, int(np.unique(data.user, return_counts=True)[1].max()))
 
 
 def m_label(m: int | None) -> str:
@@ -52,9 +58,10 @@ def parse_m(value: str | int) -> int | None:
 
 @dataclass
 class HistoryRow:
-    m: int | None          # behaviors per sequence; None: all (ALL_BEHAVIORS)
+    m: int | None          # behaviors per sequence; None: all (HistoryResult.all_behaviors)
     row: DemoRow
     subset: bool           # trained and tested on the raw-token subset
+    gauc: Interval         # per-user AUC, impression-weighted, with its 95% user-bootstrap interval
 
     @property
     def label(self) -> str:
@@ -72,6 +79,10 @@ class HistoryResult:
     train_examples: int = 0
     test_examples: int = 0
     elapsed: float = 0.0
+    all_behaviors: int = ALL_BEHAVIORS      # M for 'all' (whole_history)
+
+    def behaviors(self, m: int | None) -> int:
+        return m_behaviors(m, self.all_behaviors)
 
 
 def run_history(config: DemoConfig, ms: Sequence[int | None]) -> HistoryResult:
@@ -84,12 +95,18 @@ def run_history(config: DemoConfig, ms: Sequence[int | None]) -> HistoryResult:
     subset = raw_subset(rows, config)
     subset_rows = np.concatenate(list(subset.values()))
     result = HistoryResult([], subset_sizes={k: int(v.size) for k, v in subset.items()},
-                           train_examples=int(rows["train"].size), test_examples=int(rows["test"].size))
-    for m in sorted(ms, key=m_behaviors):
-        behaviors, label = m_behaviors(m), m_label(m)
+                           train_examples=int(rows["train"].size), test_examples=int(rows["test"].size),
+                           all_behaviors=whole_history(data))
+
+    def history_row(m: int | None, row: DemoRow, test: np.ndarray, on_subset: bool) -> HistoryRow:
+        gauc = undefined_as_nan(gauc_interval, data.label[test], row.probs, data.user[test])
+        return HistoryRow(m, row, on_subset, gauc)
+
+    for m in sorted(ms, key=result.behaviors):
+        behaviors, label = result.behaviors(m), m_label(m)
         full = BAHECTR(model_variant(scorer, replace(scorer.config.model, max_behaviors=behaviors), config.seed), data)
-        result.rows.append(HistoryRow(m, neural_row(full, data, rows, config.train(), "time",
-                                                       f"full model, {label} behaviors/sequence"), subset=False))
+        result.rows.append(history_row(m, neural_row(full, data, rows, config.train(), "time",
+                                                     f"full model, {label} behaviors/sequence"), rows["test"], False))
         if not config.raw_train_examples or result.raw_stop is not None:
             continue
         raw = raw_token_model(scorer, behaviors, config, sys.maxsize)  # cut at the model's positions
@@ -100,7 +117,7 @@ def run_history(config: DemoConfig, ms: Sequence[int | None]) -> HistoryResult:
             log.info("raw-token LLM stops at M = %s: a sequence needs %d tokens > %d positions", label, longest,
                      raw.max_tokens)
             continue
-        result.rows += [HistoryRow(m, r, subset=True)
+        result.rows += [history_row(m, r, subset["test"], True)
                         for r in raw_vs_text_part(data, subset, scorer, raw, config, config.epochs, "time (subset)")]
     result.elapsed = time.perf_counter() - started
     return result
@@ -114,12 +131,14 @@ SERIES = {("BAHE", False): ("BAHE, full model (all training examples)", "tab:blu
 
 def table_lines(result: HistoryResult) -> list[str]:
     """The markdown table: one row per (M, model)."""
-    lines = ["| M | model | train examples | test AUC [95% CI] | test users | s/epoch |", "|---|---|---|---|---|---|"]
+    lines = ["| M | model | train examples | test AUC [95% CI] | test GAUC [95% CI] | test users | s/epoch |",
+             "|---|---|---|---|---|---|---|"]
     for h in result.rows:
-        r = h.row
+        r, g = h.row, h.gauc
         name = f"{r.name}, subset" if h.subset else r.name
         lines.append(f"| {h.label} | {name} | {r.train_examples:,} | {r.auc.value:.4f} [{r.auc.low:.4f}, "
-                     f"{r.auc.high:.4f}] | {r.auc.users} | {r.train_seconds:.1f} |")
+                     f"{r.auc.high:.4f}] | {g.value:.4f} [{g.low:.4f}, {g.high:.4f}] | {r.auc.users} | "
+                     f"{r.train_seconds:.1f} |")
     return lines
 
 
@@ -134,7 +153,7 @@ def raw_stop_line(result: HistoryResult) -> str:
 
 
 def plot(result: HistoryResult, path: Path, title: str) -> None:
-    """Test AUC vs M (log x; 'all' at ALL_BEHAVIORS), each series with its 95% interval as a band."""
+    """Test AUC vs M (log x; 'all' at the whole history), each series with its 95% interval as a band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -144,18 +163,18 @@ def plot(result: HistoryResult, path: Path, title: str) -> None:
         points = [h for h in result.rows if h.row.name == name and h.subset == subset]
         if not points:
             continue
-        xs = [m_behaviors(h.m) for h in points]
+        xs = [result.behaviors(h.m) for h in points]
         ax.plot(xs, [h.row.auc.value for h in points], marker="o", color=color, label=label)
         ax.fill_between(xs, [h.row.auc.low for h in points], [h.row.auc.high for h in points], color=color,
                         alpha=0.15, linewidth=0)
     if result.raw_stop is not None:
-        stop = m_behaviors(parse_m(result.raw_stop))
+        stop = result.behaviors(parse_m(result.raw_stop))
         ax.axvline(stop, color="tab:red", linestyle=":", linewidth=1)
         ax.text(stop, 0.03, " raw-token LLM stops here", transform=ax.get_xaxis_transform(), color="tab:red",
                 fontsize=8)
-    ms = sorted({h.m for h in result.rows}, key=m_behaviors)
+    ms = sorted({h.m for h in result.rows}, key=result.behaviors)
     ax.set_xscale("log")
-    ax.set_xticks([m_behaviors(m) for m in ms], [m_label(m) for m in ms])
+    ax.set_xticks([result.behaviors(m) for m in ms], [m_label(m) for m in ms])
     ax.minorticks_off()
     ax.set(xlabel="behaviors per sequence M", ylabel="test AUC (95% user-bootstrap interval)", title=title)
     ax.grid(True, alpha=0.3)
@@ -173,12 +192,14 @@ def summary(result: HistoryResult, config: DemoConfig, command: str, machine: st
         "config": {"model": config.model, "data": config.data, "lower_layers": config.num_lower_layers,
                    "max_tokens": config.max_tokens, "epochs": config.epochs, "batch_size": config.batch_size,
                    "seed": config.seed, "raw_train_examples": config.raw_train_examples,
-                   "raw_test_examples": config.raw_test_examples},
+                   "raw_test_examples": config.raw_test_examples, "lr_decay": config.lr_decay,
+                   "id_rows": config.id_rows},
         "train_examples": result.train_examples, "test_examples": result.test_examples,
         "subset": result.subset_sizes, "raw_positions": result.positions, "raw_longest_tokens": result.raw_longest,
-        "raw_stop": result.raw_stop,
-        "rows": [{"m": h.label, "max_behaviors": m_behaviors(h.m), "model": h.row.name, "subset": h.subset,
+        "raw_stop": result.raw_stop, "all_behaviors": result.all_behaviors,
+        "rows": [{"m": h.label, "max_behaviors": result.behaviors(h.m), "model": h.row.name, "subset": h.subset,
                   "train_examples": h.row.train_examples, "auc": h.row.auc.value, "auc_low": h.row.auc.low,
-                  "auc_high": h.row.auc.high, "test_users": h.row.auc.users, "logloss": h.row.logloss,
+                  "auc_high": h.row.auc.high, "gauc": h.gauc.value, "gauc_low": h.gauc.low,
+                  "gauc_high": h.gauc.high, "test_users": h.row.auc.users, "logloss": h.row.logloss,
                   "s_per_epoch": h.row.train_seconds} for h in result.rows],
     }

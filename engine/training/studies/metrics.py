@@ -7,13 +7,15 @@ All take 1-D array-likes of equal length N (numpy arrays, lists, CPU tensors):
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 __all__ = ["Interval", "roc_auc", "weighted_roc_auc", "log_loss", "auc_interval", "paired_auc_difference",
-           "user_aucs", "gauc", "gauc_interval", "paired_gauc_difference", "calibration_bins"]
+           "user_aucs", "gauc", "gauc_interval", "paired_gauc_difference", "calibration_bins", "UNDEFINED_INTERVAL",
+           "undefined_as_nan"]
 
 _BOOTSTRAP_CHUNK = 4_000_000  # weights (resamples x examples) held at once by the bootstrap
 
@@ -127,6 +129,18 @@ class Interval:
 
     def __str__(self) -> str:
         return f"{self.value:.4f} [{self.low:.4f}, {self.high:.4f}] ({self.users} users)"
+
+
+UNDEFINED_INTERVAL = Interval(float("nan"), float("nan"), float("nan"), 0)
+
+
+def undefined_as_nan(metric: Callable[..., Interval], *args) -> Interval:
+    """`metric(*args)`, or an all-NaN Interval where it is undefined (no test user with both classes: only in
+    tiny logs)."""
+    try:
+        return metric(*args)
+    except ValueError:
+        return UNDEFINED_INTERVAL
 
 
 def _bootstrap_aucs(labels: ArrayLike, score_sets: list[ArrayLike], users: ArrayLike, resamples: int,

@@ -122,27 +122,29 @@ def summary(result: SeedsResult, config: DemoConfig, command: str, machine: str)
     }
 
 
-def run_ml1m_seeds(config: DemoConfig, seeds: Sequence[int], threads: int | None = None) -> tuple[list, float]:
-    """The ML-1M demo's headline rows (its --quick set: BAHE, the sequential id model, both LightGBM rows, on the
-    time split; no top-10 lists) once per seed: ([(seed, Ml1mRun)], seconds). The log is loaded once."""
+def run_ml1m_seeds(config: DemoConfig, seeds: Sequence[int], threads: int | None = None,
+                   splits: Sequence[str] = ("time",)) -> tuple[list, float]:
+    """The ML-1M demo's headline rows (its --quick set: BAHE, the sequential id model, both LightGBM rows; no top-10
+    lists) on `splits` once per seed: ([(seed, Ml1mRun)], seconds). The log is loaded once."""
     from engine.training.studies.demo_ml1m import Ml1mConfig, run_ml1m
     started = time.perf_counter()
     data = load_data(config.data)
-    runs = [(seed, run_ml1m(Ml1mConfig(replace(config, seed=seed), quick=True, overlap_users=0, threads=threads),
+    runs = [(seed, run_ml1m(Ml1mConfig(replace(config, seed=seed), quick=True, overlap_users=0, threads=threads,
+                                          splits=tuple(splits)),
                             data)) for seed in seeds]
     return runs, time.perf_counter() - started
 
 
-def ml1m_seed_lines(runs: list, labels: np.ndarray, users: np.ndarray) -> list[str]:
-    """Per model: AUC and GAUC per seed with mean ± sd; then BAHE's paired AUC and GAUC differences to each peer per
-    seed."""
+def ml1m_seed_lines(runs: list, labels: np.ndarray, users: np.ndarray, split: str = "time") -> list[str]:
+    """On `split`, per model: AUC and GAUC per seed with mean ± sd; then BAHE's paired AUC and GAUC differences to
+    each peer per seed."""
     from engine.training.studies.metrics import paired_auc_difference, paired_gauc_difference
     seeds = " | ".join(f"seed {seed}" for seed, _ in runs)
     rule = "|---" * (len(runs) + 3) + "|"
-    names = [r.row.name for r in runs[0][1].results]
+    names = [r.row.name for r in runs[0][1].results if r.row.split == split]
     lines = [f"| model | metric | {seeds} | mean ± sd |", rule]
     for name in names:
-        rows = [next(r for r in run.results if r.row.name == name) for _, run in runs]
+        rows = [next(r for r in run.results if r.row.name == name and r.row.split == split) for _, run in runs]
         lines.append(f"| {name} | AUC | " + " | ".join(_cell(r.row.auc) for r in rows)
                      + f" | {_pm([r.row.auc.value for r in rows])} |")
         lines.append(f"| {name} | GAUC | " + " | ".join(_cell(r.gauc) for r in rows)
@@ -152,8 +154,8 @@ def ml1m_seed_lines(runs: list, labels: np.ndarray, users: np.ndarray) -> list[s
         for other in (n for n in names if n != "BAHE"):
             diffs = []
             for _, run in runs:
-                test = run.splits["time"]["test"]
-                mine = {r.row.name: r.row.probs for r in run.results}
+                test = run.splits[split]["test"]
+                mine = {r.row.name: r.row.probs for r in run.results if r.row.split == split}
                 diffs.append(paired(labels[test], mine["BAHE"], mine[other], users[test]))
             above = sum(verdict(d) == "above 0" for d in diffs)
             lines.append(f"| {metric}(BAHE) - {metric}({other}) | " + " | ".join(_cell(d, True) for d in diffs)
