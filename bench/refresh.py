@@ -72,7 +72,7 @@ def served_scores(folder: Path, log: BehaviorLog, rows: np.ndarray, *, extend_wi
     scorer = BAHEScorer.from_pretrained(folder, device="cpu")
     with tempfile.TemporaryDirectory(prefix="refresh-eval-") as work:
         behaviors, items, _ = next_tables(scorer, log, Path(work))
-        view = scorer_with(scorer, grown_model(scorer.model, len(items)), behaviors, items)
+        view = scorer_with(scorer, grown_model(scorer.model, len(items), len(behaviors)), behaviors, items)
         model = BAHECTR(view, log)
         if extend_with is not None:
             extend_item_counts(model, *item_count_table(extend_with), extend_with.sequence_names)

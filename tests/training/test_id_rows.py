@@ -96,14 +96,26 @@ def test_the_sequential_id_model_takes_no_second_id_rows(tiny_checkpoints, tmp_p
     assert not model.config.id_rows and model.model.behavior_id_rows is None
 
 
-def test_an_update_grows_item_id_rows_with_zeros_and_saves(tiny_checkpoints, tmp_path, log):
-    from engine.training.loops.update import grown_model
+def test_an_update_grows_both_id_tables_with_zeros_and_the_grown_model_saves(tiny_checkpoints, tmp_path, log):
+    from engine.training.loops.update import grown_model, scorer_with
     scorer = _scorer(tiny_checkpoints["bert"], tmp_path / "t", log, id_rows=True)
     with torch.no_grad():
         scorer.model.item_id_rows.normal_()
-    trained = scorer.model.item_id_rows.shape[0]
-    grown = grown_model(scorer.model, trained + 4)
-    assert grown.item_id_rows.shape[0] == trained + 4 and isinstance(grown.item_id_rows, torch.nn.Parameter)
-    torch.testing.assert_close(grown.item_id_rows[:trained], scorer.model.item_id_rows)
-    assert grown.item_id_rows[trained:].abs().sum() == 0
-    assert scorer.model.item_id_rows.shape[0] == trained, "the current model is left as it was"
+        scorer.model.behavior_id_rows.normal_()
+    items, behaviors = scorer.model.item_id_rows.shape[0], scorer.model.behavior_id_rows.shape[0]
+    grown = grown_model(scorer.model, items + 4, behaviors + 3)
+    for name, trained, new in (("item_id_rows", items, 4), ("behavior_id_rows", behaviors, 3)):
+        rows = getattr(grown, name)
+        assert rows.shape[0] == trained + new and isinstance(rows, torch.nn.Parameter), name
+        torch.testing.assert_close(rows[:trained], getattr(scorer.model, name))
+        assert rows[trained:].abs().sum() == 0, f"new {name} start at zero: their text alone"
+        assert getattr(scorer.model, name).shape[0] == trained, "the current model is left as it was"
+    with pytest.raises(ValueError, match="behavior table has"):
+        grown_model(scorer.model, items, behaviors - 1)
+
+    scorer.behaviors.append(["a behavior appended by the update", "another", "and a third"])
+    scorer.items.append([f"new item {i}" for i in range(4)])
+    scorer_with(scorer, grown, scorer.behaviors, scorer.items).save_pretrained(tmp_path / "grown")
+    loaded = BAHEScorer.from_pretrained(tmp_path / "grown", device="cpu")
+    torch.testing.assert_close(loaded.model.behavior_id_rows, grown.behavior_id_rows)
+    torch.testing.assert_close(loaded.model.item_id_rows, grown.item_id_rows)

@@ -117,7 +117,7 @@ def test_grown_current_scores_as_current_serves(periods, tmp_path):
     for name in ("behaviors", "items"):
         (tables / getattr(current, name).path.name).write_bytes(getattr(current, name).path.read_bytes())
     grown = BAHEScorer(config=current.config, checkpoint=current.checkpoint, encoder=current.encoder,
-                       model=grown_model(current.model, len(current.items) + 10),
+                       model=grown_model(current.model, len(current.items) + 10, len(current.behaviors) + 10),
                        behaviors=current.behaviors.open(tables / current.behaviors.path.name, current.encoder),
                        items=current.items.open(tables / current.items.path.name, current.encoder), device="cpu")
     grown.behaviors.append(texts)

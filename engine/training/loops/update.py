@@ -178,9 +178,10 @@ def combined_log(new: BehaviorLog, history: BehaviorLog | None) -> BehaviorLog:
     return BehaviorLog.from_frame(frame, sequence_names=names, source="history + new log")
 
 
-def grown_model(model: BAHEModel, num_items: int) -> BAHEModel:
-    """A copy of `model` for an item table of `num_items` rows: its item-id embedding, item counts and item id rows
-    keep their rows; new rows start as the unseen-item row (embedding) and at 0 (counts, id rows)."""
+def grown_model(model: BAHEModel, num_items: int, num_behaviors: int) -> BAHEModel:
+    """A copy of `model` for an item table of `num_items` rows and a behavior table of `num_behaviors`: its item-id
+    embedding, item counts and id rows keep their rows; new rows start as the unseen-item row (embedding) and at 0
+    (counts, id rows: their text alone until the update trains them)."""
     model = copy.deepcopy(model)
     side = model.side
     if side.item_id is not None:
@@ -191,16 +192,23 @@ def grown_model(model: BAHEModel, num_items: int) -> BAHEModel:
         weight = old[trained].expand(num_items + 1, -1).clone()
         weight[:trained] = old[:trained]
         side.item_id = nn.Embedding.from_pretrained(weight, freeze=False)
-    if model.item_id_rows is not None:  # new items start at zero: their text alone (ModelConfig.id_rows)
-        old_rows = model.item_id_rows.detach()
-        rows = old_rows.new_zeros(num_items, old_rows.shape[1])
-        rows[:old_rows.shape[0]] = old_rows
-        model.item_id_rows = nn.Parameter(rows)
+    if model.item_id_rows is not None:  # ModelConfig.id_rows
+        model.item_id_rows = _zero_grown(model.item_id_rows, num_items, "item")
+        model.behavior_id_rows = _zero_grown(model.behavior_id_rows, num_behaviors, "behavior")
     if model.item_counts.numel():
         counts = torch.zeros(num_items, model.item_counts.shape[1], dtype=torch.int64, device=model.item_counts.device)
         counts[:model.item_counts.shape[0]] = model.item_counts
         model.item_counts = counts
     return model
+
+
+def _zero_grown(rows: nn.Parameter, size: int, table: str) -> nn.Parameter:
+    """`rows` (n, d) extended with zero rows to (size, d); ValueError if the table shrank."""
+    if size < rows.shape[0]:
+        raise ValueError(f"the {table} table has {size} rows, fewer than the {rows.shape[0]} the model was trained on")
+    grown = rows.detach().new_zeros(size, rows.shape[1])
+    grown[:rows.shape[0]] = rows.detach()
+    return nn.Parameter(grown)
 
 
 def check_fractions(config: UpdateConfig) -> None:
@@ -339,8 +347,8 @@ def scorer_pair(current: BAHEScorer, behaviors: BehaviorTable, items: BehaviorTa
     """(CURRENT, NEXT-to-train), both over the grown tables: CURRENT's weights as it serves them, and a copy that
     carries `ids` (CURRENT's and the new log's) and keeps CURRENT's standardization in its heads (frozen norms,
     not statistics of a few new batches)."""
-    baseline = scorer_with(current, grown_model(current.model, len(items)), behaviors, items)
-    upcoming = scorer_with(current, grown_model(current.model, len(items)), behaviors, items)
+    baseline = scorer_with(current, grown_model(current.model, len(items), len(behaviors)), behaviors, items)
+    upcoming = scorer_with(current, grown_model(current.model, len(items), len(behaviors)), behaviors, items)
     upcoming.ids = ids
     for head in (m for m in upcoming.model.modules() if isinstance(m, CTRHead)):
         head.freeze_norm()
