@@ -80,6 +80,7 @@ def ml1m_main(args: argparse.Namespace, command: str) -> dict:
     split unless --splits names others; one RESULTS.md section per split."""
     from engine.training.studies.experiment import load_data
     from engine.training.studies.demo_ml1m import ML1M_TRAINING
+    from engine.training.studies.demo_ml1m_report import cold_table
     epochs = args.epochs if "--epochs" in command else ML1M_TRAINING["epochs"]
     splits = args.splits if "--splits" in command else ["time"]
     config = replace(DemoConfig.from_args(args), **{**ML1M_TRAINING, "epochs": epochs},
@@ -108,7 +109,8 @@ def ml1m_main(args: argparse.Namespace, command: str) -> dict:
             f"`{command}` on {datetime.date.today().isoformat()}, {machine}; {elapsed / 60:.1f} min in all.",
             f"{rule}, all training examples, {config.epochs} epoch(s) for the neural models; each seed draws new "
             "weights, data order and LightGBM's seed. Cells: test AUC or GAUC [95% bootstrap interval over test "
-            "users].", "", *table])
+            "users].", "", *table, "", "Cold items: the test examples whose item had few training examples.",
+            *(line for seed, run in runs for line in ["", f"Seed {seed}:", "", *cold_table(run, split)])])
         print(f"wrote {config.results} (section <!-- {marker} -->)")
     return numbers
 

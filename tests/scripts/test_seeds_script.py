@@ -65,3 +65,4 @@ def test_ml1m_seeds_on_the_generated_fixture(tmp_path, tiny_checkpoints):
     assert "<!-- bench:seeds:bert:ml1m -->" in text and "<!-- bench:seeds:bert:ml1m:per-user -->" in text
     assert text.count("| AUC(BAHE) - AUC(") == 6 and text.count("| GAUC(BAHE) - GAUC(") == 6
     assert text.count("| GAUC |") == 8 and "per-user split" in text
+    assert text.count("| per-user | BAHE |") == 2 and text.count("| time | sequential id |") == 2, "cold items per seed"

@@ -62,11 +62,13 @@ def paired_lines(run: Ml1mRun, data_labels, data_users) -> list[str]:
     return lines
 
 
-def cold_table(run: Ml1mRun) -> list[str]:
-    ks = sorted(next(iter(run.results)).cold) if run.results else []
+def cold_table(run: Ml1mRun, split: str | None = None) -> list[str]:
+    """AUC and GAUC over the test examples of items with few training examples, per model (on `split`; None: all)."""
+    results = [r for r in run.results if split is None or r.row.split == split]
+    ks = sorted(results[0].cold) if results else []
     head = " | ".join(f"AUC, items < {k} train ex. | GAUC, < {k} | examples < {k}" for k in ks)
     lines = [f"| split | model | {head} |", "|---|---|" + "---|" * (3 * len(ks))]
-    for r in run.results:
+    for r in results:
         cells = " | ".join(f"{_opt(r.cold[k][1])} | {_opt(r.cold[k][2])} | {r.cold[k][0]:,}" for k in ks)
         lines.append(f"| {r.row.split} | {r.row.name} | {cells} |")
     return lines
