@@ -179,9 +179,8 @@ def combined_log(new: BehaviorLog, history: BehaviorLog | None) -> BehaviorLog:
 
 
 def grown_model(model: BAHEModel, num_items: int, num_behaviors: int) -> BAHEModel:
-    """A copy of `model` for an item table of `num_items` rows and a behavior table of `num_behaviors`: its item-id
-    embedding, item counts and id rows keep their rows; new rows start as the unseen-item row (embedding) and at 0
-    (counts, id rows: their text alone until the update trains them)."""
+    """A copy of `model` for tables of `num_items` items and `num_behaviors` behaviors: old rows kept; new ones start
+    as the unseen-item row (item-id embedding) or at 0 (counts, id rows: text alone until the update trains them)."""
     model = copy.deepcopy(model)
     side = model.side
     if side.item_id is not None:

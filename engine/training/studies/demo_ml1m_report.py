@@ -128,8 +128,11 @@ def report_lines(run: Ml1mRun, config: Ml1mConfig, labels, users, command: str) 
     if overlap_table(run):
         out += ["", f"Top-10 overlap (time split): {next(r.overlap for r in run.results if r.overlap).users} test users at the start of the "
                 "test period, each ranking every item they had not rated yet.", "", *overlap_table(run)]
-    out += ["", "Calibration (time split; mean predicted -> observed positive rate (examples) per 0.1-wide bin):",
-            "", *calibration_lines(run), "", "LightGBM searches:", "", *search_lines(run)]
+    calibration = calibration_lines(run)
+    if calibration:
+        out += ["", "Calibration (time split; mean predicted -> observed positive rate (examples) per 0.1-wide bin):",
+                "", *calibration]
+    out += ["", "LightGBM searches:", "", *search_lines(run)]
     if any(r.row.split == "per-user" for r in run.results):
         out += ["", LEAKAGE]
     return out
