@@ -85,10 +85,10 @@ def ml1m_main(args: argparse.Namespace, command: str) -> dict:
     splits = args.splits if "--splits" in command else ["time"]
     config = replace(DemoConfig.from_args(args), **{**ML1M_TRAINING, "epochs": epochs},
                      out=args.work_dir or Path("artifacts/demo") / f"ml1m-{Path(args.model).name}")
+    data = load_data(config.data)
     with cpu_threads(args.threads):
         machine = machine_label()
-        runs, elapsed = run_ml1m_seeds(config, args.seeds, args.threads, splits)
-    data = load_data(config.data)
+        runs, elapsed = run_ml1m_seeds(config, args.seeds, args.threads, splits, data)
     numbers = {"command": command, "machine": machine, "elapsed_s": elapsed,
                "rows": [{"seed": seed, "split": r.row.split, "model": r.row.name, "auc": r.row.auc.value,
                          "gauc": r.gauc.value, "logloss": r.row.logloss, "s_per_epoch": r.row.train_seconds,

@@ -6,7 +6,8 @@ the concatenated tokens of M behaviors fit the backbone's positions (BERT: 512 p
 raw-token LLM beside BAHE's text part (`ModelConfig.text_only()`, the same M) on one fixed subset of
 the examples (`raw_subset`). The raw side stops at the first M whose longest sequence over that subset
 needs more tokens than there are positions. "all" is the default `ModelConfig.max_behaviors` (1024), or the
-log's longest user history where that is longer (MovieLens-1M: 2,314): every user's whole history. Every AUC and GAUC comes with its 95% user-bootstrap interval.
+log's longest user history where that is longer (MovieLens-1M: 2,314): every user's whole history. Every AUC and
+GAUC comes with its 95% user-bootstrap interval.
 """
 from __future__ import annotations
 
@@ -31,10 +32,6 @@ log = logging.getLogger(__name__)
 ALL = "all"
 DEFAULT_MS: tuple[str, ...] = ("5", "10", "20", "50", "100", "200", ALL)
 ALL_BEHAVIORS = ModelConfig.__dataclass_fields__["max_behaviors"].default  # every MovieLens-100K user's history
-
-
-def m_behaviors(m: int | None, all_behaviors: int = ALL_BEHAVIORS) -> int:
-    return all_behaviors if m is None else m
 
 
 def whole_history(data) -> int:
@@ -82,7 +79,8 @@ class HistoryResult:
     all_behaviors: int = ALL_BEHAVIORS      # M for 'all' (whole_history)
 
     def behaviors(self, m: int | None) -> int:
-        return m_behaviors(m, self.all_behaviors)
+        """Behaviors per sequence of the sweep's M (None: all)."""
+        return self.all_behaviors if m is None else m
 
 
 def run_history(config: DemoConfig, ms: Sequence[int | None]) -> HistoryResult:
