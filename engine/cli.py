@@ -145,7 +145,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else Path("artifacts/demo") / (f"ml1m-{name}" if ml1m else name)
     from engine.training.studies.demo_ml1m import ML1M_TRAINING, Ml1mConfig
     overrides = {**ML1M_TRAINING, "epochs": args.epochs or ML1M_TRAINING["epochs"], "seed": args.seed,
-                 "lr_decay": not args.constant_lr} if ml1m else {}
+                 "lr_decay": not args.constant_lr, "item_id_dropout": args.item_id_dropout} if ml1m else {}
     if args.lower_layers is not None:
         overrides["num_lower_layers"] = args.lower_layers
     config = DemoConfig.preset(args.model, data=args.data, out=out, results=Path(args.results), **overrides)
@@ -302,9 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--distributed", action="store_true", help="under torchrun: data-parallel (DDP) training, each "
                    "rank on cuda:LOCAL_RANK (else the CPU, gloo) takes its users' share of every batch; rank 0 saves")
-    p.add_argument("--stream", metavar="WORK", help="a log bigger than memory: lay it out as user shards in the "
-                   "folder WORK (new, empty, or made by an earlier --stream: emptied first) and train shard by shard, one "
-                   "in memory at a time")
+    p.add_argument("--stream", metavar="WORK", help="a log bigger than memory: user shards in the folder WORK (new, "
+                   "empty or an earlier --stream's: emptied first), trained shard by shard, one in memory at a time")
     p.add_argument("--shards", type=int, default=16, help="with --stream: user shards (and item-count time buckets)")
     p.add_argument("--steps-per-shard", type=int, help="with --stream: optimizer steps per shard per epoch (all)")
     p.add_argument("--eval-per-shard", type=int, help="with --stream: val / test examples per shard (all)")
@@ -334,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--constant-lr", action="store_true", help="with --data ml1m: constant learning rates (default: "
                    "linear decay to 0 over the planned epochs, docs/results-movielens-1m.md)")
     p.add_argument("--seed", type=int, default=0, help="with --data ml1m: weights, data order, held-out items")
+    p.add_argument("--item-id-dropout", type=float, default=0.0, help="with --data ml1m: ModelConfig.item_id_dropout")
     p.add_argument("--out", help="output folder (default: artifacts/demo/<model>)")
     p.add_argument("--results", default="bench/RESULTS.md")
     p.set_defaults(func=cmd_demo)

@@ -86,6 +86,8 @@ class ModelConfig:
     count_features: bool = True     # dense past-count features of user (its sequences) and item (stored stats)
     recent_events: int = 10         # with count_features: shares of each sequence among the user's last events
     item_id_dim: int = 16           # learned item-id embedding width, keyed by item-table row (0: none)
+    item_id_dropout: float = 0.0    # training only: this share of targets read as unseen item ids (no id row, the
+                                    # unseen item-id bucket), so items training never saw score from text and counts
     id_rows: bool = False           # the upper layers read each behavior's and item's frozen ABE row plus a learned
                                     # id row of the same width (zero at first; rows added after training: text only)
     similarity_temperatures: tuple[float, ...] = (0.02, 0.05, 0.1)  # soft counts of behaviors like the item
@@ -105,6 +107,8 @@ class ModelConfig:
             raise ValueError(f"window_step must be in [0, max_behaviors={self.max_behaviors}], got {self.window_step}")
         if not self.dropout < 1:
             raise ValueError(f"dropout must be < 1, got {self.dropout}")
+        if not 0 <= self.item_id_dropout < 1:
+            raise ValueError(f"item_id_dropout must be in [0, 1), got {self.item_id_dropout}")
         if not all(t > 0 for t in self.similarity_temperatures):
             raise ValueError(f"similarity_temperatures must be > 0, got {self.similarity_temperatures}")
         if not all(self.categorical_features) or len(set(self.categorical_features)) != len(self.categorical_features):

@@ -27,7 +27,9 @@ class PackedBatch:
     categories: (U, C) int64 embedding rows of categorical features (`engine.features.categorical`), likewise;
     max_len: the longest sequence, a host int. Computed from the offsets when the batch is built
     on the host (CPU offsets, no device involved) and carried by `to`, so the model's forward
-    never reads a device value; a batch built from device offsets must pass it."""
+    never reads a device value; a batch built from device offsets must pass it;
+    item_keys: (U,) int64 keys of the items' learned id parameters (None: item_rows); training sets UNSEEN_ITEM
+    for targets it scores as ids it never saw (ModelConfig.item_id_dropout)."""
     behavior_rows: torch.Tensor
     offsets: torch.Tensor
     item_rows: torch.Tensor
@@ -36,6 +38,7 @@ class PackedBatch:
     dense: torch.Tensor | None = None
     max_len: int | None = None
     categories: torch.Tensor | None = None
+    item_keys: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.max_len is None and isinstance(self.offsets, torch.Tensor) and self.offsets.device.type == "cpu" \
@@ -46,11 +49,16 @@ class PackedBatch:
     def num_users(self) -> int:
         return self.item_rows.numel()
 
+    @property
+    def id_keys(self) -> torch.Tensor:
+        """The keys of the items' learned id parameters: item_keys where set, else the table rows."""
+        return self.item_rows if self.item_keys is None else self.item_keys
+
     def to(self, device: torch.device) -> PackedBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return PackedBatch(move(self.behavior_rows), move(self.offsets), move(self.item_rows),
                            move(self.behavior_extra), move(self.item_extra), move(self.dense), self.max_len,
-                           move(self.categories))
+                           move(self.categories), move(self.item_keys))
 
     def validate(self, num_sequences: int, behavior_table_rows: int, item_table_rows: int) -> None:
         """Raise a clear error for ids out of range, bad dtypes or bad offsets (the id-level API):
@@ -80,6 +88,9 @@ def gather_rows(table: torch.Tensor, extra: torch.Tensor | None, rows: torch.Ten
     fresh = ops.jagged_gather(extra, torch.where(known, torch.zeros_like(rows), rows - table.shape[0]),
                               offsets=offsets, pos=pos, max_len=max_len, out_dtype=dtype)
     return torch.where(known[:, None], out, fresh)
+
+
+UNSEEN_ITEM = torch.iinfo(torch.int64).max  # an id key past every trained row: no id row, the unseen item-id bucket
 
 
 def add_id_rows(x: torch.Tensor, id_rows: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
@@ -151,7 +162,7 @@ class BAHEModel(nn.Module):
                                             self.behavior_pos, batch.max_len, dtype),
                                 self.behavior_id_rows, batch.behavior_rows)
         items = add_id_rows(gather_rows(item_table, batch.item_extra, batch.item_rows, None, None, None, dtype),
-                            self.item_id_rows, batch.item_rows)
+                            self.item_id_rows, batch.id_keys)
         item_offsets = total + torch.arange(1, users + 1, device=batch.offsets.device)
         return torch.cat([behaviors, items]), torch.cat([batch.offsets, item_offsets])
 
@@ -209,11 +220,12 @@ class BAHEModel(nn.Module):
             return x
         return self.upper.forward_packed(x, torch.arange(k + 1, device=x.device), 1)
 
-    def logits(self, user: torch.Tensor, item: torch.Tensor, item_rows: torch.Tensor, dense: torch.Tensor | None,
+    def logits(self, user: torch.Tensor, item: torch.Tensor, item_keys: torch.Tensor, dense: torch.Tensor | None,
                similar: torch.Tensor | None = None, categories: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled towers (U, n, d), (U, d) + side inputs -> (U,) fp32 click logits."""
+        """Pooled towers (U, n, d), (U, d) + side inputs -> (U,) fp32 click logits; item_keys (U,): the items'
+        id keys (PackedBatch.id_keys)."""
         text = head_features(user, item, self.config.similarity_features)
-        side = self.side(item_rows, dense, self.compute_dtype, similar, categories)
+        side = self.side(item_keys, dense, self.compute_dtype, similar, categories)
         return self.head(torch.cat([text, *side], dim=1))
 
     def forward(self, behavior_table: torch.Tensor, item_table: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
@@ -221,4 +233,4 @@ class BAHEModel(nn.Module):
         user, item = self.towers(behavior_table, item_table, batch)
         with stage("head"):
             similar = self.similar(behavior_table, item_table, batch)
-            return self.logits(user, item, batch.item_rows, batch.dense, similar, batch.categories)
+            return self.logits(user, item, batch.id_keys, batch.dense, similar, batch.categories)

@@ -70,6 +70,11 @@ def test_a_chosen_subset_writes_its_own_section(tiny_checkpoints, tmp_path, monk
     text = results.read_text()
     assert "quick table" in text and "<!-- demo:bert:ml1m-time/BAHE+LightGBM-side_+_text_features -->" in text
     assert text.count("| time | ") == 4 and "sequential id" not in text  # main and cold tables, 2 rows each
+    main(["demo", "--data", str(tmp_path / "ml-1m"), "--model", config.demo.model, "--epochs", "1",
+          "--lower-layers", "2", "--results", str(results), "--splits", "time", "--models", "BAHE",
+          "--item-id-dropout", "0.25"])
+    text = results.read_text()
+    assert "<!-- demo:bert:ml1m-time/BAHE-item-id-dropout-0.25 -->" in text and "25% of its targets" in text
     with pytest.raises(ValueError, match="unknown models or splits"):
         Ml1mConfig(config.demo, splits=("tme",))
 
@@ -90,7 +95,8 @@ def test_a_second_run_reuses_the_finished_rows(tiny_checkpoints, tmp_path, monke
     for a, b in zip(first.results, second.results):
         assert np.array_equal(a.row.probs, b.row.probs) and a.row.auc == b.row.auc and a.gauc == b.gauc
         assert a.overlap == b.overlap and a.search == b.search and a.row.train_seconds == b.row.train_seconds
-    for other in (replace(config.demo, seed=1), replace(config.demo, lr_decay=False)):
+    for other in (replace(config.demo, seed=1), replace(config.demo, lr_decay=False),
+                  replace(config.demo, item_id_dropout=0.1)):
         with pytest.raises(AssertionError, match="fitted again"):
             run_ml1m_demo(Ml1mConfig(other, quick=True, models=config.models, overlap_users=4, threads=1),
                           command="test")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine import BAHEScorer, EncoderConfig, ModelConfig, ScorerConfig
-from engine.model.bahe_model import add_id_rows
+from engine.model.bahe_model import UNSEEN_ITEM, add_id_rows
 from engine.training.data import load_log
 from engine.training.loops.ctr_models import BAHECTR, rows_by_user
 from engine.training.loops.sequential_id import SequentialIdCTR
@@ -119,3 +119,62 @@ def test_an_update_grows_both_id_tables_with_zeros_and_the_grown_model_saves(tin
     loaded = BAHEScorer.from_pretrained(tmp_path / "grown", device="cpu")
     torch.testing.assert_close(loaded.model.behavior_id_rows, grown.behavior_id_rows)
     torch.testing.assert_close(loaded.model.item_id_rows, grown.item_id_rows)
+
+
+def _dropout_scorer(checkpoint: Path, tables: Path, log, share: float) -> BAHEScorer:
+    config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=2),
+                          model=ModelConfig(sequence_names=log.sequence_names, max_behaviors=16, count_features=False,
+                                            id_rows=True, item_id_dropout=share))
+    torch.manual_seed(0)
+    return BAHEScorer.create(checkpoint, behavior_texts=log.item_id_texts, item_texts=log.item_id_texts,
+                             tables_dir=tables, config=config, device="cpu", progress=False)
+
+
+def test_item_id_dropout_must_be_a_share_below_one():
+    with pytest.raises(ValueError, match="item_id_dropout"):
+        ModelConfig(sequence_names=("watched",), item_id_dropout=1.0)
+    with pytest.raises(ValueError, match="item_id_dropout"):
+        ModelConfig(sequence_names=("watched",), item_id_dropout=-0.1)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_item_id_dropout_trains_the_unseen_bucket_and_only_in_training(tiny_checkpoints, tmp_path, log, share):
+    scorer = _dropout_scorer(tiny_checkpoints["bert"], tmp_path / "t", log, share)
+    ctr = BAHECTR(scorer, log)
+    rows, _, _ = _requests(log, 200)
+    torch.manual_seed(3)
+    batch = ctr.prepare(log, rows)
+    dropped = torch.zeros(rows.size, dtype=torch.bool) if batch.item_keys is None else batch.item_keys != batch.item_rows
+    assert 0.3 < dropped.float().mean() < 0.7 if share else not dropped.any()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(ctr(batch), torch.from_numpy(log.label[rows]).float())
+    loss.backward()
+    unseen_grad = scorer.model.side.item_id.weight.grad[-1].abs().sum()
+    assert (unseen_grad > 0) == bool(share), "only dropped targets train the unseen item-id bucket"
+    kept = torch.unique(batch.item_rows[~dropped])
+    only_dropped = torch.from_numpy(np.setdiff1d(batch.item_rows[dropped].numpy(), kept.numpy()))
+    if share:  # an item all of whose targets were dropped gets no gradient in its own id rows
+        assert only_dropped.numel() > 0
+        assert scorer.model.item_id_rows.grad[only_dropped].abs().sum() == 0
+        assert scorer.model.side.item_id.weight.grad[only_dropped].abs().sum() == 0
+    assert scorer.model.item_id_rows.grad[kept].abs().sum() > 0
+    ctr.eval()
+    assert ctr.prepare(log, rows).item_keys is None, "scoring reads every item's own id"
+
+
+def test_a_dropped_target_scores_as_a_held_out_item(tiny_checkpoints, tmp_path, log):
+    """What dropout trains is what held-out items are scored with (give_unseen_bucket)."""
+    scorer = _dropout_scorer(tiny_checkpoints["bert"], tmp_path / "t", log, 0.5)
+    ctr = BAHECTR(scorer, log).eval()
+    with torch.no_grad():
+        scorer.model.item_id_rows.normal_()
+        scorer.model.side.item_id.weight.normal_()
+    rows, _, _ = _requests(log)
+    batch = ctr.prepare(log, rows)
+    own = ctr(batch)
+    batch.item_keys = torch.full_like(batch.item_rows, UNSEEN_ITEM)
+    with torch.no_grad():
+        as_unseen = ctr(batch)
+        give_unseen_bucket(ctr, np.unique(log.item[rows]))
+        held_out = ctr(ctr.prepare(log, rows))
+    assert (own - as_unseen).abs().max() > 1e-4
+    torch.testing.assert_close(as_unseen, held_out)

@@ -24,7 +24,7 @@ from engine.training.data.log import BehaviorLog
 from engine.training.loops.timeline import TimelineBatch, timeline_batch, timeline_logits
 from engine.model.head import CTRHead, SideInputs, head_features, user_item_head
 from engine.training.data.example_features import PastCounts, category_batch, dense_features, item_count_table
-from engine.model.bahe_model import PackedBatch, pool_user_item
+from engine.model.bahe_model import UNSEEN_ITEM, PackedBatch, pool_user_item
 from engine.serving.scorer import BAHEScorer
 from kernels import ops
 from weights.checkpoint import Checkpoint
@@ -57,8 +57,11 @@ class BAHECTR(nn.Module):
     def prepare(self, log: BehaviorLog, rows: np.ndarray) -> TimelineBatch:
         config = self.scorer.config.model
         categories = category_batch(self.model.side, config, log, rows, self.training)
-        return timeline_batch(log, rows, config.sequence_names, config.max_behaviors, config.history_step, self.behavior_row,
-                              self.item_row, self.counts, config.count_features, categories)
+        batch = timeline_batch(log, rows, config.sequence_names, config.max_behaviors, config.history_step,
+                               self.behavior_row, self.item_row, self.counts, config.count_features, categories)
+        if self.training and config.item_id_dropout:
+            batch.item_keys = drop_item_ids(batch.item_rows, config.item_id_dropout)
+        return batch
 
     def forward(self, batch: TimelineBatch) -> torch.Tensor:
         return timeline_logits(self.model, self.behavior_table, self.item_table, batch)
@@ -78,6 +81,14 @@ class BAHECTR(nn.Module):
         counts = np.zeros(tuple(self.model.item_counts.shape), dtype=np.int64)
         counts[self.item_row[ids]] = by_item[:, order]
         self.model.item_counts.copy_(torch.from_numpy(counts))
+
+
+def drop_item_ids(item_rows: torch.Tensor, share: float) -> torch.Tensor:
+    """Id keys of a training batch's targets with a random `share` of them (torch's generator) read as unseen
+    ids (ModelConfig.item_id_dropout): like items training never saw, they are scored from text and counts alone,
+    which trains the unseen item-id bucket that held-out and newly added items take."""
+    dropped = torch.rand(item_rows.shape, device=item_rows.device) < share
+    return torch.where(dropped, torch.full_like(item_rows, UNSEEN_ITEM), item_rows)
 
 
 def rows_by_user(rows: np.ndarray, log: BehaviorLog, rng: np.random.Generator) -> np.ndarray:

@@ -33,7 +33,8 @@ class TimelineBatch:
     """K packed behavior sequences (offsets (K+1,)) and B targets reading them.
     sequence[b, s]: packed sequence that target b's sequence s reads; prefix[b, s]: how many of its first
     behaviors (0: empty); item_rows (B,), dense (B, F) side features or None; pairs: the sum of prefix, a
-    host int (the (target, behavior) pairs of the similarity features)."""
+    host int (the (target, behavior) pairs of the similarity features); item_keys: the targets' id keys where they
+    differ from item_rows (PackedBatch.item_keys)."""
     behavior_rows: torch.Tensor
     offsets: torch.Tensor
     sequence: torch.Tensor
@@ -43,11 +44,18 @@ class TimelineBatch:
     max_len: int  # the longest packed sequence, known on the host
     pairs: int
     categories: torch.Tensor | None = None  # (B, F) categorical feature rows (engine.features.categorical)
+    item_keys: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> TimelineBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return TimelineBatch(move(self.behavior_rows), move(self.offsets), move(self.sequence), move(self.prefix),
-                             move(self.item_rows), move(self.dense), self.max_len, self.pairs, move(self.categories))
+                             move(self.item_rows), move(self.dense), self.max_len, self.pairs, move(self.categories),
+                             move(self.item_keys))
+
+    def packed(self) -> PackedBatch:
+        """The batch's packed sequences and targets as the model's forward reads them (`BAHEModel.embed`)."""
+        return PackedBatch(self.behavior_rows, self.offsets, self.item_rows, max_len=self.max_len,
+                           item_keys=self.item_keys)
 
 
 def timeline_batch(log: BehaviorLog, rows: np.ndarray, names: tuple[str, ...], max_behaviors: int,
@@ -112,8 +120,7 @@ def timeline_towers(model: BAHEModel, behavior_table: torch.Tensor, item_table: 
     """What the head reads of every target of the batch, from one pass of the upper layers: pooled prefixes
     user (B, n, d), item tower item (B, d), soft counts similar (B, n, k) or None (`prefix_similar`)."""
     targets = batch.item_rows.numel()
-    packed = PackedBatch(batch.behavior_rows, batch.offsets, batch.item_rows, max_len=batch.max_len)
-    x, offsets = model.embed(behavior_table, item_table, packed)
+    x, offsets = model.embed(behavior_table, item_table, batch.packed())
     states = model.upper.forward_packed(x, offsets, max(batch.max_len, 1))
     behaviors = batch.behavior_rows.numel()
     user = prefix_means(states[:behaviors], batch.offsets, batch.sequence, batch.prefix, model.empty_sequence)
@@ -124,4 +131,4 @@ def timeline_logits(model: BAHEModel, behavior_table: torch.Tensor, item_table: 
                     batch: TimelineBatch) -> torch.Tensor:
     """(B,) fp32 logits of every target of the batch from one pass of the upper layers."""
     user, item, similar = timeline_towers(model, behavior_table, item_table, batch)
-    return model.logits(user, item, batch.item_rows, batch.dense, similar, batch.categories)
+    return model.logits(user, item, batch.packed().id_keys, batch.dense, similar, batch.categories)

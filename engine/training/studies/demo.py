@@ -62,6 +62,7 @@ class DemoConfig:
     extra_baselines: bool = True         # logistic regression and id-only too (off: the headline rows alone)
     lr_decay: bool = False               # linear learning-rate decay over the planned steps (TrainConfig)
     id_rows: bool = False                # BAHE's upper layers read ABE rows + learned id rows (ModelConfig.id_rows)
+    item_id_dropout: float = 0.0         # BAHE's training targets read as unseen ids (ModelConfig.item_id_dropout)
 
     @classmethod
     def preset(cls, model: str = "minilm", **overrides) -> DemoConfig:
@@ -187,6 +188,7 @@ def demo_scorer(config: DemoConfig, data) -> tuple[BAHEScorer, TableReport]:
                                                        max_tokens=config.max_tokens),
                                  model=ModelConfig(sequence_names=data.sequence_names,
                                                    max_behaviors=config.max_behaviors, id_rows=config.id_rows,
+                                                   item_id_dropout=config.item_id_dropout,
                                                    categorical_features=log_categorical_features(
                                                        "all" if config.categorical else "none", data)))
     return _seeded(config.seed, lambda: build_scorer(config.model, data, scorer_config, config.out / "tables",

@@ -221,7 +221,7 @@ class RowCache:
         demo = config.demo
         return {"model": name, "split": split, "seed": demo.seed, "epochs": demo.epochs, "batch_size": demo.batch_size,
                 "lower_layers": demo.num_lower_layers, "max_behaviors": demo.max_behaviors, "lr_decay": demo.lr_decay,
-                "id_rows": demo.id_rows,
+                "id_rows": demo.id_rows, **({"item_id_dropout": demo.item_id_dropout} if demo.item_id_dropout else {}),
                 "held_out_fraction": config.held_out_fraction, "overlap_users": config.overlap_users,
                 "rows": {part: [int(r.size), hashlib.sha256(np.ascontiguousarray(r, np.int64).tobytes()).hexdigest()]
                          for part, r in sorted(rows.items())}}

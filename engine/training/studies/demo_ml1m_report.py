@@ -120,7 +120,9 @@ def report_lines(run: Ml1mRun, config: Ml1mConfig, labels, users, command: str) 
                                  "with the unseen id bucket." if run.held_out_items else ""),
            f"ABE: {run.tables.behavior_events:,} behaviors -> {run.tables.unique_behaviors:,} unique rows; "
            f"{demo.num_lower_layers} lower layers frozen; up to {demo.epochs} epochs (early stopping on validation "
-           "AUC). Intervals: 95% bootstrap over test users (1,000 resamples); GAUC: per-user AUC weighted by the "
+           "AUC)" + (f"; BAHE trained with {demo.item_id_dropout:.0%} of its targets read as unseen item ids "
+                     "(ModelConfig.item_id_dropout)" if demo.item_id_dropout else "") +
+           ". Intervals: 95% bootstrap over test users (1,000 resamples); GAUC: per-user AUC weighted by the "
            "user's test examples, over users with both classes (its `test users` are those).", "",
            *main_table(run), "", "Paired differences (same resampled users):", "", *paired_lines(run, labels, users)]
     out += ["", "Cold items: test examples whose item had fewer than k training examples in that split.", "",
@@ -143,6 +145,7 @@ def section_name(config: Ml1mConfig) -> str:
     a partial run never overwrites the full or quick table."""
     defaults = (QUICK_MODELS, QUICK_SPLITS) if config.quick else (ALL_MODELS, ALL_SPLITS)
     decay = "" if config.demo.lr_decay else "-constant-lr"  # the ML-1M default decays (cli: --constant-lr)
+    decay += f"-item-id-dropout-{config.demo.item_id_dropout:g}" if config.demo.item_id_dropout else ""
     if (config.models, config.splits) == defaults:
         return ("ml1m-quick" if config.quick else "ml1m") + decay
     slug = "+".join(config.splits) + "/" + "+".join(config.models)
