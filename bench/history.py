@@ -7,8 +7,9 @@ tokens fit the backbone's positions (engine.training.studies.length_sweep).
     python -m bench.history --data ml1m --ms 5 20 100 all --raw-train-examples 0 --threads 1
                                                      # MovieLens-1M with its demo's training (ML1M_TRAINING)
 
-Outputs: the section `<!-- bench:history:<model> -->` of --results-md (bench/RESULTS.md), the plot
-history-<model>.png (AUC vs M, log x, 95% interval bands) and history-<model>.json (every number) under --out-dir.
+Outputs: the section `<!-- bench:history:<model> -->` (MovieLens-1M: `<model>-ml1m`) of --results-md
+(bench/RESULTS.md), the plot history-<model>.png (AUC vs M, log x, 95% interval bands) and history-<model>.json
+(every number) under --out-dir.
 """
 from __future__ import annotations
 
@@ -42,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def output_name(model: str, data: str) -> str:
+    """The name of a sweep's section and files: the model's, with '-ml1m' for MovieLens-1M (its own section)."""
+    return Path(model).name + ("-ml1m" if is_movielens_1m(data) else "")
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     with cpu_threads(args.threads):
         machine = machine_label()  # with the threads the run uses
         result = run_history(config, ms)
-    name = Path(config.model).name
+    name = output_name(config.model, args.data)
     png, js = args.out_dir / f"history-{name}.png", args.out_dir / f"history-{name}.json"
     model_desc = EMBEDDED.get(config.model, f"local checkpoint {config.model}")
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -106,7 +106,7 @@ class DemoConfig:
                   "results": Path(args.results_md) if args.results_md else None, "id_rows": args.id_rows}
         if args.lower_layers is not None:
             values["num_lower_layers"] = args.lower_layers
-        return cls.preset(args.model, **values, **overrides)
+        return cls.preset(args.model, **{**values, **overrides})
 
 
 @dataclass
