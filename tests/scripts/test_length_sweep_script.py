@@ -60,18 +60,30 @@ def test_all_is_the_longest_history_where_that_exceeds_the_default():
     assert whole_history(short) == ALL_BEHAVIORS and whole_history(long) == ALL_BEHAVIORS + 290
 
 
-def test_movielens_1m_sweeps_train_as_its_demo_and_write_a_section_of_their_own(tmp_path, tiny_checkpoints):
+def test_movielens_1m_sweeps_train_as_its_demo_and_write_a_section_of_their_own(tmp_path, tiny_checkpoints,
+                                                                                monkeypatch):
+    from engine.training.studies import length_sweep
     from tests.ml1m_fixture import write_ml1m_files
     assert history.output_name("minilm", "movielens") == "minilm"
     assert history.output_name("minilm", "ml1m") == "minilm-ml1m"
     folder = str(write_ml1m_files(tmp_path / "ml-1m"))
     model = str(tiny_checkpoints["bert"])
     results_md, out = tmp_path / "RESULTS.md", tmp_path / "results"
-    summary = history.main(["--model", model, "--data", folder, "--lower-layers", "2", "--ms", "3", "--epochs", "1",
-                            "--batch-size", "64", "--raw-train-examples", "0", "--threads", "1", "--work-dir",
-                            str(tmp_path / "work"), "--out-dir", str(out), "--results-md", str(results_md)])
+    argv = ["--model", model, "--data", folder, "--lower-layers", "2", "--ms", "3", "--epochs", "1", "--batch-size",
+            "64", "--raw-train-examples", "0", "--threads", "1", "--work-dir", str(tmp_path / "work"), "--out-dir",
+            str(out), "--results-md", str(results_md)]
+    summary = history.main(argv)
     name = history.output_name(model, folder)
     assert name.endswith("-ml1m") and (out / f"history-{name}.json").exists()
     assert f"<!-- bench:history:{name} -->" in results_md.read_text()
     assert [r["m"] for r in summary["rows"]] == ["3"] and 0 <= summary["rows"][0]["auc"] <= 1
     assert summary["config"]["id_rows"] and summary["config"]["lr_decay"], "the ML-1M demo's training"
+
+    def refit(*args, **kw):
+        raise AssertionError("a finished point was trained again")
+
+    monkeypatch.setattr(length_sweep, "neural_row", refit)  # a rerun (or a resumed sweep) reuses finished points
+    again = history.main(argv)
+    assert again["rows"][0]["auc"] == summary["rows"][0]["auc"]
+    with pytest.raises(AssertionError, match="trained again"):
+        history.main([*argv[:-2], "--seed", "1", *argv[-2:]])  # other settings train afresh

@@ -121,7 +121,8 @@ class DemoRow:
     probs: np.ndarray = field(default=None, repr=False)
 
 
-def _row(name: str, split: str, data, rows: dict, probs: np.ndarray, seconds: float, note: str = "") -> DemoRow:
+def demo_row(name: str, split: str, data, rows: dict, probs: np.ndarray, seconds: float, note: str = "") -> DemoRow:
+    """The table row of `name`'s test probabilities `probs` on rows['test'] (AUC interval over test users, log loss)."""
     test = rows["test"]
     labels, users = data.label[test], data.user[test]
     row = DemoRow(name, split, rows["train"].size, auc_interval(labels, probs, users), log_loss(labels, probs),
@@ -134,14 +135,14 @@ def neural_row(model, data, rows: dict, config: TrainConfig, split: str, note: s
     """`model` trained on rows['train'] (early stopping on rows['val']), its row from rows['test']."""
     result = fit(model, data, rows["train"], rows["val"], config)
     probs = predict(model, data, rows["test"], batch_size=512)
-    return _row(model.name, split, data, rows, probs, float(np.mean(result.epoch_seconds)), note)
+    return demo_row(model.name, split, data, rows, probs, float(np.mean(result.epoch_seconds)), note)
 
 
 def _classic(kind: str, data, rows: dict, split: str, seed: int) -> DemoRow:
     start = time.perf_counter()
     model = fit_classic(kind, data, rows["train"], rows["val"], seed)
     name = {"gbdt": "gradient boosting (classic)", "logistic": "logistic regression (classic)"}[kind]
-    return _row(name, split, data, rows, model.predict(data, rows["test"]), time.perf_counter() - start,
+    return demo_row(name, split, data, rows, model.predict(data, rows["test"]), time.perf_counter() - start,
                 "past-only statistics, genres, year (engine.training.baselines.classic)")
 
 

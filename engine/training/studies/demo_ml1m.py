@@ -223,8 +223,13 @@ class RowCache:
                 "lower_layers": demo.num_lower_layers, "max_behaviors": demo.max_behaviors, "lr_decay": demo.lr_decay,
                 "id_rows": demo.id_rows, **({"item_id_dropout": demo.item_id_dropout} if demo.item_id_dropout else {}),
                 "held_out_fraction": config.held_out_fraction, "overlap_users": config.overlap_users,
-                "rows": {part: [int(r.size), hashlib.sha256(np.ascontiguousarray(r, np.int64).tobytes()).hexdigest()]
-                         for part, r in sorted(rows.items())}}
+                "rows": RowCache.rows_key(rows)}
+
+    @staticmethod
+    def rows_key(rows: dict[str, np.ndarray]) -> dict:
+        """A split's exact example rows as a fingerprint field: part -> [size, sha256 of the rows]."""
+        return {part: [int(r.size), hashlib.sha256(np.ascontiguousarray(r, np.int64).tobytes()).hexdigest()]
+                for part, r in sorted(rows.items())}
 
     def _path(self, fingerprint: dict) -> Path:
         key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]

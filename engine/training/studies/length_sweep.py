@@ -22,8 +22,9 @@ import numpy as np
 
 from engine.config import ModelConfig
 from engine.training.loops.ctr_models import BAHECTR
-from engine.training.studies.demo import (DemoConfig, DemoRow, demo_scorer, longest_sequence_tokens, model_variant,
-                                  neural_row, raw_subset, raw_token_model, raw_vs_text_part)
+from engine.training.studies.demo import (DemoConfig, DemoRow, demo_row, demo_scorer, longest_sequence_tokens,
+                                          model_variant, neural_row, raw_subset, raw_token_model, raw_vs_text_part)
+from engine.training.studies.demo_ml1m import RowCache
 from engine.training.studies.experiment import load_data
 from engine.training.studies.metrics import Interval, gauc_interval, undefined_as_nan
 
@@ -83,6 +84,24 @@ class HistoryResult:
         return self.all_behaviors if m is None else m
 
 
+def full_model_row(config: DemoConfig, data, rows: dict, scorer, behaviors: int, cache: RowCache) -> DemoRow:
+    """BAHE's full model at M = `behaviors` on the time split: reused from `cache` when a run with the same
+    settings finished it (a sweep stopped part-way resumes at its next M), else trained, scored and kept."""
+    note = f"full model, {behaviors} behaviors/sequence"
+    key = {"model": f"BAHE-M{behaviors}", "split": "time", "sweep": "history", "backbone": config.model,
+           "data": str(config.data), "seed": config.seed, "epochs": config.epochs, "batch_size": config.batch_size,
+           "lower_layers": config.num_lower_layers, "lr_decay": config.lr_decay, "id_rows": config.id_rows,
+           "rows": RowCache.rows_key(rows)}
+    cached = cache.load(key)
+    if cached is not None:
+        log.info("M = %d: reused from %s", behaviors, cache.folder)
+        return demo_row("BAHE", "time", data, rows, cached[0], cached[1]["seconds"], note)
+    full = BAHECTR(model_variant(scorer, replace(scorer.config.model, max_behaviors=behaviors), config.seed), data)
+    row = neural_row(full, data, rows, config.train(), "time", note)
+    cache.store(key, row.probs, {"seconds": row.train_seconds})
+    return row
+
+
 def run_history(config: DemoConfig, ms: Sequence[int | None]) -> HistoryResult:
     """The sweep on the time split: `config` gives the model, data, epochs, seed and raw-token subset sizes
     (`config.out / 'tables'` holds the cached tables); `ms` the behaviors per sequence (None: all)."""
@@ -100,11 +119,11 @@ def run_history(config: DemoConfig, ms: Sequence[int | None]) -> HistoryResult:
         gauc = undefined_as_nan(gauc_interval, data.label[test], row.probs, data.user[test])
         return HistoryRow(m, row, on_subset, gauc)
 
+    cache = RowCache(config.out / "history-rows")
     for m in sorted(ms, key=result.behaviors):
         behaviors, label = result.behaviors(m), m_label(m)
-        full = BAHECTR(model_variant(scorer, replace(scorer.config.model, max_behaviors=behaviors), config.seed), data)
-        result.rows.append(history_row(m, neural_row(full, data, rows, config.train(), "time",
-                                                     f"full model, {label} behaviors/sequence"), rows["test"], False))
+        result.rows.append(history_row(m, full_model_row(config, data, rows, scorer, behaviors, cache), rows["test"],
+                                       False))
         if not config.raw_train_examples or result.raw_stop is not None:
             continue
         raw = raw_token_model(scorer, behaviors, config, sys.maxsize)  # cut at the model's positions
