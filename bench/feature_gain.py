@@ -2,7 +2,7 @@
 features, + the plain text-cosine features, + BAHE's feature block (engine.export), on one split of a log.
 
     python -m bench.feature_gain --data ml1m [--split time|per-user] [--max-users N] [--folds 3] [--project 16]
-                                 [--features FILE.parquet] [--work DIR] [--threads 2]
+                                 [--features FILE.parquet] [--work DIR] [--threads 2] [--sequential-id]
 
 The block comes out-of-fold (`bahe features --folds K`'s path: K BAHE scorers trained with the project's loop on
 disjoint user folds, each giving its held-out users' features for every period), so no example's BAHE logit or
@@ -11,7 +11,8 @@ on the same log and user subset). The three LightGBM models are engine.training.
 same 6-config search on validation AUC, the same past-only side features; the text row adds the cosine of the
 target's frozen ABE row with the user's earlier liked / disliked mean. Test AUC and GAUC with 95% user-bootstrap
 intervals, and paired intervals (same resampled users) of each richer row against the plainer ones; a table on
-stdout and a section of --results (RESULTS.md).
+stdout and a section of --results (RESULTS.md). `--sequential-id` adds the project's sequential id model
+(engine.training.loops.sequential_id) without and with the block joined to its dense side columns.
 """
 from __future__ import annotations
 
@@ -22,17 +23,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from engine.config import EncoderConfig, ModelConfig, ScorerConfig
 from engine.export.block import read_block, write_block
 from engine.serving.scorer import BAHEScorer
-from engine.training.baselines.lightgbm_peers import SEARCH, ExtraColumns, fit_lightgbm
+from engine.training.baselines.lightgbm_peers import SEARCH, fit_lightgbm
+from engine.training.data.extra_columns import ExtraColumns
 from engine.training.data.example_features import log_categorical_features
 from engine.training.data.log import BehaviorLog
 from engine.training.data.user_split import per_user_split
 from engine.training.export.features_command import export_block
 from engine.training.export.fold_scorers import train_fold_scorers
-from engine.training.loops.train import TrainConfig
+from engine.training.loops.sequential_id import SequentialIdCTR
+from engine.training.loops.train import TrainConfig, fit, predict
 from engine.training.studies.demo_ml1m import frozen_rows
 from engine.training.studies.experiment import cpu_threads, load_data
 from engine.training.studies.metrics import (auc_interval, gauc_interval, paired_auc_difference,
@@ -42,7 +46,8 @@ from engine.training.studies.results_sections import machine, write_section
 log = logging.getLogger(__name__)
 
 SIDE, TEXT, BAHE = "LightGBM, side features", "LightGBM, side + text features", "LightGBM, side + BAHE features"
-PAIRS = ((TEXT, SIDE), (BAHE, SIDE), (BAHE, TEXT))
+SEQ, SEQ_BAHE = "sequential id, side features", "sequential id, side + BAHE features"
+PAIRS = ((TEXT, SIDE), (BAHE, SIDE), (BAHE, TEXT), (SEQ_BAHE, SEQ), (SEQ_BAHE, BAHE))
 
 
 def split_rows(data: BehaviorLog, split: str) -> dict[str, np.ndarray]:
@@ -90,6 +95,13 @@ def run(args: argparse.Namespace) -> tuple[list[str], dict]:
                              **kwargs)
         probs[name], seconds[name] = model.predict(data, test), time.perf_counter() - start
         log.info("%s: %.0f s", name, seconds[name])
+    if args.sequential_id:
+        architecture = BAHEScorer.from_pretrained(folders[0] if folders else args.text_scorer, device="cpu")
+        for name, extra in ((SEQ, None), (SEQ_BAHE, block)):
+            start = time.perf_counter()
+            probs[name] = sequential_id_probs(args, data, parts, architecture, extra)
+            seconds[name] = time.perf_counter() - start
+            log.info("%s: %.0f s", name, seconds[name])
     labels, users = data.label[test], data.user[test]
     stats = {"auc": {n: auc_interval(labels, p, users, resamples=args.resamples, seed=args.seed)
                      for n, p in probs.items()},
@@ -97,9 +109,21 @@ def run(args: argparse.Namespace) -> tuple[list[str], dict]:
              "paired": {(a, b): (paired_auc_difference(labels, probs[a], probs[b], users, resamples=args.resamples,
                                                        seed=args.seed),
                                  undefined_as_nan(paired_gauc_difference, labels, probs[a], probs[b], users))
-                        for a, b in PAIRS}}
+                        for a, b in PAIRS if a in probs and b in probs}}
     lines = report(args, data, parts, stats, seconds, meta, block_seconds, time.perf_counter() - started)
     return lines, stats
+
+
+def sequential_id_probs(args: argparse.Namespace, data: BehaviorLog, parts: dict[str, np.ndarray],
+                        architecture: BAHEScorer, extra: ExtraColumns | None) -> np.ndarray:
+    """Test probabilities of the sequential id model (BAHE's upper-layer architecture over learned item ids, its
+    side features and head), with `extra` joined to its dense side columns; the ML-1M demo's training
+    (timeline batches, linearly decaying rates, early stopping on validation AUC)."""
+    torch.manual_seed(args.seed)
+    model = SequentialIdCTR.from_scorer(architecture, data, parts["train"], extra)
+    fit(model, data, parts["train"], parts["val"], TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
+                                                               seed=args.seed, lr_decay=True, progress=False))
+    return predict(model, data, parts["test"], batch_size=512)
 
 
 def report(args, data, parts, stats, seconds, meta, block_seconds, total) -> list[str]:
@@ -112,13 +136,13 @@ def report(args, data, parts, stats, seconds, meta, block_seconds, total) -> lis
              f"{block_seconds:.0f} s; "
              f"LightGBM search: {args.configs} of {len(SEARCH)} configs; {total / 60:.1f} min in all.", "",
              "| model | test AUC [95%] | test GAUC [95%] | fit s |", "|---|---|---|---|"]
-    for name in (SIDE, TEXT, BAHE):
+    for name in stats["auc"]:
         a, g = stats["auc"][name], stats["gauc"][name]
         lines.append(f"| {name} | {a.value:.4f} [{a.low:.4f}, {a.high:.4f}] | {g.value:.4f} [{g.low:.4f}, "
                      f"{g.high:.4f}] | {seconds[name]:.0f} |")
     lines += ["", "| paired difference (same resampled users) | AUC [95%] | GAUC [95%] |", "|---|---|---|"]
     for (a, b), (auc, g) in stats["paired"].items():
-        lines.append(f"| {a.split(', ')[1]} - {b.split(', ')[1]} | {auc.value:+.4f} [{auc.low:+.4f}, {auc.high:+.4f}] "
+        lines.append(f"| {a} - {b} | {auc.value:+.4f} [{auc.low:+.4f}, {auc.high:+.4f}] "
                      f"| {g.value:+.4f} [{g.low:+.4f}, {g.high:+.4f}] |")
     return lines
 
@@ -143,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--resamples", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch and LightGBM threads")
+    p.add_argument("--sequential-id", action="store_true", help="also the sequential id model without and with the "
+                   "block (two more neural trainings)")
     p.add_argument("--work", type=Path, default=Path("artifacts/feature_gain"))
     p.add_argument("--results", default="bench/RESULTS.md", help="markdown file for the section ('' : none)")
     args = p.parse_args(argv)

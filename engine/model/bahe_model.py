@@ -128,7 +128,8 @@ class BAHEModel(nn.Module):
     `config.id_rows`, every behavior and item the upper layers read is its ABE row plus a learned id row keyed by
     its table row (`num_behaviors` / `num_items` trained rows; `add_id_rows`): text and ids in one sequence."""
 
-    def __init__(self, upper: UpperEncoder, config: ModelConfig, num_items: int = 0, num_behaviors: int = 0) -> None:
+    def __init__(self, upper: UpperEncoder, config: ModelConfig, num_items: int = 0, num_behaviors: int = 0,
+                 extra_dense: int = 0) -> None:
         super().__init__()
         self.config = config
         self.upper = upper
@@ -138,7 +139,7 @@ class BAHEModel(nn.Module):
         n = len(config.sequence_names)
         self.register_buffer("item_counts", torch.zeros(num_items if config.count_features else 0, n,
                                                          dtype=torch.int64), persistent=config.count_features)
-        self.side = SideInputs(config, num_items)
+        self.side = SideInputs(config, num_items, extra_dense)  # extra_dense: a training baseline's stacked columns
         self.behavior_id_rows, self.item_id_rows = ((nn.Parameter(torch.zeros(num_behaviors, d)),
                                                      nn.Parameter(torch.zeros(num_items, d))) if config.id_rows
                                                     else (None, None))

@@ -197,10 +197,11 @@ class SideInputs(nn.Module):
     features (`engine.features.categorical`) and a learned item-id embedding keyed by item-table row (rows past the `num_items` trained ones share one
     unseen bucket, so items appended after training still score)."""
 
-    def __init__(self, config: ModelConfig, num_items: int) -> None:
+    def __init__(self, config: ModelConfig, num_items: int, extra_dense: int = 0) -> None:
         super().__init__()
         names = count_feature_names(config.sequence_names, recent=config.recent_events > 0)
-        self.counts = len(names) if config.count_features else 0
+        # dense columns: the count features, then `extra_dense` computed outside the model (a stacked ranker's)
+        self.counts = (len(names) if config.count_features else 0) + extra_dense
         self.similar = len(similarity_feature_names(config.sequence_names, config.similarity_temperatures))
         self.categories = len(config.categorical_features)
         self.category = nn.Embedding(config.categorical_buckets + 1, config.categorical_dim) if self.categories else None
@@ -226,7 +227,7 @@ class SideInputs(nn.Module):
         out = []
         if self.counts:
             if dense is None or dense.shape[1] != self.counts:
-                raise ValueError(f"this model takes {self.counts} dense count features per example, got "
+                raise ValueError(f"this model takes {self.counts} dense features per example, got "
                                  f"{None if dense is None else dense.shape[1]}")
             out.append(dense.to(dtype))
         if self.similar:

@@ -1,6 +1,7 @@
 """bench/feature_gain.py end to end on a generated MovieLens-1M-format fixture with a tiny Llama (so the script
 cannot rot): out-of-fold BAHE scorers, the block, three LightGBM rows, paired intervals, the RESULTS section; a
-second run reusing the written block (--features) gives the same BAHE row."""
+second run reusing the written block (--features) gives the same BAHE row; the sequential id model without and
+with the block (--sequential-id)."""
 import numpy as np
 import pytest
 
@@ -19,7 +20,7 @@ def test_feature_gain_runs_end_to_end_and_reuses_its_block(tiny_checkpoints, tmp
     printed = capsys.readouterr().out
     for name in (feature_gain.SIDE, feature_gain.TEXT, feature_gain.BAHE):
         assert f"| {name} |" in printed and 0 <= first["auc"][name].value <= 1
-    assert "| side + BAHE features - side + text features |" in printed
+    assert f"| {feature_gain.BAHE} - {feature_gain.TEXT} |" in printed
     bahe, text = first["auc"][feature_gain.BAHE].value, first["auc"][feature_gain.TEXT].value
     assert first["paired"][(feature_gain.BAHE, feature_gain.TEXT)][0].value == pytest.approx(bahe - text)
     section = results.read_text()
@@ -33,7 +34,9 @@ def test_feature_gain_runs_end_to_end_and_reuses_its_block(tiny_checkpoints, tmp
     assert results.read_text().count("<!-- feature-gain:time -->") == 1
 
     per_user = feature_gain.main([*common, "--split", "per-user", "--features", str(work / "block.parquet"),
-                                  "--text-scorer", str(work / "folds" / "fold-0")])
-    assert set(per_user["auc"]) == set(first["auc"])
+                                  "--text-scorer", str(work / "folds" / "fold-0"), "--sequential-id"])
+    assert set(per_user["auc"]) == {*first["auc"], feature_gain.SEQ, feature_gain.SEQ_BAHE}
+    assert (feature_gain.SEQ_BAHE, feature_gain.SEQ) in per_user["paired"]
+    assert 0 <= per_user["auc"][feature_gain.SEQ_BAHE].value <= 1
     text = results.read_text()
     assert "<!-- feature-gain:per-user -->" in text and "<!-- feature-gain:time -->" in text

@@ -170,3 +170,34 @@ def test_trains_on_the_fixture_from_fresh_weights(tiny_checkpoints, log, tmp_pat
         assert not torch.equal(state[name], initial[name]), name
     seen = torch.from_numpy(model.item_rows(log.item[train]))
     assert not torch.allclose(state["embedding"][seen], initial["embedding"][seen])
+
+
+def test_extra_columns_join_the_dense_side_features_by_example_row(family_checkpoint, log):
+    """A stacked sequential id model (BAHE's exported block fed to it): F more dense columns, taken by example row,
+    NaN read as 0; they change its logits; a row the columns lack is named."""
+    from engine.training.data.extra_columns import ExtraColumns
+    _, folder = family_checkpoint
+    train = _early(log)
+    rows = rows_by_user(log.examples, log, np.random.default_rng(0))[:60]
+    values = np.random.default_rng(1).normal(size=(log.examples.size, 3)).astype(np.float32)
+    values[0, 1] = np.nan
+    extra = ExtraColumns(log.examples, values, ["bahe_logit", "cos_a", "cos_b"], "BAHE features")
+    plain = _model(folder, log, train, perturb=False)
+    config, like = plain.config, UpperEncoder.from_checkpoint(Checkpoint(folder), 2, causal=True)
+    stacked = SequentialIdCTR(like, config, log, train, extra)
+    assert stacked.model.side.counts == plain.model.side.counts + 3
+    assert stacked.model.side.width == plain.model.side.width + 3
+    batch = stacked.prepare(log, np.sort(np.r_[rows, log.examples[0]]))
+    assert batch.dense.shape[1] == plain.model.side.counts + 3 and torch.isfinite(batch.dense).all()
+    plain_dense = plain.prepare(log, np.sort(np.r_[rows, log.examples[0]])).dense
+    torch.testing.assert_close(batch.dense[:, :plain_dense.shape[1]], plain_dense)
+    stacked.eval()
+    with torch.no_grad():
+        before = stacked(stacked.prepare(log, rows))
+        extra.values[:] = 0
+        after = stacked(stacked.prepare(log, rows))
+    assert (before - after).abs().max() > 1e-4, "the extra columns reach the head"
+    fit(stacked, log, train[:200], rows[:40], TrainConfig(epochs=1, batch_size=64, progress=False))
+    missing = ExtraColumns(log.examples[1:], values[1:], extra.names, "BAHE features")
+    with pytest.raises(ValueError, match=f"BAHE features do not cover example row {log.examples[0]}"):
+        SequentialIdCTR(like, config, log, train, missing).prepare(log, log.examples[:5])

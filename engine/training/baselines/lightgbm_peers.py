@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.training.baselines.classic import classic_features
+from engine.training.data.extra_columns import ExtraColumns
 from engine.training.data.log import BehaviorLog
 
-__all__ = ["SEARCH", "TEXT_SEQUENCES", "text_features", "ExtraColumns", "peer_features", "LightGBMPeer",
+__all__ = ["SEARCH", "TEXT_SEQUENCES", "text_features", "peer_features", "LightGBMPeer",
            "fit_lightgbm"]
 
 logger = logging.getLogger(__name__)
@@ -74,25 +75,6 @@ def text_features(log: BehaviorLog, rows: np.ndarray, vectors: np.ndarray,
             with np.errstate(invalid="ignore", divide="ignore"):
                 out[queries, k] = np.where(before > 0, (total * target).sum(axis=1) / norm, np.nan)
     return out, [f"text_cos_{s}" for s in sequences]
-
-
-@dataclass(frozen=True)
-class ExtraColumns:
-    """Columns computed elsewhere for the log's examples (BAHE's feature block, engine.export), joined to the peer's
-    own by example row: rows (E,) ascending, values (E, F), names (F,); label names the set in the model's name."""
-    rows: np.ndarray
-    values: np.ndarray
-    names: list[str]
-    label: str = "extra features"
-
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """(B, F) float32 values of example `rows`; ValueError naming a row the columns do not cover."""
-        at = np.minimum(np.searchsorted(self.rows, rows), max(self.rows.size - 1, 0))
-        missing = np.flatnonzero(self.rows[at] != rows) if self.rows.size else np.arange(rows.size)
-        if missing.size:
-            raise ValueError(f"the {self.label} do not cover example row {int(rows[missing[0]])} "
-                             f"({missing.size} rows missing)")
-        return np.asarray(self.values[at], dtype=np.float32)
 
 
 def _category_codes(log: BehaviorLog) -> dict[str, dict]:

@@ -30,6 +30,7 @@ from engine.config import ModelConfig
 from engine.model.bahe_model import BAHEModel
 from engine.serving.scorer import BAHEScorer
 from engine.training.data.example_features import PastCounts, category_batch
+from engine.training.data.extra_columns import ExtraColumns
 from engine.training.data.log import BehaviorLog
 from engine.training.loops.batching import require_sequences
 from engine.training.loops.ctr_models import rows_by_user
@@ -75,10 +76,12 @@ class SequentialIdCTR(nn.Module):
     """Learned item-id rows through BAHE's upper-layer architecture (fresh weights), BAHE's side features and
     head, timeline training. `like`: the upper layers whose architecture is copied (never their weights);
     `config`: BAHE's model config (its similarity temperatures are dropped); `train_rows`: the training examples,
-    whose items (`training_items`) get rows, as wide as the upper layers."""
+    whose items (`training_items`) get rows, as wide as the upper layers; `extra`: columns joined to the dense side
+    features by example row (BAHE's exported block: a stacked sequential id model; NaN read as 0)."""
     name = "sequential id"
 
-    def __init__(self, like: UpperEncoder, config: ModelConfig, log: BehaviorLog, train_rows: np.ndarray) -> None:
+    def __init__(self, like: UpperEncoder, config: ModelConfig, log: BehaviorLog, train_rows: np.ndarray,
+                 extra: ExtraColumns | None = None) -> None:
         super().__init__()
         if config.attention != "causal":
             raise ValueError("the sequential id model trains by timelines, which need causal upper layers "
@@ -92,17 +95,20 @@ class SequentialIdCTR(nn.Module):
         self.config = config
         self.items = training_items(log, train_rows, config.sequence_names)
         vocabulary = self.items.size
-        self.model = BAHEModel(upper, config, num_items=vocabulary)  # side item id: rows >= V share its bucket
+        self.extra = extra
+        # side item id: rows >= V share its bucket
+        self.model = BAHEModel(upper, config, num_items=vocabulary, extra_dense=len(extra.names) if extra else 0)
         # rows 0..V-1: the training items, row V: the unseen bucket
         self.embedding = nn.Parameter(torch.randn(vocabulary + 1, upper.hidden_size) * INIT_STD)
         self.counts = PastCounts(log, config.recent_events)
         self._lookup: tuple[BehaviorLog, np.ndarray] | None = None
 
     @classmethod
-    def from_scorer(cls, scorer: BAHEScorer, log: BehaviorLog, train_rows: np.ndarray) -> SequentialIdCTR:
+    def from_scorer(cls, scorer: BAHEScorer, log: BehaviorLog, train_rows: np.ndarray,
+                    extra: ExtraColumns | None = None) -> SequentialIdCTR:
         """The sequential id counterpart of BAHE's scorer: its upper-layer architecture and model config (M,
         window step, side features, head), new weights drawn from torch's generator (seed it first)."""
-        return cls(scorer.model.upper, scorer.config.model, log, train_rows)
+        return cls(scorer.model.upper, scorer.config.model, log, train_rows, extra)
 
     @property
     def unseen_row(self) -> int:
@@ -131,8 +137,12 @@ class SequentialIdCTR(nn.Module):
         require_sequences(log, config.sequence_names)
         lookup = self._row_map(log)
         categories = category_batch(self.model.side, config, log, rows, self.training)
-        return timeline_batch(log, rows, config.sequence_names, config.max_behaviors, config.history_step, lookup,
-                              lookup, self.counts, config.count_features, categories)
+        batch = timeline_batch(log, rows, config.sequence_names, config.max_behaviors, config.history_step, lookup,
+                               lookup, self.counts, config.count_features, categories)
+        if self.extra is not None:
+            extra = torch.from_numpy(np.nan_to_num(self.extra.take(rows), nan=0.0))
+            batch.dense = extra if batch.dense is None else torch.cat([batch.dense, extra], dim=1)
+        return batch
 
     def forward(self, batch: TimelineBatch) -> torch.Tensor:
         return timeline_logits(self.model, self.embedding, self.embedding, batch)
