@@ -197,37 +197,42 @@ class BehaviorLog:
         *columns, categorical, ids = validate_frame(frame, sequence_names, source, lines, timestamps)
         return cls(*columns, min_history, categorical, ids["user"], ids["item"])
 
-    def to_frame(self) -> pd.DataFrame:
-        """The log in the file schema, rows in (user, timestamp) order, with a `sequence` column."""
-        names = np.array(self.sequence_names, dtype=object)
-        if not self.membership.any(axis=1).all():
-            row = int(np.flatnonzero(~self.membership.any(axis=1))[0])
+    def to_frame(self, rows: np.ndarray | None = None) -> pd.DataFrame:
+        """The log (or its events at ascending `rows`) in the file schema, rows in (user, timestamp) order, with a
+        `sequence` column."""
+        rows = np.arange(self.num_events) if rows is None else np.asarray(rows, dtype=np.int64)
+        names, membership = np.array(self.sequence_names, dtype=object), self.membership[rows]
+        if not membership.any(axis=1).all():
+            row = int(rows[np.flatnonzero(~membership.any(axis=1))[0]])
             raise ValueError(f"every event must belong to a sequence to be written; row {row} belongs to none")
-        combos, combo_of = np.unique(self.membership, axis=0, return_inverse=True)
+        combos, combo_of = np.unique(membership, axis=0, return_inverse=True)
         cells = np.array([SEQUENCE_SEPARATOR.join(names[c]) for c in combos], dtype=object)
-        user = self.user if self.user_keys is None else self.user_keys[self.user]
-        item = self.item if self.item_keys is None else self.item_keys[self.item]
-        return pd.DataFrame({"user_id": user, "item_id": item, "timestamp": self.timestamp,
-                             "label": self.label.astype(np.int64), "item_text": self._text_of[self._event_item_row],
+        user, item = self.user[rows], self.item[rows]
+        return pd.DataFrame({"user_id": user if self.user_keys is None else self.user_keys[user],
+                             "item_id": item if self.item_keys is None else self.item_keys[item],
+                             "timestamp": self.timestamp[rows], "label": self.label[rows].astype(np.int64),
+                             "item_text": self._text_of[self._event_item_row[rows]],
                              SEQUENCE_COLUMN: cells[combo_of.reshape(-1)],
-                             **{CATEGORY_PREFIX + name: values for name, values in self.categorical.items()}})
+                             **{CATEGORY_PREFIX + name: values[rows] for name, values in self.categorical.items()}})
 
     def between(self, lo: int, hi: int) -> BehaviorLog:
         """The log of the events with lo <= timestamp < hi (a period: histories start at lo)."""
-        frame = self.to_frame()
-        return self._of_rows(frame, (frame["timestamp"] >= lo) & (frame["timestamp"] < hi))
+        return self._of_rows(np.flatnonzero((self.timestamp >= lo) & (self.timestamp < hi)))
 
     def user_sample(self, users: int | None, seed: int) -> BehaviorLog:
         """The log of `users` users drawn at random with `seed`, all their events (all users: None or at least as
         many as it holds)."""
-        if users is None or users >= np.unique(self.user).size:
+        present = np.unique(self.user)
+        if users is None or users >= present.size:
             return self
-        frame = self.to_frame()
-        chosen = np.random.default_rng(seed).choice(np.unique(frame["user_id"]), users, replace=False)
-        return self._of_rows(frame, frame["user_id"].isin(chosen))
+        keys = present if self.user_keys is None else self.user_keys[present]
+        chosen = np.random.default_rng(seed).choice(np.unique(keys), users, replace=False)  # drawn in key order
+        chosen_users = present[np.isin(keys, chosen)]
+        return self._of_rows(np.flatnonzero(np.isin(self.user, chosen_users)))
 
-    def _of_rows(self, frame: pd.DataFrame, keep: pd.Series) -> BehaviorLog:
-        return BehaviorLog.from_frame(frame[keep].reset_index(drop=True), sequence_names=self.sequence_names)
+    def _of_rows(self, rows: np.ndarray) -> BehaviorLog:
+        """The log of the events at ascending `rows` alone (converted without the rest of the log)."""
+        return BehaviorLog.from_frame(self.to_frame(rows), sequence_names=self.sequence_names)
 
     def category_values(self, name: str, rows: np.ndarray) -> list:
         """Feature `name`'s values (str, or None: unknown) at event `rows`: the user id for "user_id", else the
