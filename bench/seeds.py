@@ -7,6 +7,8 @@ seeds and the paired differences per seed (engine.training.studies.seed_runs).
     python -m bench.seeds --data ml1m                # MovieLens-1M: the demo's --quick rows (BAHE, sequential
                                                      # id, both LightGBM rows; time split), AUC and GAUC, 2 epochs
     python -m bench.seeds --data ml1m --splits per-user --seeds 1 2   # the same rows on the per-user split
+    python -m bench.seeds --data ml1m --models BAHE 'sequential id' 'LightGBM, side features' \
+        'LightGBM, side + text features' 'CTR model without text'     # + the no-LLM ablation (finished rows reused)
 
 Outputs: the section `<!-- bench:seeds:<model> -->` of --results-md (bench/RESULTS.md) and seeds-<model>.json
 (every number) under --out-dir.
@@ -36,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     DemoConfig.add_arguments(p, epochs=DemoConfig.epochs)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--splits", nargs="+", choices=["time", "per-user"], default=list(DemoConfig.splits))
+    p.add_argument("--models", nargs="+", default=[], help="with --data ml1m: these rows (names as in the demo's "
+                   "table; default its --quick set: BAHE, 'sequential id' and both LightGBM rows)")
     return p
 
 
@@ -88,7 +92,7 @@ def ml1m_main(args: argparse.Namespace, command: str) -> dict:
     data = load_data(config.data)
     with cpu_threads(args.threads):
         machine = machine_label()
-        runs, elapsed = run_ml1m_seeds(config, args.seeds, args.threads, splits, data)
+        runs, elapsed = run_ml1m_seeds(config, args.seeds, args.threads, splits, data, args.models)
     numbers = {"command": command, "machine": machine, "elapsed_s": elapsed,
                "rows": [{"seed": seed, "split": r.row.split, "model": r.row.name, "auc": r.row.auc.value,
                          "gauc": r.gauc.value, "logloss": r.row.logloss, "s_per_epoch": r.row.train_seconds,

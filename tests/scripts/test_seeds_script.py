@@ -66,3 +66,9 @@ def test_ml1m_seeds_on_the_generated_fixture(tmp_path, tiny_checkpoints):
     assert text.count("| AUC(BAHE) - AUC(") == 6 and text.count("| GAUC(BAHE) - GAUC(") == 6
     assert text.count("| GAUC |") == 8 and "per-user split" in text
     assert text.count("| per-user | BAHE |") == 2 and text.count("| time | sequential id |") == 2, "cold items per seed"
+    # another row later (--models): the finished rows come from the work dir's cache, the new one is trained
+    more = seeds.main([*argv[:-3], "--splits", "time", "--models", *models, "CTR model without text"])
+    rows = {(r["seed"], r["model"]): r for r in more["rows"]}
+    assert {m for _, m in rows} == {*models, "CTR model without text"}
+    assert all(rows[(r["seed"], r["model"])]["auc"] == r["auc"] for r in numbers["rows"] if r["split"] == "time")
+    assert results_md.read_text().count("| AUC(BAHE) - AUC(CTR model without text) |") == 1

@@ -124,14 +124,16 @@ def summary(result: SeedsResult, config: DemoConfig, command: str, machine: str)
 
 
 def run_ml1m_seeds(config: DemoConfig, seeds: Sequence[int], threads: int | None = None,
-                   splits: Sequence[str] = ("time",), data: BehaviorLog | None = None) -> tuple[list, float]:
-    """The ML-1M demo's headline rows (its --quick set: BAHE, the sequential id model, both LightGBM rows; no top-10
-    lists) on `splits` once per seed: ([(seed, Ml1mRun)], seconds). The log (`data`, else loaded) is read once."""
+                   splits: Sequence[str] = ("time",), data: BehaviorLog | None = None,
+                   models: Sequence[str] = ()) -> tuple[list, float]:
+    """The ML-1M demo's headline rows (`models`, default its --quick set: BAHE, the sequential id model, both
+    LightGBM rows; no top-10 lists) on `splits` once per seed: ([(seed, Ml1mRun)], seconds). The log (`data`, else
+    loaded) is read once."""
     from engine.training.studies.demo_ml1m import Ml1mConfig, run_ml1m
     started = time.perf_counter()
     data = load_data(config.data) if data is None else data
     runs = [(seed, run_ml1m(Ml1mConfig(replace(config, seed=seed), quick=True, overlap_users=0, threads=threads,
-                                          splits=tuple(splits)),
+                                          splits=tuple(splits), models=tuple(models)),
                             data)) for seed in seeds]
     return runs, time.perf_counter() - started
 
