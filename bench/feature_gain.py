@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         lines, stats = run(args)
     print("\n".join(lines))
     if args.results:
-        command = "python -m bench.feature_gain " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = "python -m bench.feature_gain " + shlex.join(sys.argv[1:] if argv is None else argv)
         write_section(args.results, f"feature-gain:{args.split}", [
             f"## LightGBM + BAHE's feature block ({args.split} split)", "", f"`{command.strip()}` on {machine()}.",
             "", *lines])

@@ -18,6 +18,7 @@ import datetime
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
         raw = {"lr_decay": ML1M_TRAINING["lr_decay"], "id_rows": ML1M_TRAINING["id_rows"], **raw}
     config = DemoConfig.from_args(args, **raw)
     ms = [parse_m(m) for m in args.ms]
-    command = " ".join(["python -m bench.history", *argv])
+    command = "python -m bench.history " + shlex.join(argv)
     with cpu_threads(args.threads):
         machine = machine_label()  # with the threads the run uses
         result = run_history(config, ms)

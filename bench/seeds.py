@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import logging
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.WARNING)
     args = build_parser().parse_args(argv)
-    command = " ".join(["python -m bench.seeds", *argv])
+    command = "python -m bench.seeds " + shlex.join(argv)  # quoted: model names hold spaces
     if is_movielens_1m(args.data):
         return ml1m_main(args, command)
     config = DemoConfig.from_args(args, splits=tuple(args.splits))
