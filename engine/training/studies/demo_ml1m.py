@@ -241,11 +241,14 @@ class RowCache:
         path = self._path(fingerprint)
         if not path.is_file():
             return None
+        probs, meta = self.read(path)
+        return (probs, meta) if meta["fingerprint"] == fingerprint else None
+
+    @staticmethod
+    def read(path: Path) -> tuple[np.ndarray, dict]:
+        """(test probabilities, meta with its 'fingerprint') of one kept row file."""
         with np.load(path) as saved:
-            meta = json.loads(str(saved["meta"]))
-            if meta["fingerprint"] != fingerprint:
-                return None
-            return saved["probs"], meta
+            return saved["probs"], json.loads(str(saved["meta"]))
 
     def store(self, fingerprint: dict, probs: np.ndarray, meta: dict) -> None:
         """Keep a finished row (written atomically: a killed run leaves the old file or none)."""
