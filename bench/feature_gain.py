@@ -17,6 +17,7 @@ stdout and a section of --results (RESULTS.md). `--sequential-id` adds the proje
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import shlex
 import sys
@@ -177,12 +178,14 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--features needs --text-scorer (a scorer folder of the same model and lower layers)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     with cpu_threads(args.threads):
+        label = machine()  # with the threads the run uses
         lines, stats = run(args)
     print("\n".join(lines))
     if args.results:
         command = "python -m bench.feature_gain " + shlex.join(sys.argv[1:] if argv is None else argv)
         write_section(args.results, f"feature-gain:{args.split}", [
-            f"## LightGBM + BAHE's feature block ({args.split} split)", "", f"`{command.strip()}` on {machine()}.",
+            f"## LightGBM + BAHE's feature block ({args.split} split)", "",
+            f"`{command.strip()}` on {label}, {datetime.date.today().isoformat()}.",
             "", *lines])
     return stats
 
