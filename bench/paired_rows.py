@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         raise SystemExit(f"{args.a.name} and {args.b.name} were scored on different examples "
                          f"({fa['split']!r} vs {fb['split']!r}, or other rows)")
     data = load_data(args.data)
-    splits, _ = ml1m_splits(data, (fa["split"],), fa["held_out_fraction"], fa["seed"])
+    splits, _ = ml1m_splits(data, (fa["split"],), fa.get("held_out_fraction", 0.0), fa["seed"])  # (sweep rows: time)
     rows = splits[fa["split"]]
     if RowCache.rows_key(rows) != fa["rows"]:
         raise SystemExit(f"the {fa['split']} split of {args.data} is not the one these rows were scored on")
