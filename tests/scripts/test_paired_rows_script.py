@@ -11,6 +11,7 @@ from engine.training.studies.demo_ml1m_report import run_ml1m_demo
 from tests.ml1m_fixture import write_ml1m_files
 
 
+@pytest.mark.slow  # two tiny demo runs end to end
 def test_two_settings_of_one_model_compared_pairwise(tiny_checkpoints, tmp_path):
     folder = write_ml1m_files(tmp_path / "ml-1m")
     demo = DemoConfig(model=str(tiny_checkpoints["bert"]), data=str(folder), out=tmp_path / "a", results=None,
