@@ -161,11 +161,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from engine.training.loops.calibrate import calibrate_scorer
     from engine.training.studies.experiment import load_data
-    report = calibrate_scorer(args.scorer, load_data(args.data), args.kind, save=not args.dry_run)
+    report = calibrate_scorer(args.scorer, load_data(args.data), args.kind, newest=args.newest, save=not args.dry_run)
     c = report.calibration
     fitted = f"a={c.a:.4f}, b={c.b:+.4f}" if c.kind == "platt" else f"{len(c.x)} points"
-    print(f"{c.kind} calibration ({fitted}) fitted on {report.validation_examples:,} validation examples; "
-          f"{report.test_examples:,} test examples:")
+    print(f"{c.kind} calibration ({fitted}) fitted on {report.fitted_examples:,} "
+          f"{'validation' if args.newest is None else 'newest'} examples; {report.measured_on}:")
     print("\n".join(report.lines()))
     print("not saved (--dry-run)" if args.dry_run else f"saved into {args.scorer}")
 
@@ -341,9 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="fit a scorer's probability calibration on a log's validation split, "
                        "report test log loss / ECE / AUC before and after, save it with the scorer")
     p.add_argument("--scorer", required=True)
-    p.add_argument("--data", default="movielens", help="the log the scorer was trained on (its time split's "
-                   "validation part is fitted, its test part reported)")
+    p.add_argument("--data", default="movielens", help="a log: its time split's validation part fitted, test reported")
     p.add_argument("--kind", default="platt", choices=["platt", "isotonic"])
+    p.add_argument("--newest", type=int, help="fit on the log's newest N labeled examples instead (a periodic refit)")
     p.add_argument("--dry-run", action="store_true", help="report only; leave the scorer folder as it is")
     p.set_defaults(func=cmd_calibrate)
 

@@ -1,5 +1,6 @@
 """`bahe calibrate` end to end on the CI fixture: a trained scorer gets a Platt map fitted on the validation split,
-saved in scorer.json; the reopened scorer's scores are exactly the map of its raw scores, rankings unchanged. The
+saved in scorer.json; the reopened scorer's scores are exactly the map of its raw scores, rankings unchanged;
+`--newest N` refits it on the log's latest labels. The
 rolling recalibration study is past-only and follows a drifting click rate."""
 from pathlib import Path
 
@@ -8,9 +9,9 @@ import pytest
 
 from engine import BAHEScorer, cli
 from engine.config import CalibrationConfig
-from engine.model.calibration import calibrate
+from engine.model.calibration import calibrate, fit_calibration
 from engine.training.data import load_log
-from engine.training.loops.calibrate import ServedSplit, rolling_calibration, served
+from engine.training.loops.calibrate import ServedSplit, newest_rows, rolling_calibration, served
 from engine.training.studies.calibration_metrics import expected_calibration_error
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "movielens_tiny.parquet"
@@ -47,6 +48,17 @@ def test_calibrate_fits_saves_and_scores_through_the_map(tiny_checkpoints, tmp_p
     users = data.sequence_texts(rows[:1], None)
     candidates = data.target_texts(rows[:20])
     assert np.array_equal(calibrated.rank(users[0], candidates).order, raw_scorer.rank(users[0], candidates).order)
+
+    # --newest N: the periodic refit on the log's latest labels replaces the map (not stacked on it)
+    window = newest_rows(data, 150)
+    assert window.size == 150 and data.timestamp[window].min() >= np.sort(data.timestamp)[-150]
+    cli.main(["calibrate", "--scorer", str(folder), "--data", str(FIXTURE), "--newest", "150"])
+    assert "150 newest examples; fit window (in-sample)" in capsys.readouterr().out
+    refitted = BAHEScorer.from_pretrained(folder, device="cpu").config.calibration
+    expected = fit_calibration(data.label[window], served(raw_scorer, data, window)[0], "platt")
+    assert refitted != fitted and (refitted.a, refitted.b) == pytest.approx((expected.a, expected.b), rel=1e-5)
+    with pytest.raises(ValueError, match="newest must be between 2 and the log's"):
+        newest_rows(data, data.num_events + 1)
 
 
 @pytest.mark.slow

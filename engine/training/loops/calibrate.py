@@ -1,7 +1,9 @@
 """`bahe calibrate`: fit a scorer's probability calibration on the validation part of a log's time split, through
 the serving path (`BAHEScorer.score` on the examples' histories as texts, as requests would come), report log
 loss, ECE and AUC on the test part before and after, and save the calibration into the scorer folder (scorer.json,
-crash-safe like every save). Platt is the default: strictly increasing, so rankings and AUC are unchanged."""
+crash-safe like every save). Platt is the default: strictly increasing, so rankings and AUC are unchanged.
+`newest=N` fits on the log's newest N labeled examples instead - the periodic refit that follows a drifting click
+rate (`rolling_calibration` measures it past-only); its report is in-sample, on that window."""
 from __future__ import annotations
 
 import time
@@ -103,10 +105,11 @@ def rolling_calibration(s: ServedSplit, kind: str = "platt", *, periods: int = 2
 @dataclass(frozen=True)
 class CalibrationReport:
     calibration: CalibrationConfig
-    validation_examples: int
-    test_examples: int
-    before: dict[str, float]   # test log loss, ECE, AUC with the scorer's raw probabilities
+    fitted_examples: int
+    measured_examples: int
+    before: dict[str, float]   # log loss, ECE, AUC of the measured examples with the scorer's raw probabilities
     after: dict[str, float]    # the same, calibrated
+    measured_on: str = "test"  # which examples `before` / `after` describe
 
     @classmethod
     def fit(cls, kind: str, served_split: ServedSplit) -> CalibrationReport:
@@ -116,8 +119,15 @@ class CalibrationReport:
         return cls(fitted, int(s.val_labels.size), int(s.test_labels.size), _metrics(s.test_labels, s.test_probs),
                    _metrics(s.test_labels, calibrate(fitted, s.test_probs)))
 
+    @classmethod
+    def fit_window(cls, kind: str, labels: np.ndarray, probs: np.ndarray) -> CalibrationReport:
+        """Fit `kind` on one window of labeled examples and measure on the same window (in-sample)."""
+        fitted = fit_calibration(labels, probs, kind)
+        return cls(fitted, int(labels.size), int(labels.size), _metrics(labels, probs),
+                   _metrics(labels, calibrate(fitted, probs)), measured_on="fit window (in-sample)")
+
     def lines(self) -> list[str]:
-        rows = ["| test metric | before | after |", "|---|---|---|"]
+        rows = [f"| {self.measured_on} metric | before | after |", "|---|---|---|"]
         rows += [f"| {name} | {self.before[name]:.4f} | {self.after[name]:.4f} |" for name in self.before]
         return rows
 
@@ -127,12 +137,25 @@ def _metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
             "AUC": roc_auc(labels, probs)}
 
 
-def calibrate_scorer(folder: str | Path, data: BehaviorLog, kind: str = "platt", *, save: bool = True,
-                     chunk: int = 256) -> CalibrationReport:
-    """Fit `kind` on the validation examples of `data.split()`, measure on its test examples, and (if `save`)
-    write the calibration into the scorer folder. Any calibration already there is replaced, not stacked."""
+def newest_rows(data: BehaviorLog, newest: int) -> np.ndarray:
+    """The rows of the log's `newest` latest examples (by timestamp, ties by row order), oldest first."""
+    if not 2 <= newest <= data.num_events:
+        raise ValueError(f"newest must be between 2 and the log's {data.num_events:,} examples, got {newest}")
+    return np.argsort(data.timestamp, kind="stable")[-newest:]
+
+
+def calibrate_scorer(folder: str | Path, data: BehaviorLog, kind: str = "platt", *, newest: int | None = None,
+                     save: bool = True, chunk: int = 256) -> CalibrationReport:
+    """Fit `kind` on the validation examples of `data.split()`, measure on its test examples - or (`newest`) fit
+    on the log's newest examples and report that window - and (if `save`) write the calibration into the scorer
+    folder. Any calibration already there is replaced, not stacked."""
     scorer = BAHEScorer.from_pretrained(folder, device="cpu")
-    report = CalibrationReport.fit(kind, ServedSplit.of(scorer, data, chunk))
+    if newest is None:
+        report = CalibrationReport.fit(kind, ServedSplit.of(scorer, data, chunk))
+    else:
+        rows = newest_rows(data, newest)
+        scorer.set_calibration(CalibrationConfig())
+        report = CalibrationReport.fit_window(kind, data.label[rows], served(scorer, data, rows, chunk)[0])
     if save:
         scorer.set_calibration(report.calibration)
         scorer.save_pretrained(folder)
