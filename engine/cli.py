@@ -164,8 +164,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     report = calibrate_scorer(args.scorer, load_data(args.data), args.kind, newest=args.newest, save=not args.dry_run)
     c = report.calibration
     fitted = f"a={c.a:.4f}, b={c.b:+.4f}" if c.kind == "platt" else f"{len(c.x)} points"
-    print(f"{c.kind} calibration ({fitted}) fitted on {report.fitted_examples:,} "
-          f"{'validation' if args.newest is None else 'newest'} examples; {report.measured_on}:")
+    print(f"{c.kind} calibration ({fitted}) fitted on {report.fitted_examples:,} {'validation' if args.newest is None "
+          f"else 'newest'} examples; {report.measured_on}, {report.measured_examples:,}:")
     print("\n".join(report.lines()))
     print("not saved (--dry-run)" if args.dry_run else f"saved into {args.scorer}")
 

@@ -53,7 +53,7 @@ def test_calibrate_fits_saves_and_scores_through_the_map(tiny_checkpoints, tmp_p
     window = newest_rows(data, 150)
     assert window.size == 150 and data.timestamp[window].min() >= np.sort(data.timestamp)[-150]
     cli.main(["calibrate", "--scorer", str(folder), "--data", str(FIXTURE), "--newest", "150"])
-    assert "150 newest examples; fit window (in-sample)" in capsys.readouterr().out
+    assert "150 newest examples; fit window (in-sample), 150:" in capsys.readouterr().out
     refitted = BAHEScorer.from_pretrained(folder, device="cpu").config.calibration
     expected = fit_calibration(data.label[window], served(raw_scorer, data, window)[0], "platt")
     assert refitted != fitted and (refitted.a, refitted.b) == pytest.approx((expected.a, expected.b), rel=1e-5)
