@@ -164,8 +164,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     report = calibrate_scorer(args.scorer, load_data(args.data), args.kind, newest=args.newest, save=not args.dry_run)
     c = report.calibration
     fitted = f"a={c.a:.4f}, b={c.b:+.4f}" if c.kind == "platt" else f"{len(c.x)} points"
-    print(f"{c.kind} calibration ({fitted}) fitted on {report.fitted_examples:,} {'validation' if args.newest is None "
-          f"else 'newest'} examples; {report.measured_on}, {report.measured_examples:,}:")
+    window = "validation" if args.newest is None else "newest"
+    print(f"{c.kind} calibration ({fitted}) fitted on {report.fitted_examples:,} {window} examples; "
+          f"{report.measured_on}, {report.measured_examples:,}:")
     print("\n".join(report.lines()))
     print("not saved (--dry-run)" if args.dry_run else f"saved into {args.scorer}")
 
@@ -338,12 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="bench/RESULTS.md")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("calibrate", help="fit a scorer's probability calibration on a log's validation split, "
-                       "report test log loss / ECE / AUC before and after, save it with the scorer")
+    p = sub.add_parser("calibrate", help="fit, report and save a scorer's probability calibration (log loss, ECE, AUC)")
     p.add_argument("--scorer", required=True)
     p.add_argument("--data", default="movielens", help="a log: its time split's validation part fitted, test reported")
     p.add_argument("--kind", default="platt", choices=["platt", "isotonic"])
-    p.add_argument("--newest", type=int, help="fit on the log's newest N labeled examples instead (a periodic refit)")
+    p.add_argument("--newest", type=int, help="fit on the log's newest N labels instead (a periodic refit)")
     p.add_argument("--dry-run", action="store_true", help="report only; leave the scorer folder as it is")
     p.set_defaults(func=cmd_calibrate)
 
