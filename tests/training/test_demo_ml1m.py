@@ -100,3 +100,15 @@ def test_a_second_run_reuses_the_finished_rows(tiny_checkpoints, tmp_path, monke
         with pytest.raises(AssertionError, match="fitted again"):
             run_ml1m_demo(Ml1mConfig(other, quick=True, models=config.models, overlap_users=4, threads=1),
                           command="test")
+
+
+def test_a_row_key_names_the_overlap_probe_only_where_it_is_measured(tiny_checkpoints, tmp_path):
+    """The top-10 overlap probe runs on the time split only, so on the other splits a row trained by `bahe demo`
+    (probe users 100) and one trained by bench.seeds (none) are the same row and share a key."""
+    from engine.training.studies.demo_ml1m import RowCache
+    config = _config(tiny_checkpoints, tmp_path)
+    rows = {"train": np.arange(5), "val": np.arange(5, 7), "test": np.arange(7, 9)}
+    without = replace(config, overlap_users=0)
+    for split in ("per-user", "held-out items"):
+        assert RowCache.fingerprint("BAHE", split, config, rows) == RowCache.fingerprint("BAHE", split, without, rows)
+    assert RowCache.fingerprint("BAHE", "time", config, rows) != RowCache.fingerprint("BAHE", "time", without, rows)

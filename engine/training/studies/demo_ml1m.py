@@ -211,7 +211,8 @@ class RowCache:
     """Finished rows of the demo kept under `folder` (one .npz each: test probabilities, timings, the LightGBM
     search, the top-10 overlap), so that a run stopped part-way, or a later run with more rows or splits, reuses
     them: a 3-hour table need not start over. A row is reused only when its fingerprint matches: the model, the
-    split, the seed and training settings, and the split's exact example rows."""
+    split, the seed and training settings, and the split's exact example rows (and, on the time split only, where
+    the top-10 overlap is measured, its number of probe users)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
@@ -222,7 +223,8 @@ class RowCache:
         return {"model": name, "split": split, "seed": demo.seed, "epochs": demo.epochs, "batch_size": demo.batch_size,
                 "lower_layers": demo.num_lower_layers, "max_behaviors": demo.max_behaviors, "lr_decay": demo.lr_decay,
                 "id_rows": demo.id_rows, **({"item_id_dropout": demo.item_id_dropout} if demo.item_id_dropout else {}),
-                "held_out_fraction": config.held_out_fraction, "overlap_users": config.overlap_users,
+                "held_out_fraction": config.held_out_fraction,
+                "overlap_users": config.overlap_users if split == "time" else 0,
                 "rows": RowCache.rows_key(rows)}
 
     @staticmethod
