@@ -112,3 +112,11 @@ def test_a_row_key_names_the_overlap_probe_only_where_it_is_measured(tiny_checkp
     for split in ("per-user", "held-out items"):
         assert RowCache.fingerprint("BAHE", split, config, rows) == RowCache.fingerprint("BAHE", split, without, rows)
     assert RowCache.fingerprint("BAHE", "time", config, rows) != RowCache.fingerprint("BAHE", "time", without, rows)
+
+
+def test_another_seed_writes_its_own_section(tiny_checkpoints, tmp_path):
+    from engine.training.studies.demo_ml1m_report import section_name
+    config = _config(tiny_checkpoints, tmp_path, models=("BAHE",), splits=("held-out items",))
+    assert section_name(config) == "ml1m-held-out_items/BAHE"
+    assert section_name(replace(config, demo=replace(config.demo, seed=1, item_id_dropout=0.1))) == \
+        "ml1m-held-out_items/BAHE-item-id-dropout-0.1-seed-1"

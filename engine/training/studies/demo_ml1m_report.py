@@ -142,10 +142,12 @@ def report_lines(run: Ml1mRun, config: Ml1mConfig, labels, users, command: str) 
 
 def section_name(config: Ml1mConfig) -> str:
     """The RESULTS.md section of a run: 'ml1m' (full), 'ml1m-quick', or named after the chosen splits and rows, so
-    a partial run never overwrites the full or quick table."""
+    a partial run never overwrites the full or quick table; settings off the default (and a seed other than 0) are
+    named too, so that another seed's run never overwrites seed 0's."""
     defaults = (QUICK_MODELS, QUICK_SPLITS) if config.quick else (ALL_MODELS, ALL_SPLITS)
     decay = "" if config.demo.lr_decay else "-constant-lr"  # the ML-1M default decays (cli: --constant-lr)
     decay += f"-item-id-dropout-{config.demo.item_id_dropout:g}" if config.demo.item_id_dropout else ""
+    decay += f"-seed-{config.demo.seed}" if config.demo.seed else ""
     if (config.models, config.splits) == defaults:
         return ("ml1m-quick" if config.quick else "ml1m") + decay
     slug = "+".join(config.splits) + "/" + "+".join(config.models)
