@@ -115,6 +115,7 @@ def test_a_row_key_names_the_overlap_probe_only_where_it_is_measured(tiny_checkp
 
 
 def test_another_seed_writes_its_own_section(tiny_checkpoints, tmp_path):
+    """A run at seed 1 names its seed in its RESULTS.md section, so it never overwrites seed 0's."""
     from engine.training.studies.demo_ml1m_report import section_name
     config = _config(tiny_checkpoints, tmp_path, models=("BAHE",), splits=("held-out items",))
     assert section_name(config) == "ml1m-held-out_items/BAHE"

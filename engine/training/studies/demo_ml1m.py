@@ -98,6 +98,10 @@ class Ml1mConfig:
         if "BAHE" not in self.models:
             raise ValueError("the demo compares every model with BAHE; keep 'BAHE' in models")
 
+    def probe_users(self, split: str) -> int:
+        """Test users of `split` whose top-10 lists are compared: the probe runs on the time split only."""
+        return self.overlap_users if split == "time" else 0
+
 
 @dataclass
 class PeerResult:
@@ -223,8 +227,7 @@ class RowCache:
         return {"model": name, "split": split, "seed": demo.seed, "epochs": demo.epochs, "batch_size": demo.batch_size,
                 "lower_layers": demo.num_lower_layers, "max_behaviors": demo.max_behaviors, "lr_decay": demo.lr_decay,
                 "id_rows": demo.id_rows, **({"item_id_dropout": demo.item_id_dropout} if demo.item_id_dropout else {}),
-                "held_out_fraction": config.held_out_fraction,
-                "overlap_users": config.overlap_users if split == "time" else 0,
+                "held_out_fraction": config.held_out_fraction, "overlap_users": config.probe_users(split),
                 "rows": RowCache.rows_key(rows)}
 
     @staticmethod
@@ -302,8 +305,8 @@ def run_ml1m(config: Ml1mConfig, data: BehaviorLog | None = None, say: Callable[
     results = []
     for split, rows in splits.items():
         probe = None
-        if split == "time" and config.overlap_users:
-            anchors = anchor_rows(data, rows["test"], config.overlap_users, demo.seed)
+        if config.probe_users(split):
+            anchors = anchor_rows(data, rows["test"], config.probe_users(split), demo.seed)
             probe = probe_log(data, anchors, int(data.timestamp[rows["test"]].min()))
         for name in config.models:
             result = fit_or_reuse(name, split, data, rows, ctx, held if split == "held-out items"

@@ -145,13 +145,13 @@ def section_name(config: Ml1mConfig) -> str:
     a partial run never overwrites the full or quick table; settings off the default (and a seed other than 0) are
     named too, so that another seed's run never overwrites seed 0's."""
     defaults = (QUICK_MODELS, QUICK_SPLITS) if config.quick else (ALL_MODELS, ALL_SPLITS)
-    decay = "" if config.demo.lr_decay else "-constant-lr"  # the ML-1M default decays (cli: --constant-lr)
-    decay += f"-item-id-dropout-{config.demo.item_id_dropout:g}" if config.demo.item_id_dropout else ""
-    decay += f"-seed-{config.demo.seed}" if config.demo.seed else ""
+    settings = "" if config.demo.lr_decay else "-constant-lr"  # the ML-1M default decays (cli: --constant-lr)
+    settings += f"-item-id-dropout-{config.demo.item_id_dropout:g}" if config.demo.item_id_dropout else ""
+    settings += f"-seed-{config.demo.seed}" if config.demo.seed else ""
     if (config.models, config.splits) == defaults:
-        return ("ml1m-quick" if config.quick else "ml1m") + decay
+        return ("ml1m-quick" if config.quick else "ml1m") + settings
     slug = "+".join(config.splits) + "/" + "+".join(config.models)
-    return "ml1m-" + slug.replace(", ", "-").replace(" ", "_") + decay
+    return "ml1m-" + slug.replace(", ", "-").replace(" ", "_") + settings
 
 
 def run_ml1m_demo(config: Ml1mConfig, command: str = "bahe demo --data ml1m") -> Ml1mRun:
