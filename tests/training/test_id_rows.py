@@ -178,3 +178,27 @@ def test_a_dropped_target_scores_as_a_held_out_item(tiny_checkpoints, tmp_path, 
         held_out = ctr(ctr.prepare(log, rows))
     assert (own - as_unseen).abs().max() > 1e-4
     torch.testing.assert_close(as_unseen, held_out)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_bahe_train_trains_and_saves_id_rows_and_item_id_dropout(tiny_checkpoints, tmp_path, stream):
+    """The MovieLens-1M headline model (id rows, optionally item-id dropout) from `bahe train`, in memory and
+    streamed: the saved scorer says so and its id rows moved from their zero start."""
+    from engine import cli
+    out = tmp_path / "run"
+    more = (["--stream", str(tmp_path / "work"), "--shards", "2", "--steps-per-shard", "2", "--eval-per-shard", "20"]
+            if stream else ["--train-examples", "120", "--val-examples", "30", "--test-examples", "40"])
+    cli.main(["train", "--data", str(FIXTURE), "--model", str(tiny_checkpoints["llama"]), "--out", str(out),
+              "--lower-layers", "2", "--max-behaviors", "8", "--epochs", "1", "--device", "cpu", "--id-rows",
+              "--item-id-dropout", "0.1", *more])
+    scorer = BAHEScorer.from_pretrained(out / "scorer", device="cpu")
+    assert scorer.config.model.id_rows and scorer.config.model.item_id_dropout == 0.1
+    assert scorer.model.behavior_id_rows.abs().sum() > 0 and scorer.model.item_id_rows.abs().sum() > 0
+
+
+def test_bahe_train_refuses_an_item_id_dropout_outside_0_1_before_writing(tmp_path):
+    from engine import cli
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"bahe train: item_id_dropout must be in \[0, 1\), got 1.5"):
+        cli.main(["train", "--data", str(FIXTURE), "--out", str(out), "--item-id-dropout", "1.5"])
+    assert not out.exists()

@@ -16,16 +16,21 @@ from engine.training.data.example_features import log_categorical_features
 from engine.training.data.item_features import item_level_features
 from engine.training.loops.train import TrainConfig
 
-def scorer_config(args: argparse.Namespace, log) -> ScorerConfig:
+def scorer_config(args: argparse.Namespace, log, id_rows: bool = False, item_id_dropout: float = 0.0) -> ScorerConfig:
     """The scorer a `bahe train` run builds: its layers and max_behaviors, the log's sequences, the categorical
-    features asked for (SystemExit naming a bad --categorical)."""
+    features asked for, id rows and item-id dropout (SystemExit naming a bad --categorical or item_id_dropout)."""
     try:
         categorical = log_categorical_features(args.categorical, log)
     except ValueError as err:
         raise SystemExit(f"bahe train: --categorical: {err}") from None
+    try:
+        model = ModelConfig(sequence_names=log.sequence_names, max_behaviors=args.max_behaviors,
+                            categorical_features=categorical, id_rows=id_rows,
+                            item_id_dropout=item_id_dropout)
+    except ValueError as err:
+        raise SystemExit(f"bahe train: {err}") from None
     return ScorerConfig(encoder=EncoderConfig(num_lower_layers=args.lower_layers, max_tokens=args.max_tokens),
-                        model=ModelConfig(sequence_names=log.sequence_names, max_behaviors=args.max_behaviors,
-                                          categorical_features=categorical))
+                        model=model)
 
 def id_vocabulary(log, folder: Path, write: bool = True, users: list[str] | None = None,
                   item_features: dict[str, dict[str, str]] | None = None):
@@ -130,7 +135,7 @@ def train_streamed(args: argparse.Namespace) -> None:
     print(json.dumps({"events": stream.events, "shards": stream.shards, "largest_shard": max(stream.shard_events),
                       "val_start": stream.val_start, "test_start": stream.test_start}))
     catalog = catalog_log(stream)
-    config = scorer_config(args, catalog)
+    config = scorer_config(args, catalog, args.id_rows, args.item_id_dropout)
     out = Path(args.out)
     id_vocabulary(catalog, out / "scorer", write=False, users=[], item_features=stream.item_features)
     scorer, report = build_scorer(args.model, catalog, config, out / "tables", device=args.device)
@@ -169,7 +174,7 @@ def train_command(args: argparse.Namespace, launch: Launch | None) -> None:
     say = print if launch is None or launch.is_writer else (lambda *a, **k: None)
     say(json.dumps({k: {"examples": int(v.size), "positive_rate": round(float(data.label[v].mean()), 4)}
                     for k, v in rows.items()}))
-    config = scorer_config(args, data)
+    config = scorer_config(args, data, args.id_rows, args.item_id_dropout)
     out = Path(args.out)
     id_vocabulary(data, out / "scorer", write=False)  # an item id whose stored text differs stops the run here
     say(json.dumps({"hashed_buckets": bucket_report(data, config)}))
