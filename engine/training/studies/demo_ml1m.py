@@ -304,9 +304,9 @@ def run_ml1m(config: Ml1mConfig, data: BehaviorLog | None = None, say: Callable[
            "threads": config.threads, "vectors": frozen_rows(scorer, data), "cache": RowCache(demo.out / "rows")}
     results = []
     for split, rows in splits.items():
-        probe = None
-        if config.probe_users(split):
-            anchors = anchor_rows(data, rows["test"], config.probe_users(split), demo.seed)
+        probe, probe_users = None, config.probe_users(split)
+        if probe_users:
+            anchors = anchor_rows(data, rows["test"], probe_users, demo.seed)
             probe = probe_log(data, anchors, int(data.timestamp[rows["test"]].min()))
         for name in config.models:
             result = fit_or_reuse(name, split, data, rows, ctx, held if split == "held-out items"
