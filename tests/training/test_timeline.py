@@ -131,14 +131,16 @@ def test_prefix_similarity_equals_the_serving_path(tiny_checkpoints, tmp_path, l
     torch.testing.assert_close(timeline, single, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("max_behaviors, window_step, id_rows", [(1000, 0, False), (8, 0, False), (5, 2, False),
-                                                                   (8, 0, True)])
+@pytest.mark.parametrize("max_behaviors, window_step, id_rows, table_dtype",
+                         [(1000, 0, False, "float32"), (8, 0, False, "float32"), (5, 2, False, "float32"),
+                          (8, 0, True, "float32"), (8, 0, True, "int8")])
 def test_timeline_equals_the_scorer_on_whole_histories(tiny_checkpoints, tmp_path, log, max_behaviors, window_step,
-                                                       id_rows):
+                                                       id_rows, table_dtype):
     """What is trained is what is served: the scorer, given each target's whole history as texts, cuts the same
     windows itself and returns sigmoid of the timeline logit (a model without the count features, whose item
-    side the scorer takes from its snapshot rather than the log's past); with learned id rows too."""
-    config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=2),
+    side the scorer takes from its snapshot rather than the log's past); with learned id rows too, and over int8
+    tables (the timeline's similarity counts read the rows through the dequantizing gather, as serving does)."""
+    config = ScorerConfig(encoder=EncoderConfig(num_lower_layers=2, table_dtype=table_dtype),
                           model=ModelConfig(sequence_names=log.sequence_names, max_behaviors=max_behaviors,
                                             window_step=window_step, count_features=False, id_rows=id_rows))
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from engine.features.history_window import window_start
-from engine.model.bahe_model import BAHEModel, PackedBatch
+from engine.model.bahe_model import BAHEModel, PackedBatch, gather_rows
 from engine.features.similarity import range_soft_counts, unit_rows
 from engine.training.loops.batching import interleave
 from engine.training.data.log import BehaviorLog
@@ -110,8 +110,9 @@ def prefix_similar(model: BAHEModel, behavior_table: torch.Tensor, item_table: t
     if not temperatures:
         return None
     distinct, which = torch.unique(batch.behavior_rows, return_inverse=True)  # training: a host read is fine
-    return range_soft_counts(unit_rows(item_table[batch.item_rows].float()),
-                             unit_rows(behavior_table[distinct].float()), batch.offsets[batch.sequence],
+    items = gather_rows(item_table, None, batch.item_rows, None, None, None, torch.float32)  # float or int8 tables
+    behaviors = gather_rows(behavior_table, None, distinct, None, None, None, torch.float32)
+    return range_soft_counts(unit_rows(items), unit_rows(behaviors), batch.offsets[batch.sequence],
                              batch.prefix, batch.pairs, temperatures, rows=which)
 
 
