@@ -1,14 +1,16 @@
 """int8 behavior tables against float32 ones on a trained scorer, side by side in one run: bytes per row,
 gather time, the largest probability difference and the paired test-AUC difference.
 
-    python -m bench.int8_tables --scorer DIR [--data movielens] [--threads 1] [--limit N] [--results-md FILE]
+    python -m bench.int8_tables --scorer DIR [--data movielens] [--path serving] [--threads 1] [--limit N]
 
 The scorer's float32 tables are rewritten as int8 tables (weights.row_codec: per-row absmax / 127) in a copy of
 its folder (the same rows `bahe encode --row-dtype int8` writes: quantization is applied to the encoder's
 float32 rows, which the float32 table holds exactly); its item vectors are then stale (their fingerprint names
 the int8 table) and recomputed from the int8 rows. Both scorers score every test example of the time split
-with `BAHEScorer.score` (whole histories as texts, categorical side features), as bench.serving_auc does; the
-AUC difference is paired over users (1,000 user resamples). Gather: ops.jagged_gather of --gather-rows random
+with `BAHEScorer.score` (whole histories as texts, categorical side features), as bench.serving_auc does, or with
+`--path timeline` through the training's batched predict (BAHECTR: one forward per user, the path `bahe train`
+reports test AUC on; minutes instead of hours on MovieLens-1M); the AUC difference is paired over users (1,000
+user resamples). Gather: ops.jagged_gather of --gather-rows random
 rows (+ position embeddings) from each table, median of --reps alternating calls, on this machine's backend.
 """
 from __future__ import annotations
@@ -29,7 +31,9 @@ import torch
 from bench.serving_auc import served
 from engine.serving.scorer import BAHEScorer
 from engine.serving.scorer_folder import BEHAVIORS_FILE, ITEMS_FILE, SCORER_FILE
-from engine.training.studies.experiment import cpu_threads, load_data
+from engine.training.loops.ctr_models import BAHECTR
+from engine.training.loops.train import predict
+from engine.training.studies.experiment import cpu_threads, data_name, is_movielens_1m, load_data
 from engine.training.studies.metrics import auc_interval, paired_auc_difference
 from engine.training.studies.results_sections import machine, write_section
 from kernels import ops
@@ -81,12 +85,20 @@ def gather_ms(tables: dict[str, object], dim: int, rows: int, reps: int, seed: i
     return {name: statistics.median(times[1:]) for name, times in samples.items()}
 
 
+def timeline_scored(scorer: BAHEScorer, data, rows: np.ndarray) -> tuple[np.ndarray, float]:
+    """Probabilities of the log's example `rows` (sorted) through the training's batched predict, and the seconds."""
+    start = time.perf_counter()
+    return predict(BAHECTR(scorer, data), data, rows, batch_size=512), time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.int8_tables", description=__doc__.split("\n\n")[0])
     p.add_argument("--scorer", type=Path, required=True, help="a trained scorer folder with float32 tables")
     p.add_argument("--data", default="movielens")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--chunk", type=int, default=256, help="pairs per score call")
+    p.add_argument("--path", choices=["serving", "timeline"], default="serving",
+                   help="serving: BAHEScorer.score on texts; timeline: the training's batched predict")
+    p.add_argument("--chunk", type=int, default=256, help="pairs per score call (serving path)")
     p.add_argument("--limit", type=int, default=None, help="first N test examples only (smoke runs)")
     p.add_argument("--gather-rows", type=int, default=100_000)
     p.add_argument("--reps", type=int, default=7)
@@ -96,20 +108,24 @@ def main(argv: list[str] | None = None) -> dict:
     with cpu_threads(args.threads), tempfile.TemporaryDirectory() as work:
         host = machine()
         data = load_data(args.data)
-        rows = data.split().test[:args.limit]
+        rows = np.sort(data.split().test[:args.limit])
         fp32 = BAHEScorer.from_pretrained(args.scorer, device="cpu")
         if fp32.behaviors.dtype != "float32":
             raise SystemExit(f"{args.scorer}: its tables are {fp32.behaviors.dtype}, expected float32")
         int8_copy(args.scorer, Path(work) / "int8")
         int8 = BAHEScorer.from_pretrained(Path(work) / "int8", device="cpu")
-        names = fp32.config.model.categorical_features
-        values = {name: data.category_values(name, rows) for name in names}
-        side = [{name: values[name][i] for name in names} for i in range(rows.size)]
-        users, items = data.sequence_texts(rows, None), data.target_texts(rows)
         labels, who = data.label[rows], data.user[rows]
         probs, seconds = {}, {}
-        probs["fp32"], seconds["fp32"] = served(fp32, users, items, side, args.chunk)
-        probs["int8"], seconds["int8"] = served(int8, users, items, side, args.chunk)
+        if args.path == "timeline":
+            for key, scorer in (("fp32", fp32), ("int8", int8)):
+                probs[key], seconds[key] = timeline_scored(scorer, data, rows)
+        else:
+            names = fp32.config.model.categorical_features
+            values = {name: data.category_values(name, rows) for name in names}
+            side = [{name: values[name][i] for name in names} for i in range(rows.size)]
+            users, items = data.sequence_texts(rows, None), data.target_texts(rows)
+            for key, scorer in (("fp32", fp32), ("int8", int8)):
+                probs[key], seconds[key] = served(scorer, users, items, side, args.chunk)
         gathers = gather_ms({"fp32": fp32.table_rows("behaviors"), "int8": int8.table_rows("behaviors")},
                             fp32.behaviors.dim, args.gather_rows, args.reps)
         sizes = {key: (scorer.behaviors.bytes_per_row, scorer.behaviors.path.stat().st_size)
@@ -133,8 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
     command = " ".join(["python -m bench.int8_tables", *given])
     print("\n".join(lines))
     if args.results_md:
-        write_section(args.results_md, MARKER, [
-            "### int8 behavior tables vs float32 (serving path, MovieLens-100K time split)", "",
+        path = "serving path" if args.path == "serving" else "training's batched predict"
+        write_section(args.results_md, MARKER + ("-ml1m" if is_movielens_1m(args.data) else ""), [
+            f"### int8 behavior tables vs float32 ({path}, {data_name(args.data)} time split)", "",
             f"`{command}` on {datetime.date.today().isoformat()}, {host}. {args.note}".rstrip(), "", *lines])
     return {"auc": {k: v.value for k, v in aucs.items()}, "int8_minus_fp32": diff.value, "max_diff": max_diff,
             "gather_ms": gathers, "bytes_per_row": {k: v[0] for k, v in sizes.items()}}

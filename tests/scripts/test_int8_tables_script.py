@@ -1,5 +1,6 @@
 """bench/int8_tables.py end to end on a tiny trained scorer: the int8 copy keeps the rows' order, both
-scorers score the test split, and the figures are consistent."""
+scorers score the test split (through serving and through the training's batched predict), and the figures
+are consistent."""
 from pathlib import Path
 
 import pytest
@@ -25,4 +26,10 @@ def test_int8_tables_bench_on_a_tiny_scorer(tiny_checkpoints, tmp_path, capsys):
     assert 0 < figures["max_diff"] < 0.05 and abs(figures["int8_minus_fp32"]) < 0.05
     assert figures["auc"]["int8"] == pytest.approx(figures["auc"]["fp32"] + figures["int8_minus_fp32"], abs=1e-9)
     text = results.read_text()
-    assert "<!-- bench:int8-tables -->" in text and "| int8 | 68 |" in text
+    assert "<!-- bench:int8-tables -->" in text and "| int8 | 68 |" in text and "(serving path, " in text
+    # the same comparison through the training's batched predict (BAHECTR over the int8 copy)
+    batched = int8_tables.main(["--scorer", str(out / "scorer"), "--data", str(FIXTURE), "--path", "timeline",
+                                "--limit", "60", "--gather-rows", "2000", "--reps", "2", "--results-md", str(results)])
+    assert 0 < batched["max_diff"] < 0.05 and abs(batched["int8_minus_fp32"]) < 0.05
+    assert batched["auc"]["int8"] == pytest.approx(batched["auc"]["fp32"] + batched["int8_minus_fp32"], abs=1e-9)
+    assert "(training's batched predict, movielens_tiny.parquet time split)" in results.read_text()

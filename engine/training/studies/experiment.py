@@ -72,6 +72,13 @@ def is_movielens_1m(source: str) -> bool:
     return source == "ml1m" or is_movielens_1m_dir(source)
 
 
+def data_name(source: str) -> str:
+    """What `--data` names, for a report's title: MovieLens-100K, MovieLens-1M, or the log file's name."""
+    if source == "movielens":
+        return "MovieLens-100K"
+    return "MovieLens-1M" if is_movielens_1m(source) else Path(source).name
+
+
 def load_data(source: str, *, catalog: str | None = None, timestamps: str = "auto") -> BehaviorLog:
     """The log that `--data` names: the embedded MovieLens-100K or -1M, a folder of -1M's files, or a log file
     (with an item `catalog` file and its `timestamps` format, load_log's; a data set has its own)."""
