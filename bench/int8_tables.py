@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         lines.append(f"| {key} | {sizes[key][0]:,} | {sizes[key][1] / 2**20:.2f} MiB | {gathers[key]:.2f} | "
                      f"{aucs[key].value:.4f} [{aucs[key].low:.4f}, {aucs[key].high:.4f}] | {aucs[key].users} | "
                      f"{seconds[key]:.1f} |")
-    lines += ["", f"int8 - fp32 test AUC: {diff.value:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}] (paired over users); "
+    lines += ["", f"int8 - fp32 test AUC: {diff.value:+.5f} [{diff.low:+.5f}, {diff.high:+.5f}] (paired over users); "
               f"largest probability difference {max_diff:.2e} over {rows.size:,} test examples; gather: "
               f"{args.gather_rows:,} rows + positions, float32 out, median of {args.reps}."]
     given = list(sys.argv[1:] if argv is None else argv)
