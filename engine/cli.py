@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="MovieLens-100K (or -1M): BAHE vs its peers, one table")
     p.add_argument("--model", default="minilm")
     p.add_argument("--data", default="movielens", help="'movielens' (MovieLens-100K) or 'ml1m' (MovieLens-1M, "
-                   "or a folder of its .dat files): BAHE against its strongest peers on three splits, ~3 h on 2 cores")
+                   "or a folder of its .dat files): BAHE against its strongest peers, three splits, ~2.5 h on 2 cores")
     p.add_argument("--quick", action="store_true", help="with --data ml1m: the time split, BAHE, the sequential id "
                    "model and both LightGBM rows (all the training data)")
     p.add_argument("--models", nargs="+", help="with --data ml1m: these rows only (BAHE always; names as in the "
