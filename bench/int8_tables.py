@@ -10,8 +10,8 @@ the int8 table) and recomputed from the int8 rows. Both scorers score every test
 with `BAHEScorer.score` (whole histories as texts, categorical side features), as bench.serving_auc does, or with
 `--path timeline` through the training's batched predict (BAHECTR: one forward per user, the path `bahe train`
 reports test AUC on; minutes instead of hours on MovieLens-1M); the AUC difference is paired over users (1,000
-user resamples). Gather: ops.jagged_gather of --gather-rows random
-rows (+ position embeddings) from each table, median of --reps alternating calls, on this machine's backend.
+user resamples). Gather: ops.jagged_gather of --gather-rows random rows (+ position embeddings) from each table,
+median of --reps alternating calls, on this machine's backend. MovieLens-1M writes its own section (-ml1m).
 """
 from __future__ import annotations
 
