@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from engine.training.studies.demo import DemoConfig
-from engine.training.studies.experiment import cpu_threads, is_movielens_1m
+from engine.training.studies.experiment import cpu_threads, is_movielens_1m, ml1m_suffix
 from engine.training.studies.length_sweep import (DEFAULT_MS, parse_m, plot, raw_stop_line, run_history, summary,
                                                   table_lines)
 from engine.training.studies.results_sections import machine as machine_label, write_section
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def output_name(model: str, data: str) -> str:
     """The name of a sweep's section and files: the model's, with '-ml1m' for MovieLens-1M (its own section)."""
-    return Path(model).name + ("-ml1m" if is_movielens_1m(data) else "")
+    return Path(model).name + ml1m_suffix(data)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -33,7 +33,7 @@ from engine.serving.scorer import BAHEScorer
 from engine.serving.scorer_folder import BEHAVIORS_FILE, ITEMS_FILE, SCORER_FILE
 from engine.training.loops.ctr_models import BAHECTR
 from engine.training.loops.train import predict
-from engine.training.studies.experiment import cpu_threads, data_name, is_movielens_1m, load_data
+from engine.training.studies.experiment import cpu_threads, data_name, load_data, ml1m_suffix
 from engine.training.studies.metrics import auc_interval, paired_auc_difference
 from engine.training.studies.results_sections import machine, write_section
 from kernels import ops
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n".join(lines))
     if args.results_md:
         path = "serving path" if args.path == "serving" else "training's batched predict"
-        write_section(args.results_md, MARKER + ("-ml1m" if is_movielens_1m(args.data) else ""), [
+        write_section(args.results_md, MARKER + ml1m_suffix(args.data), [
             f"### int8 behavior tables vs float32 ({path}, {data_name(args.data)} time split)", "",
             f"`{command}` on {datetime.date.today().isoformat()}, {host}. {args.note}".rstrip(), "", *lines])
     return {"auc": {k: v.value for k, v in aucs.items()}, "int8_minus_fp32": diff.value, "max_diff": max_diff,

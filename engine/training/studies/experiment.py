@@ -79,6 +79,12 @@ def data_name(source: str) -> str:
     return "MovieLens-1M" if is_movielens_1m(source) else Path(source).name
 
 
+def ml1m_suffix(source: str) -> str:
+    """'-ml1m' where `--data` names MovieLens-1M, else '': in a bench's section and file names, so that each data
+    set keeps its own."""
+    return "-ml1m" if is_movielens_1m(source) else ""
+
+
 def load_data(source: str, *, catalog: str | None = None, timestamps: str = "auto") -> BehaviorLog:
     """The log that `--data` names: the embedded MovieLens-100K or -1M, a folder of -1M's files, or a log file
     (with an item `catalog` file and its `timestamps` format, load_log's; a data set has its own)."""
