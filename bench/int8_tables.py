@@ -115,17 +115,20 @@ def main(argv: list[str] | None = None) -> dict:
         int8_copy(args.scorer, Path(work) / "int8")
         int8 = BAHEScorer.from_pretrained(Path(work) / "int8", device="cpu")
         labels, who = data.label[rows], data.user[rows]
-        probs, seconds = {}, {}
         if args.path == "timeline":
-            for key, scorer in (("fp32", fp32), ("int8", int8)):
-                probs[key], seconds[key] = timeline_scored(scorer, data, rows)
+            def scored(scorer):
+                return timeline_scored(scorer, data, rows)
         else:
             names = fp32.config.model.categorical_features
             values = {name: data.category_values(name, rows) for name in names}
             side = [{name: values[name][i] for name in names} for i in range(rows.size)]
             users, items = data.sequence_texts(rows, None), data.target_texts(rows)
-            for key, scorer in (("fp32", fp32), ("int8", int8)):
-                probs[key], seconds[key] = served(scorer, users, items, side, args.chunk)
+
+            def scored(scorer):
+                return served(scorer, users, items, side, args.chunk)
+        probs, seconds = {}, {}
+        for key, scorer in (("fp32", fp32), ("int8", int8)):
+            probs[key], seconds[key] = scored(scorer)
         gathers = gather_ms({"fp32": fp32.table_rows("behaviors"), "int8": int8.table_rows("behaviors")},
                             fp32.behaviors.dim, args.gather_rows, args.reps)
         sizes = {key: (scorer.behaviors.bytes_per_row, scorer.behaviors.path.stat().st_size)
